@@ -1,0 +1,31 @@
+//! The `DiskChain` spec: the types an operator writes (in git or with `kubectl apply`), their JSON
+//! schema and CRD, and loading them from YAML files with errors that name the file, the field and
+//! what is allowed.
+//!
+//! This crate parses and validates; it does no other I/O (reading the spec files themselves is the
+//! only file access) and knows nothing of images or plans.
+//!
+//! ```text
+//!  specs/web01.yaml ──load_path──▶ [LoadedSpec { file, doc, spec: DiskChainSpec }]
+//!                                     │ per spec: names unique, files unique, source exactly one
+//!                                     └ across specs: one active image per spec
+//! ```
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+mod load;
+mod types;
+
+pub use load::{LoadedSpec, SpecError, SpecErrors, load_path, load_str};
+pub use types::{
+    API_VERSION, DiskChain, DiskChainSpec, DiskChainStatus, KIND, LibvirtSource, Placement,
+    SnapshotSpec, Source, SpecDocument, SpecMetadata,
+};
+
+/// The CustomResourceDefinition for `DiskChain`, as YAML, generated from the Rust types.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = DiskChain::crd();
+    // serde-saphyr serialises any serde value; the CRD is plain data.
+    serde_saphyr::to_string(&crd).expect("a CRD built from derived types always serialises")
+}

@@ -1,0 +1,640 @@
+//! Loading spec files: a file or a directory (recursively, `*.yaml`/`*.yml`, multi-document files
+//! allowed), then validation of each document and of the set as a whole.
+//!
+//! Every problem found is collected (not just the first), each naming the file, the document, the
+//! field and what is allowed. Checks that need the disk (does a file exist, is it in the chain,
+//! do two paths resolve to one file) belong to the agent's observer.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::types::{API_VERSION, DiskChainSpec, KIND, SpecDocument};
+
+/// A spec document that parsed and passed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedSpec {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Its 1-based document number within the file.
+    pub document: usize,
+    /// `metadata.name`: the disk's name.
+    pub name: String,
+    /// The whole document.
+    pub doc: SpecDocument,
+}
+
+impl LoadedSpec {
+    /// The spec part.
+    pub fn spec(&self) -> &DiskChainSpec {
+        &self.doc.spec
+    }
+
+    /// `file (document N)`, for messages.
+    pub fn origin(&self) -> String {
+        origin(&self.file, self.document)
+    }
+}
+
+fn origin(file: &Path, document: usize) -> String {
+    if document == 0 {
+        file.display().to_string()
+    } else {
+        format!("{} (document {document})", file.display())
+    }
+}
+
+/// One problem with the specs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {field}: {message}", origin(file, *document))]
+pub struct SpecError {
+    /// The spec file.
+    pub file: PathBuf,
+    /// 1-based document number within the file; 0 when the whole file is at fault.
+    pub document: usize,
+    /// The field at fault, as a path (`spec.snapshots[1].name`), or `-` for the whole document.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+/// All problems found while loading specs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SpecErrors {}
+
+/// Loads every spec under `path` (a file, or a directory searched recursively for `*.yaml` and
+/// `*.yml`, skipping hidden entries such as `.git`), validates each and the set as a whole.
+pub fn load_path(path: &Path) -> Result<Vec<LoadedSpec>, SpecErrors> {
+    let mut errors = Vec::new();
+    let mut files = Vec::new();
+    if path.is_dir() {
+        collect_yaml_files(path, &mut files, &mut errors);
+        files.sort();
+    } else if path.exists() {
+        files.push(path.to_path_buf());
+    } else {
+        errors.push(SpecError {
+            file: path.to_path_buf(),
+            document: 0,
+            field: "-".into(),
+            message: "no such file or directory; pass a spec file or a directory of them".into(),
+        });
+    }
+    let mut specs = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => match load_str(&file, &text) {
+                Ok(mut s) => specs.append(&mut s),
+                Err(SpecErrors(mut e)) => errors.append(&mut e),
+            },
+            Err(e) => errors.push(SpecError {
+                file: file.clone(),
+                document: 0,
+                field: "-".into(),
+                message: format!("failed to read the file: {e}"),
+            }),
+        }
+    }
+    errors.extend(check_disjoint(&specs));
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(SpecErrors(errors))
+    }
+}
+
+fn collect_yaml_files(dir: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<SpecError>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            errors.push(SpecError {
+                file: dir.to_path_buf(),
+                document: 0,
+                field: "-".into(),
+                message: format!("failed to read the directory: {e}"),
+            });
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            collect_yaml_files(&p, files, errors);
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            files.push(p);
+        }
+    }
+}
+
+/// Parses and validates the documents of one file's text. `file` is used for messages only.
+pub fn load_str(file: &Path, text: &str) -> Result<Vec<LoadedSpec>, SpecErrors> {
+    // Parse each document on its own so one bad document does not hide the others' errors and
+    // each error carries its document number.
+    let raw: Vec<serde_json::Value> =
+        match serde_saphyr::from_str_multiple::<serde_json::Value, Vec<_>>(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(SpecErrors(vec![SpecError {
+                    file: file.to_path_buf(),
+                    document: 0,
+                    field: "-".into(),
+                    message: format!("malformed YAML: {}", one_line(&e.to_string())),
+                }]));
+            }
+        };
+    let docs: Vec<&str> = split_documents(text);
+    let mut errors = Vec::new();
+    let mut specs = Vec::new();
+    for (i, value) in raw.into_iter().enumerate() {
+        let document = i + 1;
+        if value.is_null() {
+            continue;
+        }
+        let err = |field: &str, message: String| SpecError {
+            file: file.to_path_buf(),
+            document,
+            field: field.to_string(),
+            message,
+        };
+        if !value.is_object() {
+            errors.push(err(
+                "-",
+                "a spec document must be a mapping with apiVersion, kind, metadata and spec".into(),
+            ));
+            continue;
+        }
+        // Deserialise the document's own text with the typed model so that serde-saphyr reports
+        // unknown fields and wrong types with their line; fall back to the JSON value if the
+        // document split did not line up.
+        let typed: Result<SpecDocument, String> = match docs.get(i) {
+            Some(src) => {
+                serde_saphyr::from_str::<SpecDocument>(src).map_err(|e| one_line(&e.to_string()))
+            }
+            None => {
+                serde_json::from_value::<SpecDocument>(value.clone()).map_err(|e| e.to_string())
+            }
+        };
+        match typed {
+            Ok(doc) => {
+                let before = errors.len();
+                validate_document(&doc, &mut |f, m| errors.push(err(f, m)));
+                if errors.len() == before {
+                    specs.push(LoadedSpec {
+                        file: file.to_path_buf(),
+                        document,
+                        name: doc.metadata.name.clone(),
+                        doc,
+                    });
+                }
+            }
+            Err(message) => {
+                let field = field_of_serde_message(&value, &message);
+                errors.push(err(&field, message));
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(SpecErrors(errors))
+    }
+}
+
+/// Splits YAML text into documents on `---` lines, matching serde-saphyr's document numbering
+/// for the ordinary layouts spec files use (documents that are entirely empty are kept as empty
+/// strings so the indexes line up with `from_str_multiple`'s nulls).
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    let mut first = true;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            let chunk = &text[start..offset];
+            if !(first && chunk.trim().is_empty()) {
+                docs.push(chunk);
+            }
+            first = false;
+            start = offset + line.len();
+        }
+        offset += line.len();
+    }
+    let last = &text[start..];
+    if !last.trim().is_empty() || docs.is_empty() {
+        docs.push(last);
+    }
+    docs
+}
+
+/// serde's messages name the offending key but not its path: find the path in the parsed value.
+fn field_of_serde_message(value: &serde_json::Value, message: &str) -> String {
+    let key = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.contains("unknown field") || message.contains("missing field"));
+    let Some(key) = key else {
+        return "-".into();
+    };
+    if message.contains("missing field") {
+        return format!("(missing) {key}");
+    }
+    find_key(value, key, "").unwrap_or_else(|| key.to_string())
+}
+
+fn find_key(value: &serde_json::Value, key: &str, prefix: &str) -> Option<String> {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if k == key {
+                    return Some(path);
+                }
+                if let Some(p) = find_key(v, key, &path) {
+                    return Some(p);
+                }
+            }
+            None
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| find_key(v, key, &format!("{prefix}[{i}]"))),
+        _ => None,
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// Checks one document on its own: fixed values, names, paths, exactly one source.
+fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
+    if doc.api_version != API_VERSION {
+        push(
+            "apiVersion",
+            format!(
+                "is {:?}; the only version allowed is {API_VERSION:?}",
+                doc.api_version
+            ),
+        );
+    }
+    if doc.kind != KIND {
+        push(
+            "kind",
+            format!("is {:?}; only {KIND:?} is allowed", doc.kind),
+        );
+    }
+    if let Err(m) = check_disk_name(&doc.metadata.name) {
+        push("metadata.name", m);
+    }
+    let spec = &doc.spec;
+    match (&spec.source.file, &spec.source.libvirt) {
+        (Some(_), Some(_)) => push(
+            "spec.source",
+            "sets both file and libvirt; set exactly one".into(),
+        ),
+        (None, None) => push(
+            "spec.source",
+            "sets neither file nor libvirt; set exactly one".into(),
+        ),
+        (Some(f), None) => {
+            if let Err(m) = check_abs_path(f) {
+                push("spec.source.file", m);
+            }
+        }
+        (None, Some(l)) => {
+            if l.domain.trim().is_empty() {
+                push(
+                    "spec.source.libvirt.domain",
+                    "is empty; name the libvirt domain".into(),
+                );
+            }
+            if l.target.trim().is_empty() {
+                push(
+                    "spec.source.libvirt.target",
+                    "is empty; name the disk target, e.g. vda".into(),
+                );
+            }
+        }
+    }
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut files: BTreeMap<PathBuf, usize> = BTreeMap::new();
+    for (i, snap) in spec.snapshots.iter().enumerate() {
+        if let Err(m) = check_point_name(&snap.name) {
+            push(&format!("spec.snapshots[{i}].name"), m);
+        }
+        if let Some(j) = names.insert(&snap.name, i) {
+            push(
+                &format!("spec.snapshots[{i}].name"),
+                format!(
+                    "{:?} is already used by spec.snapshots[{j}]; each point needs its own name",
+                    snap.name
+                ),
+            );
+        }
+        if let Some(f) = &snap.file {
+            if let Err(m) = check_abs_path(f) {
+                push(&format!("spec.snapshots[{i}].file"), m);
+                continue;
+            }
+            let norm = normalize(f);
+            if spec.source.file.as_deref().map(normalize).as_ref() == Some(&norm) {
+                push(
+                    &format!("spec.snapshots[{i}].file"),
+                    "is the active image (spec.source.file); a point in time must be a backing layer below it".into(),
+                );
+            }
+            if let Some(j) = files.insert(norm, i) {
+                push(
+                    &format!("spec.snapshots[{i}].file"),
+                    format!(
+                        "{} is already bound to spec.snapshots[{j}]; one file holds one point",
+                        f.display()
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(p) = &spec.placement
+        && let Err(m) = check_abs_path(&p.directory)
+    {
+        push("spec.placement.directory", m);
+    }
+}
+
+/// Checks across specs: names unique, and no disk claimed twice.
+fn check_disjoint(specs: &[LoadedSpec]) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    let mut names: BTreeMap<&str, &LoadedSpec> = BTreeMap::new();
+    let mut disks: BTreeMap<String, &LoadedSpec> = BTreeMap::new();
+    for s in specs {
+        if let Some(other) = names.insert(&s.name, s) {
+            errors.push(SpecError {
+                file: s.file.clone(),
+                document: s.document,
+                field: "metadata.name".into(),
+                message: format!(
+                    "{:?} is also the name of the spec in {}; disk names must be unique",
+                    s.name,
+                    other.origin()
+                ),
+            });
+        }
+        let key = match (&s.spec().source.file, &s.spec().source.libvirt) {
+            (Some(f), _) => format!("file:{}", normalize(f).display()),
+            (None, Some(l)) => format!("libvirt:{}/{}/{}", l.uri, l.domain, l.target),
+            (None, None) => continue,
+        };
+        if let Some(other) = disks.insert(key, s) {
+            errors.push(SpecError {
+                file: s.file.clone(),
+                document: s.document,
+                field: "spec.source".into(),
+                message: format!(
+                    "claims the same disk as {:?} in {}; one disk is managed by one spec",
+                    other.name,
+                    other.origin()
+                ),
+            });
+        }
+    }
+    errors
+}
+
+/// Lexical normalisation (`.` and `..` removed); symlinks are the observer's business.
+pub(crate) fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+fn check_abs_path(p: &Path) -> Result<(), String> {
+    if p.as_os_str().is_empty() {
+        return Err("is empty; give an absolute path".into());
+    }
+    if !p.is_absolute() {
+        return Err(format!(
+            "{:?} is relative; only absolute paths are allowed",
+            p.display().to_string()
+        ));
+    }
+    Ok(())
+}
+
+fn check_disk_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not allowed; use a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
+        ))
+    }
+}
+
+fn check_point_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not allowed; a point name is 1 to 63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Vec<LoadedSpec>, SpecErrors> {
+        load_str(Path::new("/specs/web.yaml"), text)
+    }
+
+    const GOOD: &str = "apiVersion: diskchain.dev/v1alpha1
+kind: DiskChain
+metadata:
+  name: web01-vda
+spec:
+  source:
+    file: /var/lib/images/web01.qcow2
+  snapshots:
+    - name: golden
+      file: /var/lib/images/golden.qcow2
+    - name: before-upgrade
+  placement:
+    directory: /srv/fast
+  prune: false
+";
+
+    #[test]
+    fn a_good_spec_loads_with_its_fields() {
+        let specs = load(GOOD).unwrap();
+        assert_eq!(specs.len(), 1);
+        let s = specs[0].spec();
+        assert_eq!(specs[0].name, "web01-vda");
+        assert_eq!(s.snapshots.len(), 2);
+        assert_eq!(s.snapshots[1].file, None);
+        assert_eq!(
+            s.placement.as_ref().unwrap().directory,
+            Path::new("/srv/fast")
+        );
+    }
+
+    #[test]
+    fn multi_document_files_load_every_document() {
+        let two = format!("{GOOD}---\n{}", GOOD.replace("web01", "web02"));
+        let specs = load(&two).unwrap();
+        assert_eq!(
+            specs.iter().map(|s| s.document).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_with_its_path() {
+        let bad = GOOD.replace("  prune: false", "  prune: false\n  retain: 3");
+        let e = load(&bad).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].field, "spec.retain");
+        assert!(
+            e.0[0].message.contains("unknown field"),
+            "{}",
+            e.0[0].message
+        );
+        assert!(
+            e.to_string()
+                .starts_with("/specs/web.yaml (document 1): spec.retain:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn malformed_yaml_is_refused_naming_the_file() {
+        let e = load("apiVersion: [unclosed\n").unwrap_err();
+        assert!(e.to_string().contains("/specs/web.yaml"), "{e}");
+        assert!(e.to_string().contains("malformed YAML"), "{e}");
+    }
+
+    #[test]
+    fn a_name_used_twice_is_refused() {
+        let bad = GOOD.replace("name: before-upgrade", "name: golden");
+        let e = load(&bad).unwrap_err();
+        assert_eq!(e.0[0].field, "spec.snapshots[1].name");
+        assert!(e.0[0].message.contains("already used"));
+    }
+
+    #[test]
+    fn one_file_bound_to_two_points_is_refused() {
+        let bad = GOOD.replace(
+            "    - name: before-upgrade",
+            "    - name: other\n      file: /var/lib/images/../images/golden.qcow2",
+        );
+        let e = load(&bad).unwrap_err();
+        assert_eq!(e.0[0].field, "spec.snapshots[1].file");
+    }
+
+    #[test]
+    fn source_must_set_exactly_one_kind() {
+        let both = GOOD.replace(
+            "    file: /var/lib/images/web01.qcow2",
+            "    file: /var/lib/images/web01.qcow2\n    libvirt: { domain: web01, target: vda }",
+        );
+        assert_eq!(load(&both).unwrap_err().0[0].field, "spec.source");
+    }
+
+    #[test]
+    fn relative_paths_and_wrong_versions_are_all_reported() {
+        let bad = GOOD
+            .replace("diskchain.dev/v1alpha1", "diskchain.dev/v9")
+            .replace("file: /var/lib/images/web01.qcow2", "file: web01.qcow2");
+        let fields: Vec<_> = load(&bad)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, vec!["apiVersion", "spec.source.file"]);
+    }
+
+    #[test]
+    fn two_specs_claiming_one_disk_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("b.yml"), GOOD.replace("web01-vda", "other")).unwrap();
+        let e = load_path(dir.path()).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(e.0[0].message.contains("claims the same disk"), "{e}");
+    }
+
+    #[test]
+    fn a_shared_golden_file_may_be_bound_in_several_specs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(
+            dir.path().join("sub/b.yaml"),
+            GOOD.replace("web01", "web02"),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join(".git")).unwrap();
+        std::fs::write(dir.path().join(".git/junk.yaml"), "not: [a spec").unwrap();
+        assert_eq!(load_path(dir.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_crd_is_generated_from_the_types() {
+        let crd = crate::crd_yaml();
+        assert!(crd.contains("diskchain.dev"));
+        assert!(crd.contains("placement"));
+    }
+}

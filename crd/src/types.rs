@@ -1,0 +1,140 @@
+//! The spec types. Field names are fixed: tools and people write them (see DESIGN.md).
+
+use std::path::PathBuf;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The `apiVersion` every spec document carries.
+pub const API_VERSION: &str = "diskchain.dev/v1alpha1";
+/// The `kind` every spec document carries.
+pub const KIND: &str = "DiskChain";
+
+/// The chain an operator wants for one disk.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "diskchain.dev",
+    version = "v1alpha1",
+    kind = "DiskChain",
+    namespaced,
+    status = "DiskChainStatus",
+    shortname = "dc",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Points","type":"integer","jsonPath":".status.points"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskChainSpec {
+    /// Where the disk is: exactly one of `file` (an offline disk) or `libvirt` (a live one).
+    pub source: Source,
+    /// The points in time to keep, oldest first. A point of the real chain that is not listed
+    /// (the base included) is merged away. An unbound name after the last bound one asks for a
+    /// new snapshot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotSpec>,
+    /// Where the layers of this disk must live (storage migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// Delete files that no chain uses any more (only inside the allowed roots).
+    #[serde(default)]
+    pub prune: bool,
+    /// Stop reconciling this disk.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Where a disk is. Exactly one field is set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    /// The active image of an offline disk. This path stays stable: the active layer is never
+    /// moved or renamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// A disk of a libvirt domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtSource>,
+}
+
+/// A disk of a libvirt domain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LibvirtSource {
+    /// The libvirt connection URI, e.g. `qemu:///system`.
+    #[serde(default = "default_libvirt_uri")]
+    pub uri: String,
+    /// The domain name.
+    pub domain: String,
+    /// The disk's target device, e.g. `vda`.
+    pub target: String,
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".to_string()
+}
+
+/// One point in time to keep.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotSpec {
+    /// The point's name; its identity (a commit can move a point into another file).
+    pub name: String,
+    /// Binds the name to an existing layer of the chain (adopting a chain diskchain did not make).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+/// Where the layers of a disk must live.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Placement {
+    /// Every backing layer (point in time) of this disk must live in this directory. The active
+    /// layer of an offline disk stays at `source.file`.
+    pub directory: PathBuf,
+}
+
+/// What the agent reports about a disk (Kubernetes mode mirrors the state directory here).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskChainStatus {
+    /// Number of points in time the real chain has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<u32>,
+    /// Which file holds each named point now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bindings: Vec<SnapshotSpec>,
+    /// A short human message about the last reconcile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One YAML document of a spec file, as written in git (the same shape `kubectl` takes).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpecDocument {
+    /// Must be `diskchain.dev/v1alpha1`.
+    pub api_version: String,
+    /// Must be `DiskChain`.
+    pub kind: String,
+    /// The disk's name and, in Kubernetes mode, namespace.
+    pub metadata: SpecMetadata,
+    /// The wanted chain.
+    pub spec: DiskChainSpec,
+}
+
+/// The part of Kubernetes object metadata a spec file may carry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpecMetadata {
+    /// The disk's name: unique among the specs an agent loads.
+    pub name: String,
+    /// Kubernetes namespace (ignored in file mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels (kept, not interpreted).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Annotations (kept, not interpreted).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
