@@ -1,1 +1,8 @@
-pub fn x() {}
+//! Test support for diskchain: a brute-force planning oracle that shares no code with the
+//! planner, and fixtures that build real qcow2 chains with `qemu-img`/`qemu-io` and read them back
+//! with `qemu-img map` as an independent oracle.
+//!
+//! The end-to-end tests themselves live in `tests/tests/` and drive the built `diskchain` binary.
+
+pub mod oracle;
+pub mod qemu;

@@ -1,0 +1,773 @@
+//! Building a disk's plan: bind the kept points to layers, cut the chain into runs, pick the
+//! cheapest holder per run, and lay the steps out in an order that executes bottom-up.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::alloc::Allocation;
+use crate::error::PlanError;
+use crate::graph::{ImageGraph, Layer};
+use crate::search::{Cost, evaluate};
+
+/// A point the spec keeps, already bound to the file that holds it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptPoint {
+    /// The point's name.
+    pub name: String,
+    /// The file that holds it now (canonical).
+    pub file: PathBuf,
+}
+
+/// What one disk's spec asks for, with names already bound to files.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskRequest {
+    /// The disk's name (`metadata.name`).
+    pub name: String,
+    /// The active image (canonical); it stays at this path.
+    pub active: PathBuf,
+    /// The points to keep, oldest first.
+    pub keep: Vec<KeptPoint>,
+    /// Names of new snapshots to take on top, in order.
+    pub new_snapshots: Vec<String>,
+    /// Every backing layer must end up directly in this directory (canonical).
+    pub placement: Option<PathBuf>,
+    /// Delete files this plan drops from the chain (when nothing else uses them).
+    pub prune: bool,
+    /// Names the agent knows for files (points it made earlier), for messages about removed points.
+    pub known_names: BTreeMap<PathBuf, String>,
+}
+
+/// One step of a plan, with its predicted cost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// What to do.
+    #[serde(flatten)]
+    pub action: StepAction,
+    /// Data bytes the step writes.
+    pub bytes: u64,
+    /// Bytes written as explicit zeros (cost almost nothing; counted apart).
+    pub zero_bytes: u64,
+    /// Why this step is in the plan.
+    pub reason: String,
+}
+
+/// The operations a plan is made of. The JSON field `op` names the variant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum StepAction {
+    /// The active content becomes point `point` in a new `file`; the active image, at its path,
+    /// becomes a new empty overlay on it.
+    Snapshot {
+        /// The new point's name.
+        point: String,
+        /// The file that will hold the point.
+        file: PathBuf,
+        /// The active image.
+        active: PathBuf,
+    },
+    /// Copy into `into` the data of `layers` (the layers between `base` and `into`), then point
+    /// `into` at `base` (`None`: `into` becomes the base of the chain).
+    Stream {
+        /// The layer written.
+        into: PathBuf,
+        /// Its new backing file.
+        base: Option<PathBuf>,
+        /// The layers whose data is pulled, base first.
+        layers: Vec<PathBuf>,
+    },
+    /// Copy the data of `layers` (`(base, top]`) into `base`.
+    Commit {
+        /// The layer written.
+        base: PathBuf,
+        /// The top of the committed range.
+        top: PathBuf,
+        /// The committed layers, base first.
+        layers: Vec<PathBuf>,
+    },
+    /// Copy `layers` merged into the new file `to`, backed by `backing`.
+    Copy {
+        /// The layers read, base first.
+        layers: Vec<PathBuf>,
+        /// The new file.
+        to: PathBuf,
+        /// Its backing file.
+        backing: Option<PathBuf>,
+    },
+    /// Change `overlay`'s backing reference to `backing`, whose content is already identical.
+    Rebase {
+        /// The layer whose header changes.
+        overlay: PathBuf,
+        /// Its new backing file.
+        backing: PathBuf,
+    },
+    /// Remove a file no chain uses any more.
+    Delete {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+impl StepAction {
+    /// The operation's name as in the JSON `op` field.
+    pub fn op(&self) -> &'static str {
+        match self {
+            StepAction::Snapshot { .. } => "snapshot",
+            StepAction::Stream { .. } => "stream",
+            StepAction::Commit { .. } => "commit",
+            StepAction::Copy { .. } => "copy",
+            StepAction::Rebase { .. } => "rebase",
+            StepAction::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// One way of handling a run, chosen or rejected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Alternative {
+    /// In words: what would be done.
+    pub strategy: String,
+    /// The file that would hold the point.
+    pub holder: PathBuf,
+    /// Data bytes written.
+    pub bytes: u64,
+    /// Zero bytes written.
+    pub zero_bytes: u64,
+    /// Why it is not allowed (`None`: allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_allowed: Option<String>,
+}
+
+/// The decision for one run: the points removed below a kept point, and how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunDecision {
+    /// The kept point above the run (`active` for the active layer).
+    pub point: String,
+    /// The points removed (names where known, else files), base first. Empty when the run only
+    /// moves the point (placement).
+    pub removes: Vec<String>,
+    /// What the plan does.
+    pub chosen: Alternative,
+    /// What it could have done instead.
+    pub rejected: Vec<Alternative>,
+}
+
+/// What simpler strategies would have cost, for comparison.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Baselines {
+    /// Every run committed into its lowest layer (`None`: not allowed, e.g. shared layers).
+    pub always_commit: Option<u64>,
+    /// Every run streamed into its kept layer (`None`: not allowed).
+    pub always_stream: Option<u64>,
+}
+
+/// A layer of the chain after the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FinalLayer {
+    /// The point it holds (`None` for the active layer).
+    pub point: Option<String>,
+    /// The file.
+    pub file: PathBuf,
+}
+
+/// The plan for one disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiskPlan {
+    /// The disk's name.
+    pub name: String,
+    /// The steps, in execution order.
+    pub steps: Vec<Step>,
+    /// Sum of the steps' data bytes.
+    pub total_bytes: u64,
+    /// Sum of the steps' zero bytes.
+    pub total_zero_bytes: u64,
+    /// The chain as observed, base first.
+    pub chain: Vec<PathBuf>,
+    /// The chain after the plan, base first, active last.
+    pub result: Vec<FinalLayer>,
+    /// Per run: what was chosen and what was rejected.
+    pub decisions: Vec<RunDecision>,
+    /// What simpler strategies would have cost.
+    pub baselines: Baselines,
+    /// Things the operator should know that are not steps.
+    pub notes: Vec<String>,
+}
+
+/// Plans one disk against the host's image graph.
+pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, PlanError> {
+    let chain: Vec<&Layer> = graph
+        .chain(&req.active)
+        .ok_or_else(|| PlanError::UnknownActive {
+            disk: req.name.clone(),
+            active: req.active.clone(),
+        })?;
+    let n = chain.len();
+    let active = n - 1;
+    let paths: Vec<PathBuf> = chain.iter().map(|l| l.path.clone()).collect();
+
+    // Bind kept points to chain positions, oldest first.
+    let mut kept: Vec<usize> = Vec::with_capacity(req.keep.len());
+    for (i, k) in req.keep.iter().enumerate() {
+        let Some(pos) = paths[..active].iter().position(|p| *p == k.file) else {
+            return Err(PlanError::NotInChain {
+                disk: req.name.clone(),
+                point: k.name.clone(),
+                file: k.file.clone(),
+                chain: paths[..active].to_vec(),
+            });
+        };
+        if let Some(&prev) = kept.last()
+            && pos <= prev
+        {
+            return Err(PlanError::OutOfOrder {
+                disk: req.name.clone(),
+                earlier: req.keep[i - 1].name.clone(),
+                later: k.name.clone(),
+            });
+        }
+        kept.push(pos);
+    }
+
+    // One unit for the whole chain: the finest cluster size of its layers.
+    let empty = Allocation::empty(65536, 0);
+    let raw_allocs: Vec<&Allocation> = chain
+        .iter()
+        .map(|l| l.alloc.as_ref().unwrap_or(&empty))
+        .collect();
+    let unit = raw_allocs
+        .iter()
+        .map(|a| a.unit)
+        .filter(|&u| u > 0)
+        .min()
+        .unwrap_or(65536);
+    let size = raw_allocs.iter().map(|a| a.virtual_size).max().unwrap_or(0);
+    let allocs: Vec<Allocation> = raw_allocs.iter().map(|a| a.rescaled(unit)).collect();
+    let shared = graph.shared_along(&chain);
+    let nonzero = nonzero_views(&allocs, shared.iter().any(Option::is_some));
+
+    let name_of = |i: usize| -> String {
+        req.known_names
+            .get(&paths[i])
+            .cloned()
+            .unwrap_or_else(|| paths[i].display().to_string())
+    };
+    let in_dir = |p: &Path| match &req.placement {
+        Some(d) => p.parent() == Some(d.as_path()),
+        None => true,
+    };
+
+    let mut sim = Sim {
+        chain: paths.clone(),
+        renamed: vec![None; n],
+        steps: Vec::new(),
+    };
+    let mut decisions = Vec::new();
+    let mut baselines = Baselines {
+        always_commit: Some(0),
+        always_stream: Some(0),
+    };
+    let mut notes = Vec::new();
+    let mut result = Vec::new();
+    let mut prev: Option<usize> = None; // chain position of the previous kept point
+    let mut tops: Vec<(usize, String)> = kept
+        .iter()
+        .zip(&req.keep)
+        .map(|(&p, k)| (p, k.name.clone()))
+        .collect();
+    tops.push((active, "active".to_string()));
+
+    for (u, point) in tops {
+        let lo = prev.map_or(0, |p| p + 1);
+        let run: Vec<usize> = (lo..=u).collect();
+        let removes: Vec<String> = run[..run.len() - 1].iter().map(|&i| name_of(i)).collect();
+        let is_active = u == active;
+        let must_move = !is_active && !in_dir(&paths[u]);
+        let base = prev.map(|p| sim.file_at(p, &paths));
+        // Layers left between the previous holder and this run by an identity choice below: this
+        // run's first write must drop them (they add nothing to any view).
+        let pending = sim.pending(base.as_deref(), &paths[lo]);
+        if removes.is_empty() && !must_move {
+            if let (true, Some(b)) = (pending, &base) {
+                sim.rebase(&paths[u], b);
+            }
+            if !is_active {
+                result.push(FinalLayer {
+                    point: Some(point.clone()),
+                    file: sim.file_at(u, &paths),
+                });
+            }
+            prev = Some(u);
+            continue;
+        }
+        let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
+        let costs = evaluate(&layers, unit, size, is_active);
+        let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
+        for (k, &h) in run.iter().enumerate().rev() {
+            if is_active && h != u {
+                continue;
+            }
+            let c = &costs.holders[k];
+            let strategy = if h == u {
+                if is_active {
+                    "stream into the active layer".to_string()
+                } else {
+                    format!("stream into {point}")
+                }
+            } else if k == 0 {
+                format!("commit into {}", name_of(h))
+            } else {
+                format!("commit into {}, then stream below it", name_of(h))
+            };
+            let not_allowed = if let Some(user) = &shared[h] {
+                Some(format!(
+                    "{} is shared: {} uses it",
+                    paths[h].display(),
+                    user.display()
+                ))
+            } else if !in_dir(&paths[h]) && !is_active {
+                Some(format!(
+                    "{} is outside spec.placement.directory",
+                    paths[h].display()
+                ))
+            } else {
+                None
+            };
+            // A shared layer may still hold the point when the rest of the run adds nothing to
+            // its view (no data on top, zeros only where it reads zeros): then no data moves,
+            // only a backing reference above it changes.
+            let identity = !is_active
+                && k == 0
+                && h != u
+                && not_allowed.is_some()
+                && shared[h].is_some()
+                && in_dir(&paths[h])
+                && !pending
+                && costs.holders[0].commit_bytes == 0
+                && (&costs.zeros_above_lowest & &nonzero[h]).is_empty()
+                // Whatever lies above must be able to read through `h`: either its overlay can
+                // be rebased, or that overlay is removed by the next run's stream anyway.
+                && (shared[u + 1].is_none() || !(kept.contains(&(u + 1)) || u + 1 == active));
+            if identity {
+                alts.push((
+                    Alternative {
+                        strategy: format!(
+                            "keep {}: the layers above it add nothing to its view",
+                            name_of(h)
+                        ),
+                        holder: paths[h].clone(),
+                        bytes: 0,
+                        zero_bytes: 0,
+                        not_allowed: None,
+                    },
+                    Some(Choice::Identity),
+                ));
+            }
+            let choice = not_allowed.is_none().then_some(Choice::Hold(k));
+            alts.push((
+                Alternative {
+                    strategy,
+                    holder: paths[h].clone(),
+                    bytes: c.bytes(),
+                    zero_bytes: c.zero_bytes(),
+                    not_allowed,
+                },
+                choice,
+            ));
+        }
+        if let (Some(dir), false) = (&req.placement, is_active) {
+            let to = graph_free_name(graph, dir, &paths[u]);
+            alts.push((
+                Alternative {
+                    strategy: format!("copy merged into {}", dir.display()),
+                    holder: to.clone(),
+                    bytes: costs.copy.bytes(),
+                    zero_bytes: costs.copy.zero_bytes(),
+                    not_allowed: None,
+                },
+                Some(Choice::Copy(to)),
+            ));
+        }
+        // Baselines: commit into the lowest layer of the run; stream into its top.
+        let lowest_ok = alts
+            .iter()
+            .find(|(a, _)| a.holder == paths[run[0]])
+            .filter(|(a, _)| a.not_allowed.is_none());
+        let top_ok = alts
+            .iter()
+            .find(|(a, _)| a.holder == paths[u])
+            .filter(|(a, _)| a.not_allowed.is_none());
+        let fallback_copy = alts
+            .iter()
+            .find(|(_, c)| matches!(c, Some(Choice::Copy(_))));
+        let add = |b: &mut Option<u64>, a: Option<&(Alternative, Option<Choice>)>| {
+            *b = match (*b, a) {
+                (Some(t), Some((alt, _))) => Some(t + alt.bytes),
+                _ => None,
+            };
+        };
+        add(
+            &mut baselines.always_commit,
+            if is_active {
+                top_ok
+            } else {
+                lowest_ok.or(fallback_copy)
+            },
+        );
+        add(&mut baselines.always_stream, top_ok.or(fallback_copy));
+
+        // The cheapest allowed; ties go to the first listed (the kept layer itself, then higher
+        // layers), so a point moves files only when that saves bytes.
+        let best = alts
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, c))| a.not_allowed.is_none() && c.is_some())
+            .min_by_key(|(i, (a, _))| (a.bytes, a.zero_bytes, *i))
+            .map(|(i, _)| i);
+        let Some(best) = best else {
+            let blocker = run
+                .iter()
+                .rev()
+                .find_map(|&h| shared[h].clone().map(|user| (h, user)));
+            let (h, user) = blocker.unwrap_or((u, paths[u].clone()));
+            return Err(PlanError::BlockedByShared {
+                disk: req.name.clone(),
+                point,
+                removing: removes,
+                blocker: paths[h].clone(),
+                used_by: user,
+            });
+        };
+        let (chosen, choice) = alts.remove(best);
+        let choice = choice.expect("filtered to allowed choices");
+        let holder_file = match choice {
+            Choice::Hold(k) => {
+                let c = &costs.holders[k];
+                let h = run[k];
+                if h != u {
+                    sim.commit(&paths[h], &paths[u], c, &point);
+                }
+                if k > 0 {
+                    // The stream pulls from the base up, so pending layers go with it.
+                    sim.stream(&paths[h], base.as_deref(), c, &point, is_active);
+                } else if let (true, Some(b)) = (pending, &base) {
+                    sim.rebase(&paths[h], b);
+                }
+                paths[h].clone()
+            }
+            Choice::Identity => {
+                // Nothing moves now: the next run's first write drops (h, u] (see `pending`).
+                paths[run[0]].clone()
+            }
+            Choice::Copy(to) => {
+                if pending {
+                    sim.drop_before(&paths[lo], base.as_deref());
+                }
+                sim.copy(
+                    &paths[lo],
+                    &paths[u],
+                    &to,
+                    base.as_deref(),
+                    &costs.copy,
+                    &point,
+                );
+                to
+            }
+        };
+        decisions.push(RunDecision {
+            point: point.clone(),
+            removes,
+            chosen,
+            rejected: alts.into_iter().map(|(a, _)| a).collect(),
+        });
+        if !is_active {
+            result.push(FinalLayer {
+                point: Some(point),
+                file: holder_file.clone(),
+            });
+            sim.rename(u, holder_file);
+        }
+        prev = Some(u);
+    }
+
+    // New snapshots on top, in order.
+    let active_path = &paths[active];
+    for name in &req.new_snapshots {
+        let dir = req.placement.clone().unwrap_or_else(|| {
+            active_path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        });
+        let stem = active_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = graph_free_name(graph, &dir, &PathBuf::from(format!("{stem}.{name}.qcow2")));
+        sim.steps.push(Step {
+            action: StepAction::Snapshot {
+                point: name.clone(),
+                file: file.clone(),
+                active: active_path.clone(),
+            },
+            bytes: 0,
+            zero_bytes: 0,
+            reason: format!(
+                "take the new point {name:?}: the active content moves to {}",
+                file.display()
+            ),
+        });
+        result.push(FinalLayer {
+            point: Some(name.clone()),
+            file,
+        });
+    }
+    result.push(FinalLayer {
+        point: None,
+        file: active_path.clone(),
+    });
+
+    // Files the plan drops from this chain.
+    let kept_files: Vec<&PathBuf> = result.iter().map(|f| &f.file).collect();
+    for (i, p) in paths.iter().enumerate() {
+        if kept_files.contains(&p) {
+            continue;
+        }
+        if let Some(user) = &shared[i] {
+            notes.push(format!(
+                "{} leaves this chain but stays: {} still uses it",
+                p.display(),
+                user.display()
+            ));
+        } else if req.prune {
+            sim.steps.push(Step {
+                action: StepAction::Delete { file: p.clone() },
+                bytes: 0,
+                zero_bytes: 0,
+                reason: "no chain uses it any more (spec.prune)".into(),
+            });
+        } else {
+            notes.push(format!(
+                "{} leaves this chain and is kept (spec.prune is false)",
+                p.display()
+            ));
+        }
+    }
+    if let Some(dir) = &req.placement
+        && active_path.parent() != Some(dir.as_path())
+    {
+        notes.push(format!(
+            "the active layer stays at {} (spec.source.file), outside spec.placement.directory",
+            active_path.display()
+        ));
+    }
+
+    let total_bytes = sim.steps.iter().map(|s| s.bytes).sum();
+    let total_zero_bytes = sim.steps.iter().map(|s| s.zero_bytes).sum();
+    Ok(DiskPlan {
+        name: req.name.clone(),
+        steps: sim.steps,
+        total_bytes,
+        total_zero_bytes,
+        chain: paths,
+        result,
+        decisions,
+        baselines,
+        notes,
+    })
+}
+
+enum Choice {
+    /// Hold the point in the run's layer at this index.
+    Hold(usize),
+    /// Copy the run merged into this new file.
+    Copy(PathBuf),
+    /// The run's lowest layer already reads as the point: drop the layers above it.
+    Identity,
+}
+
+/// Per chain position: the clusters whose guest view is not zero (only needed, and only
+/// computed, when some layer is shared).
+fn nonzero_views(allocs: &[Allocation], needed: bool) -> Vec<roaring::RoaringTreemap> {
+    let mut nonzero = roaring::RoaringTreemap::new();
+    let mut out = Vec::with_capacity(allocs.len());
+    for a in allocs {
+        nonzero -= &a.zero;
+        nonzero |= &a.data;
+        out.push(if needed {
+            nonzero.clone()
+        } else {
+            roaring::RoaringTreemap::new()
+        });
+    }
+    out
+}
+
+/// A free file name in `dir` for a copy of `like`: its base name, or with `-N` appended.
+fn graph_free_name(graph: &ImageGraph, dir: &Path, like: &Path) -> PathBuf {
+    let file = like
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut candidate = dir.join(&file);
+    let mut n = 1;
+    while graph.layer(&candidate).is_some() {
+        let (stem, ext) = match file.rsplit_once('.') {
+            Some((s, e)) => (s.to_string(), format!(".{e}")),
+            None => (file.clone(), String::new()),
+        };
+        candidate = dir.join(format!("{stem}-{n}{ext}"));
+        n += 1;
+    }
+    candidate
+}
+
+/// The physical chain as the steps change it, so every step names the files it really touches.
+struct Sim {
+    /// The files of the chain now, base first.
+    chain: Vec<PathBuf>,
+    /// Per original chain position: the file that holds that position's point now, when a
+    /// commit or copy moved it.
+    renamed: Vec<Option<PathBuf>>,
+    /// The steps so far.
+    steps: Vec<Step>,
+}
+
+impl Sim {
+    /// The file that now stands where the original chain had position `i`.
+    fn file_at(&self, i: usize, original: &[PathBuf]) -> PathBuf {
+        self.renamed[i]
+            .clone()
+            .unwrap_or_else(|| original[i].clone())
+    }
+
+    /// Records that original position `i`'s point is now held by `file`.
+    fn rename(&mut self, i: usize, file: PathBuf) {
+        self.renamed[i] = Some(file);
+    }
+
+    fn pos(&self, p: &Path) -> usize {
+        self.chain
+            .iter()
+            .position(|c| c == p)
+            .expect("simulated chain holds the file")
+    }
+
+    fn commit(&mut self, base: &Path, top: &Path, c: &Cost, point: &str) {
+        let (b, t) = (self.pos(base), self.pos(top));
+        let layers = self.chain[b + 1..=t].to_vec();
+        self.steps.push(Step {
+            action: StepAction::Commit {
+                base: base.to_path_buf(),
+                top: top.to_path_buf(),
+                layers,
+            },
+            bytes: c.commit_bytes,
+            zero_bytes: c.commit_zero,
+            reason: format!("{} now holds point {point:?}", base.display()),
+        });
+        let overlay = self.chain[t + 1].clone();
+        self.chain.drain(b + 1..=t);
+        self.steps.push(Step {
+            action: StepAction::Rebase {
+                overlay: overlay.clone(),
+                backing: base.to_path_buf(),
+            },
+            bytes: 0,
+            zero_bytes: 0,
+            reason: format!(
+                "{} reads the same through {}",
+                overlay.display(),
+                base.display()
+            ),
+        });
+    }
+
+    /// True when layers lie between `base` (or the bottom) and `first` in the chain now.
+    fn pending(&self, base: Option<&Path>, first: &Path) -> bool {
+        let lo = base.map_or(0, |b| self.pos(b) + 1);
+        self.pos(first) > lo
+    }
+
+    /// Forgets the layers between `base` and `first` (a copy reads past them).
+    fn drop_before(&mut self, first: &Path, base: Option<&Path>) {
+        let lo = base.map_or(0, |b| self.pos(b) + 1);
+        let f = self.pos(first);
+        self.chain.drain(lo..f);
+    }
+
+    /// Points `overlay` at `backing`; the layers between add nothing to any view.
+    fn rebase(&mut self, overlay: &Path, backing: &Path) {
+        let (b, o) = (self.pos(backing), self.pos(overlay));
+        self.chain.drain(b + 1..o);
+        self.steps.push(Step {
+            action: StepAction::Rebase {
+                overlay: overlay.to_path_buf(),
+                backing: backing.to_path_buf(),
+            },
+            bytes: 0,
+            zero_bytes: 0,
+            reason: format!(
+                "{} already reads as the point below {}: the layers between add nothing",
+                backing.display(),
+                overlay.display()
+            ),
+        });
+    }
+
+    fn stream(&mut self, into: &Path, base: Option<&Path>, c: &Cost, point: &str, active: bool) {
+        let i = self.pos(into);
+        let lo = base.map_or(0, |b| self.pos(b) + 1);
+        let layers = self.chain[lo..i].to_vec();
+        let what = if active {
+            "the active layer".to_string()
+        } else {
+            format!("point {point:?}")
+        };
+        self.steps.push(Step {
+            action: StepAction::Stream {
+                into: into.to_path_buf(),
+                base: base.map(Path::to_path_buf),
+                layers,
+            },
+            bytes: c.stream_bytes,
+            zero_bytes: c.stream_zero,
+            reason: format!("pull the removed layers into {what}"),
+        });
+        self.chain.drain(lo..i);
+    }
+
+    fn copy(
+        &mut self,
+        first: &Path,
+        top: &Path,
+        to: &Path,
+        backing: Option<&Path>,
+        c: &Cost,
+        point: &str,
+    ) {
+        let (lo, t) = (self.pos(first), self.pos(top));
+        let layers = self.chain[lo..=t].to_vec();
+        self.steps.push(Step {
+            action: StepAction::Copy {
+                layers,
+                to: to.to_path_buf(),
+                backing: backing.map(Path::to_path_buf),
+            },
+            bytes: c.stream_bytes,
+            zero_bytes: c.stream_zero,
+            reason: format!("point {point:?} moves into spec.placement.directory"),
+        });
+        let overlay = self.chain[t + 1].clone();
+        self.chain.splice(lo..=t, [to.to_path_buf()]);
+        self.steps.push(Step {
+            action: StepAction::Rebase {
+                overlay: overlay.clone(),
+                backing: to.to_path_buf(),
+            },
+            bytes: 0,
+            zero_bytes: 0,
+            reason: format!("{} reads the same through the copy", overlay.display()),
+        });
+    }
+}
