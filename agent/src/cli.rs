@@ -1,0 +1,56 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// diskchain: declarative management of QEMU disk backing chains.
+///
+/// Specs (YAML, `kind: DiskChain`) say which points in time each disk keeps; diskchain observes
+/// the real qcow2 chains and plans the cheapest steps (snapshot, stream, commit, copy, rebase,
+/// delete) that make them match.
+#[derive(Debug, Parser)]
+#[command(name = "diskchain", version, about, long_about)]
+pub struct Cli {
+    /// Where the agent keeps which file holds each named point.
+    #[arg(
+        long,
+        global = true,
+        env = "DISKCHAIN_STATE_DIR",
+        default_value = "/var/lib/diskchain/state"
+    )]
+    pub state_dir: PathBuf,
+    /// A directory diskchain may read and write images in (repeatable). Every layer and every
+    /// backing reference must resolve inside one, symlinks followed.
+    #[arg(long = "allowed-root", global = true, value_name = "DIR", default_values = ["/var/lib/diskchain"])]
+    pub allowed_roots: Vec<PathBuf>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// A table for people.
+    Text,
+    /// One JSON object: {"disks": [{"name", "steps": [{"op", "bytes", ...}], "total_bytes"}], "errors": [...]}.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Observe, plan and print; changes nothing. Exit 0: planned; 2: bad input (a spec, a chain
+    /// or an image in use; nothing touched); 1: other failures.
+    Plan {
+        /// A spec file, or a directory searched recursively for *.yaml and *.yml.
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        path: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Print the DiskChain CustomResourceDefinition (YAML).
+    Crd,
+}

@@ -1,0 +1,342 @@
+//! Observing real chains: walk each disk's chain from its active image down, confined to the
+//! allowed roots, with every backing format explicit, cycles and foreign image locks detected, and
+//! read each layer's own allocation map. Also scans the roots for every image file, so the
+//! planner's graph sees overlays that no spec declares.
+//!
+//! This stage reads only: it opens files read-only and never runs QEMU. What to do with what it
+//! sees is the planner's business.
+
+mod lock;
+pub mod qcow2;
+pub mod raw;
+mod roots;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use diskchain_planner::{Allocation, Format, Layer};
+
+pub use lock::lock_holder;
+pub use roots::Roots;
+
+/// Why a chain cannot be observed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// Reading failed.
+    #[error("failed to read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A qcow2 header or table problem.
+    #[error(transparent)]
+    Qcow2(#[from] qcow2::Qcow2Error),
+    /// A path resolves outside every allowed root.
+    #[error(
+        "{what} {} resolves to {}, outside the allowed roots ({}); diskchain never touches it. Move the file under an allowed root or add one with --allowed-root",
+        path.display(), resolved.display(), roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    OutsideRoots {
+        /// What the path is (e.g. "the backing file of /x").
+        what: String,
+        /// The path as referenced.
+        path: PathBuf,
+        /// Where it resolves.
+        resolved: PathBuf,
+        /// The allowed roots.
+        roots: Vec<PathBuf>,
+    },
+    /// A referenced file does not exist.
+    #[error("{what} {} does not exist", path.display())]
+    Missing {
+        /// What the path is.
+        what: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// A backing reference without a recorded format.
+    #[error(
+        "layer {} records backing file {backing:?} without a backing format; diskchain never lets QEMU probe formats. Record it with: qemu-img rebase -u -b {backing} -F <qcow2|raw> {}",
+        layer.display(), layer.display()
+    )]
+    NoBackingFormat {
+        /// The overlay.
+        layer: PathBuf,
+        /// Its backing reference.
+        backing: String,
+    },
+    /// A backing format diskchain does not handle.
+    #[error("layer {} records backing format {format:?}; only qcow2 and raw are supported", layer.display())]
+    UnsupportedFormat {
+        /// The overlay.
+        layer: PathBuf,
+        /// The format.
+        format: String,
+    },
+    /// A backing reference that is not a plain file name.
+    #[error("layer {} records backing {backing:?}, which is not a plain file; only file backing references are supported", layer.display())]
+    NotAFile {
+        /// The overlay.
+        layer: PathBuf,
+        /// The reference.
+        backing: String,
+    },
+    /// The active image is not qcow2.
+    #[error("the active image {} is not a qcow2 image; diskchain manages qcow2 chains (convert it with qemu-img convert -O qcow2)", path.display())]
+    ActiveNotQcow2 {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A layer recorded as qcow2 is not one.
+    #[error("{} is recorded as qcow2 by {} but has no qcow2 header", path.display(), overlay.display())]
+    NotQcow2 {
+        /// The file.
+        path: PathBuf,
+        /// The overlay that records it.
+        overlay: PathBuf,
+    },
+    /// A backing cycle.
+    #[error("backing cycle: {}", files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" -> "))]
+    Cycle {
+        /// The files, in the order walked, ending with the repeated one.
+        files: Vec<PathBuf>,
+    },
+}
+
+impl ObserveError {
+    /// True for input problems (exit 2); false for I/O failures (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, ObserveError::Io { .. })
+    }
+}
+
+/// One observed layer with what its header records.
+#[derive(Clone, Debug)]
+pub struct ObservedLayer {
+    /// The planner's view: canonical path, format, canonical backing, allocation.
+    pub layer: Layer,
+    /// qcow2 version (0 for raw).
+    pub version: u32,
+    /// Cluster size (the raw mapping unit for raw).
+    pub cluster_size: u64,
+    /// Guest size.
+    pub virtual_size: u64,
+    /// The backing reference as recorded.
+    pub backing_ref: Option<String>,
+    /// The backing format as recorded.
+    pub backing_format: Option<Format>,
+    /// Size of the file on the host.
+    pub file_size: u64,
+    /// Set when a process holds QEMU's image lock on this file.
+    pub in_use: Option<String>,
+}
+
+/// A disk's chain as observed, base first.
+#[derive(Clone, Debug)]
+pub struct ObservedChain {
+    /// The layers, base first, active last.
+    pub layers: Vec<ObservedLayer>,
+}
+
+impl ObservedChain {
+    /// The active layer.
+    pub fn active(&self) -> &ObservedLayer {
+        self.layers.last().expect("a chain has an active layer")
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ObserveError + '_ {
+    move |source| ObserveError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn parse_format(layer: &Path, f: &str) -> Result<Format, ObserveError> {
+    match f {
+        "qcow2" => Ok(Format::Qcow2),
+        "raw" => Ok(Format::Raw),
+        other => Err(ObserveError::UnsupportedFormat {
+            layer: layer.to_path_buf(),
+            format: other.to_string(),
+        }),
+    }
+}
+
+/// Resolves a recorded backing reference relative to the overlay's directory (as QEMU does: the
+/// directory of the overlay's path as it was opened, before symlinks are resolved).
+fn resolve_backing(
+    overlay_as_opened: &Path,
+    overlay: &Path,
+    reference: &str,
+) -> Result<PathBuf, ObserveError> {
+    if reference.starts_with("json:") || reference.contains("://") {
+        return Err(ObserveError::NotAFile {
+            layer: overlay.to_path_buf(),
+            backing: reference.to_string(),
+        });
+    }
+    let r = Path::new(reference);
+    Ok(if r.is_absolute() {
+        r.to_path_buf()
+    } else {
+        overlay_as_opened.parent().unwrap_or(Path::new("/")).join(r)
+    })
+}
+
+/// Walks the chain under `active`, reading every layer's allocation.
+pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, ObserveError> {
+    let mut layers = Vec::new();
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    let mut walked: Vec<PathBuf> = Vec::new();
+    let mut as_opened = active.to_path_buf();
+    let mut path = roots.confine(active, "the active image".to_string())?;
+    let mut format = Format::Qcow2;
+    let mut overlay: Option<PathBuf> = None;
+    loop {
+        if !seen.insert(path.clone()) {
+            walked.push(path);
+            return Err(ObserveError::Cycle { files: walked });
+        }
+        walked.push(path.clone());
+        let file = File::open(&path).map_err(io(&path))?;
+        let file_size = file.metadata().map_err(io(&path))?.len();
+        let in_use = lock_holder(&file).map_err(io(&path))?;
+        let is_qcow2 = {
+            let mut m = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_ok() && m == qcow2::MAGIC
+        };
+        let observed = match format {
+            Format::Qcow2 => {
+                if !is_qcow2 {
+                    return Err(match &overlay {
+                        None => ObserveError::ActiveNotQcow2 { path },
+                        Some(o) => ObserveError::NotQcow2 {
+                            path,
+                            overlay: o.clone(),
+                        },
+                    });
+                }
+                let h = qcow2::read_header(&file, &path)?;
+                let alloc = qcow2::read_allocation(&file, &path, &h)?;
+                let backing_format = match (&h.backing_file, &h.backing_format) {
+                    (Some(b), None) => {
+                        return Err(ObserveError::NoBackingFormat {
+                            layer: path,
+                            backing: b.clone(),
+                        });
+                    }
+                    (Some(_), Some(f)) => Some(parse_format(&path, f)?),
+                    (None, _) => None,
+                };
+                ObservedLayer {
+                    layer: Layer {
+                        path: path.clone(),
+                        format,
+                        backing: None,
+                        alloc: Some(alloc),
+                    },
+                    version: h.version,
+                    cluster_size: h.cluster_size,
+                    virtual_size: h.virtual_size,
+                    backing_ref: h.backing_file.clone(),
+                    backing_format,
+                    file_size,
+                    in_use,
+                }
+            }
+            Format::Raw => {
+                let alloc: Allocation = raw::read_allocation(&file, &path).map_err(io(&path))?;
+                ObservedLayer {
+                    layer: Layer {
+                        path: path.clone(),
+                        format,
+                        backing: None,
+                        alloc: Some(alloc),
+                    },
+                    version: 0,
+                    cluster_size: raw::RAW_UNIT,
+                    virtual_size: file_size,
+                    backing_ref: None,
+                    backing_format: None,
+                    file_size,
+                    in_use,
+                }
+            }
+        };
+        let next = match (&observed.backing_ref, observed.backing_format) {
+            (Some(r), Some(f)) => Some((resolve_backing(&as_opened, &path, r)?, f)),
+            _ => None,
+        };
+        layers.push(observed);
+        let Some((next_path, next_format)) = next else {
+            break;
+        };
+        let what = format!("the backing file of {}", path.display());
+        let canonical = roots.confine(&next_path, what)?;
+        layers.last_mut().expect("just pushed").layer.backing = Some(canonical.clone());
+        overlay = Some(path);
+        as_opened = next_path;
+        path = canonical;
+        format = next_format;
+    }
+    layers.reverse();
+    Ok(ObservedChain { layers })
+}
+
+/// Every qcow2 image under the roots, as graph nodes without allocation maps (their backing
+/// references resolved where possible). Files that cannot be read are skipped: they are not
+/// diskchain's, and an unreadable file records no backing reference the planner could honour.
+pub fn scan_roots(roots: &Roots) -> Vec<Layer> {
+    let mut out = Vec::new();
+    let mut seen_dirs = HashSet::new();
+    for root in roots.iter() {
+        scan_dir(root, roots, &mut seen_dirs, &mut out);
+    }
+    out
+}
+
+fn scan_dir(dir: &Path, roots: &Roots, seen: &mut HashSet<PathBuf>, out: &mut Vec<Layer>) {
+    let Ok(canon) = dir.canonicalize() else {
+        return;
+    };
+    if !seen.insert(canon) {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        let Ok(ft) = entry.file_type() else { continue };
+        if ft.is_dir() {
+            scan_dir(&p, roots, seen, out);
+            continue;
+        }
+        if !ft.is_file() {
+            continue;
+        }
+        let Ok(file) = File::open(&p) else { continue };
+        let mut m = [0u8; 4];
+        if std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_err() || m != qcow2::MAGIC
+        {
+            continue;
+        }
+        let Ok(h) = qcow2::read_header(&file, &p) else {
+            continue;
+        };
+        let backing = h.backing_file.as_deref().and_then(|r| {
+            let b = resolve_backing(&p, &p, r).ok()?;
+            Some(b.canonicalize().unwrap_or(b))
+        });
+        out.push(Layer {
+            path: p.canonicalize().unwrap_or(p),
+            format: Format::Qcow2,
+            backing,
+            alloc: None,
+        });
+    }
+}

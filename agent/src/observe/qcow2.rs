@@ -1,0 +1,349 @@
+//! Reading one qcow2 layer's header and its own allocation map from the L1/L2 tables, without
+//! opening its backing file.
+//!
+//! Follows QEMU's `docs/interop/qcow2.txt`. Data clusters (compressed ones included) and explicit
+//! zero clusters (v3 "reads as zero" flag) are told apart. Extended L2 entries (subclusters),
+//! external data files and encryption are refused with a clear error rather than misread.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use diskchain_planner::Allocation;
+use roaring::RoaringTreemap;
+
+/// The first four bytes of every qcow2 file.
+pub const MAGIC: [u8; 4] = *b"QFI\xfb";
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2_COMPRESSED: u64 = 1 << 62;
+const L2_ZERO: u64 = 1;
+
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+const INCOMPAT_EXTL2: u64 = 1 << 4;
+
+const EXT_END: u32 = 0;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+
+/// Why a qcow2 layer cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    /// An I/O error.
+    #[error("failed to read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The header or tables make no sense.
+    #[error("{} is not a valid qcow2 image: {what}; check it with `qemu-img check`", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A feature diskchain does not handle.
+    #[error("{} uses {feature}, which diskchain does not support; {advice}", path.display())]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// The feature.
+        feature: &'static str,
+        /// What the operator can do.
+        advice: &'static str,
+    },
+}
+
+/// The parts of a qcow2 header diskchain needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// Guest size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// The backing file name as recorded (relative names are relative to the image's directory).
+    pub backing_file: Option<String>,
+    /// The backing format as recorded (`None`: not recorded; QEMU would probe it).
+    pub backing_format: Option<String>,
+    /// L1 table entries.
+    pub l1_size: u32,
+    /// L1 table file offset.
+    pub l1_offset: u64,
+    /// Incompatible feature bits (v3).
+    pub incompatible: u64,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), Qcow2Error> {
+    file.read_exact_at(buf, offset)
+        .map_err(|source| Qcow2Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Reads and checks the header of `path` (already open as `file`).
+pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
+    let invalid = |what: String| Qcow2Error::Invalid {
+        path: path.to_path_buf(),
+        what,
+    };
+    let file_len = file
+        .metadata()
+        .map_err(|source| Qcow2Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut h = [0u8; 112];
+    let n = h.len().min(file_len as usize);
+    if n < 72 {
+        return Err(invalid("file shorter than a qcow2 header".into()));
+    }
+    read_at(file, path, &mut h[..n], 0)?;
+    if h[..4] != MAGIC {
+        return Err(invalid("bad magic".into()));
+    }
+    let version = be32(&h, 4);
+    if version != 2 && version != 3 {
+        return Err(invalid(format!("version {version} (only 2 and 3 exist)")));
+    }
+    let backing_offset = be64(&h, 8);
+    let backing_size = be32(&h, 16);
+    let cluster_bits = be32(&h, 20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(invalid(format!(
+            "cluster_bits {cluster_bits} outside 9..=21"
+        )));
+    }
+    let cluster_size = 1u64 << cluster_bits;
+    let virtual_size = be64(&h, 24);
+    let crypt = be32(&h, 32);
+    let l1_size = be32(&h, 36);
+    let l1_offset = be64(&h, 40);
+    let (incompatible, header_length) = if version >= 3 {
+        if n < 104 {
+            return Err(invalid("v3 header truncated".into()));
+        }
+        (be64(&h, 72), u64::from(be32(&h, 100)))
+    } else {
+        (0, 72)
+    };
+    let unsupported = |feature, advice| Qcow2Error::Unsupported {
+        path: path.to_path_buf(),
+        feature,
+        advice,
+    };
+    if crypt != 0 {
+        return Err(unsupported(
+            "encryption",
+            "decrypt it with `qemu-img convert` first",
+        ));
+    }
+    if incompatible & INCOMPAT_CORRUPT != 0 {
+        return Err(invalid(
+            "the corrupt bit is set; repair it with `qemu-img check -r all`".into(),
+        ));
+    }
+    if incompatible & INCOMPAT_DIRTY != 0 {
+        return Err(invalid(
+            "the dirty bit is set (not closed cleanly); if no process uses it, repair it with `qemu-img check -r all`".into(),
+        ));
+    }
+    if incompatible & INCOMPAT_DATA_FILE != 0 {
+        return Err(unsupported(
+            "an external data file",
+            "convert it to a self-contained image with `qemu-img convert -O qcow2`",
+        ));
+    }
+    if incompatible & INCOMPAT_EXTL2 != 0 {
+        return Err(unsupported(
+            "extended L2 entries (subclusters)",
+            "convert it with `qemu-img convert -O qcow2 -o extended_l2=off`",
+        ));
+    }
+    let unknown = incompatible
+        & !(INCOMPAT_DIRTY
+            | INCOMPAT_CORRUPT
+            | INCOMPAT_DATA_FILE
+            | INCOMPAT_COMPRESSION
+            | INCOMPAT_EXTL2);
+    if unknown != 0 {
+        return Err(invalid(format!(
+            "unknown incompatible feature bits {unknown:#x}"
+        )));
+    }
+    let l1_bytes = u64::from(l1_size) * 8;
+    let clusters = virtual_size.div_ceil(cluster_size);
+    let needed_l1 = clusters.div_ceil(cluster_size / 8);
+    if u64::from(l1_size) < needed_l1 {
+        return Err(invalid(format!(
+            "L1 table has {l1_size} entries, {needed_l1} needed for the virtual size"
+        )));
+    }
+    if l1_size > 0
+        && (l1_offset % cluster_size != 0 || l1_offset.saturating_add(l1_bytes) > file_len)
+    {
+        return Err(invalid(format!(
+            "L1 table at {l1_offset:#x} lies outside the file"
+        )));
+    }
+
+    let backing_file = if backing_offset != 0 && backing_size > 0 {
+        if backing_size > 1023 || backing_offset.saturating_add(u64::from(backing_size)) > file_len
+        {
+            return Err(invalid("backing file name out of bounds".into()));
+        }
+        let mut name = vec![0u8; backing_size as usize];
+        read_at(file, path, &mut name, backing_offset)?;
+        Some(
+            String::from_utf8(name)
+                .map_err(|_| invalid("backing file name is not UTF-8".into()))?,
+        )
+    } else {
+        None
+    };
+
+    // Header extensions: only the backing format matters here.
+    let mut backing_format = None;
+    let mut off = header_length;
+    let ext_end = if backing_offset != 0 {
+        backing_offset.min(cluster_size)
+    } else {
+        cluster_size
+    };
+    while off + 8 <= ext_end.min(file_len) {
+        let mut eh = [0u8; 8];
+        read_at(file, path, &mut eh, off)?;
+        let (kind, len) = (be32(&eh, 0), u64::from(be32(&eh, 4)));
+        if kind == EXT_END {
+            break;
+        }
+        if off + 8 + len > file_len {
+            return Err(invalid("header extension out of bounds".into()));
+        }
+        if kind == EXT_BACKING_FORMAT {
+            let mut f = vec![0u8; len as usize];
+            read_at(file, path, &mut f, off + 8)?;
+            backing_format = Some(String::from_utf8_lossy(&f).into_owned());
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+
+    Ok(Header {
+        version,
+        virtual_size,
+        cluster_size,
+        backing_file,
+        backing_format,
+        l1_size,
+        l1_offset,
+        incompatible,
+    })
+}
+
+/// Accumulates runs of one kind of cluster, inserting them into a bitmap as ranges.
+struct Runs {
+    set: RoaringTreemap,
+    start: u64,
+    end: u64,
+}
+
+impl Runs {
+    fn new() -> Self {
+        Runs {
+            set: RoaringTreemap::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+    fn push(&mut self, i: u64) {
+        if i == self.end && self.end > self.start {
+            self.end += 1;
+        } else {
+            self.flush();
+            self.start = i;
+            self.end = i + 1;
+        }
+    }
+    fn flush(&mut self) {
+        if self.end > self.start {
+            self.set.insert_range(self.start..self.end);
+        }
+        self.start = 0;
+        self.end = 0;
+    }
+    fn finish(mut self) -> RoaringTreemap {
+        self.flush();
+        self.set
+    }
+}
+
+/// Reads the allocation map of the layer from its L1/L2 tables (indexes in clusters).
+pub fn read_allocation(file: &File, path: &Path, h: &Header) -> Result<Allocation, Qcow2Error> {
+    let invalid = |what: String| Qcow2Error::Invalid {
+        path: path.to_path_buf(),
+        what,
+    };
+    let file_len = file
+        .metadata()
+        .map_err(|source| Qcow2Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let clusters = h.virtual_size.div_ceil(h.cluster_size);
+    let per_l2 = h.cluster_size / 8;
+    let l1_used = clusters.div_ceil(per_l2) as usize;
+    let mut l1 = vec![0u8; l1_used * 8];
+    if l1_used > 0 {
+        read_at(file, path, &mut l1, h.l1_offset)?;
+    }
+    let mut data = Runs::new();
+    let mut zero = Runs::new();
+    let mut l2 = vec![0u8; h.cluster_size as usize];
+    for (i, entry) in l1.chunks_exact(8).enumerate() {
+        let l2_offset = u64::from_be_bytes(entry.try_into().expect("8 bytes")) & OFFSET_MASK;
+        if l2_offset == 0 {
+            continue;
+        }
+        if l2_offset % h.cluster_size != 0 || l2_offset + h.cluster_size > file_len {
+            return Err(invalid(format!(
+                "L2 table {i} at {l2_offset:#x} lies outside the file"
+            )));
+        }
+        read_at(file, path, &mut l2, l2_offset)?;
+        let first = i as u64 * per_l2;
+        let count = per_l2.min(clusters - first) as usize;
+        for (j, e) in l2.chunks_exact(8).take(count).enumerate() {
+            let e = u64::from_be_bytes(e.try_into().expect("8 bytes"));
+            let c = first + j as u64;
+            if e & L2_COMPRESSED != 0 {
+                data.push(c);
+            } else if h.version >= 3 && e & L2_ZERO != 0 {
+                zero.push(c);
+            } else if e & OFFSET_MASK != 0 {
+                data.push(c);
+            }
+        }
+    }
+    Ok(Allocation {
+        unit: h.cluster_size,
+        virtual_size: h.virtual_size,
+        data: data.finish(),
+        zero: zero.finish(),
+    })
+}

@@ -1,0 +1,189 @@
+//! `diskchain plan`: load specs, observe every chain, bind, plan, and report. Changes nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use diskchain_crd::{LoadedSpec, SpecErrors};
+use diskchain_planner::{DiskPlan, ImageGraph, Layer, PlanError, plan_disk};
+use serde::Serialize;
+
+use crate::bind::{BindError, bind};
+use crate::observe::{ObserveError, ObservedChain, Roots, observe_chain, scan_roots};
+use crate::state::{StateDir, StateError};
+
+/// A disk that could not be planned.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskError {
+    /// The disk's name.
+    pub name: String,
+    /// The spec file and document.
+    pub spec: String,
+    /// What went wrong and what to do.
+    pub error: String,
+    /// True when the input is at fault (exit 2); false for failures such as I/O (exit 1).
+    pub bad_input: bool,
+}
+
+/// The plan for one disk, with where its spec came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskReport {
+    /// The planner's plan.
+    #[serde(flatten)]
+    pub plan: DiskPlan,
+    /// The spec file and document.
+    pub spec: String,
+    /// `spec.suspend`: the agent will not act on this disk.
+    pub suspended: bool,
+}
+
+/// Everything `plan` found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PlanReport {
+    /// Disks planned.
+    pub disks: Vec<DiskReport>,
+    /// Disks that could not be planned.
+    pub errors: Vec<DiskError>,
+}
+
+impl PlanReport {
+    /// 0 when every disk was planned, 2 when input was at fault, else 1.
+    pub fn exit_code(&self) -> i32 {
+        if self.errors.is_empty() {
+            0
+        } else if self.errors.iter().any(|e| e.bad_input) {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Why nothing could be planned at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanRunError {
+    /// The specs are invalid.
+    #[error("{0}")]
+    Specs(SpecErrors),
+    /// The roots are invalid.
+    #[error("{0}")]
+    Roots(ObserveError),
+    /// The image graph is corrupt (a cycle among the files under the roots).
+    #[error("{0}")]
+    Graph(PlanError),
+}
+
+/// An observed disk on its way through the pipeline.
+struct Observed<'a> {
+    spec: &'a LoadedSpec,
+    chain: ObservedChain,
+}
+
+/// Runs the plan stage for every spec under `specs`.
+pub fn run(specs: &Path, roots: &[PathBuf], state: &StateDir) -> Result<PlanReport, PlanRunError> {
+    let loaded = diskchain_crd::load_path(specs).map_err(PlanRunError::Specs)?;
+    let roots = Roots::new(roots).map_err(PlanRunError::Roots)?;
+    plan_loaded(&loaded, &roots, state)
+}
+
+/// Plans already loaded specs.
+pub fn plan_loaded(
+    loaded: &[LoadedSpec],
+    roots: &Roots,
+    state: &StateDir,
+) -> Result<PlanReport, PlanRunError> {
+    let mut report = PlanReport::default();
+    let fail = |spec: &LoadedSpec, error: String, bad_input: bool| DiskError {
+        name: spec.name.clone(),
+        spec: spec.origin(),
+        error,
+        bad_input,
+    };
+
+    // Observe every chain.
+    let mut observed: Vec<Observed<'_>> = Vec::new();
+    for spec in loaded {
+        let Some(active) = &spec.spec().source.file else {
+            report.errors.push(fail(
+                spec,
+                format!(
+                    "{}: spec.source.libvirt: live disks are not supported by this build yet; use spec.source.file for an offline disk",
+                    spec.origin()
+                ),
+                true,
+            ));
+            continue;
+        };
+        match observe_chain(roots, active) {
+            Ok(chain) => observed.push(Observed { spec, chain }),
+            Err(e) => {
+                let bad = e.is_bad_input();
+                report.errors.push(fail(
+                    spec,
+                    format!("{}: spec.source.file: {e}", spec.origin()),
+                    bad,
+                ));
+            }
+        }
+    }
+
+    // Two specs whose active images resolve to one file claim one disk.
+    let mut by_active: BTreeMap<PathBuf, &LoadedSpec> = BTreeMap::new();
+    let mut claimed_twice = Vec::new();
+    for o in &observed {
+        let a = o.chain.active().layer.path.clone();
+        if let Some(first) = by_active.insert(a.clone(), o.spec) {
+            claimed_twice.push(fail(
+                o.spec,
+                format!(
+                    "{}: spec.source.file resolves to {}, the disk {:?} of {} already claims; one disk is managed by one spec",
+                    o.spec.origin(),
+                    a.display(),
+                    first.name,
+                    first.origin()
+                ),
+                true,
+            ));
+        }
+    }
+    let dup: Vec<String> = claimed_twice.iter().map(|e| e.name.clone()).collect();
+    report.errors.extend(claimed_twice);
+    observed.retain(|o| !dup.contains(&o.spec.name));
+
+    // The host graph: every managed layer with its allocation, every other image as a node.
+    let mut layers: Vec<Layer> = observed
+        .iter()
+        .flat_map(|o| o.chain.layers.iter().map(|l| l.layer.clone()))
+        .collect();
+    layers.extend(scan_roots(roots));
+    let graph = ImageGraph::build(layers).map_err(PlanRunError::Graph)?;
+
+    for o in observed {
+        let disk_state = match state.load(&o.spec.name) {
+            Ok(s) => s,
+            Err(e) => {
+                let bad = matches!(e, StateError::Damaged { .. });
+                report.errors.push(fail(o.spec, e.to_string(), bad));
+                continue;
+            }
+        };
+        let request = match bind(o.spec, &o.chain, disk_state.as_ref(), roots) {
+            Ok(r) => r,
+            Err(e) => {
+                let bad = BindError::is_bad_input(&e);
+                report.errors.push(fail(o.spec, e.to_string(), bad));
+                continue;
+            }
+        };
+        match plan_disk(&graph, &request) {
+            Ok(plan) => report.disks.push(DiskReport {
+                plan,
+                spec: o.spec.origin(),
+                suspended: o.spec.spec().suspend,
+            }),
+            Err(e) => report
+                .errors
+                .push(fail(o.spec, format!("{}: {e}", o.spec.origin()), true)),
+        }
+    }
+    Ok(report)
+}

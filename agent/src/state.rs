@@ -1,0 +1,160 @@
+//! The agent's state directory: which file holds each named point, per disk.
+//!
+//! Layout: `<state-dir>/disks/<disk>.json`. Written atomically (temporary file, fsync, rename,
+//! fsync of the directory) so a crash leaves either the old or the new record.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why the state cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// I/O.
+    #[error("failed to {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The record is not valid JSON of the expected shape.
+    #[error("state file {} is damaged ({source}); move it aside and re-adopt the chain with spec.snapshots[].file", path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+}
+
+/// One named point and the file holding it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The point's name.
+    pub name: String,
+    /// The file that holds it now.
+    pub file: PathBuf,
+    /// The file the spec bound it to (`spec.snapshots[].file`), when it was adopted; the point may
+    /// since have moved (a commit, a copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_from: Option<PathBuf>,
+}
+
+/// What the agent records per disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    /// The disk's name.
+    pub name: String,
+    /// Its active image.
+    pub active: PathBuf,
+    /// Named points, oldest first.
+    pub bindings: Vec<Binding>,
+}
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// A state directory at `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> StateDir {
+        StateDir { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn disk_file(&self, name: &str) -> PathBuf {
+        self.dir.join("disks").join(format!("{name}.json"))
+    }
+
+    /// The record of disk `name`, if any.
+    pub fn load(&self, name: &str) -> Result<Option<DiskState>, StateError> {
+        let path = self.disk_file(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Io {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| StateError::Damaged { path, source })
+    }
+
+    /// Writes the record of a disk atomically.
+    pub fn save(&self, state: &DiskState) -> Result<(), StateError> {
+        let path = self.disk_file(&state.name);
+        let dir = path
+            .parent()
+            .expect("disk files live in a directory")
+            .to_path_buf();
+        fn io(
+            action: &'static str,
+            path: &Path,
+        ) -> impl FnOnce(std::io::Error) -> StateError + use<> {
+            let path = path.to_path_buf();
+            move |source| StateError::Io {
+                action,
+                path,
+                source,
+            }
+        }
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let tmp = dir.join(format!(".{}.json.tmp", state.name));
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let text = serde_json::to_vec_pretty(state).expect("state serialises");
+        f.write_all(&text).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_record_loads_back_and_a_missing_one_is_none() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        assert_eq!(s.load("web").unwrap(), None);
+        let rec = DiskState {
+            name: "web".into(),
+            active: "/a".into(),
+            bindings: vec![Binding {
+                name: "p".into(),
+                file: "/b".into(),
+                adopted_from: None,
+            }],
+        };
+        s.save(&rec).unwrap();
+        assert_eq!(s.load("web").unwrap(), Some(rec));
+    }
+
+    #[test]
+    fn a_damaged_record_is_reported_with_its_path() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("disks")).unwrap();
+        std::fs::write(d.path().join("disks/web.json"), "{not json").unwrap();
+        let e = StateDir::new(d.path()).load("web").unwrap_err();
+        assert!(e.to_string().contains("disks/web.json"), "{e}");
+    }
+}
