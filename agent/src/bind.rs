@@ -135,15 +135,15 @@ pub fn bind(
         };
         bound.push((snap.name.clone(), file));
     }
-    if let Some(last_bound) = bound.iter().rposition(|(_, f)| f.is_some()) {
-        if let Some(i) = bound[..last_bound].iter().position(|(_, f)| f.is_none()) {
-            return Err(BindError::NewBelowExisting {
-                origin,
-                index: i,
-                point: bound[i].0.clone(),
-                later: bound[last_bound].0.clone(),
-            });
-        }
+    if let Some(last_bound) = bound.iter().rposition(|(_, f)| f.is_some())
+        && let Some(i) = bound[..last_bound].iter().position(|(_, f)| f.is_none())
+    {
+        return Err(BindError::NewBelowExisting {
+            origin,
+            index: i,
+            point: bound[i].0.clone(),
+            later: bound[last_bound].0.clone(),
+        });
     }
     let placement = match &spec.spec().placement {
         Some(p) => Some(

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::alloc::Allocation;
 use crate::error::PlanError;
 use crate::graph::{ImageGraph, Layer};
-use crate::search::{Cost, evaluate};
+use crate::search::evaluate;
 
 /// A point the spec keeps, already bound to the file that holds it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +77,9 @@ pub enum StepAction {
         /// The layers whose data is pulled, base first.
         layers: Vec<PathBuf>,
     },
-    /// Copy the data of `layers` (`(base, top]`) into `base`.
+    /// Copy the data of `layers` (`(base, top]`) into `base`. The committed layers keep their
+    /// content (`qemu-img commit -d`), so the layer above `top` still reads correctly through
+    /// them until it is re-pointed at `base` (by a `rebase` step, or by the next `stream`).
     Commit {
         /// The layer written.
         base: PathBuf,
@@ -257,11 +259,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         None => true,
     };
 
-    let mut sim = Sim {
-        chain: paths.clone(),
-        renamed: vec![None; n],
-        steps: Vec::new(),
-    };
+    let mut steps: Vec<Step> = Vec::new();
     let mut decisions = Vec::new();
     let mut baselines = Baselines {
         always_commit: Some(0),
@@ -270,6 +268,11 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     let mut notes = Vec::new();
     let mut result = Vec::new();
     let mut prev: Option<usize> = None; // chain position of the previous kept point
+    let mut prev_holder: Option<PathBuf> = None; // the file holding it now
+    // True when the layer above the previous holder still records the previous point's old file
+    // as its backing: the next write above must re-point it (a stream does so by itself, reading
+    // through the old files, whose content commits and copies leave in place).
+    let mut stale = false;
     let mut tops: Vec<(usize, String)> = kept
         .iter()
         .zip(&req.keep)
@@ -283,21 +286,35 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         let removes: Vec<String> = run[..run.len() - 1].iter().map(|&i| name_of(i)).collect();
         let is_active = u == active;
         let must_move = !is_active && !in_dir(&paths[u]);
-        let base = prev.map(|p| sim.file_at(p, &paths));
-        // Layers left between the previous holder and this run by an identity choice below: this
-        // run's first write must drop them (they add nothing to any view).
-        let pending = sim.pending(base.as_deref(), &paths[lo]);
+        let base = prev_holder.clone();
+        let blocked = |layer: usize, removing: Vec<String>| PlanError::BlockedByShared {
+            disk: req.name.clone(),
+            point: point.clone(),
+            removing,
+            blocker: paths[layer].clone(),
+            used_by: shared[layer]
+                .clone()
+                .unwrap_or_else(|| paths[layer].clone()),
+        };
         if removes.is_empty() && !must_move {
-            if let (true, Some(b)) = (pending, &base) {
-                sim.rebase(&paths[u], b);
+            if stale {
+                if shared[u].is_some() {
+                    return Err(blocked(u, vec![name_of(u)]));
+                }
+                steps.push(rebase_step(
+                    &paths[u],
+                    base.as_deref().expect("stale implies a holder below"),
+                ));
             }
+            stale = false;
             if !is_active {
                 result.push(FinalLayer {
                     point: Some(point.clone()),
-                    file: sim.file_at(u, &paths),
+                    file: paths[u].clone(),
                 });
             }
             prev = Some(u);
+            prev_holder = Some(paths[u].clone());
             continue;
         }
         let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
@@ -342,7 +359,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 && not_allowed.is_some()
                 && shared[h].is_some()
                 && in_dir(&paths[h])
-                && !pending
+                && !stale
                 && costs.holders[0].commit_bytes == 0
                 && (&costs.zeros_above_lowest & &nonzero[h]).is_empty()
                 // Whatever lies above must be able to read through `h`: either its overlay can
@@ -425,52 +442,71 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             .min_by_key(|(i, (a, _))| (a.bytes, a.zero_bytes, *i))
             .map(|(i, _)| i);
         let Some(best) = best else {
-            let blocker = run
+            let h = run
                 .iter()
                 .rev()
-                .find_map(|&h| shared[h].clone().map(|user| (h, user)));
-            let (h, user) = blocker.unwrap_or((u, paths[u].clone()));
-            return Err(PlanError::BlockedByShared {
-                disk: req.name.clone(),
-                point,
-                removing: removes,
-                blocker: paths[h].clone(),
-                used_by: user,
-            });
+                .copied()
+                .find(|&h| shared[h].is_some())
+                .unwrap_or(u);
+            return Err(blocked(h, removes));
         };
         let (chosen, choice) = alts.remove(best);
         let choice = choice.expect("filtered to allowed choices");
+        let what = if is_active {
+            "the active layer".to_string()
+        } else {
+            format!("point {point:?}")
+        };
         let holder_file = match choice {
             Choice::Hold(k) => {
                 let c = &costs.holders[k];
                 let h = run[k];
                 if h != u {
-                    sim.commit(&paths[h], &paths[u], c, &point);
+                    steps.push(Step {
+                        action: StepAction::Commit {
+                            base: paths[h].clone(),
+                            top: paths[u].clone(),
+                            layers: paths[h + 1..=u].to_vec(),
+                        },
+                        bytes: c.commit_bytes,
+                        zero_bytes: c.commit_zero,
+                        reason: format!("{} now holds {what}", paths[h].display()),
+                    });
                 }
                 if k > 0 {
-                    // The stream pulls from the base up, so pending layers go with it.
-                    sim.stream(&paths[h], base.as_deref(), c, &point, is_active);
-                } else if let (true, Some(b)) = (pending, &base) {
-                    sim.rebase(&paths[h], b);
+                    steps.push(Step {
+                        action: StepAction::Stream {
+                            into: paths[h].clone(),
+                            base: base.clone(),
+                            layers: paths[lo..h].to_vec(),
+                        },
+                        bytes: c.stream_bytes,
+                        zero_bytes: c.stream_zero,
+                        reason: format!("pull the removed layers into {what}"),
+                    });
+                } else if let (true, Some(b)) = (stale, &base) {
+                    steps.push(rebase_step(&paths[h], b));
                 }
+                stale = h != u;
                 paths[h].clone()
             }
             Choice::Identity => {
-                // Nothing moves now: the next run's first write drops (h, u] (see `pending`).
+                // Nothing moves: the layer above the run re-points to `h` with the next write.
+                stale = true;
                 paths[run[0]].clone()
             }
             Choice::Copy(to) => {
-                if pending {
-                    sim.drop_before(&paths[lo], base.as_deref());
-                }
-                sim.copy(
-                    &paths[lo],
-                    &paths[u],
-                    &to,
-                    base.as_deref(),
-                    &costs.copy,
-                    &point,
-                );
+                steps.push(Step {
+                    action: StepAction::Copy {
+                        layers: paths[lo..=u].to_vec(),
+                        to: to.clone(),
+                        backing: base.clone(),
+                    },
+                    bytes: costs.copy.bytes(),
+                    zero_bytes: costs.copy.zero_bytes(),
+                    reason: format!("point {point:?} moves into spec.placement.directory"),
+                });
+                stale = true;
                 to
             }
         };
@@ -485,9 +521,9 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 point: Some(point),
                 file: holder_file.clone(),
             });
-            sim.rename(u, holder_file);
         }
         prev = Some(u);
+        prev_holder = Some(holder_file);
     }
 
     // New snapshots on top, in order.
@@ -504,7 +540,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let file = graph_free_name(graph, &dir, &PathBuf::from(format!("{stem}.{name}.qcow2")));
-        sim.steps.push(Step {
+        steps.push(Step {
             action: StepAction::Snapshot {
                 point: name.clone(),
                 file: file.clone(),
@@ -540,7 +576,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 user.display()
             ));
         } else if req.prune {
-            sim.steps.push(Step {
+            steps.push(Step {
                 action: StepAction::Delete { file: p.clone() },
                 bytes: 0,
                 zero_bytes: 0,
@@ -562,11 +598,11 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         ));
     }
 
-    let total_bytes = sim.steps.iter().map(|s| s.bytes).sum();
-    let total_zero_bytes = sim.steps.iter().map(|s| s.zero_bytes).sum();
+    let total_bytes = steps.iter().map(|s| s.bytes).sum();
+    let total_zero_bytes = steps.iter().map(|s| s.zero_bytes).sum();
     Ok(DiskPlan {
         name: req.name.clone(),
-        steps: sim.steps,
+        steps,
         total_bytes,
         total_zero_bytes,
         chain: paths,
@@ -622,152 +658,19 @@ fn graph_free_name(graph: &ImageGraph, dir: &Path, like: &Path) -> PathBuf {
     candidate
 }
 
-/// The physical chain as the steps change it, so every step names the files it really touches.
-struct Sim {
-    /// The files of the chain now, base first.
-    chain: Vec<PathBuf>,
-    /// Per original chain position: the file that holds that position's point now, when a
-    /// commit or copy moved it.
-    renamed: Vec<Option<PathBuf>>,
-    /// The steps so far.
-    steps: Vec<Step>,
-}
-
-impl Sim {
-    /// The file that now stands where the original chain had position `i`.
-    fn file_at(&self, i: usize, original: &[PathBuf]) -> PathBuf {
-        self.renamed[i]
-            .clone()
-            .unwrap_or_else(|| original[i].clone())
-    }
-
-    /// Records that original position `i`'s point is now held by `file`.
-    fn rename(&mut self, i: usize, file: PathBuf) {
-        self.renamed[i] = Some(file);
-    }
-
-    fn pos(&self, p: &Path) -> usize {
-        self.chain
-            .iter()
-            .position(|c| c == p)
-            .expect("simulated chain holds the file")
-    }
-
-    fn commit(&mut self, base: &Path, top: &Path, c: &Cost, point: &str) {
-        let (b, t) = (self.pos(base), self.pos(top));
-        let layers = self.chain[b + 1..=t].to_vec();
-        self.steps.push(Step {
-            action: StepAction::Commit {
-                base: base.to_path_buf(),
-                top: top.to_path_buf(),
-                layers,
-            },
-            bytes: c.commit_bytes,
-            zero_bytes: c.commit_zero,
-            reason: format!("{} now holds point {point:?}", base.display()),
-        });
-        let overlay = self.chain[t + 1].clone();
-        self.chain.drain(b + 1..=t);
-        self.steps.push(Step {
-            action: StepAction::Rebase {
-                overlay: overlay.clone(),
-                backing: base.to_path_buf(),
-            },
-            bytes: 0,
-            zero_bytes: 0,
-            reason: format!(
-                "{} reads the same through {}",
-                overlay.display(),
-                base.display()
-            ),
-        });
-    }
-
-    /// True when layers lie between `base` (or the bottom) and `first` in the chain now.
-    fn pending(&self, base: Option<&Path>, first: &Path) -> bool {
-        let lo = base.map_or(0, |b| self.pos(b) + 1);
-        self.pos(first) > lo
-    }
-
-    /// Forgets the layers between `base` and `first` (a copy reads past them).
-    fn drop_before(&mut self, first: &Path, base: Option<&Path>) {
-        let lo = base.map_or(0, |b| self.pos(b) + 1);
-        let f = self.pos(first);
-        self.chain.drain(lo..f);
-    }
-
-    /// Points `overlay` at `backing`; the layers between add nothing to any view.
-    fn rebase(&mut self, overlay: &Path, backing: &Path) {
-        let (b, o) = (self.pos(backing), self.pos(overlay));
-        self.chain.drain(b + 1..o);
-        self.steps.push(Step {
-            action: StepAction::Rebase {
-                overlay: overlay.to_path_buf(),
-                backing: backing.to_path_buf(),
-            },
-            bytes: 0,
-            zero_bytes: 0,
-            reason: format!(
-                "{} already reads as the point below {}: the layers between add nothing",
-                backing.display(),
-                overlay.display()
-            ),
-        });
-    }
-
-    fn stream(&mut self, into: &Path, base: Option<&Path>, c: &Cost, point: &str, active: bool) {
-        let i = self.pos(into);
-        let lo = base.map_or(0, |b| self.pos(b) + 1);
-        let layers = self.chain[lo..i].to_vec();
-        let what = if active {
-            "the active layer".to_string()
-        } else {
-            format!("point {point:?}")
-        };
-        self.steps.push(Step {
-            action: StepAction::Stream {
-                into: into.to_path_buf(),
-                base: base.map(Path::to_path_buf),
-                layers,
-            },
-            bytes: c.stream_bytes,
-            zero_bytes: c.stream_zero,
-            reason: format!("pull the removed layers into {what}"),
-        });
-        self.chain.drain(lo..i);
-    }
-
-    fn copy(
-        &mut self,
-        first: &Path,
-        top: &Path,
-        to: &Path,
-        backing: Option<&Path>,
-        c: &Cost,
-        point: &str,
-    ) {
-        let (lo, t) = (self.pos(first), self.pos(top));
-        let layers = self.chain[lo..=t].to_vec();
-        self.steps.push(Step {
-            action: StepAction::Copy {
-                layers,
-                to: to.to_path_buf(),
-                backing: backing.map(Path::to_path_buf),
-            },
-            bytes: c.stream_bytes,
-            zero_bytes: c.stream_zero,
-            reason: format!("point {point:?} moves into spec.placement.directory"),
-        });
-        let overlay = self.chain[t + 1].clone();
-        self.chain.splice(lo..=t, [to.to_path_buf()]);
-        self.steps.push(Step {
-            action: StepAction::Rebase {
-                overlay: overlay.clone(),
-                backing: to.to_path_buf(),
-            },
-            bytes: 0,
-            zero_bytes: 0,
-            reason: format!("{} reads the same through the copy", overlay.display()),
-        });
+/// Re-points `overlay` at `backing`, whose content it already reads through the old files.
+fn rebase_step(overlay: &Path, backing: &Path) -> Step {
+    Step {
+        action: StepAction::Rebase {
+            overlay: overlay.to_path_buf(),
+            backing: backing.to_path_buf(),
+        },
+        bytes: 0,
+        zero_bytes: 0,
+        reason: format!(
+            "{} reads the same through {}",
+            overlay.display(),
+            backing.display()
+        ),
     }
 }

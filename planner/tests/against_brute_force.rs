@@ -119,6 +119,114 @@ fn orig(p: &std::path::Path) -> usize {
         .unwrap()
 }
 
+/// Drops the files between chain position `base` (None: the bottom) and `first`, checking that
+/// `first` reads the same without them (what re-pointing a stale backing reference needs).
+fn drop_between(s: &mut State, base: Option<usize>, first: usize) -> Result<usize, TestCaseError> {
+    let lo = base.map_or(0, |b| b + 1);
+    prop_assert!(lo <= first, "base above the first layer");
+    if lo < first {
+        let before = s.view(first);
+        s.files.drain(lo..first);
+        prop_assert_eq!(s.view(lo), before, "dropping stale layers changes a view");
+    }
+    Ok(lo)
+}
+
+/// Replays a plan's steps on the cell model, checking each step's predicted cost and that no
+/// shared layer is written. `id_of` maps a file to its model id; copies get ids from 100.
+fn replay(
+    p: &Problem,
+    plan: &diskchain_planner::DiskPlan,
+    id_of: &dyn Fn(&std::path::Path) -> Option<usize>,
+) -> Result<State, TestCaseError> {
+    let mut s = State::of(p);
+    let mut copies: Vec<(PathBuf, usize)> = Vec::new();
+    let id = |f: &std::path::Path, copies: &[(PathBuf, usize)]| -> usize {
+        copies
+            .iter()
+            .find(|(c, _)| c == f)
+            .map(|(_, id)| *id)
+            .or_else(|| id_of(f))
+            .expect("known file")
+    };
+    let shared = |i: usize| i < 100 && p.shared[i];
+    for step in &plan.steps {
+        let cost = match &step.action {
+            StepAction::Commit { base, top, layers } => {
+                prop_assert!(!shared(id(base, &copies)), "wrote shared {base:?}");
+                let (b, t) = (
+                    s.pos(id(base, &copies)).unwrap(),
+                    s.pos(id(top, &copies)).unwrap(),
+                );
+                prop_assert_eq!(layers.len(), t - b);
+                s.commit(b, t)
+            }
+            StepAction::Stream { into, base, layers } => {
+                prop_assert!(!shared(id(into, &copies)), "wrote shared {into:?}");
+                let b = base.as_ref().map(|b| s.pos(id(b, &copies)).unwrap());
+                let first = layers.first().map_or_else(
+                    || s.pos(id(into, &copies)).unwrap(),
+                    |f| s.pos(id(f, &copies)).unwrap(),
+                );
+                let lo = drop_between(&mut s, b, first)?;
+                let i = s.pos(id(into, &copies)).unwrap();
+                prop_assert_eq!(i - lo, layers.len());
+                s.stream(b, i)
+            }
+            StepAction::Copy {
+                layers,
+                to,
+                backing,
+            } => {
+                let b = backing.as_ref().map(|b| s.pos(id(b, &copies)).unwrap());
+                let first = s.pos(id(&layers[0], &copies)).unwrap();
+                let first = drop_between(&mut s, b, first)?;
+                let last = s.pos(id(layers.last().unwrap(), &copies)).unwrap();
+                let new_id = 100 + copies.len();
+                copies.push((to.clone(), new_id));
+                let mut cells = vec![Cell::U; s.files[0].1.len()];
+                let mut cost = 0;
+                for (c, cell) in cells.iter_mut().enumerate() {
+                    if let Some(v) = s.files[first..=last]
+                        .iter()
+                        .rev()
+                        .map(|f| f.1[c])
+                        .find(|&x| x != Cell::U)
+                    {
+                        *cell = v;
+                        cost += u64::from(matches!(v, Cell::D(_)));
+                    }
+                }
+                s.files.splice(first..=last, [(new_id, cells)]);
+                cost
+            }
+            StepAction::Rebase { overlay, backing } => {
+                prop_assert!(!shared(id(overlay, &copies)), "rebased shared {overlay:?}");
+                let (b, o) = (
+                    s.pos(id(backing, &copies)).unwrap(),
+                    s.pos(id(overlay, &copies)).unwrap(),
+                );
+                prop_assert!(b < o);
+                drop_between(&mut s, Some(b), o)?;
+                0
+            }
+            other => return Err(TestCaseError::fail(format!("unexpected step {other:?}"))),
+        };
+        prop_assert_eq!(cost, step.bytes, "step {:?}", step.action);
+    }
+    // Anything stale left below the active layer must be neutral too.
+    let n = s.files.len();
+    if n >= 2 {
+        let below = plan
+            .result
+            .len()
+            .checked_sub(2)
+            .map(|j| s.pos(id(&plan.result[j].file, &copies)).unwrap());
+        drop_between(&mut s, below, n - 1)?;
+    }
+    Ok(s)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
 
@@ -130,34 +238,7 @@ proptest! {
             Ok(plan) => {
                 prop_assert_eq!(Some(plan.total_bytes), truth, "plan {:#?}", plan.steps);
                 // Replay the steps on the model: they must reach the goal at the predicted cost.
-                let mut s = State::of(&p);
-                for step in &plan.steps {
-                    let cost = match &step.action {
-                        StepAction::Commit { base, top, .. } => {
-                            let (b, t) = (s.pos(orig(base)).unwrap(), s.pos(orig(top)).unwrap());
-                            prop_assert!(!p.shared[orig(base)], "wrote shared {base:?}");
-                            s.commit(b, t)
-                        }
-                        StepAction::Stream { into, base, .. } => {
-                            let i = s.pos(orig(into)).unwrap();
-                            prop_assert!(!p.shared[orig(into)], "wrote shared {into:?}");
-                            s.stream(base.as_ref().map(|b| s.pos(orig(b)).unwrap()), i)
-                        }
-                        StepAction::Rebase { overlay, backing } => {
-                            // An unsafe rebase is only right when the overlay reads the same
-                            // through its new backing file: drop what lies between, compare.
-                            let (b, o) = (s.pos(orig(backing)).unwrap(), s.pos(orig(overlay)).unwrap());
-                            prop_assert!(b < o);
-                            prop_assert!(!p.shared[orig(overlay)], "rebased shared {overlay:?}");
-                            let before = s.view(o);
-                            s.files.drain(b + 1..o);
-                            prop_assert_eq!(s.view(b + 1), before, "rebase changes what {:?} reads", overlay);
-                            0
-                        }
-                        other => panic!("unexpected step {other:?}"),
-                    };
-                    prop_assert_eq!(cost, step.bytes, "step {:?}", step.action);
-                }
+                let s = replay(&p, &plan, &|f| Some(orig(f)))?;
                 prop_assert!(is_goal(&p, &s), "plan does not reach the goal: {:#?}", plan.steps);
                 for (j, f) in plan.result.iter().enumerate() {
                     prop_assert_eq!(s.files[j].0, orig(&f.file));
@@ -174,6 +255,84 @@ proptest! {
                 prop_assert!(p.shared[orig(&blocker)]);
             }
             Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+}
+
+/// Layers in `/img` are outside the placement directory, layers in `/fast` inside it.
+fn placed_path(i: usize, inside: bool) -> PathBuf {
+    PathBuf::from(format!(
+        "{}/l{i}.qcow2",
+        if inside { "/fast" } else { "/img" }
+    ))
+}
+
+fn orig_placed(p: &std::path::Path) -> Option<usize> {
+    let name = p.file_name()?.to_string_lossy().into_owned();
+    name.strip_prefix('l')?.strip_suffix(".qcow2")?.parse().ok()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+
+    /// With a placement directory: every kept point ends in it, views are unchanged, each step
+    /// costs what it says, shared layers are never written, and no run costs more than copying it
+    /// merged.
+    #[test]
+    fn placement_moves_every_point_into_the_directory(p in problem(), inside_mask in proptest::collection::vec(any::<bool>(), 8)) {
+        let n = p.layers.len();
+        let inside = |i: usize| inside_mask[i];
+        let mut layers: Vec<Layer> = graph_of(&p)
+            .chain(&path(n - 1))
+            .unwrap()
+            .into_iter()
+            .cloned()
+            .collect();
+        for (i, l) in layers.iter_mut().enumerate() {
+            l.path = placed_path(i, inside(i));
+            l.backing = (i > 0).then(|| placed_path(i - 1, inside(i - 1)));
+        }
+        if let Some(top_shared) = (0..n).rev().find(|&i| p.shared[i]) {
+            layers.push(Layer {
+                path: PathBuf::from("/img/other-disk.qcow2"),
+                format: Format::Qcow2,
+                backing: Some(placed_path(top_shared, inside(top_shared))),
+                alloc: None,
+            });
+        }
+        let g = ImageGraph::build(layers).unwrap();
+        let req = DiskRequest {
+            name: "disk".into(),
+            active: placed_path(n - 1, inside(n - 1)),
+            keep: p.keep.iter().map(|&k| KeptPoint { name: format!("p{k}"), file: placed_path(k, inside(k)) }).collect(),
+            placement: Some(PathBuf::from("/fast")),
+            ..Default::default()
+        };
+        let plan = match plan_disk(&g, &req) {
+            Ok(plan) => plan,
+            Err(PlanError::BlockedByShared { blocker, .. }) => {
+                // Copies lift most limits; what remains is a shared layer that would have to be
+                // written (streamed into, or re-pointed onto a moved copy).
+                prop_assert!(p.shared[orig_placed(&blocker).unwrap()], "blocker {blocker:?} is not shared");
+                return Ok(());
+            }
+            Err(e) => return Err(TestCaseError::fail(format!("unexpected error {e}"))),
+        };
+        let s = replay(&p, &plan, &|f| orig_placed(f))?;
+        // Views: each kept point and the active layer read as before.
+        let start = State::of(&p);
+        prop_assert_eq!(s.files.len(), p.keep.len() + 1);
+        for (j, &k) in p.keep.iter().enumerate() {
+            prop_assert_eq!(s.view(j), start.view(k), "point p{}", k);
+            prop_assert!(plan.result[j].file.starts_with("/fast"), "point p{} is not in /fast", k);
+        }
+        prop_assert_eq!(s.view(p.keep.len()), start.view(n - 1));
+        for d in &plan.decisions {
+            for r in &d.rejected {
+                if r.strategy.starts_with("copy merged") {
+                    prop_assert!(d.chosen.bytes <= r.bytes);
+                }
+            }
         }
     }
 }

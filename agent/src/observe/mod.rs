@@ -294,12 +294,14 @@ pub fn scan_roots(roots: &Roots) -> Vec<Layer> {
     let mut out = Vec::new();
     let mut seen_dirs = HashSet::new();
     for root in roots.iter() {
-        scan_dir(root, roots, &mut seen_dirs, &mut out);
+        scan_dir(root, &mut seen_dirs, &mut out);
     }
     out
 }
 
-fn scan_dir(dir: &Path, roots: &Roots, seen: &mut HashSet<PathBuf>, out: &mut Vec<Layer>) {
+/// Symlinks are not followed (their file type is neither file nor directory), so the scan never
+/// leaves the roots.
+fn scan_dir(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Layer>) {
     let Ok(canon) = dir.canonicalize() else {
         return;
     };
@@ -313,7 +315,7 @@ fn scan_dir(dir: &Path, roots: &Roots, seen: &mut HashSet<PathBuf>, out: &mut Ve
         let p = entry.path();
         let Ok(ft) = entry.file_type() else { continue };
         if ft.is_dir() {
-            scan_dir(&p, roots, seen, out);
+            scan_dir(&p, seen, out);
             continue;
         }
         if !ft.is_file() {

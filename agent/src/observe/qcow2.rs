@@ -195,7 +195,8 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
         )));
     }
     if l1_size > 0
-        && (l1_offset % cluster_size != 0 || l1_offset.saturating_add(l1_bytes) > file_len)
+        && (!l1_offset.is_multiple_of(cluster_size)
+            || l1_offset.saturating_add(l1_bytes) > file_len)
     {
         return Err(invalid(format!(
             "L1 table at {l1_offset:#x} lies outside the file"
@@ -320,7 +321,7 @@ pub fn read_allocation(file: &File, path: &Path, h: &Header) -> Result<Allocatio
         if l2_offset == 0 {
             continue;
         }
-        if l2_offset % h.cluster_size != 0 || l2_offset + h.cluster_size > file_len {
+        if !l2_offset.is_multiple_of(h.cluster_size) || l2_offset + h.cluster_size > file_len {
             return Err(invalid(format!(
                 "L2 table {i} at {l2_offset:#x} lies outside the file"
             )));
