@@ -9,8 +9,33 @@ use diskchain_planner::StepAction;
 use crate::plan::PlanReport;
 use crate::units::human_bytes;
 
-fn short(p: &Path) -> String {
-    p.display().to_string()
+/// Paths relative to the directory most of a disk's files live in (printed once above the table).
+struct Short<'a>(Option<&'a Path>);
+
+impl Short<'_> {
+    fn of(&self, p: &Path) -> String {
+        match self.0.and_then(|d| p.strip_prefix(d).ok()) {
+            Some(rel) => rel.display().to_string(),
+            None => p.display().to_string(),
+        }
+    }
+}
+
+/// `a.qcow2, b.qcow2` for a list of layers.
+fn names(layers: &[std::path::PathBuf], short: &dyn Fn(&Path) -> String) -> String {
+    layers
+        .iter()
+        .map(|l| short(l))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A message with the home directory prefix removed from the paths in it.
+fn shorten(text: &str, home: Option<&Path>) -> String {
+    match home {
+        Some(h) => text.replace(&format!("{}/", h.display()), ""),
+        None => text.to_string(),
+    }
 }
 
 /// The report as one JSON object: `{"disks": [...], "errors": [...]}`.
@@ -24,6 +49,12 @@ pub fn text(report: &PlanReport) -> String {
     for d in &report.disks {
         let p = &d.plan;
         let _ = writeln!(out, "disk {} ({})", p.name, d.spec);
+        let home = p.chain.last().and_then(|a| a.parent());
+        if let Some(h) = home {
+            let _ = writeln!(out, "  files relative to {}", h.display());
+        }
+        let sh = Short(home);
+        let short = |p: &Path| sh.of(p);
         if d.suspended {
             let _ = writeln!(
                 out,
@@ -42,21 +73,16 @@ pub fn text(report: &PlanReport) -> String {
                         format!("{} -> {}", short(active), short(file))
                     }
                     StepAction::Stream { into, base, layers } => format!(
-                        "{} layer(s) into {} (base {})",
-                        layers.len(),
+                        "{} into {} (new base {})",
+                        names(layers, &short),
                         short(into),
                         base.as_deref().map_or("none".into(), short)
                     ),
-                    StepAction::Commit { base, top, layers } => {
-                        format!(
-                            "{} layer(s) up to {} into {}",
-                            layers.len(),
-                            short(top),
-                            short(base)
-                        )
+                    StepAction::Commit { base, layers, .. } => {
+                        format!("{} into {}", names(layers, &short), short(base))
                     }
                     StepAction::Copy { layers, to, .. } => {
-                        format!("{} layer(s) merged into {}", layers.len(), short(to))
+                        format!("{} merged into {}", names(layers, &short), short(to))
                     }
                     StepAction::Rebase { overlay, backing } => {
                         format!("{} onto {}", short(overlay), short(backing))
@@ -69,7 +95,7 @@ pub fn text(report: &PlanReport) -> String {
                     what,
                     human_bytes(s.bytes),
                     human_bytes(s.zero_bytes),
-                    s.reason.clone(),
+                    shorten(&s.reason, home),
                 ]);
             }
             let _ = writeln!(out, "{t}");
@@ -96,27 +122,21 @@ pub fn text(report: &PlanReport) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {what}: {} ({})",
-                dec.chosen.strategy,
+                "  {}: {} ({})",
+                shorten(&what, home),
+                shorten(&dec.chosen.strategy, home),
                 human_bytes(dec.chosen.bytes)
             );
             for r in &dec.rejected {
+                let strategy = shorten(&r.strategy, home);
                 match &r.not_allowed {
                     Some(why) => {
-                        let _ = writeln!(
-                            out,
-                            "    rejected: {} ({}), not allowed: {why}",
-                            r.strategy,
-                            human_bytes(r.bytes)
-                        );
+                        let why = shorten(why, home);
+                        let _ = writeln!(out, "    rejected: {strategy}: not allowed, {why}");
                     }
                     None => {
-                        let _ = writeln!(
-                            out,
-                            "    rejected: {} ({})",
-                            r.strategy,
-                            human_bytes(r.bytes)
-                        );
+                        let _ =
+                            writeln!(out, "    rejected: {strategy} ({})", human_bytes(r.bytes));
                     }
                 }
             }
@@ -131,7 +151,7 @@ pub fn text(report: &PlanReport) -> String {
             .collect();
         let _ = writeln!(out, "  result: {}", chain.join(" <- "));
         for n in &p.notes {
-            let _ = writeln!(out, "  note: {n}");
+            let _ = writeln!(out, "  note: {}", shorten(n, home));
         }
         let _ = writeln!(out);
     }

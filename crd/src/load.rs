@@ -638,3 +638,13 @@ spec:
         assert!(crd.contains("placement"));
     }
 }
+
+#[cfg(test)]
+mod examples {
+    #[test]
+    fn the_example_specs_in_the_repository_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
+        let specs = super::load_path(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert!(specs.len() >= 2, "examples: {}", specs.len());
+    }
+}
