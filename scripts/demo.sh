@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -q -p diskchain
 bin=target/release/diskchain
-demo="$PWD/demo"
+demo="${DISKCHAIN_DEMO_DIR:-$PWD/demo}"
 img="$demo/images"
 
 if [ ! -e "$img/web01.qcow2" ]; then

@@ -180,5 +180,6 @@ pub fn bind(
         placement,
         prune: spec.spec().prune,
         known_names,
+        retired: state.map(|s| s.retired.clone()).unwrap_or_default(),
     })
 }

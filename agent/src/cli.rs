@@ -51,6 +51,26 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Plan and execute until the real chains match (offline disks, through qemu-img).
+    ///
+    /// Steps are journaled in the state directory before they run; an interrupted apply is
+    /// resumed by the next one. Exit 0: every disk matches its spec; 2: bad input (those disks
+    /// untouched); 1: other failures, such as an image in use by another process.
+    Apply {
+        /// A spec file, or a directory searched recursively for *.yaml and *.yml.
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        path: PathBuf,
+        /// Limit QEMU's copying to this many bytes per second (QEMU's own rate limit; applies to
+        /// commits and whole-chain copies, which qemu-img can throttle).
+        #[arg(long, value_name = "BYTES")]
+        max_bytes_per_sec: Option<u64>,
+    },
+    /// Show, per disk, the chain with point names, files and sizes, and the last plan applied.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Print the DiskChain CustomResourceDefinition (YAML).
     Crd,
 }

@@ -11,10 +11,14 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod apply;
 pub mod bind;
 pub mod cli;
+pub mod execute;
+pub mod journal;
 pub mod observe;
 pub mod plan;
 pub mod render;
 pub mod state;
+pub mod status;
 pub mod units;

@@ -2,7 +2,9 @@
 //! (0 done, 1 failed, 2 bad input).
 
 use clap::Parser;
+use diskchain::apply::{self, ApplyOptions, ProgressMode};
 use diskchain::cli::{Cli, Command, Output};
+use diskchain::execute::ExecOptions;
 use diskchain::plan::{PlanRunError, run};
 use diskchain::render;
 use diskchain::state::StateDir;
@@ -18,6 +20,60 @@ fn main() {
             print!("{}", diskchain_crd::crd_yaml());
             0
         }
+        Command::Apply {
+            path,
+            max_bytes_per_sec,
+        } => {
+            let options = ApplyOptions {
+                exec: ExecOptions { max_bytes_per_sec },
+                progress: ProgressMode::detect(),
+            };
+            match apply::run(
+                &path,
+                &cli.allowed_roots,
+                &StateDir::new(&cli.state_dir),
+                options,
+            ) {
+                Ok(report) => {
+                    for d in &report.disks {
+                        println!(
+                            "disk {}: {} step(s), {} predicted, {} written by QEMU",
+                            d.name,
+                            d.steps.len(),
+                            diskchain::units::human_bytes(d.predicted_bytes),
+                            diskchain::units::human_bytes(d.written_bytes)
+                        );
+                    }
+                    for e in &report.errors {
+                        eprintln!("error: {}", e.error);
+                    }
+                    if report.errors.is_empty() {
+                        println!("every disk matches its spec");
+                    }
+                    report.exit_code()
+                }
+                Err(e) => fatal(e),
+            }
+        }
+        Command::Status { output } => {
+            match diskchain::status::collect(&StateDir::new(&cli.state_dir), &cli.allowed_roots) {
+                Ok(disks) => {
+                    match output {
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::to_string_pretty(&serde_json::json!({ "disks": disks }))
+                                .expect("status serialises")
+                        ),
+                        Output::Text => print!("{}", diskchain::status::text(&disks)),
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            }
+        }
         Command::Plan { path, output } => {
             match run(&path, &cli.allowed_roots, &StateDir::new(&cli.state_dir)) {
                 Ok(report) => {
@@ -30,18 +86,19 @@ fn main() {
                     }
                     report.exit_code()
                 }
-                Err(e) => {
-                    for line in e.to_string().lines() {
-                        eprintln!("error: {line}");
-                    }
-                    match e {
-                        PlanRunError::Specs(_)
-                        | PlanRunError::Roots(_)
-                        | PlanRunError::Graph(_) => 2,
-                    }
-                }
+                Err(e) => fatal(e),
             }
         }
     };
     std::process::exit(code);
+}
+
+/// Reports an error that stopped everything before any disk was touched: bad input, exit 2.
+fn fatal(e: PlanRunError) -> i32 {
+    for line in e.to_string().lines() {
+        eprintln!("error: {line}");
+    }
+    match e {
+        PlanRunError::Specs(_) | PlanRunError::Roots(_) | PlanRunError::Graph(_) => 2,
+    }
 }

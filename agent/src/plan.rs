@@ -11,7 +11,19 @@ use crate::bind::{BindError, bind};
 use crate::observe::{ObserveError, ObservedChain, Roots, observe_chain, scan_roots};
 use crate::state::{StateDir, StateError};
 
-/// A disk that could not be planned.
+/// What kind of problem stopped a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The input is at fault: a spec, a chain, a binding. Nothing was touched.
+    BadInput,
+    /// An image of the disk is open in another process.
+    InUse,
+    /// Something failed that may pass (I/O, a QEMU tool).
+    Failed,
+}
+
+/// A disk that could not be planned (or applied).
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskError {
     /// The disk's name.
@@ -20,8 +32,8 @@ pub struct DiskError {
     pub spec: String,
     /// What went wrong and what to do.
     pub error: String,
-    /// True when the input is at fault (exit 2); false for failures such as I/O (exit 1).
-    pub bad_input: bool,
+    /// What kind of problem it is.
+    pub kind: ErrorKind,
 }
 
 /// The plan for one disk, with where its spec came from.
@@ -34,6 +46,9 @@ pub struct DiskReport {
     pub spec: String,
     /// `spec.suspend`: the agent will not act on this disk.
     pub suspended: bool,
+    /// The format of every layer of the observed chain (for the executors).
+    #[serde(skip)]
+    pub formats: std::collections::BTreeMap<PathBuf, diskchain_planner::Format>,
 }
 
 /// Everything `plan` found.
@@ -46,11 +61,12 @@ pub struct PlanReport {
 }
 
 impl PlanReport {
-    /// 0 when every disk was planned, 2 when input was at fault, else 1.
+    /// 0 when every disk was planned; 2 when input was at fault (an image in use included:
+    /// `plan` cannot vouch for a chain that is changing); else 1.
     pub fn exit_code(&self) -> i32 {
         if self.errors.is_empty() {
             0
-        } else if self.errors.iter().any(|e| e.bad_input) {
+        } else if self.errors.iter().any(|e| e.kind != ErrorKind::Failed) {
             2
         } else {
             1
@@ -96,7 +112,11 @@ pub fn plan_loaded(
         name: spec.name.clone(),
         spec: spec.origin(),
         error,
-        bad_input,
+        kind: if bad_input {
+            ErrorKind::BadInput
+        } else {
+            ErrorKind::Failed
+        },
     };
 
     // Observe every chain.
@@ -155,7 +175,14 @@ pub fn plan_loaded(
         .flat_map(|o| o.chain.layers.iter().map(|l| l.layer.clone()))
         .collect();
     layers.extend(scan_roots(roots));
-    let graph = ImageGraph::build(layers).map_err(PlanRunError::Graph)?;
+    // Files earlier plans dropped and left in place do not make the layers below them shared.
+    let retired: Vec<PathBuf> = state
+        .all()
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|s| s.retired)
+        .collect();
+    let graph = ImageGraph::build_with_retired(layers, &retired).map_err(PlanRunError::Graph)?;
 
     for o in observed {
         let disk_state = match state.load(&o.spec.name) {
@@ -169,16 +196,26 @@ pub fn plan_loaded(
         let request = match bind(o.spec, &o.chain, disk_state.as_ref(), roots) {
             Ok(r) => r,
             Err(e) => {
-                let bad = BindError::is_bad_input(&e);
-                report.errors.push(fail(o.spec, e.to_string(), bad));
+                let mut err = fail(o.spec, e.to_string(), BindError::is_bad_input(&e));
+                if matches!(e, BindError::InUse { .. }) {
+                    err.kind = ErrorKind::InUse;
+                }
+                report.errors.push(err);
                 continue;
             }
         };
+        let formats = o
+            .chain
+            .layers
+            .iter()
+            .map(|l| (l.layer.path.clone(), l.layer.format))
+            .collect();
         match plan_disk(&graph, &request) {
             Ok(plan) => report.disks.push(DiskReport {
                 plan,
                 spec: o.spec.origin(),
                 suspended: o.spec.spec().suspend,
+                formats,
             }),
             Err(e) => report
                 .errors

@@ -53,6 +53,25 @@ pub struct DiskState {
     pub active: PathBuf,
     /// Named points, oldest first.
     pub bindings: Vec<Binding>,
+    /// Files earlier plans dropped from this chain and left in place (spec.prune was off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<PathBuf>,
+    /// The last plan applied to this disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_apply: Option<LastApply>,
+}
+
+/// What the last `apply` did to a disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastApply {
+    /// When it finished, in seconds since the Unix epoch.
+    pub finished_unix: u64,
+    /// Steps run.
+    pub steps: Vec<String>,
+    /// Data bytes the plan predicted.
+    pub predicted_bytes: u64,
+    /// Bytes the QEMU processes wrote (their `wchar`, metadata included).
+    pub written_bytes: u64,
 }
 
 /// The state directory.
@@ -76,6 +95,40 @@ impl StateDir {
         self.dir.join("disks").join(format!("{name}.json"))
     }
 
+    /// Every disk record in the directory, sorted by name.
+    pub fn all(&self) -> Result<Vec<DiskState>, StateError> {
+        let dir = self.dir.join("disks");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    action: "read",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_string)
+            })
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(s) = self.load(&n)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
     /// The record of disk `name`, if any.
     pub fn load(&self, name: &str) -> Result<Option<DiskState>, StateError> {
         let path = self.disk_file(name);
@@ -97,34 +150,45 @@ impl StateDir {
 
     /// Writes the record of a disk atomically.
     pub fn save(&self, state: &DiskState) -> Result<(), StateError> {
-        let path = self.disk_file(&state.name);
-        let dir = path
-            .parent()
-            .expect("disk files live in a directory")
-            .to_path_buf();
-        fn io(
-            action: &'static str,
-            path: &Path,
-        ) -> impl FnOnce(std::io::Error) -> StateError + use<> {
-            let path = path.to_path_buf();
-            move |source| StateError::Io {
-                action,
-                path,
-                source,
-            }
-        }
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let tmp = dir.join(format!(".{}.json.tmp", state.name));
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
         let text = serde_json::to_vec_pretty(state).expect("state serialises");
-        f.write_all(&text).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("sync", &dir))?;
-        Ok(())
+        write_atomic(&self.disk_file(&state.name), &text)
     }
+
+    /// The journal file of disk `name`.
+    pub fn journal_file(&self, name: &str) -> PathBuf {
+        self.dir.join("journal").join(format!("{name}.json"))
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new content: a
+/// temporary file beside it, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError + use<> {
+        let path = path.to_path_buf();
+        move |source| StateError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+    let dir = path
+        .parent()
+        .expect("state files live in a directory")
+        .to_path_buf();
+    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(bytes).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename into", path))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync", &dir))?;
+    Ok(())
 }
 
 #[cfg(test)]

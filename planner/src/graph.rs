@@ -58,6 +58,16 @@ impl ImageGraph {
     /// Builds the graph. A backing file that was not observed becomes a node without an
     /// allocation map (it still makes its overlays' relation visible). A cycle is refused.
     pub fn build(layers: impl IntoIterator<Item = Layer>) -> Result<ImageGraph, PlanError> {
+        Self::build_with_retired(layers, &[])
+    }
+
+    /// Like [`ImageGraph::build`], but the `retired` files (dropped from a chain by an earlier
+    /// plan and left in place) are known without counting as overlays: their stale backing
+    /// references do not make the layers below them shared.
+    pub fn build_with_retired(
+        layers: impl IntoIterator<Item = Layer>,
+        retired: &[PathBuf],
+    ) -> Result<ImageGraph, PlanError> {
         let mut graph = DiGraph::new();
         let mut index = HashMap::new();
         let mut pending = Vec::new();
@@ -75,7 +85,9 @@ impl ImageGraph {
             index.insert(path, n);
         }
         for n in graph.node_indices() {
-            if let Some(b) = graph[n].backing.clone() {
+            if let Some(b) = graph[n].backing.clone()
+                && !retired.contains(&graph[n].path)
+            {
                 pending.push((n, b));
             }
         }

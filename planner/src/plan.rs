@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::alloc::Allocation;
 use crate::error::PlanError;
@@ -37,10 +37,13 @@ pub struct DiskRequest {
     pub prune: bool,
     /// Names the agent knows for files (points it made earlier), for messages about removed points.
     pub known_names: BTreeMap<PathBuf, String>,
+    /// Files earlier plans dropped from this chain and left in place (`prune` was off): deleted
+    /// now when `prune` is on.
+    pub retired: Vec<PathBuf>,
 }
 
 /// One step of a plan, with its predicted cost.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
     /// What to do.
     #[serde(flatten)]
@@ -54,7 +57,7 @@ pub struct Step {
 }
 
 /// The operations a plan is made of. The JSON field `op` names the variant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum StepAction {
     /// The active content becomes point `point` in a new `file`; the active image, at its path,
@@ -165,7 +168,7 @@ pub struct Baselines {
 }
 
 /// A layer of the chain after the plan.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalLayer {
     /// The point it holds (`None` for the active layer).
     pub point: Option<String>,
@@ -192,6 +195,9 @@ pub struct DiskPlan {
     pub decisions: Vec<RunDecision>,
     /// What simpler strategies would have cost.
     pub baselines: Baselines,
+    /// Files that leave this chain and that no other chain uses: deleted by the plan when
+    /// `prune` is on, otherwise left in place (the agent records them as retired).
+    pub leaving: Vec<PathBuf>,
     /// Things the operator should know that are not steps.
     pub notes: Vec<String>,
 }
@@ -529,12 +535,12 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     // New snapshots on top, in order.
     let active_path = &paths[active];
     for name in &req.new_snapshots {
-        let dir = req.placement.clone().unwrap_or_else(|| {
-            active_path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default()
-        });
+        // Beside the active image: the snapshot is a hard link of it. With a placement directory
+        // elsewhere, the next plan moves the new point there.
+        let dir = active_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let stem = active_path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -565,9 +571,13 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
 
     // Files the plan drops from this chain.
     let kept_files: Vec<&PathBuf> = result.iter().map(|f| &f.file).collect();
+    let mut leaving = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         if kept_files.contains(&p) {
             continue;
+        }
+        if shared[i].is_none() {
+            leaving.push(p.clone());
         }
         if let Some(user) = &shared[i] {
             notes.push(format!(
@@ -587,6 +597,28 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 "{} leaves this chain and is kept (spec.prune is false)",
                 p.display()
             ));
+        }
+    }
+    if req.prune {
+        for r in &req.retired {
+            if kept_files.contains(&r) || paths.contains(r) || graph.layer(r).is_none() {
+                continue;
+            }
+            let users = graph.overlays(r);
+            if users.is_empty() {
+                steps.push(Step {
+                    action: StepAction::Delete { file: r.clone() },
+                    bytes: 0,
+                    zero_bytes: 0,
+                    reason: "an earlier plan dropped it; no chain uses it (spec.prune)".into(),
+                });
+            } else {
+                notes.push(format!(
+                    "{} was dropped earlier but {} uses it: kept",
+                    r.display(),
+                    users[0].display()
+                ));
+            }
         }
     }
     if let Some(dir) = &req.placement
@@ -609,6 +641,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         result,
         decisions,
         baselines,
+        leaving,
         notes,
     })
 }

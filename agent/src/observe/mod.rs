@@ -36,7 +36,7 @@ pub enum ObserveError {
     Qcow2(#[from] qcow2::Qcow2Error),
     /// A path resolves outside every allowed root.
     #[error(
-        "{what} {} resolves to {}, outside the allowed roots ({}); diskchain never touches it. Move the file under an allowed root or add one with --allowed-root",
+        "{what} ({}) resolves to {}, outside the allowed roots ({}); diskchain never touches it. Move the file under an allowed root or add one with --allowed-root",
         path.display(), resolved.display(), roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     OutsideRoots {
@@ -285,6 +285,31 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
     }
     layers.reverse();
     Ok(ObservedChain { layers })
+}
+
+/// The backing file `path` records (resolved, confined to the roots), reading only its header.
+/// `None` for a raw file or a qcow2 without backing file.
+pub fn backing_of(roots: &Roots, path: &Path) -> Result<Option<(PathBuf, Format)>, ObserveError> {
+    let file = File::open(path).map_err(io(path))?;
+    let mut m = [0u8; 4];
+    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_err() || m != qcow2::MAGIC {
+        return Ok(None);
+    }
+    let h = qcow2::read_header(&file, path)?;
+    match (&h.backing_file, &h.backing_format) {
+        (None, _) => Ok(None),
+        (Some(b), None) => Err(ObserveError::NoBackingFormat {
+            layer: path.to_path_buf(),
+            backing: b.clone(),
+        }),
+        (Some(b), Some(f)) => {
+            let format = parse_format(path, f)?;
+            let resolved = resolve_backing(path, path, b)?;
+            let canonical =
+                roots.confine(&resolved, format!("the backing file of {}", path.display()))?;
+            Ok(Some((canonical, format)))
+        }
+    }
 }
 
 /// Every qcow2 image under the roots, as graph nodes without allocation maps (their backing

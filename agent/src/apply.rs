@@ -1,0 +1,476 @@
+//! `diskchain apply`: plan, then execute step by step through a journal, re-observing after each
+//! step, until the real chains match their specs; then record bindings in the state.
+//!
+//! Order of work: finish any journal left by an interrupted run (the in-flight step is run again;
+//! steps are idempotent and check their preconditions, so nothing is guessed), plan, execute, and
+//! plan again, until a plan has nothing to do.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use diskchain_crd::LoadedSpec;
+use diskchain_planner::{Format, StepAction};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::execute::offline::Offline;
+use crate::execute::{ExecError, ExecOptions, Executor};
+use crate::journal::{Journal, JournalStep, StepState, now_unix};
+use crate::observe::{Roots, observe_chain};
+use crate::plan::{DiskError, DiskReport, ErrorKind, PlanRunError, plan_loaded};
+use crate::state::{Binding, DiskState, LastApply, StateDir, StateError};
+use crate::units::human_bytes;
+
+/// How many plan-and-execute rounds before giving up (a snapshot with a placement elsewhere
+/// needs two: the new point is made beside the active image, then moved).
+const MAX_ROUNDS: usize = 4;
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A progress bar with bytes and rate (stdout is a terminal).
+    Bar,
+    /// One plain line per step.
+    Lines,
+}
+
+impl ProgressMode {
+    /// A bar on a terminal, plain lines otherwise.
+    pub fn detect() -> ProgressMode {
+        if std::io::stdout().is_terminal() {
+            ProgressMode::Bar
+        } else {
+            ProgressMode::Lines
+        }
+    }
+}
+
+/// Options of `apply`.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyOptions {
+    /// Passed to the executors.
+    pub exec: ExecOptions,
+    /// How progress is shown.
+    pub progress: ProgressMode,
+}
+
+/// What `apply` did to one disk.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DiskOutcome {
+    /// The disk.
+    pub name: String,
+    /// Steps run, as `op` names.
+    pub steps: Vec<String>,
+    /// Data bytes the plans predicted.
+    pub predicted_bytes: u64,
+    /// Bytes the QEMU processes wrote.
+    pub written_bytes: u64,
+}
+
+/// What `apply` did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ApplyReport {
+    /// Disks with steps run.
+    pub disks: Vec<DiskOutcome>,
+    /// Disks that could not be applied.
+    pub errors: Vec<DiskError>,
+}
+
+impl ApplyReport {
+    /// 0 all converged; 2 bad input somewhere (those disks untouched); 1 other failures (an image
+    /// in use, a QEMU tool failing, no convergence).
+    pub fn exit_code(&self) -> i32 {
+        if self.errors.is_empty() {
+            0
+        } else if self.errors.iter().any(|e| e.kind == ErrorKind::BadInput) {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Why a disk's journal could not be completed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A step failed.
+    #[error("step {index} ({op}): {source}")]
+    Step {
+        /// 1-based step number.
+        index: usize,
+        /// The operation.
+        op: &'static str,
+        /// The failure.
+        source: ExecError,
+    },
+    /// The state directory failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The chain after the plan is not the planned one.
+    #[error(
+        "after the plan the chain is {found}, but {expected} was planned; nothing more was done (run `diskchain plan` to see it)"
+    )]
+    Mismatch {
+        /// What is there.
+        found: String,
+        /// What was planned.
+        expected: String,
+    },
+    /// The chain cannot be observed after a step.
+    #[error("after step {index} the chain cannot be read: {source}")]
+    Observe {
+        /// 1-based step number.
+        index: usize,
+        /// The failure.
+        source: crate::observe::ObserveError,
+    },
+}
+
+impl ApplyError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ApplyError::Step {
+                source: ExecError::InUse { .. },
+                ..
+            } => ErrorKind::InUse,
+            ApplyError::Step { source, .. } if source.is_bad_input() => ErrorKind::BadInput,
+            ApplyError::Mismatch { .. } => ErrorKind::BadInput,
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
+/// Applies every spec under `specs`.
+pub fn run(
+    specs: &Path,
+    roots: &[PathBuf],
+    state: &StateDir,
+    options: ApplyOptions,
+) -> Result<ApplyReport, PlanRunError> {
+    let loaded = diskchain_crd::load_path(specs).map_err(PlanRunError::Specs)?;
+    let roots = Roots::new(roots).map_err(PlanRunError::Roots)?;
+    apply_loaded(&loaded, &roots, state, options)
+}
+
+/// Applies already loaded specs.
+pub fn apply_loaded(
+    loaded: &[LoadedSpec],
+    roots: &Roots,
+    state: &StateDir,
+    options: ApplyOptions,
+) -> Result<ApplyReport, PlanRunError> {
+    let mut report = ApplyReport::default();
+    let mut outcomes: BTreeMap<String, DiskOutcome> = BTreeMap::new();
+    let mut failed: HashSet<String> = HashSet::new();
+    let fail = |report: &mut ApplyReport,
+                failed: &mut HashSet<String>,
+                spec: &LoadedSpec,
+                error: String,
+                kind: ErrorKind| {
+        failed.insert(spec.name.clone());
+        report.errors.push(DiskError {
+            name: spec.name.clone(),
+            spec: spec.origin(),
+            error,
+            kind,
+        });
+    };
+    for round in 0..=MAX_ROUNDS {
+        // Finish what an interrupted run left.
+        for spec in loaded {
+            if failed.contains(&spec.name) {
+                continue;
+            }
+            match Journal::load(state, &spec.name) {
+                Ok(None) => {}
+                Ok(Some(journal)) => {
+                    tracing::info!(disk = %spec.name, "resuming the plan an earlier run left unfinished");
+                    let out = outcomes
+                        .entry(spec.name.clone())
+                        .or_insert_with(|| DiskOutcome {
+                            name: spec.name.clone(),
+                            ..Default::default()
+                        });
+                    if let Err(e) = finish(journal, roots, state, options, out) {
+                        let kind = e.kind();
+                        fail(
+                            &mut report,
+                            &mut failed,
+                            spec,
+                            format!("{}: {e}", spec.origin()),
+                            kind,
+                        );
+                    }
+                }
+                Err(e) => fail(
+                    &mut report,
+                    &mut failed,
+                    spec,
+                    e.to_string(),
+                    ErrorKind::BadInput,
+                ),
+            }
+        }
+        let todo: Vec<LoadedSpec> = loaded
+            .iter()
+            .filter(|s| !failed.contains(&s.name))
+            .cloned()
+            .collect();
+        let planned = plan_loaded(&todo, roots, state)?;
+        for e in planned.errors {
+            failed.insert(e.name.clone());
+            report.errors.push(e);
+        }
+        let mut worked = false;
+        for disk in planned.disks {
+            let spec = todo
+                .iter()
+                .find(|s| s.name == disk.plan.name)
+                .expect("planned disks come from the specs");
+            if disk.suspended {
+                continue;
+            }
+            if disk.plan.steps.is_empty() {
+                if let Err(e) = record_bindings(&disk, spec, roots, state) {
+                    fail(
+                        &mut report,
+                        &mut failed,
+                        spec,
+                        e.to_string(),
+                        ErrorKind::Failed,
+                    );
+                }
+                continue;
+            }
+            if round == MAX_ROUNDS {
+                fail(
+                    &mut report,
+                    &mut failed,
+                    spec,
+                    format!(
+                        "{}: the chain still differs from the spec after {MAX_ROUNDS} rounds of plans; see `diskchain plan`",
+                        spec.origin()
+                    ),
+                    ErrorKind::Failed,
+                );
+                continue;
+            }
+            worked = true;
+            let journal = new_journal(&disk, spec, roots);
+            let out = outcomes
+                .entry(spec.name.clone())
+                .or_insert_with(|| DiskOutcome {
+                    name: spec.name.clone(),
+                    ..Default::default()
+                });
+            let result = journal
+                .save(state)
+                .map_err(ApplyError::from)
+                .and_then(|()| finish(journal, roots, state, options, out));
+            if let Err(e) = result {
+                let kind = e.kind();
+                fail(
+                    &mut report,
+                    &mut failed,
+                    spec,
+                    format!("{}: {e}", spec.origin()),
+                    kind,
+                );
+            }
+        }
+        if !worked {
+            break;
+        }
+    }
+    report.disks = outcomes
+        .into_values()
+        .filter(|o| !o.steps.is_empty())
+        .collect();
+    Ok(report)
+}
+
+/// The bindings a completed plan leaves: each result point and the file holding it.
+fn bindings_of(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Vec<Binding> {
+    disk.plan
+        .result
+        .iter()
+        .filter_map(|l| {
+            let name = l.point.clone()?;
+            let adopted_from = spec
+                .spec()
+                .snapshots
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.file.as_ref())
+                .and_then(|f| roots.confine(f, String::new()).ok());
+            Some(Binding {
+                name,
+                file: l.file.clone(),
+                adopted_from,
+            })
+        })
+        .collect()
+}
+
+fn new_journal(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Journal {
+    let mut formats = disk.formats.clone();
+    for s in &disk.plan.steps {
+        match &s.action {
+            StepAction::Copy { to, .. } => {
+                formats.insert(to.clone(), Format::Qcow2);
+            }
+            StepAction::Snapshot { file, .. } => {
+                formats.insert(file.clone(), Format::Qcow2);
+            }
+            _ => {}
+        }
+    }
+    Journal {
+        disk: disk.plan.name.clone(),
+        active: disk.plan.chain.last().cloned().unwrap_or_default(),
+        started_unix: now_unix(),
+        formats,
+        steps: disk
+            .plan
+            .steps
+            .iter()
+            .map(|s| JournalStep {
+                step: s.clone(),
+                state: StepState::Pending,
+                written_bytes: 0,
+                seconds: 0.0,
+                attempts: 0,
+            })
+            .collect(),
+        result: disk.plan.result.clone(),
+        bindings: bindings_of(disk, spec, roots),
+        leaving: disk.plan.leaving.clone(),
+        predicted_bytes: disk.plan.total_bytes,
+    }
+}
+
+/// Records the bindings of a disk whose chain already matches (adoption, or a name change).
+fn record_bindings(
+    disk: &DiskReport,
+    spec: &LoadedSpec,
+    roots: &Roots,
+    state: &StateDir,
+) -> Result<(), StateError> {
+    let bindings = bindings_of(disk, spec, roots);
+    let mut st = state.load(&disk.plan.name)?.unwrap_or_default();
+    let active = disk.plan.chain.last().cloned().unwrap_or_default();
+    if st.bindings == bindings && st.active == active && st.name == disk.plan.name {
+        return Ok(());
+    }
+    st.name = disk.plan.name.clone();
+    st.active = active;
+    st.bindings = bindings;
+    state.save(&st)
+}
+
+/// Runs the journal's remaining steps, checks the result, records it, removes the journal.
+fn finish(
+    mut journal: Journal,
+    roots: &Roots,
+    state: &StateDir,
+    options: ApplyOptions,
+    out: &mut DiskOutcome,
+) -> Result<(), ApplyError> {
+    let dead: HashSet<PathBuf> = journal.leaving.iter().cloned().collect();
+    let exec = Offline::new(roots.clone(), journal.formats.clone(), dead, options.exec);
+    let total = journal.steps.len();
+    while let Some(i) = journal.next() {
+        let step = journal.steps[i].step.clone();
+        let op = step.action.op();
+        journal.steps[i].state = StepState::Running;
+        journal.steps[i].attempts += 1;
+        journal.save(state)?;
+        let label = format!("{}: {}/{total} {op}", journal.disk, i + 1);
+        let bar = match options.progress {
+            ProgressMode::Bar => {
+                let b = ProgressBar::new(step.bytes.max(1));
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                b.set_message(label.clone());
+                Some(b)
+            }
+            ProgressMode::Lines => None,
+        };
+        let len = step.bytes.max(1) as f64;
+        let result = exec.run(&step.action, &mut |f| {
+            if let Some(b) = &bar {
+                b.set_position((f * len) as u64);
+            }
+        });
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
+        let r = result.map_err(|source| ApplyError::Step {
+            index: i + 1,
+            op,
+            source,
+        })?;
+        journal.steps[i].state = StepState::Done;
+        journal.steps[i].written_bytes = r.written_bytes;
+        journal.steps[i].seconds = r.seconds;
+        journal.save(state)?;
+        tracing::info!(disk = %journal.disk, step = i + 1, op, predicted = step.bytes, written = r.written_bytes, seconds = r.seconds, "step done");
+        println!(
+            "{label} done: {} predicted, {} written by QEMU, {:.2} s",
+            human_bytes(step.bytes),
+            human_bytes(r.written_bytes),
+            r.seconds
+        );
+        out.steps.push(op.to_string());
+        out.predicted_bytes += step.bytes;
+        out.written_bytes += r.written_bytes;
+        // The chain must still read after every step.
+        observe_chain(roots, &journal.active).map_err(|source| ApplyError::Observe {
+            index: i + 1,
+            source,
+        })?;
+    }
+    let chain = observe_chain(roots, &journal.active).map_err(|source| ApplyError::Observe {
+        index: total,
+        source,
+    })?;
+    let found: Vec<PathBuf> = chain.layers.iter().map(|l| l.layer.path.clone()).collect();
+    let expected: Vec<PathBuf> = journal.result.iter().map(|l| l.file.clone()).collect();
+    if found != expected {
+        let show = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" <- ")
+        };
+        return Err(ApplyError::Mismatch {
+            found: show(&found),
+            expected: show(&expected),
+        });
+    }
+    let mut st: DiskState = state.load(&journal.disk)?.unwrap_or_default();
+    st.name = journal.disk.clone();
+    st.active = journal.active.clone();
+    st.bindings = journal.bindings.clone();
+    st.retired.extend(journal.leaving.iter().cloned());
+    st.retired.sort();
+    st.retired.dedup();
+    st.retired.retain(|p| p.exists() && !found.contains(p));
+    st.last_apply = Some(LastApply {
+        finished_unix: now_unix(),
+        steps: journal
+            .steps
+            .iter()
+            .map(|s| s.step.action.op().to_string())
+            .collect(),
+        predicted_bytes: journal.predicted_bytes,
+        written_bytes: journal.steps.iter().map(|s| s.written_bytes).sum(),
+    });
+    state.save(&st)?;
+    journal.remove(state)?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Executing plan steps. A backend runs one step it is given; it never decides which. Every step
+//! checks its preconditions before it changes anything, and every step is idempotent: running an
+//! interrupted or finished step again is safe, which is what journal recovery relies on.
+//!
+//! Backends: [`offline::Offline`] drives `qemu-img` on images no process has open.
+
+pub mod offline;
+mod process;
+
+use std::path::PathBuf;
+
+use diskchain_planner::StepAction;
+
+use crate::observe::ObserveError;
+
+/// What running a step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepReport {
+    /// Bytes the QEMU processes wrote (`wchar` of `/proc/PID/io`: data and metadata).
+    pub written_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Why a step failed. Nothing is left half-done that the journal cannot resume.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// A file is open in another process.
+    #[error(
+        "{} is in use by {holder} (it holds QEMU's image lock); diskchain never writes an image in use: stop that process, or manage the disk through libvirt",
+        file.display()
+    )]
+    InUse {
+        /// The file.
+        file: PathBuf,
+        /// Who holds the lock.
+        holder: String,
+    },
+    /// What the disk shows does not fit the step: refused without touching anything.
+    #[error("refusing to run {op} on {}: {what}; the chain was changed outside diskchain or the plan is stale (run `diskchain plan` to see the chain now)", file.display())]
+    Precondition {
+        /// The step's operation.
+        op: &'static str,
+        /// The file concerned.
+        file: PathBuf,
+        /// What does not fit.
+        what: String,
+    },
+    /// A QEMU tool failed.
+    #[error("{command} failed ({status}): {stderr}")]
+    Qemu {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// File system I/O.
+    #[error("failed to {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file could not be observed.
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
+}
+
+impl ExecError {
+    /// True when the operator must act before anything can proceed (exit 2); false for failures
+    /// that may pass (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, ExecError::Precondition { .. } | ExecError::Observe(_))
+    }
+}
+
+/// Options every backend honours.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExecOptions {
+    /// QEMU's own rate limit for copying, in bytes per second.
+    pub max_bytes_per_sec: Option<u64>,
+}
+
+/// Runs plan steps.
+pub trait Executor {
+    /// Runs one step to completion, reporting progress as a fraction in `0.0..=1.0`.
+    fn run(
+        &self,
+        step: &StepAction,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<StepReport, ExecError>;
+}

@@ -1,0 +1,399 @@
+//! The offline backend: QEMU's own `qemu-img` on images no process has open.
+//!
+//! | step | how |
+//! |---|---|
+//! | snapshot | hard-link the active image to the point's file, create a new overlay on it beside the active image, rename it over the active path (the active path never disappears) |
+//! | commit | `qemu-img commit -d -b BASE TOP` (the committed layers keep their content, so the layer above still reads correctly until it is re-pointed) |
+//! | stream | `qemu-img rebase -b BASE -F FMT INTO` (safe mode: copies what differs, then re-points) |
+//! | rebase | `qemu-img rebase -u -b BACKING -F FMT OVERLAY` |
+//! | copy | a new overlay on the run's top, `qemu-img rebase` onto the run's old base (only what the run holds is copied), `rebase -u` onto the new backing file; built as a hidden `.partial` file and renamed; a copy of a whole chain is `qemu-img convert` |
+//! | delete | `unlink`, only inside the roots and only when no image references the file |
+//!
+//! Backing formats are always passed explicitly.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use diskchain_planner::{Format, StepAction};
+
+use super::{ExecError, ExecOptions, Executor, StepReport, process};
+use crate::observe::{Roots, backing_of, lock_holder};
+
+/// Runs steps with `qemu-img`.
+pub struct Offline {
+    roots: Roots,
+    formats: BTreeMap<PathBuf, Format>,
+    dead: HashSet<PathBuf>,
+    options: ExecOptions,
+}
+
+impl Offline {
+    /// A backend confined to `roots`. `formats` gives the format of every file the steps name
+    /// (files they create are qcow2); `dead` lists files being retired or deleted, whose backing
+    /// references do not keep a file alive.
+    pub fn new(
+        roots: Roots,
+        formats: BTreeMap<PathBuf, Format>,
+        dead: HashSet<PathBuf>,
+        options: ExecOptions,
+    ) -> Offline {
+        Offline {
+            roots,
+            formats,
+            dead,
+            options,
+        }
+    }
+
+    fn format(&self, op: &'static str, p: &Path) -> Result<Format, ExecError> {
+        self.formats
+            .get(p)
+            .copied()
+            .ok_or_else(|| ExecError::Precondition {
+                op,
+                file: p.to_path_buf(),
+                what: "its format is not known from the observed chain".into(),
+            })
+    }
+
+    /// Resolves `p` inside the roots and checks no process holds its image lock.
+    fn writable(&self, op: &'static str, p: &Path) -> Result<PathBuf, ExecError> {
+        let c = self.roots.confine(p, format!("the file {op} uses"))?;
+        let f = std::fs::File::open(&c).map_err(|source| ExecError::Io {
+            action: "open",
+            path: c.clone(),
+            source,
+        })?;
+        if let Some(holder) = lock_holder(&f).map_err(|source| ExecError::Io {
+            action: "check the lock of",
+            path: c.clone(),
+            source,
+        })? {
+            return Err(ExecError::InUse { file: c, holder });
+        }
+        Ok(c)
+    }
+
+    /// True when `target` is `top` or below it in its chain.
+    fn in_chain(&self, top: &Path, target: &Path) -> Result<bool, ExecError> {
+        let mut cur = top.to_path_buf();
+        for _ in 0..100_000 {
+            if cur == target {
+                return Ok(true);
+            }
+            match backing_of(&self.roots, &cur)? {
+                Some((b, _)) => cur = b,
+                None => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    fn qemu_img(&self) -> Command {
+        Command::new("qemu-img")
+    }
+
+    fn commit(
+        &self,
+        base: &Path,
+        top: &Path,
+        layers: &[PathBuf],
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<u64, ExecError> {
+        let op = "commit";
+        for l in layers {
+            self.writable(op, l)?;
+        }
+        let base = self.writable(op, base)?;
+        if base == top || !self.in_chain(top, &base)? {
+            return Err(ExecError::Precondition {
+                op,
+                file: base,
+                what: format!("it is not below {} in its chain", top.display()),
+            });
+        }
+        let mut c = self.qemu_img();
+        c.args(["commit", "-p", "-d", "-f", self.format(op, top)?.as_str()]);
+        if let Some(r) = self.options.max_bytes_per_sec {
+            c.args(["-r", &r.to_string()]);
+        }
+        c.arg("-b").arg(&base).arg(top);
+        process::run(c, progress)
+    }
+
+    fn stream(
+        &self,
+        into: &Path,
+        base: Option<&Path>,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<u64, ExecError> {
+        let op = "stream";
+        let into = self.writable(op, into)?;
+        let mut c = self.qemu_img();
+        c.args(["rebase", "-p", "-f", self.format(op, &into)?.as_str()]);
+        match base {
+            Some(b) => {
+                // Safe mode copies whatever differs between the old and the new backing view, so
+                // any existing base gives the right content; the plan picks one that reads the
+                // same as the old (a moved copy), which keeps the copying to what it predicted.
+                let b = &self.roots.confine(b, "the new base".into())?;
+                if *b == into {
+                    return Err(ExecError::Precondition {
+                        op,
+                        file: b.clone(),
+                        what: "a layer cannot be its own base".into(),
+                    });
+                }
+                c.arg("-b")
+                    .arg(b)
+                    .args(["-F", self.format(op, b)?.as_str()]);
+            }
+            None => {
+                c.args(["-b", ""]);
+            }
+        }
+        c.arg(&into);
+        process::run(c, progress)
+    }
+
+    fn rebase(
+        &self,
+        overlay: &Path,
+        backing: &Path,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<u64, ExecError> {
+        let op = "rebase";
+        let overlay = self.writable(op, overlay)?;
+        let backing = self.roots.confine(backing, "the new backing file".into())?;
+        if backing_of(&self.roots, &overlay)?.map(|(b, _)| b) == Some(backing.clone()) {
+            progress(1.0);
+            return Ok(0);
+        }
+        let mut c = self.qemu_img();
+        c.args(["rebase", "-u", "-f", self.format(op, &overlay)?.as_str()]);
+        c.arg("-b")
+            .arg(&backing)
+            .args(["-F", self.format(op, &backing)?.as_str()])
+            .arg(&overlay);
+        process::run(c, progress)
+    }
+
+    fn copy(
+        &self,
+        layers: &[PathBuf],
+        to: &Path,
+        backing: Option<&Path>,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<u64, ExecError> {
+        let op = "copy";
+        let dir = to.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).map_err(|source| ExecError::Io {
+            action: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let dir = self.roots.confine(dir, "the placement directory".into())?;
+        let to = dir.join(to.file_name().unwrap_or_default());
+        if to.exists() {
+            // Copies appear under their name only once complete (see the rename below).
+            progress(1.0);
+            return Ok(0);
+        }
+        let (first, top) = match (layers.first(), layers.last()) {
+            (Some(f), Some(t)) => (f, t),
+            _ => {
+                return Err(ExecError::Precondition {
+                    op,
+                    file: to,
+                    what: "no layers to copy".into(),
+                });
+            }
+        };
+        for l in layers {
+            self.writable(op, l)?;
+        }
+        let partial = dir.join(format!(
+            ".{}.partial",
+            to.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let _ = std::fs::remove_file(&partial);
+        let top_fmt = self.format(op, top)?;
+        let old_base = backing_of(&self.roots, first)?;
+        let mut written = 0;
+        match (backing, old_base) {
+            (Some(new_base), Some((old_base, old_fmt))) => {
+                let mut c = self.qemu_img();
+                c.args(["create", "-q", "-f", "qcow2", "-b"])
+                    .arg(top)
+                    .args(["-F", top_fmt.as_str()])
+                    .arg(&partial);
+                written += process::run(c, &mut |_| {})?;
+                // Only what the run holds differs from its old base: that is all rebase copies.
+                let mut c = self.qemu_img();
+                c.args(["rebase", "-p", "-f", "qcow2", "-b"])
+                    .arg(&old_base)
+                    .args(["-F", old_fmt.as_str()])
+                    .arg(&partial);
+                written += process::run(c, progress)?;
+                let mut c = self.qemu_img();
+                c.args(["rebase", "-u", "-f", "qcow2", "-b"])
+                    .arg(new_base)
+                    .args(["-F", self.format(op, new_base)?.as_str()])
+                    .arg(&partial);
+                written += process::run(c, &mut |_| {})?;
+            }
+            (None, None) => {
+                let mut c = self.qemu_img();
+                c.args(["convert", "-p", "-f", top_fmt.as_str(), "-O", "qcow2"]);
+                if let Some(r) = self.options.max_bytes_per_sec {
+                    c.args(["-r", &r.to_string()]);
+                }
+                c.arg(top).arg(&partial);
+                written += process::run(c, progress)?;
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ExecError::Precondition {
+                    op,
+                    file: first.clone(),
+                    what: "its backing file does not match the plan's base".into(),
+                });
+            }
+        }
+        sync_file(&partial)?;
+        std::fs::rename(&partial, &to).map_err(|source| ExecError::Io {
+            action: "rename into",
+            path: to.clone(),
+            source,
+        })?;
+        sync_file(&dir)?;
+        Ok(written)
+    }
+
+    fn snapshot(&self, file: &Path, active: &Path) -> Result<u64, ExecError> {
+        let op = "snapshot";
+        let active = self.writable(op, active)?;
+        let dir = active.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if file.parent() != Some(dir.as_path()) {
+            return Err(ExecError::Precondition {
+                op,
+                file: file.to_path_buf(),
+                what: format!(
+                    "a new point is made beside the active image, in {}",
+                    dir.display()
+                ),
+            });
+        }
+        let meta = |p: &Path| {
+            std::fs::metadata(p).map_err(|source| ExecError::Io {
+                action: "stat",
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        if file.exists() {
+            let (f, a) = (meta(file)?, meta(&active)?);
+            let same = f.dev() == a.dev() && f.ino() == a.ino();
+            if !same {
+                if backing_of(&self.roots, &active)?.map(|(b, _)| b).as_deref() == Some(file) {
+                    return Ok(0); // done before
+                }
+                return Err(ExecError::Precondition {
+                    op,
+                    file: file.to_path_buf(),
+                    what: "it exists and is not this snapshot's point".into(),
+                });
+            }
+        } else {
+            std::fs::hard_link(&active, file).map_err(|source| ExecError::Io {
+                action: "link",
+                path: file.to_path_buf(),
+                source,
+            })?;
+            sync_file(&dir)?;
+        }
+        // `file` and the active path are now one inode: make the new overlay aside, then swap it in.
+        let tmp = dir.join(format!(
+            ".{}.snapshot",
+            active.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let mut c = self.qemu_img();
+        c.args(["create", "-q", "-f", "qcow2", "-b"])
+            .arg(file)
+            .args(["-F", self.format(op, &active)?.as_str()])
+            .arg(&tmp);
+        let written = process::run(c, &mut |_| {})?;
+        sync_file(&tmp)?;
+        std::fs::rename(&tmp, &active).map_err(|source| ExecError::Io {
+            action: "rename into",
+            path: active.clone(),
+            source,
+        })?;
+        sync_file(&dir)?;
+        Ok(written)
+    }
+
+    fn delete(&self, file: &Path) -> Result<u64, ExecError> {
+        let op = "delete";
+        if !file.exists() {
+            return Ok(0);
+        }
+        let file = self.writable(op, file)?;
+        for img in crate::observe::scan_roots(&self.roots) {
+            if img.backing.as_deref() == Some(file.as_path()) && !self.dead.contains(&img.path) {
+                return Err(ExecError::Precondition {
+                    op,
+                    file,
+                    what: format!("{} uses it as its backing file", img.path.display()),
+                });
+            }
+        }
+        std::fs::remove_file(&file).map_err(|source| ExecError::Io {
+            action: "delete",
+            path: file.clone(),
+            source,
+        })?;
+        Ok(0)
+    }
+}
+
+fn sync_file(p: &Path) -> Result<(), ExecError> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| ExecError::Io {
+            action: "sync",
+            path: p.to_path_buf(),
+            source,
+        })
+}
+
+impl Executor for Offline {
+    fn run(
+        &self,
+        step: &StepAction,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<StepReport, ExecError> {
+        let t = Instant::now();
+        let written_bytes = match step {
+            StepAction::Snapshot { file, active, .. } => self.snapshot(file, active)?,
+            StepAction::Commit { base, top, layers } => self.commit(base, top, layers, progress)?,
+            StepAction::Stream { into, base, .. } => {
+                self.stream(into, base.as_deref(), progress)?
+            }
+            StepAction::Rebase { overlay, backing } => self.rebase(overlay, backing, progress)?,
+            StepAction::Copy {
+                layers,
+                to,
+                backing,
+            } => self.copy(layers, to, backing.as_deref(), progress)?,
+            StepAction::Delete { file } => self.delete(file)?,
+        };
+        Ok(StepReport {
+            written_bytes,
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,123 @@
+//! The per-disk journal: the plan being applied, each step's state, and what must be recorded
+//! when it completes. Written atomically before a step starts and after it ends, so that after a
+//! crash the next run knows exactly which step was in flight and resumes there (every step is
+//! idempotent; see `execute`).
+//!
+//! Layout: `<state-dir>/journal/<disk>.json`, present only while a plan is being applied.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use diskchain_planner::{FinalLayer, Format, Step};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Binding, StateDir, StateError, write_atomic};
+
+/// Where a step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepState {
+    /// Not started.
+    Pending,
+    /// Started: its intent is on disk; it may have been interrupted.
+    Running,
+    /// Finished.
+    Done,
+}
+
+/// One step with its state and what it did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JournalStep {
+    /// The planned step.
+    pub step: Step,
+    /// Where it is.
+    pub state: StepState,
+    /// Bytes the QEMU processes wrote for it.
+    #[serde(default)]
+    pub written_bytes: u64,
+    /// Wall time it took.
+    #[serde(default)]
+    pub seconds: f64,
+    /// How many times it was started (more than one after a crash).
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// A plan being applied to one disk.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Journal {
+    /// The disk.
+    pub disk: String,
+    /// Its active image.
+    pub active: PathBuf,
+    /// When the plan started, seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// The format of every file the steps name.
+    pub formats: BTreeMap<PathBuf, Format>,
+    /// The steps, in order.
+    pub steps: Vec<JournalStep>,
+    /// The chain the plan ends with, base first, active last.
+    pub result: Vec<FinalLayer>,
+    /// The bindings to record when the plan completes.
+    pub bindings: Vec<Binding>,
+    /// Files leaving the chain that nothing else uses (retired unless deleted).
+    pub leaving: Vec<PathBuf>,
+    /// Data bytes the plan predicted.
+    pub predicted_bytes: u64,
+}
+
+impl Journal {
+    /// The journal of disk `name`, if a plan is in flight.
+    pub fn load(state: &StateDir, name: &str) -> Result<Option<Journal>, StateError> {
+        let path = state.journal_file(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Io {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| StateError::Damaged { path, source })
+    }
+
+    /// Writes the journal atomically.
+    pub fn save(&self, state: &StateDir) -> Result<(), StateError> {
+        write_atomic(
+            &state.journal_file(&self.disk),
+            &serde_json::to_vec_pretty(self).expect("journal serialises"),
+        )
+    }
+
+    /// Removes the journal once the plan is complete and recorded.
+    pub fn remove(&self, state: &StateDir) -> Result<(), StateError> {
+        let path = state.journal_file(&self.disk);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io {
+                action: "remove",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Index of the first step not done.
+    pub fn next(&self) -> Option<usize> {
+        self.steps.iter().position(|s| s.state != StepState::Done)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

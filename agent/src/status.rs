@@ -1,0 +1,146 @@
+//! `diskchain status`: what the state directory knows, per disk: the chain with point names,
+//! files and sizes (read from the files' headers now), the last plan applied, and any plan still
+//! in flight. Reads only.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::journal::{Journal, StepState};
+use crate::observe::{Roots, observe_chain};
+use crate::state::{LastApply, StateDir, StateError};
+use crate::units::human_bytes;
+
+/// One layer as `status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusLayer {
+    /// The point it holds (`None`: unnamed, or the active layer).
+    pub point: Option<String>,
+    /// The file.
+    pub file: PathBuf,
+    /// Its size on the host.
+    pub file_bytes: u64,
+    /// Data it holds itself.
+    pub data_bytes: u64,
+}
+
+/// One disk as `status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusDisk {
+    /// The disk.
+    pub name: String,
+    /// Its active image.
+    pub active: PathBuf,
+    /// The chain now, base first (empty when it cannot be read; see `error`).
+    pub chain: Vec<StatusLayer>,
+    /// Why the chain cannot be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Files earlier plans dropped and left in place.
+    pub retired: Vec<PathBuf>,
+    /// The last plan applied.
+    pub last_apply: Option<LastApply>,
+    /// A plan in flight: steps done of steps planned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<(usize, usize)>,
+}
+
+/// Collects the status of every disk the state directory knows.
+pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, StateError> {
+    let roots = Roots::new(roots).ok();
+    let mut out = Vec::new();
+    for st in state.all()? {
+        let (chain, error) = match roots.as_ref().map(|r| observe_chain(r, &st.active)) {
+            Some(Ok(c)) => (
+                c.layers
+                    .iter()
+                    .map(|l| StatusLayer {
+                        point: st
+                            .bindings
+                            .iter()
+                            .find(|b| b.file == l.layer.path)
+                            .map(|b| b.name.clone()),
+                        file: l.layer.path.clone(),
+                        file_bytes: l.file_size,
+                        data_bytes: l.layer.alloc.as_ref().map_or(0, |a| a.data_bytes()),
+                    })
+                    .collect(),
+                None,
+            ),
+            Some(Err(e)) => (Vec::new(), Some(e.to_string())),
+            None => (
+                Vec::new(),
+                Some("no allowed root exists; pass --allowed-root".into()),
+            ),
+        };
+        let in_flight = Journal::load(state, &st.name)?.map(|j| {
+            (
+                j.steps
+                    .iter()
+                    .filter(|s| s.state == StepState::Done)
+                    .count(),
+                j.steps.len(),
+            )
+        });
+        out.push(StatusDisk {
+            name: st.name.clone(),
+            active: st.active.clone(),
+            chain,
+            error,
+            retired: st.retired.clone(),
+            last_apply: st.last_apply.clone(),
+            in_flight,
+        });
+    }
+    Ok(out)
+}
+
+/// The status as text.
+pub fn text(disks: &[StatusDisk]) -> String {
+    let mut out = String::new();
+    if disks.is_empty() {
+        out.push_str("no disks recorded yet (the state directory is empty)\n");
+    }
+    for d in disks {
+        let _ = writeln!(out, "disk {} (active {})", d.name, d.active.display());
+        if let Some(e) = &d.error {
+            let _ = writeln!(out, "  chain unreadable: {e}");
+        }
+        let last = d.chain.len().saturating_sub(1);
+        for (i, l) in d.chain.iter().enumerate() {
+            let name = match (&l.point, i == last) {
+                (Some(p), _) => p.clone(),
+                (None, true) => "(active)".into(),
+                (None, false) => "(unnamed)".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {i}: {name:<20} {}  file {}, data {}",
+                l.file.display(),
+                human_bytes(l.file_bytes),
+                human_bytes(l.data_bytes)
+            );
+        }
+        if let Some((done, all)) = d.in_flight {
+            let _ = writeln!(
+                out,
+                "  a plan is in flight: {done} of {all} steps done (the next apply or agent start resumes it)"
+            );
+        }
+        if let Some(a) = &d.last_apply {
+            let _ = writeln!(
+                out,
+                "  last apply: {} step(s) [{}], {} predicted, {} written by QEMU",
+                a.steps.len(),
+                a.steps.join(", "),
+                human_bytes(a.predicted_bytes),
+                human_bytes(a.written_bytes)
+            );
+        }
+        for r in &d.retired {
+            let _ = writeln!(out, "  retired (kept, spec.prune is off): {}", r.display());
+        }
+    }
+    out
+}
