@@ -208,6 +208,8 @@ mod tests {
                 file: "/b".into(),
                 adopted_from: None,
             }],
+            retired: vec!["/c".into()],
+            last_apply: None,
         };
         s.save(&rec).unwrap();
         assert_eq!(s.load("web").unwrap(), Some(rec));
