@@ -302,7 +302,7 @@ fn bindings_of(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Vec<Bindi
                 .iter()
                 .find(|s| s.name == name)
                 .and_then(|s| s.file.as_ref())
-                .and_then(|f| roots.confine(f, String::new()).ok());
+                .and_then(|f| roots.confine_dir(f, String::new()).ok());
             Some(Binding {
                 name,
                 file: l.file.clone(),
@@ -382,6 +382,16 @@ fn finish(
     while let Some(i) = journal.next() {
         let step = journal.steps[i].step.clone();
         let op = step.action.op();
+        if journal.steps[i].state == StepState::Running {
+            // Interrupted earlier: tidy up, then run it again (steps are idempotent).
+            tracing::info!(disk = %journal.disk, step = i + 1, op, "resuming an interrupted step");
+            exec.prepare_resume(&step.action)
+                .map_err(|source| ApplyError::Step {
+                    index: i + 1,
+                    op,
+                    source,
+                })?;
+        }
         journal.steps[i].state = StepState::Running;
         journal.steps[i].attempts += 1;
         journal.save(state)?;

@@ -105,19 +105,23 @@ pub fn bind(
         let file = match &snap.file {
             Some(f) => {
                 let what = format!("spec.snapshots[{i}].file");
-                let canonical = roots.confine(f, what).map_err(|source| BindError::Path {
-                    origin: origin.clone(),
-                    source,
-                })?;
-                // The point may have moved since it was adopted from this file.
-                match remembered(&snap.name) {
-                    Some(b)
-                        if (b.adopted_from.as_ref() == Some(&canonical) || b.file == canonical)
-                            && in_chain(&b.file) =>
-                    {
-                        Some(b.file.clone())
-                    }
-                    _ => Some(canonical),
+                // The point may have moved since it was adopted from this file (a commit, or a
+                // copy with the old file pruned): the state knows where it is now.
+                let moved = remembered(&snap.name).filter(|b| {
+                    in_chain(&b.file)
+                        && roots
+                            .confine_dir(f, what.clone())
+                            .ok()
+                            .is_some_and(|lexical| {
+                                b.adopted_from.as_ref() == Some(&lexical) || b.file == lexical
+                            })
+                });
+                match moved {
+                    Some(b) => Some(b.file.clone()),
+                    None => Some(roots.confine(f, what).map_err(|source| BindError::Path {
+                        origin: origin.clone(),
+                        source,
+                    })?),
                 }
             }
             None => match remembered(&snap.name) {

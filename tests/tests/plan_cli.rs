@@ -3,105 +3,15 @@
 //! The expected minimum comes from `qemu-img map` (each layer alone) fed to the brute-force
 //! oracle; the binary's `total_bytes` must equal it. Every bad input exits 2 and touches nothing.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
+use diskchain_tests::env::{CLUSTER, Env, random_chain, spec_yaml};
 use diskchain_tests::oracle::{Cell, Problem, min_cost};
-use diskchain_tests::qemu::{cluster_states, create, diskchain_bin, fingerprint, io, run};
+use diskchain_tests::qemu::{cluster_states, create, io, run};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-
-const CLUSTER: u64 = 65536;
-
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("img")).unwrap();
-        std::fs::create_dir(dir.path().join("specs")).unwrap();
-        Env { dir }
-    }
-    fn img(&self, name: &str) -> PathBuf {
-        self.dir.path().join("img").join(name)
-    }
-    fn spec(&self, file: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join("specs").join(file);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-    fn plan(&self, path: &Path) -> Output {
-        Command::new(diskchain_bin())
-            .arg("--allowed-root")
-            .arg(self.dir.path().join("img"))
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .args(["plan", "-o", "json", "-f"])
-            .arg(path)
-            .output()
-            .unwrap()
-    }
-    /// SHA-256 and mtime of every file under img/.
-    fn fingerprints(&self) -> BTreeMap<PathBuf, (String, std::time::SystemTime)> {
-        std::fs::read_dir(self.dir.path().join("img"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .map(|p| (p.clone(), fingerprint(&p)))
-            .collect()
-    }
-}
-
-fn spec_yaml(name: &str, active: &Path, points: &[(String, Option<PathBuf>)]) -> String {
-    let mut s = format!(
-        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {name}\nspec:\n  source:\n    file: {}\n",
-        active.display()
-    );
-    if !points.is_empty() {
-        s.push_str("  snapshots:\n");
-        for (n, f) in points {
-            s.push_str(&format!("    - name: {n}\n"));
-            if let Some(f) = f {
-                s.push_str(&format!("      file: {}\n", f.display()));
-            }
-        }
-    }
-    s
-}
-
-/// Builds a random chain of `n` layers; returns the layer paths, base first.
-fn random_chain(env: &Env, rng: &mut StdRng, tag: &str, n: usize, clusters: u64) -> Vec<PathBuf> {
-    let mut layers: Vec<PathBuf> = Vec::new();
-    for i in 0..n {
-        let p = env.img(&format!("{tag}-{i}.qcow2"));
-        create(
-            &p,
-            clusters * CLUSTER,
-            layers.last().map(|b| (b.as_path(), "qcow2")),
-            &[],
-        );
-        let mut cmds = Vec::new();
-        for _ in 0..rng.random_range(0..6) {
-            let start = rng.random_range(0..clusters);
-            let len = rng.random_range(1..=(clusters - start).min(4));
-            let (off, bytes) = (start * CLUSTER, len * CLUSTER);
-            if rng.random_bool(0.3) {
-                cmds.push(format!("write -z {off} {bytes}"));
-            } else {
-                cmds.push(format!(
-                    "write -P {} {off} {bytes}",
-                    rng.random_range(1..255)
-                ));
-            }
-        }
-        io(&p, "qcow2", &cmds);
-        layers.push(p);
-    }
-    layers
-}
 
 /// The oracle's problem for a chain, from qemu-img map.
 fn problem_of(layers: &[PathBuf], shared_upto: Option<usize>, keep: &[usize]) -> Problem {
@@ -139,7 +49,7 @@ fn plan_reports_exactly_the_minimum_on_random_real_chains() {
         let env = Env::new();
         let n = rng.random_range(2..=8);
         let clusters = rng.random_range(4..24);
-        let layers = random_chain(&env, &mut rng, "d", n, clusters);
+        let layers = random_chain(&env, &mut rng, "d", n, clusters, 4);
         // Sometimes a disk that no spec declares shares a layer of this chain.
         let shared_upto = rng.random_bool(0.35).then(|| rng.random_range(0..n - 1));
         if let Some(s) = shared_upto {
@@ -158,7 +68,7 @@ fn plan_reports_exactly_the_minimum_on_random_real_chains() {
         if rng.random_bool(0.3) {
             points.push(("new-snap".into(), None));
         }
-        let spec = env.spec("disk.yaml", &spec_yaml("disk", &layers[n - 1], &points));
+        let spec = env.spec("disk.yaml", &spec_yaml("disk", &layers[n - 1], &points, ""));
         let before = env.fingerprints();
         let truth = min_cost(&problem_of(&layers, shared_upto, &keep));
         let out = env.plan(&spec);
@@ -265,7 +175,7 @@ fn assert_refused(env: &Env, spec: &Path, needle: &str) {
 fn bad_specs_are_refused_with_the_file_and_field_named() {
     let env = Env::new();
     let l = setup(&env);
-    let good = spec_yaml("web", &l[3], &[("golden".into(), Some(l[0].clone()))]);
+    let good = spec_yaml("web", &l[3], &[("golden".into(), Some(l[0].clone()))], "");
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "malformed.yaml",
@@ -286,6 +196,7 @@ fn bad_specs_are_refused_with_the_file_and_field_named() {
                     ("a".into(), Some(l[0].clone())),
                     ("a".into(), Some(l[1].clone())),
                 ],
+                "",
             ),
             "spec.snapshots[1].name",
         ),
@@ -298,12 +209,13 @@ fn bad_specs_are_refused_with_the_file_and_field_named() {
                     ("a".into(), Some(l[0].clone())),
                     ("b".into(), Some(l[0].clone())),
                 ],
+                "",
             ),
             "spec.snapshots[1].file",
         ),
         (
             "notinchain.yaml",
-            spec_yaml("web", &l[1], &[("a".into(), Some(l[2].clone()))]),
+            spec_yaml("web", &l[1], &[("a".into(), Some(l[2].clone()))], ""),
             "not a backing layer",
         ),
         (
@@ -315,6 +227,7 @@ fn bad_specs_are_refused_with_the_file_and_field_named() {
                     ("a".into(), Some(l[1].clone())),
                     ("b".into(), Some(l[0].clone())),
                 ],
+                "",
             ),
             "oldest (base) first",
         ),
@@ -324,17 +237,18 @@ fn bad_specs_are_refused_with_the_file_and_field_named() {
                 "web",
                 &l[3],
                 &[("fresh".into(), None), ("b".into(), Some(l[0].clone()))],
+                "",
             ),
             "spec.snapshots[0]",
         ),
         (
             "missing.yaml",
-            spec_yaml("web", &env.img("nope.qcow2"), &[]),
+            spec_yaml("web", &env.img("nope.qcow2"), &[], ""),
             "does not exist",
         ),
         (
             "outside.yaml",
-            spec_yaml("web", Path::new("/etc/hostname"), &[]),
+            spec_yaml("web", Path::new("/etc/hostname"), &[], ""),
             "outside the allowed roots",
         ),
     ];
@@ -355,8 +269,8 @@ fn two_specs_claiming_one_disk_through_a_symlink_are_refused() {
     let l = setup(&env);
     let link = env.img("alias.qcow2");
     std::os::unix::fs::symlink(&l[3], &link).unwrap();
-    env.spec("a.yaml", &spec_yaml("a", &l[3], &[]));
-    env.spec("b.yaml", &spec_yaml("b", &link, &[]));
+    env.spec("a.yaml", &spec_yaml("a", &l[3], &[], ""));
+    env.spec("b.yaml", &spec_yaml("b", &link, &[], ""));
     assert_refused(&env, &env.dir.path().join("specs"), "already claims");
 }
 
@@ -368,7 +282,7 @@ fn a_backing_reference_leaving_the_roots_is_refused() {
     create(&base, 1 << 20, None, &[]);
     let top = env.img("top.qcow2");
     create(&top, 0, Some((&base, "qcow2")), &[]);
-    let spec = env.spec("s.yaml", &spec_yaml("web", &top, &[]));
+    let spec = env.spec("s.yaml", &spec_yaml("web", &top, &[], ""));
     assert_refused(&env, &spec, "outside the allowed roots");
 }
 
@@ -383,7 +297,7 @@ fn a_backing_cycle_is_refused() {
         .args(["rebase", "-u", "-F", "qcow2", "-b"])
         .arg(&b)
         .arg(&a));
-    let spec = env.spec("s.yaml", &spec_yaml("web", &b, &[]));
+    let spec = env.spec("s.yaml", &spec_yaml("web", &b, &[], ""));
     assert_refused(&env, &spec, "backing cycle");
 }
 
@@ -394,7 +308,7 @@ fn removing_points_below_a_shared_layer_is_refused_naming_it() {
     create(&env.img("other.qcow2"), 0, Some((&l[1], "qcow2")), &[]);
     let spec = env.spec(
         "s.yaml",
-        &spec_yaml("web", &l[3], &[("mid".into(), Some(l[1].clone()))]),
+        &spec_yaml("web", &l[3], &[("mid".into(), Some(l[1].clone()))], ""),
     );
     assert_refused(&env, &spec, &format!("{} is used by", l[1].display()));
 }
@@ -424,7 +338,7 @@ fn an_image_in_use_by_qemu_is_refused() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let spec = env.spec("s.yaml", &spec_yaml("web", &l[3], &[]));
+    let spec = env.spec("s.yaml", &spec_yaml("web", &l[3], &[], ""));
     let before = env.fingerprints();
     let out = env.plan(&spec);
     qsd.kill().unwrap();
@@ -461,13 +375,11 @@ fn the_text_output_explains_the_choice() {
             "web",
             &d,
             &[("a".into(), Some(a.clone())), ("c".into(), Some(c.clone()))],
+            "",
         ),
     );
-    let out = Command::new(diskchain_bin())
-        .arg("--allowed-root")
-        .arg(env.dir.path().join("img"))
-        .arg("--state-dir")
-        .arg(env.dir.path().join("state"))
+    let out = env
+        .diskchain(&[])
         .args(["plan", "-f"])
         .arg(&spec)
         .output()

@@ -94,4 +94,10 @@ pub trait Executor {
         step: &StepAction,
         progress: &mut dyn FnMut(f64),
     ) -> Result<StepReport, ExecError>;
+
+    /// Tidies what an interrupted run of `step` may have left (before it is run again).
+    fn prepare_resume(&self, step: &StepAction) -> Result<(), ExecError> {
+        let _ = step;
+        Ok(())
+    }
 }

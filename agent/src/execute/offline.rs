@@ -371,6 +371,70 @@ fn sync_file(p: &Path) -> Result<(), ExecError> {
 }
 
 impl Executor for Offline {
+    /// A `qemu-img` killed while writing can leave clusters allocated but unused (leaks): harmless
+    /// to the data, but `qemu-img check` reports them. Repair them in the files the step writes.
+    fn prepare_resume(&self, step: &StepAction) -> Result<(), ExecError> {
+        let written: Vec<&PathBuf> = match step {
+            StepAction::Commit { base, .. } => vec![base],
+            StepAction::Stream { into, .. } => vec![into],
+            StepAction::Rebase { overlay, .. } => vec![overlay],
+            StepAction::Snapshot { .. } | StepAction::Copy { .. } | StepAction::Delete { .. } => {
+                vec![]
+            }
+        };
+        // A `qemu-img rebase` killed mid-way can leave its new backing reference written while
+        // some copied clusters' L2 entries never reached the file (seen with SIGKILL on QEMU
+        // 10.0): the image would read zeros or the wrong base there. A stream never changes the
+        // layers it reads, and what it already copied equals what they read, so pointing `into`
+        // back at the top of those layers restores its exact view; the stream then runs again.
+        if let StepAction::Stream { into, layers, .. } = step
+            && let Some(old) = layers.last()
+            && into.exists()
+        {
+            let into = self.writable("stream", into)?;
+            let old = self
+                .roots
+                .confine(old, "the layer below the streamed one".into())?;
+            let mut c = self.qemu_img();
+            c.args([
+                "rebase",
+                "-u",
+                "-f",
+                self.format("stream", &into)?.as_str(),
+                "-b",
+            ])
+            .arg(&old)
+            .args(["-F", self.format("stream", &old)?.as_str()])
+            .arg(&into);
+            process::run(c, &mut |_| {})?;
+        }
+        for f in written {
+            if !f.exists() || self.formats.get(f) != Some(&Format::Qcow2) {
+                continue;
+            }
+            let f = self.writable("repair", f)?;
+            let out = self
+                .qemu_img()
+                .args(["check", "-q", "-r", "leaks", "-f", "qcow2"])
+                .arg(&f)
+                .output()
+                .map_err(|source| ExecError::Io {
+                    action: "check",
+                    path: f.clone(),
+                    source,
+                })?;
+            // Exit 0: clean; 3: leaks that were repaired. Anything else is corruption: stop.
+            if !matches!(out.status.code(), Some(0) | Some(3)) {
+                return Err(ExecError::Qemu {
+                    command: format!("qemu-img check -r leaks {}", f.display()),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn run(
         &self,
         step: &StepAction,

@@ -1,0 +1,215 @@
+//! A scratch host for end-to-end tests: an allowed root with images, a spec directory, a state
+//! directory, and helpers to build chains and run the `diskchain` binary against them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde_json::Value;
+
+use crate::qemu::{create, diskchain_bin, fingerprint, io, run};
+
+/// The cluster size test chains use.
+pub const CLUSTER: u64 = 65536;
+
+/// A scratch host.
+pub struct Env {
+    /// The temporary directory holding everything.
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    /// A new scratch host with `img/` (the allowed root) and `specs/`.
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("img")).expect("img dir");
+        std::fs::create_dir(dir.path().join("specs")).expect("specs dir");
+        Env { dir }
+    }
+
+    /// The allowed root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("img")
+    }
+
+    /// A path under the allowed root.
+    pub fn img(&self, name: &str) -> PathBuf {
+        self.root().join(name)
+    }
+
+    /// Writes a spec file.
+    pub fn spec(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join("specs").join(file);
+        std::fs::write(&p, text).expect("write spec");
+        p
+    }
+
+    /// The state directory.
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// `diskchain --allowed-root img --state-dir state ARGS...`
+    pub fn diskchain(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(diskchain_bin());
+        c.arg("--allowed-root")
+            .arg(self.root())
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(args);
+        c
+    }
+
+    /// `plan -o json -f PATH`.
+    pub fn plan(&self, path: &Path) -> Output {
+        self.diskchain(&["plan", "-o", "json", "-f"])
+            .arg(path)
+            .output()
+            .expect("run diskchain")
+    }
+
+    /// `plan -o json -f PATH`, which must succeed, parsed.
+    pub fn plan_json(&self, path: &Path) -> Value {
+        let out = self.plan(path);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "plan failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("plan prints JSON")
+    }
+
+    /// `apply -f PATH EXTRA...`.
+    pub fn apply(&self, path: &Path, extra: &[&str]) -> Output {
+        self.diskchain(&["apply"])
+            .args(extra)
+            .arg("-f")
+            .arg(path)
+            .output()
+            .expect("run diskchain")
+    }
+
+    /// SHA-256 and mtime of every file under the root (recursively).
+    pub fn fingerprints(&self) -> BTreeMap<PathBuf, (String, std::time::SystemTime)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![self.root()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.insert(p.clone(), fingerprint(&p));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every image file under the root (recursively).
+    pub fn images(&self) -> Vec<PathBuf> {
+        self.fingerprints()
+            .into_keys()
+            .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+            .collect()
+    }
+}
+
+/// A spec document. `extra` is appended under `spec:` (e.g. "  prune: true\n").
+pub fn spec_yaml(
+    name: &str,
+    active: &Path,
+    points: &[(String, Option<PathBuf>)],
+    extra: &str,
+) -> String {
+    let mut s = format!(
+        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {name}\nspec:\n  source:\n    file: {}\n",
+        active.display()
+    );
+    if !points.is_empty() {
+        s.push_str("  snapshots:\n");
+        for (n, f) in points {
+            s.push_str(&format!("    - name: {n}\n"));
+            if let Some(f) = f {
+                s.push_str(&format!("      file: {}\n", f.display()));
+            }
+        }
+    }
+    s.push_str(extra);
+    s
+}
+
+/// Builds a chain of `n` layers named `{tag}-{i}.qcow2` with random whole-cluster writes (data
+/// with a pattern never used before in the chain, or explicit zeros). `max_run` bounds each
+/// write's length in clusters. Returns the layers, base first.
+pub fn random_chain(
+    env: &Env,
+    rng: &mut StdRng,
+    tag: &str,
+    n: usize,
+    clusters: u64,
+    max_run: u64,
+) -> Vec<PathBuf> {
+    let mut layers: Vec<PathBuf> = Vec::new();
+    let mut pattern = 0u32;
+    for i in 0..n {
+        let p = env.img(&format!("{tag}-{i}.qcow2"));
+        create(
+            &p,
+            clusters * CLUSTER,
+            layers.last().map(|b| (b.as_path(), "qcow2")),
+            &[],
+        );
+        let mut cmds = Vec::new();
+        for _ in 0..rng.random_range(0..6) {
+            let start = rng.random_range(0..clusters);
+            let len = rng.random_range(1..=(clusters - start).min(max_run));
+            let (off, bytes) = (start * CLUSTER, len * CLUSTER);
+            if rng.random_bool(0.3) {
+                cmds.push(format!("write -z {off} {bytes}"));
+            } else {
+                pattern += 1;
+                cmds.push(format!("write -P {} {off} {bytes}", pattern % 255 + 1));
+            }
+        }
+        io(&p, "qcow2", &cmds);
+        layers.push(p);
+    }
+    layers
+}
+
+/// The chain under `active` as `qemu-img info --backing-chain` reports it, base first.
+pub fn backing_chain(active: &Path) -> Vec<PathBuf> {
+    let out = run(Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(active));
+    let v: Value = serde_json::from_str(&out).expect("qemu-img info prints JSON");
+    let mut files: Vec<PathBuf> = v
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|i| PathBuf::from(i["filename"].as_str().expect("filename")))
+        .collect();
+    files.reverse();
+    files
+}
+
+/// Runs `qemu-img check` on a qcow2 file; returns its exit code (0: clean, 2: errors, 3: leaks).
+pub fn check(path: &Path) -> i32 {
+    Command::new("qemu-img")
+        .args(["check", "-U", "-q", "-f", "qcow2"])
+        .arg(path)
+        .status()
+        .expect("run qemu-img check")
+        .code()
+        .unwrap_or(-1)
+}
