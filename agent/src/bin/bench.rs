@@ -2,9 +2,17 @@
 //! `bench-results/plan.json`) and a short summary to stdout. Runs are interleaved and summarised
 //! by their median, so a noisy shared machine skews both sides alike.
 //!
+//! `plan` (the default; `bench-results/plan.json`):
 //! 1. Allocation map of one large, fragmented qcow2 image (64 GiB virtual, hundreds of thousands
 //!    of extents): diskchain's observer against `qemu-img map --output=json` on the same file.
 //! 2. Planning time: one chain of 1,000 layers; 10,000 disks of 8 layers each (one host graph).
+//!
+//! `apply` (`bench-results/apply.json`): removing points from a chain of real images holding a
+//! few GiB written by qemu-io, with `diskchain apply` against the naive one-commit-per-point
+//! sequence (each removed point takes its overlay's content, as `virsh blockcommit --top OVERLAY
+//! --base POINT` does; below the active layer the point is pulled into it), in bytes QEMU wrote
+//! and seconds, side by side on fresh copies; and the disk's own sequential write speed measured
+//! in the same run (the physical limit).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,12 +24,15 @@ use diskchain::observe::{Roots, observe_chain};
 use diskchain_planner::{Allocation, DiskRequest, Format, ImageGraph, KeptPoint, Layer, plan_disk};
 use serde_json::json;
 
-/// Benchmarks of the observer and the planner.
+/// Benchmarks of the observer, the planner and apply.
 #[derive(Parser)]
 struct Args {
-    /// Where to write the figures.
-    #[arg(long, default_value = "bench-results/plan.json")]
-    out: PathBuf,
+    /// Which benchmark: `plan` or `apply`.
+    #[arg(default_value = "plan")]
+    which: String,
+    /// Where to write the figures (default: bench-results/<which>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Scratch directory for the large image (about 1 GiB of data is written once, then reused).
     #[arg(long, default_value = "target/bench-scratch")]
     workdir: PathBuf,
@@ -271,9 +282,26 @@ fn many_disks_bench(runs: usize) -> serde_json::Value {
 
 fn main() {
     let args = Args::parse();
-    let observer = observer_bench(&args);
-    let long = long_chain_bench(args.runs);
-    let many = many_disks_bench(args.runs);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench-results/{}.json", args.which)));
+    let figures = match args.which.as_str() {
+        "plan" => plan_benches(&args),
+        "apply" => apply_bench(&args),
+        other => {
+            eprintln!("unknown benchmark {other:?}: use plan or apply");
+            std::process::exit(2);
+        }
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&figures).unwrap()).unwrap();
+    println!("figures written to {}", out.display());
+}
+
+fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -293,17 +321,346 @@ fn main() {
                 .to_string()
         })
         .unwrap_or_default();
-    let out = json!({
-        "command": "cargo run --release -p diskchain --bin diskchain-bench",
-        "machine": {"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "qemu": qemu},
+    json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "qemu": qemu})
+}
+
+fn plan_benches(args: &Args) -> serde_json::Value {
+    let observer = observer_bench(args);
+    let long = long_chain_bench(args.runs);
+    let many = many_disks_bench(args.runs);
+    json!({
+        "command": "cargo run --release -p diskchain --bin diskchain-bench -- plan",
+        "machine": machine(),
         "runs": args.runs,
         "allocation_map": observer,
         "plan_long_chain": long,
         "plan_many_disks": many,
-    });
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir).unwrap();
+    })
+}
+
+/// Runs a command to completion; returns its seconds and the bytes it wrote (`wchar` of
+/// `/proc/PID/io`, read after it exits but before it is reaped: the executor's own method).
+fn run_counted(mut cmd: Command) -> (f64, u64) {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let t = Instant::now();
+    let child = cmd.stdout(Stdio::null()).spawn().expect("spawn");
+    let pid = child.id();
+    let _ = waitid(
+        Id::Pid(nix::unistd::Pid::from_raw(pid as i32)),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+    );
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let wchar = io
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{cmd:?} failed");
+    (t.elapsed().as_secs_f64(), wchar)
+}
+
+/// Builds the benchmark chain in `dir`: one layer per entry of `mib`, 8 GiB virtual, each
+/// writing that many MiB in 64 MiB runs at offsets that shift per layer (layers partly shadow
+/// each other).
+fn build_apply_chain(dir: &Path, mib: &[u64]) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut layers: Vec<PathBuf> = Vec::new();
+    for (i, m) in mib.iter().enumerate() {
+        let p = dir.join(format!("l{i}.qcow2"));
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = layers.last() {
+            c.arg("-b").arg(b).args(["-F", "qcow2"]);
+        }
+        c.arg(&p).arg((8u64 << 30).to_string());
+        assert!(c.status().unwrap().success());
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(&p)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            let mut w = std::io::BufWriter::new(child.stdin.take().unwrap());
+            for k in 0..m / 64 {
+                let off = ((k * 96 + i as u64 * 40) % (8 * 1024 - 64)) << 20;
+                writeln!(w, "write -P {} {off} 64M", (i as u64 * 31 + k) % 250 + 1).unwrap();
+            }
+            writeln!(w, "quit").unwrap();
+        }
+        assert!(child.wait().unwrap().success());
+        layers.push(p);
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&out).unwrap()).unwrap();
-    println!("figures written to {}", args.out.display());
+    layers
+}
+
+/// A fresh copy of the chain in `to`, re-pointed at its own files.
+fn copy_chain(from: &[PathBuf], to: &Path) -> Vec<PathBuf> {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for f in from {
+        let dst = to.join(f.file_name().unwrap());
+        assert!(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(f)
+                .arg(&dst)
+                .status()
+                .unwrap()
+                .success()
+        );
+        if let Some(prev) = out.last() {
+            let ok = Command::new("qemu-img")
+                .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(prev)
+                .arg(&dst)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+        out.push(dst);
+    }
+    let _ = Command::new("sync").status();
+    out
+}
+
+/// The naive sequence: each removed point, bottom-up, takes its overlay's content (`qemu-img
+/// commit -d` of the overlay into it, then the layer above is re-pointed); when its overlay is
+/// the active layer, the point is pulled into the active layer instead (offline, an active commit
+/// cannot keep the active path).
+fn naive(chain: &[PathBuf], keep: &[usize]) -> (f64, u64) {
+    let mut cur: Vec<PathBuf> = chain.to_vec();
+    // Which original point each current file stands for.
+    let mut ids: Vec<usize> = (0..chain.len()).collect();
+    let (mut secs, mut bytes) = (0.0, 0);
+    for x in 0..chain.len() - 1 {
+        if keep.contains(&x) {
+            continue;
+        }
+        let pos = ids.iter().position(|&i| i == x).unwrap();
+        let overlay = pos + 1;
+        let mut c = Command::new("qemu-img");
+        if overlay == cur.len() - 1 {
+            c.args(["rebase", "-f", "qcow2"]);
+            match pos.checked_sub(1) {
+                Some(b) => c.arg("-b").arg(&cur[b]).args(["-F", "qcow2"]),
+                None => c.args(["-b", ""]),
+            };
+            c.arg(&cur[overlay]);
+            let (s, b) = run_counted(c);
+            secs += s;
+            bytes += b;
+            cur.remove(pos);
+            ids.remove(pos);
+        } else {
+            c.args(["commit", "-q", "-d", "-f", "qcow2", "-b"])
+                .arg(&cur[pos])
+                .arg(&cur[overlay]);
+            let (s, b) = run_counted(c);
+            secs += s;
+            bytes += b;
+            let mut c = Command::new("qemu-img");
+            c.args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(&cur[pos])
+                .arg(&cur[overlay + 1]);
+            let (s, b) = run_counted(c);
+            secs += s;
+            bytes += b;
+            ids[pos] = ids[overlay];
+            cur.remove(overlay);
+            ids.remove(overlay);
+        }
+    }
+    (secs, bytes)
+}
+
+/// SHA-256 of each file's guest view.
+fn views_sha(chain: &[PathBuf]) -> Vec<String> {
+    chain
+        .iter()
+        .map(|f| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "qemu-img convert -U -O raw '{}' /dev/stdout | sha256sum",
+                    f.display()
+                ))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Starts a measurement from the same place each time: dirty pages written back, and (when
+/// allowed) the page cache dropped, so neither side reads what the other left cached.
+fn settle() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Sequential write speed of the disk under `dir`: 1 GiB written with O_DIRECT, then fsync.
+fn disk_write_speed(dir: &Path) -> f64 {
+    let f = dir.join("ddtest");
+    let t = Instant::now();
+    let ok = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            "bs=4M",
+            "count=256",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        ])
+        .arg(format!("of={}", f.display()))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&f);
+    (1u64 << 30) as f64 / secs
+}
+
+fn apply_bench(args: &Args) -> serde_json::Value {
+    let work = args.workdir.join("apply");
+    std::fs::create_dir_all(&work).unwrap();
+    let work = work.canonicalize().unwrap();
+    let mib: [u64; 8] = [1024, 512, 256, 512, 128, 384, 256, 64];
+    let keep = [2usize, 5];
+    let t = Instant::now();
+    let master = build_apply_chain(&work.join("master"), &mib);
+    let build_seconds = t.elapsed().as_secs_f64();
+    let bin = std::env::current_exe().unwrap().with_file_name("diskchain");
+    let (mut planned_s, mut planned_b, mut naive_s, mut naive_b, mut speeds) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut predicted = 0;
+    let state = work.join("state");
+    for run in 0..args.runs {
+        settle();
+        speeds.push(disk_write_speed(&work));
+        // Alternate which side runs first, so drift in the machine's load hits both alike.
+        for side in if run % 2 == 0 {
+            ["diskchain", "naive"]
+        } else {
+            ["naive", "diskchain"]
+        } {
+            if side == "naive" {
+                let chain = copy_chain(&master, &work.join("naive"));
+                settle();
+                let (s, b) = naive(&chain, &keep);
+                naive_s.push(s);
+                naive_b.push(b);
+                continue;
+            }
+            let chain = copy_chain(&master, &work.join("planned"));
+            let spec = work.join("spec.yaml");
+            let mut y = format!(
+                "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: bench\nspec:\n  source:\n    file: {}\n  snapshots:\n",
+                chain.last().unwrap().display()
+            );
+            for k in keep {
+                y.push_str(&format!(
+                    "    - name: p{k}\n      file: {}\n",
+                    chain[k].display()
+                ));
+            }
+            std::fs::write(&spec, y).unwrap();
+            let before = (run == 0)
+                .then(|| views_sha(&[chain[2].clone(), chain[5].clone(), chain[7].clone()]));
+            let _ = std::fs::remove_dir_all(&state);
+            let dc = |sub: &[&str]| {
+                let mut c = Command::new(&bin);
+                c.arg("--allowed-root")
+                    .arg(&work)
+                    .arg("--state-dir")
+                    .arg(&state)
+                    .args(sub)
+                    .arg(&spec);
+                c
+            };
+            let plan = dc(&["plan", "-o", "json", "-f"]).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+            predicted = v["disks"][0]["total_bytes"].as_u64().unwrap();
+            settle();
+            let t = Instant::now();
+            assert!(
+                dc(&["apply", "-f"])
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success(),
+                "diskchain apply failed"
+            );
+            planned_s.push(t.elapsed().as_secs_f64());
+            let rec: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(state.join("disks/bench.json")).unwrap(),
+            )
+            .unwrap();
+            planned_b.push(rec["last_apply"]["written_bytes"].as_u64().unwrap());
+            if let Some(before) = before {
+                let out = Command::new("qemu-img")
+                    .args(["info", "-U", "--backing-chain", "--output=json"])
+                    .arg(chain.last().unwrap())
+                    .output()
+                    .unwrap();
+                let infos: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let mut files: Vec<PathBuf> = infos
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| PathBuf::from(i["filename"].as_str().unwrap()))
+                    .collect();
+                files.reverse();
+                assert_eq!(
+                    views_sha(&files),
+                    before,
+                    "diskchain apply changed a kept view"
+                );
+            }
+        }
+        println!(
+            "run {run}: diskchain {:.2} s {} MiB, naive {:.2} s {} MiB, disk {:.0} MiB/s",
+            planned_s[run],
+            planned_b[run] >> 20,
+            naive_s[run],
+            naive_b[run] >> 20,
+            speeds[run] / 1048576.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(work.join("planned"));
+    let _ = std::fs::remove_dir_all(work.join("naive"));
+    let medb = |v: &[u64]| median(v.iter().map(|&x| x as f64).collect());
+    let (ps, pb) = (median(planned_s.clone()), medb(&planned_b));
+    let (ns, nb) = (median(naive_s.clone()), medb(&naive_b));
+    let sp = median(speeds.clone());
+    let limit = predicted as f64 / sp;
+    println!(
+        "apply: diskchain {ps:.1} s / {:.0} MiB, naive {ns:.1} s / {:.0} MiB: naive writes {:.2}x the bytes and takes {:.2}x the time; the disk writes {:.0} MiB/s, so {limit:.1} s is the limit for the planned bytes (diskchain takes {:.2}x that)",
+        pb / 1048576.0,
+        nb / 1048576.0,
+        nb / pb,
+        ns / ps,
+        sp / 1048576.0,
+        ps / limit
+    );
+    json!({
+        "command": "cargo run --release -p diskchain --bin diskchain-bench -- apply",
+        "machine": machine(),
+        "runs": args.runs,
+        "chain": {"layers": mib.len(), "written_mib_per_layer": mib, "kept_points": keep, "virtual_bytes": 8u64 << 30, "build_seconds": build_seconds},
+        "predicted_bytes": predicted,
+        "diskchain": {"seconds": planned_s, "written_bytes": planned_b, "median_seconds": ps, "median_written_bytes": pb},
+        "naive_commit_per_point": {"seconds": naive_s, "written_bytes": naive_b, "median_seconds": ns, "median_written_bytes": nb},
+        "disk_sequential_write_bytes_per_sec": {"runs": speeds, "median": sp},
+        "ratios": {"naive_over_diskchain_bytes": nb / pb, "naive_over_diskchain_seconds": ns / ps, "diskchain_seconds_over_disk_limit": ps / limit},
+    })
 }
