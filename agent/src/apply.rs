@@ -32,6 +32,8 @@ pub enum ProgressMode {
     Bar,
     /// One plain line per step.
     Lines,
+    /// Nothing on stdout (the agent logs instead).
+    Quiet,
 }
 
 impl ProgressMode {
@@ -46,12 +48,27 @@ impl ProgressMode {
 }
 
 /// Options of `apply`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ApplyOptions {
     /// Passed to the executors.
     pub exec: ExecOptions,
     /// How progress is shown.
     pub progress: ProgressMode,
+    /// When set, no new step starts (the plan stays journaled and resumes on the next run).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// One step as it ran.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StepRecord {
+    /// The operation.
+    pub op: String,
+    /// Data bytes predicted.
+    pub predicted_bytes: u64,
+    /// Bytes QEMU wrote.
+    pub written_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
 }
 
 /// What `apply` did to one disk.
@@ -65,6 +82,8 @@ pub struct DiskOutcome {
     pub predicted_bytes: u64,
     /// Bytes the QEMU processes wrote.
     pub written_bytes: u64,
+    /// Each step as it ran.
+    pub records: Vec<StepRecord>,
 }
 
 /// What `apply` did.
@@ -116,6 +135,12 @@ pub enum ApplyError {
         /// What was planned.
         expected: String,
     },
+    /// A shutdown was requested: the plan stays journaled and resumes on the next run.
+    #[error("stopped before step {index} for shutdown; the plan resumes on the next start")]
+    Stopped {
+        /// 1-based step number not started.
+        index: usize,
+    },
     /// The chain cannot be observed after a step.
     #[error("after step {index} the chain cannot be read: {source}")]
     Observe {
@@ -135,6 +160,7 @@ impl ApplyError {
             } => ErrorKind::InUse,
             ApplyError::Step { source, .. } if source.is_bad_input() => ErrorKind::BadInput,
             ApplyError::Mismatch { .. } => ErrorKind::BadInput,
+            ApplyError::Stopped { .. } => ErrorKind::Stopped,
             _ => ErrorKind::Failed,
         }
     }
@@ -191,7 +217,7 @@ pub fn apply_loaded(
                             name: spec.name.clone(),
                             ..Default::default()
                         });
-                    if let Err(e) = finish(journal, roots, state, options, out) {
+                    if let Err(e) = finish(journal, roots, state, &options, out) {
                         let kind = e.kind();
                         fail(
                             &mut report,
@@ -266,7 +292,7 @@ pub fn apply_loaded(
             let result = journal
                 .save(state)
                 .map_err(ApplyError::from)
-                .and_then(|()| finish(journal, roots, state, options, out));
+                .and_then(|()| finish(journal, roots, state, &options, out));
             if let Err(e) = result {
                 let kind = e.kind();
                 fail(
@@ -373,13 +399,20 @@ fn finish(
     mut journal: Journal,
     roots: &Roots,
     state: &StateDir,
-    options: ApplyOptions,
+    options: &ApplyOptions,
     out: &mut DiskOutcome,
 ) -> Result<(), ApplyError> {
     let dead: HashSet<PathBuf> = journal.leaving.iter().cloned().collect();
     let exec = Offline::new(roots.clone(), journal.formats.clone(), dead, options.exec);
     let total = journal.steps.len();
     while let Some(i) = journal.next() {
+        if options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(ApplyError::Stopped { index: i + 1 });
+        }
         let step = journal.steps[i].step.clone();
         let op = step.action.op();
         if journal.steps[i].state == StepState::Running {
@@ -408,7 +441,7 @@ fn finish(
                 b.set_message(label.clone());
                 Some(b)
             }
-            ProgressMode::Lines => None,
+            ProgressMode::Lines | ProgressMode::Quiet => None,
         };
         let len = step.bytes.max(1) as f64;
         let result = exec.run(&step.action, &mut |f| {
@@ -429,12 +462,20 @@ fn finish(
         journal.steps[i].seconds = r.seconds;
         journal.save(state)?;
         tracing::info!(disk = %journal.disk, step = i + 1, op, predicted = step.bytes, written = r.written_bytes, seconds = r.seconds, "step done");
-        println!(
-            "{label} done: {} predicted, {} written by QEMU, {:.2} s",
-            human_bytes(step.bytes),
-            human_bytes(r.written_bytes),
-            r.seconds
-        );
+        if options.progress != ProgressMode::Quiet {
+            println!(
+                "{label} done: {} predicted, {} written by QEMU, {:.2} s",
+                human_bytes(step.bytes),
+                human_bytes(r.written_bytes),
+                r.seconds
+            );
+        }
+        out.records.push(StepRecord {
+            op: op.to_string(),
+            predicted_bytes: step.bytes,
+            written_bytes: r.written_bytes,
+            seconds: r.seconds,
+        });
         out.steps.push(op.to_string());
         out.predicted_bytes += step.bytes;
         out.written_bytes += r.written_bytes;

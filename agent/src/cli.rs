@@ -24,9 +24,22 @@ pub struct Cli {
     /// backing reference must resolve inside one, symlinks followed.
     #[arg(long = "allowed-root", global = true, value_name = "DIR", default_values = ["/var/lib/diskchain"])]
     pub allowed_roots: Vec<PathBuf>,
+    /// Log format on stderr: `text` for people, `json` for log collectors. Verbosity comes from
+    /// `DISKCHAIN_LOG` (e.g. `info`, `diskchain=debug`); the agent logs at `info` by default.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Log formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Output formats.
@@ -62,6 +75,36 @@ pub enum Command {
         path: PathBuf,
         /// Limit QEMU's copying to this many bytes per second (QEMU's own rate limit; applies to
         /// commits and whole-chain copies, which qemu-img can throttle).
+        #[arg(long, value_name = "BYTES")]
+        max_bytes_per_sec: Option<u64>,
+    },
+    /// Watch a spec directory and keep every disk reconciled to its spec (runs until SIGTERM or
+    /// SIGINT, then exits 0).
+    ///
+    /// Changes to the directory are acted on once it has been quiet for --debounce; every disk is
+    /// also re-observed every --resync, so chains changed by hand are corrected (or reported when
+    /// that would lose a point). Removing a spec releases its disk; nothing is deleted.
+    Agent {
+        /// The spec directory (e.g. a git checkout).
+        #[arg(long, value_name = "DIR")]
+        specs: PathBuf,
+        /// Re-observe every disk this often (e.g. 30s, 5m).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        resync: std::time::Duration,
+        /// Disks reconciled at the same time.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        max_parallel: usize,
+        /// Serve /healthz, /readyz and Prometheus /metrics on this address (e.g. 127.0.0.1:9184).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// On shutdown, how long running steps may take to finish before their QEMU processes are
+        /// stopped (the journal resumes them on the next start).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// How long the spec directory must be quiet before a change is acted on.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+        debounce: std::time::Duration,
+        /// Limit QEMU's copying to this many bytes per second (see `apply`).
         #[arg(long, value_name = "BYTES")]
         max_bytes_per_sec: Option<u64>,
     },

@@ -18,6 +18,7 @@ pub mod execute;
 pub mod journal;
 pub mod observe;
 pub mod plan;
+pub mod reconcile;
 pub mod render;
 pub mod state;
 pub mod status;

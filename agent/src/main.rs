@@ -3,23 +3,39 @@
 
 use clap::Parser;
 use diskchain::apply::{self, ApplyOptions, ProgressMode};
-use diskchain::cli::{Cli, Command, Output};
+use diskchain::cli::{Cli, Command, LogFormat, Output};
 use diskchain::execute::ExecOptions;
 use diskchain::plan::{PlanRunError, run};
 use diskchain::render;
 use diskchain::state::StateDir;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("DISKCHAIN_LOG"))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(&cli);
     let code = match cli.command {
         Command::Crd => {
             print!("{}", diskchain_crd::crd_yaml());
             0
         }
+        Command::Agent {
+            specs,
+            resync,
+            max_parallel,
+            listen,
+            grace,
+            debounce,
+            max_bytes_per_sec,
+        } => diskchain::reconcile::run(diskchain::reconcile::AgentOptions {
+            specs,
+            roots: cli.allowed_roots.clone(),
+            state: StateDir::new(&cli.state_dir),
+            resync,
+            max_parallel,
+            listen,
+            grace,
+            debounce,
+            exec: ExecOptions { max_bytes_per_sec },
+        }),
         Command::Apply {
             path,
             max_bytes_per_sec,
@@ -27,6 +43,7 @@ fn main() {
             let options = ApplyOptions {
                 exec: ExecOptions { max_bytes_per_sec },
                 progress: ProgressMode::detect(),
+                stop: None,
             };
             match apply::run(
                 &path,
@@ -91,6 +108,26 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Logs go to stderr, as text or JSON; `DISKCHAIN_LOG` sets the filter (default: `info` for the
+/// agent, errors only for the one-shot commands, whose output is on stdout).
+fn init_logging(cli: &Cli) {
+    let default = if matches!(cli.command, Command::Agent { .. }) {
+        "info"
+    } else {
+        "error"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DISKCHAIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
 /// Reports an error that stopped everything before any disk was touched: bad input, exit 2.

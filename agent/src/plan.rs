@@ -21,6 +21,8 @@ pub enum ErrorKind {
     InUse,
     /// Something failed that may pass (I/O, a QEMU tool).
     Failed,
+    /// Work stopped for a shutdown; it resumes on the next start.
+    Stopped,
 }
 
 /// A disk that could not be planned (or applied).
@@ -66,7 +68,11 @@ impl PlanReport {
     pub fn exit_code(&self) -> i32 {
         if self.errors.is_empty() {
             0
-        } else if self.errors.iter().any(|e| e.kind != ErrorKind::Failed) {
+        } else if self
+            .errors
+            .iter()
+            .any(|e| matches!(e.kind, ErrorKind::BadInput | ErrorKind::InUse))
+        {
             2
         } else {
             1

@@ -16,7 +16,7 @@
 mod load;
 mod types;
 
-pub use load::{LoadedSpec, SpecError, SpecErrors, load_path, load_str};
+pub use load::{LoadedSpec, SpecError, SpecErrors, load_path, load_path_lenient, load_str};
 pub use types::{
     API_VERSION, DiskChain, DiskChainSpec, DiskChainStatus, KIND, LibvirtSource, Placement,
     SnapshotSpec, Source, SpecDocument, SpecMetadata,

@@ -7,6 +7,8 @@
 pub mod offline;
 mod process;
 
+pub use process::terminate_running;
+
 use std::path::PathBuf;
 
 use diskchain_planner::StepAction;

@@ -9,6 +9,23 @@ use nix::sys::wait::{Id, WaitPidFlag, waitid};
 
 use super::ExecError;
 
+/// QEMU processes running now, so a shutdown can stop them at a point the journal resumes from.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Sends SIGTERM to every QEMU process diskchain is running (a shutdown whose grace period ran
+/// out). Each step is idempotent, so the journal runs the interrupted step again on the next
+/// start.
+pub fn terminate_running() -> usize {
+    let pids = RUNNING.lock().map(|v| v.clone()).unwrap_or_default();
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    pids.len()
+}
+
 /// The `wchar` line of `/proc/PID/io`.
 fn wchar(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
@@ -30,6 +47,9 @@ pub(crate) fn run(mut cmd: Command, progress: &mut dyn FnMut(f64)) -> Result<u64
         source,
     })?;
     let pid = child.id();
+    if let Ok(mut r) = RUNNING.lock() {
+        r.push(pid);
+    }
     let mut stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -68,6 +88,9 @@ pub(crate) fn run(mut cmd: Command, progress: &mut dyn FnMut(f64)) -> Result<u64
         WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
     );
     let written = wchar(pid).unwrap_or(0);
+    if let Ok(mut r) = RUNNING.lock() {
+        r.retain(|&p| p != pid);
+    }
     let status = child.wait().map_err(|source| ExecError::Io {
         action: "wait for",
         path: PathBuf::from(&shown),

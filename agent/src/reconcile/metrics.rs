@@ -1,0 +1,128 @@
+//! Prometheus metrics of the agent (prometheus-client, OpenMetrics text on `/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A disk and how a reconcile of it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// The disk.
+    pub disk: String,
+    /// `ok`, `in_sync`, `bad_input`, `in_use`, `failed` or `stopped`.
+    pub result: String,
+}
+
+/// An operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// `snapshot`, `stream`, `commit`, `copy`, `rebase` or `delete`.
+    pub op: String,
+}
+
+/// A disk.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiskLabels {
+    /// The disk.
+    pub disk: String,
+}
+
+fn step_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 16))
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles by disk and result.
+    pub reconciles: Family<ResultLabels, Counter>,
+    /// Bytes QEMU wrote, by operation.
+    pub bytes_written: Family<OpLabels, Counter>,
+    /// Data bytes the current plan of a disk would write.
+    pub plan_bytes: Family<DiskLabels, Gauge>,
+    /// Layers in a disk's chain as last observed.
+    pub chain_length: Family<DiskLabels, Gauge>,
+    /// 1 when a disk's chain differs from its spec as last observed.
+    pub drift: Family<DiskLabels, Gauge>,
+    /// Step durations, by operation.
+    pub step_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
+    /// Spec documents that do not load.
+    pub spec_errors: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("diskchain");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let bytes_written = Family::<OpLabels, Counter>::default();
+        let plan_bytes = Family::<DiskLabels, Gauge>::default();
+        let chain_length = Family::<DiskLabels, Gauge>::default();
+        let drift = Family::<DiskLabels, Gauge>::default();
+        let step_seconds =
+            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(step_histogram);
+        let spec_errors = Gauge::default();
+        registry.register(
+            "reconciles",
+            "Reconciles of a disk, by result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "written_bytes",
+            "Bytes QEMU wrote for plan steps, by operation",
+            bytes_written.clone(),
+        );
+        registry.register(
+            "plan_bytes",
+            "Data bytes the current plan of a disk would write",
+            plan_bytes.clone(),
+        );
+        registry.register(
+            "chain_length",
+            "Layers in a disk's chain, active included",
+            chain_length.clone(),
+        );
+        registry.register(
+            "drift",
+            "1 when a disk's real chain differs from its spec",
+            drift.clone(),
+        );
+        registry.register(
+            "step_duration_seconds",
+            "Duration of plan steps, by operation",
+            step_seconds.clone(),
+        );
+        registry.register(
+            "spec_errors",
+            "Spec documents that do not load",
+            spec_errors.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            bytes_written,
+            plan_bytes,
+            chain_length,
+            drift,
+            step_seconds,
+            spec_errors,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,535 @@
+//! `diskchain agent`: the reconcile loop over a watched spec directory (file mode, the embedded
+//! default).
+//!
+//! ```text
+//!  spec dir ──notify (debounced)──┐
+//!  resync interval ───────────────┼─▶ pass: load specs (a bad file sidelines only its disk)
+//!                                 │         plan every disk at once (one scan of the roots)
+//!                                 │         disks with work ─▶ worker pool (--max-parallel)
+//!  worker: apply one disk (journaled) ◀─┘   disks sharing layers take one host-wide lock
+//! ```
+//!
+//! One disk never runs two plans at once; a failing disk backs off exponentially and never blocks
+//! the others; a disk whose spec is invalid, suspended or removed is left alone (removing a spec
+//! releases the disk, it never deletes anything). SIGTERM or SIGINT: no new step starts, running
+//! steps get `--grace` to finish, then the QEMU processes are stopped at a point the journal
+//! resumes from; exit 0.
+
+mod http;
+mod metrics;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diskchain_crd::{LoadedSpec, load_path_lenient};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+pub use metrics::Metrics;
+
+use crate::apply::{ApplyOptions, ApplyReport, ProgressMode, apply_loaded};
+use crate::execute::{ExecOptions, terminate_running};
+use crate::journal::{Journal, now_unix};
+use crate::observe::Roots;
+use crate::plan::{ErrorKind, plan_loaded};
+use crate::state::{StateDir, write_atomic};
+
+/// What `diskchain agent` is told.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The spec directory (a git checkout).
+    pub specs: PathBuf,
+    /// Allowed roots.
+    pub roots: Vec<PathBuf>,
+    /// The state directory.
+    pub state: StateDir,
+    /// Re-observe every disk this often.
+    pub resync: Duration,
+    /// Disks reconciled at once.
+    pub max_parallel: usize,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics`.
+    pub listen: Option<SocketAddr>,
+    /// How long running steps may take to finish on shutdown.
+    pub grace: Duration,
+    /// How long the spec directory must be quiet before a change is acted on.
+    pub debounce: Duration,
+    /// Passed to the executors.
+    pub exec: ExecOptions,
+}
+
+/// What the agent knows of one disk, written to `<state-dir>/agent.json` for `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DiskTrack {
+    /// The disk.
+    pub name: String,
+    /// `in_sync`, `ok`, `bad_input`, `in_use`, `failed`, `stopped`, `suspended` or `running`.
+    pub result: String,
+    /// The last error, if the last reconcile failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Failures in a row (the backoff grows with them).
+    pub failures: u32,
+    /// Seconds since the Unix epoch of the last reconcile.
+    pub last_unix: u64,
+    #[serde(skip)]
+    next_attempt: Option<Instant>,
+}
+
+/// The agent's own record, `<state-dir>/agent.json`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AgentRecord {
+    /// The agent's process.
+    pub pid: u32,
+    /// When it started.
+    pub started_unix: u64,
+    /// When this record was written.
+    pub updated_unix: u64,
+    /// Spec files that do not load, with why.
+    pub spec_errors: Vec<String>,
+    /// Per disk.
+    pub disks: Vec<DiskTrack>,
+}
+
+/// State shared with the HTTP server.
+pub struct Shared {
+    /// The metrics.
+    pub metrics: Metrics,
+    /// True once the first pass over every disk is done.
+    pub ready: AtomicBool,
+}
+
+type TaskResult = (String, Result<ApplyReport, String>);
+
+struct Agent {
+    opts: AgentOptions,
+    roots: Roots,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    tracks: BTreeMap<String, DiskTrack>,
+    running: HashSet<String>,
+    tasks: JoinSet<TaskResult>,
+    permits: Arc<Semaphore>,
+    shared_layers: Arc<Mutex<()>>,
+    spec_errors: Vec<String>,
+    started_unix: u64,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Returns the exit code.
+pub fn run(opts: AgentOptions) -> i32 {
+    let roots = match Roots::new(&opts.roots) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        let shared = Arc::new(Shared {
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(false),
+        });
+        if let Some(addr) = opts.listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+                    tokio::spawn(http::serve(listener, shared.clone()));
+                }
+                Err(e) => {
+                    eprintln!("error: failed to listen on {addr}: {e}");
+                    return 2;
+                }
+            }
+        }
+        let agent = Agent {
+            permits: Arc::new(Semaphore::new(opts.max_parallel.max(1))),
+            opts,
+            roots,
+            shared,
+            stop: Arc::new(AtomicBool::new(false)),
+            tracks: BTreeMap::new(),
+            running: HashSet::new(),
+            tasks: JoinSet::new(),
+            shared_layers: Arc::new(Mutex::new(())),
+            spec_errors: Vec::new(),
+            started_unix: now_unix(),
+        };
+        agent.main_loop().await
+    })
+}
+
+impl Agent {
+    async fn main_loop(mut self) -> i32 {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watcher = watch(&self.opts.specs, self.opts.debounce, tx);
+        if let Err(e) = &watcher {
+            tracing::warn!(error = %e, specs = %self.opts.specs.display(), "cannot watch the spec directory; relying on --resync");
+        }
+        let mut tick = tokio::time::interval(self.opts.resync);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: failed to handle SIGTERM: {e}");
+                    return 1;
+                }
+            };
+        tracing::info!(specs = %self.opts.specs.display(), resync = %humantime::format_duration(self.opts.resync), "agent started");
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.pass("resync").await,
+                Some(()) = rx.recv() => {
+                    while rx.try_recv().is_ok() {}
+                    self.pass("spec change").await;
+                }
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Ok(r) = done {
+                        self.finished(r);
+                    }
+                }
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        self.shutdown().await;
+        drop(watcher);
+        0
+    }
+
+    async fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        tracing::info!(running = self.running.len(), grace = %humantime::format_duration(self.opts.grace), "shutting down: no new steps start; running steps may finish");
+        let deadline = tokio::time::Instant::now() + self.opts.grace;
+        while !self.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(Ok(r))) => self.finished(r),
+                Ok(_) => {}
+                Err(_) => {
+                    let n = terminate_running();
+                    tracing::warn!(
+                        stopped = n,
+                        "grace period over: stopped the running QEMU processes; their steps resume on the next start"
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                        while let Some(r) = self.tasks.join_next().await {
+                            if let Ok(r) = r {
+                                self.finished(r);
+                            }
+                        }
+                    })
+                    .await;
+                    break;
+                }
+            }
+        }
+        self.write_record();
+        tracing::info!("agent stopped");
+    }
+
+    /// One pass: load every spec, plan every disk at once, start the disks that have work.
+    async fn pass(&mut self, why: &'static str) {
+        if self.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let started = Instant::now();
+        let specs_dir = self.opts.specs.clone();
+        let (specs, errors) =
+            match tokio::task::spawn_blocking(move || load_path_lenient(&specs_dir)).await {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+        let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        if errors != self.spec_errors {
+            for e in &errors {
+                tracing::warn!(error = %e, "spec not loaded; its disk is left alone");
+            }
+        }
+        self.spec_errors = errors;
+        self.shared
+            .metrics
+            .spec_errors
+            .set(self.spec_errors.len() as i64);
+
+        // Disks whose spec went away are released: forgotten, never touched.
+        let names: HashSet<String> = specs.iter().map(|s| s.name.clone()).collect();
+        let gone: Vec<String> = self
+            .tracks
+            .keys()
+            .filter(|n| !names.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            if !self.running.contains(&n) {
+                tracing::info!(disk = %n, "spec removed: the disk is released, nothing is deleted");
+                self.tracks.remove(&n);
+            }
+        }
+        let mut candidates: Vec<LoadedSpec> = Vec::new();
+        for s in specs {
+            if s.spec().suspend {
+                self.track(&s.name).result = "suspended".into();
+                continue;
+            }
+            if !self.running.contains(&s.name) {
+                candidates.push(s);
+            }
+        }
+        let roots = self.roots.clone();
+        let state = self.opts.state.clone();
+        let planned = {
+            let c = candidates.clone();
+            tokio::task::spawn_blocking(move || plan_loaded(&c, &roots, &state)).await
+        };
+        let report = match planned {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot plan any disk");
+                return;
+            }
+            Err(_) => return,
+        };
+        // Files in more than one disk's chain: steps of those disks are serialised.
+        let mut users: HashMap<PathBuf, usize> = HashMap::new();
+        for d in &report.disks {
+            for f in &d.plan.chain {
+                *users.entry(f.clone()).or_default() += 1;
+            }
+        }
+        let now = Instant::now();
+        for e in &report.errors {
+            let result = kind_name(e.kind);
+            self.shared
+                .metrics
+                .reconciles
+                .get_or_create(&metrics::ResultLabels {
+                    disk: e.name.clone(),
+                    result: result.into(),
+                })
+                .inc();
+            let t = self.track(&e.name);
+            let changed = t.error.as_deref() != Some(e.error.as_str());
+            t.result = result.into();
+            t.error = Some(e.error.clone());
+            t.last_unix = now_unix();
+            if changed {
+                tracing::warn!(disk = %e.name, error = %e.error, "disk left alone");
+            }
+        }
+        let mut started_work = 0;
+        for d in report.disks {
+            let name = d.plan.name.clone();
+            let labels = metrics::DiskLabels { disk: name.clone() };
+            let m = &self.shared.metrics;
+            m.plan_bytes
+                .get_or_create(&labels)
+                .set(d.plan.total_bytes as i64);
+            m.chain_length
+                .get_or_create(&labels)
+                .set(d.plan.chain.len() as i64);
+            let in_flight = Journal::load(&self.opts.state, &name)
+                .ok()
+                .flatten()
+                .is_some();
+            let drift = !d.plan.steps.is_empty();
+            m.drift.get_or_create(&labels).set(i64::from(drift));
+            if !drift && !in_flight {
+                let t = self.track(&name);
+                if t.result != "in_sync" {
+                    tracing::info!(disk = %name, "in sync with its spec");
+                }
+                t.result = "in_sync".into();
+                t.error = None;
+                t.failures = 0;
+                t.last_unix = now_unix();
+                continue;
+            }
+            let t = self.track(&name);
+            if t.next_attempt.is_some_and(|at| at > now) {
+                continue;
+            }
+            let Some(spec) = candidates.iter().find(|s| s.name == name).cloned() else {
+                continue;
+            };
+            let sharing = d
+                .plan
+                .chain
+                .iter()
+                .any(|f| users.get(f).copied().unwrap_or(0) > 1);
+            tracing::info!(disk = %name, steps = d.plan.steps.len(), bytes = d.plan.total_bytes, sharing, trigger = why, "reconciling");
+            self.track(&name).result = "running".into();
+            self.start(spec, sharing);
+            started_work += 1;
+        }
+        self.shared.ready.store(true, Ordering::SeqCst);
+        self.write_record();
+        tracing::debug!(
+            trigger = why,
+            started = started_work,
+            seconds = started.elapsed().as_secs_f64(),
+            "pass done"
+        );
+    }
+
+    fn start(&mut self, spec: LoadedSpec, sharing: bool) {
+        let name = spec.name.clone();
+        self.running.insert(name.clone());
+        let permits = self.permits.clone();
+        let lock = self.shared_layers.clone();
+        let roots = self.roots.clone();
+        let state = self.opts.state.clone();
+        let options = ApplyOptions {
+            exec: self.opts.exec,
+            progress: ProgressMode::Quiet,
+            stop: Some(self.stop.clone()),
+        };
+        self.tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let result = tokio::task::spawn_blocking(move || {
+                // Disks that share a layer run one at a time.
+                let _guard = if sharing {
+                    Some(lock.lock().unwrap_or_else(|p| p.into_inner()))
+                } else {
+                    None
+                };
+                apply_loaded(std::slice::from_ref(&spec), &roots, &state, options)
+            })
+            .await;
+            let result = match result {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("the reconcile task failed: {e}")),
+            };
+            (name, result)
+        });
+    }
+
+    fn finished(&mut self, (name, result): TaskResult) {
+        self.running.remove(&name);
+        let m = &self.shared.metrics;
+        let (result, error) = match result {
+            Err(e) => ("failed", Some(e)),
+            Ok(report) => {
+                for d in &report.disks {
+                    for r in &d.records {
+                        let op = metrics::OpLabels { op: r.op.clone() };
+                        m.bytes_written.get_or_create(&op).inc_by(r.written_bytes);
+                        m.step_seconds.get_or_create(&op).observe(r.seconds);
+                    }
+                }
+                match report.errors.first() {
+                    Some(e) => (kind_name(e.kind), Some(e.error.clone())),
+                    None => ("ok", None),
+                }
+            }
+        };
+        m.reconciles
+            .get_or_create(&metrics::ResultLabels {
+                disk: name.clone(),
+                result: result.into(),
+            })
+            .inc();
+        let t = self.track(&name);
+        t.result = result.into();
+        t.last_unix = now_unix();
+        match error {
+            None => {
+                t.failures = 0;
+                t.error = None;
+                t.next_attempt = None;
+                tracing::info!(disk = %name, "reconciled");
+            }
+            Some(e) if result == "stopped" => {
+                t.error = Some(e);
+            }
+            Some(e) => {
+                t.failures += 1;
+                let backoff =
+                    Duration::from_secs(1u64 << t.failures.min(8)).min(Duration::from_secs(300));
+                t.next_attempt = Some(Instant::now() + backoff);
+                tracing::warn!(disk = %name, error = %e, failures = t.failures, retry_in = %humantime::format_duration(backoff), "reconcile failed");
+                t.error = Some(e);
+            }
+        }
+        self.write_record();
+    }
+
+    fn track(&mut self, name: &str) -> &mut DiskTrack {
+        self.tracks
+            .entry(name.to_string())
+            .or_insert_with(|| DiskTrack {
+                name: name.to_string(),
+                ..Default::default()
+            })
+    }
+
+    fn write_record(&self) {
+        let rec = AgentRecord {
+            pid: std::process::id(),
+            started_unix: self.started_unix,
+            updated_unix: now_unix(),
+            spec_errors: self.spec_errors.clone(),
+            disks: self.tracks.values().cloned().collect(),
+        };
+        let path = self.opts.state.path().join("agent.json");
+        if let Err(e) = write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&rec).expect("record serialises"),
+        ) {
+            tracing::warn!(error = %e, "cannot write the agent record");
+        }
+    }
+}
+
+fn kind_name(k: ErrorKind) -> &'static str {
+    match k {
+        ErrorKind::BadInput => "bad_input",
+        ErrorKind::InUse => "in_use",
+        ErrorKind::Failed => "failed",
+        ErrorKind::Stopped => "stopped",
+    }
+}
+
+/// Watches the spec directory (recursively) and its parent (a `git`-style replacement of the
+/// whole directory shows there); every debounced batch of events sends one message.
+fn watch(
+    dir: &std::path::Path,
+    debounce: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<
+    notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+    notify::Error,
+> {
+    use notify::RecursiveMode;
+    let mut d = notify_debouncer_full::new_debouncer(
+        debounce,
+        None,
+        move |res: notify_debouncer_full::DebounceEventResult| {
+            if res.is_ok() {
+                let _ = tx.send(());
+            }
+        },
+    )?;
+    d.watch(dir, RecursiveMode::Recursive)?;
+    if let Some(parent) = dir.parent().filter(|p| p.exists()) {
+        let _ = d.watch(parent, RecursiveMode::NonRecursive);
+    }
+    Ok(d)
+}
