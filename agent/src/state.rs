@@ -8,6 +8,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Parsed disk records by path, valid while the file's inode, size and mtime are unchanged.
+#[allow(clippy::type_complexity)]
+static STATE_CACHE: std::sync::Mutex<
+    std::collections::BTreeMap<PathBuf, ((u64, u64, i64, i64), DiskState)>,
+> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 /// Why the state cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -122,9 +128,31 @@ impl StateDir {
         names.sort();
         let mut out = Vec::new();
         for n in names {
-            if let Some(s) = self.load(&n)? {
-                out.push(s);
-            }
+            // Records unchanged since they were last parsed (same inode, size, mtime) come from
+            // memory: an agent with many disks reads them on every pass.
+            let path = self.disk_file(&n);
+            let key = std::fs::metadata(&path).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+            });
+            let cached = key.and_then(|k| {
+                let cache = STATE_CACHE.lock().ok()?;
+                cache
+                    .get(&path)
+                    .filter(|(ck, _)| *ck == k)
+                    .map(|(_, s)| s.clone())
+            });
+            let record = match cached {
+                Some(s) => Some(s),
+                None => {
+                    let s = self.load(&n)?;
+                    if let (Some(k), Some(s), Ok(mut c)) = (key, &s, STATE_CACHE.lock()) {
+                        c.insert(path, (k, s.clone()));
+                    }
+                    s
+                }
+            };
+            out.extend(record);
         }
         Ok(out)
     }

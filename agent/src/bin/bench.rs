@@ -7,6 +7,10 @@
 //!    of extents): diskchain's observer against `qemu-img map --output=json` on the same file.
 //! 2. Planning time: one chain of 1,000 layers; 10,000 disks of 8 layers each (one host graph).
 //!
+//! `agent` (`bench-results/agent.json`): 1,000 specs of small disks; the time the real agent
+//! process takes to converge them, then the cost of its no-op resyncs: wall time per pass (from
+//! its own debug log), CPU seconds per pass (`/proc/PID/stat`), peak memory (`VmHWM`).
+//!
 //! `apply` (`bench-results/apply.json`): removing points from a chain of real images holding a
 //! few GiB written by qemu-io, with `diskchain apply` against the naive one-commit-per-point
 //! sequence (each removed point takes its overlay's content, as `virsh blockcommit --top OVERLAY
@@ -17,7 +21,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use diskchain::observe::{Roots, observe_chain};
@@ -27,7 +31,7 @@ use serde_json::json;
 /// Benchmarks of the observer, the planner and apply.
 #[derive(Parser)]
 struct Args {
-    /// Which benchmark: `plan` or `apply`.
+    /// Which benchmark: `plan`, `apply` or `agent`.
     #[arg(default_value = "plan")]
     which: String,
     /// Where to write the figures (default: bench-results/<which>.json).
@@ -289,8 +293,9 @@ fn main() {
     let figures = match args.which.as_str() {
         "plan" => plan_benches(&args),
         "apply" => apply_bench(&args),
+        "agent" => agent_bench(&args),
         other => {
-            eprintln!("unknown benchmark {other:?}: use plan or apply");
+            eprintln!("unknown benchmark {other:?}: use plan, apply or agent");
             std::process::exit(2);
         }
     };
@@ -663,4 +668,149 @@ fn apply_bench(args: &Args) -> serde_json::Value {
         "disk_sequential_write_bytes_per_sec": {"runs": speeds, "median": sp},
         "ratios": {"naive_over_diskchain_bytes": nb / pb, "naive_over_diskchain_seconds": ns / ps, "diskchain_seconds_over_disk_limit": ps / limit},
     })
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn agent_bench(args: &Args) -> serde_json::Value {
+    let disks = 1000;
+    let work = args.workdir.join("agent");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("img")).unwrap();
+    std::fs::create_dir_all(work.join("specs")).unwrap();
+    let work = work.canonicalize().unwrap();
+    let t = Instant::now();
+    // Each disk: base <- active, 1 MiB virtual; the spec drops the base and takes a snapshot.
+    for d in 0..disks {
+        let base = work.join(format!("img/d{d}-base.qcow2"));
+        let top = work.join(format!("img/d{d}.qcow2"));
+        assert!(
+            qimg(&["create", "-q", "-f", "qcow2"], &[&base])
+                .arg("1M")
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(
+            qimg(
+                &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"],
+                &[&base, &top]
+            )
+            .status()
+            .unwrap()
+            .success()
+        );
+        std::fs::write(
+            work.join(format!("specs/d{d}.yaml")),
+            format!(
+                "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: d{d}\nspec:\n  source:\n    file: {}\n  snapshots:\n    - name: snap\n",
+                top.display()
+            ),
+        )
+        .unwrap();
+    }
+    let setup_seconds = t.elapsed().as_secs_f64();
+    let bin = std::env::current_exe().unwrap().with_file_name("diskchain");
+    let log = work.join("agent.log");
+    let t = Instant::now();
+    let mut child = Command::new(&bin)
+        .env("DISKCHAIN_LOG", "diskchain=debug")
+        .args(["--log-format", "json", "--allowed-root"])
+        .arg(work.join("img"))
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .args(["agent", "--resync", "2s", "--max-parallel", "2", "--specs"])
+        .arg(work.join("specs"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let synced = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("in sync with its spec"))
+            .count()
+    };
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if synced(&std::fs::read_to_string(&log).unwrap_or_default()) >= disks {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "1,000 disks did not converge in 15 minutes"
+        );
+    }
+    let converge_seconds = t.elapsed().as_secs_f64();
+    // No-op resyncs: every disk is in sync now.
+    let passes_before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("pass done"))
+        .count();
+    let cpu0 = cpu_seconds(pid);
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(2 * (args.runs as u64 + 1)));
+    let cpu1 = cpu_seconds(pid);
+    let elapsed = t.elapsed().as_secs_f64();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let pass_seconds: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("pass done"))
+        .skip(passes_before)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["fields"]["seconds"].as_f64())
+        .collect();
+    let peak_kib = vm_hwm_kib(pid);
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    let passes = pass_seconds.len().max(1) as f64;
+    let wall = median(pass_seconds.clone());
+    let cpu_per_pass = (cpu1 - cpu0) / passes;
+    println!(
+        "agent: {disks} disks converged in {converge_seconds:.1} s; a no-op resync of all of them takes {wall:.2} s wall (median of {}), {cpu_per_pass:.2} CPU s; peak memory {} MiB",
+        pass_seconds.len(),
+        peak_kib / 1024
+    );
+    json!({
+        "command": "cargo run --release -p diskchain --bin diskchain-bench -- agent",
+        "machine": machine(),
+        "disks": disks,
+        "setup_seconds": setup_seconds,
+        "converge_seconds": converge_seconds,
+        "noop_resync_wall_seconds": pass_seconds,
+        "noop_resync_wall_median_seconds": wall,
+        "noop_resync_cpu_seconds_per_pass": cpu_per_pass,
+        "measured_for_seconds": elapsed,
+        "peak_rss_kib": peak_kib,
+    })
+}
+
+/// `qemu-img ARGS FILES...`
+fn qimg(args: &[&str], files: &[&Path]) -> Command {
+    let mut c = Command::new("qemu-img");
+    c.args(args);
+    for f in files {
+        c.arg(f);
+    }
+    c
 }

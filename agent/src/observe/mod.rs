@@ -324,6 +324,33 @@ pub fn scan_roots(roots: &Roots) -> Vec<Layer> {
     out
 }
 
+type ScanKey = (u64, u64, i64, i64);
+
+/// Headers of scanned files, by path, valid while the file's inode, size and mtime are unchanged.
+#[allow(clippy::type_complexity)]
+static SCAN_CACHE: std::sync::Mutex<std::collections::BTreeMap<PathBuf, (ScanKey, Option<Layer>)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// One scanned file as a graph node: `None` when it is not a readable qcow2 image.
+fn scan_file(p: &Path) -> Option<Layer> {
+    let file = File::open(p).ok()?;
+    let mut m = [0u8; 4];
+    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_err() || m != qcow2::MAGIC {
+        return None;
+    }
+    let h = qcow2::read_header(&file, p).ok()?;
+    let backing = h.backing_file.as_deref().and_then(|r| {
+        let b = resolve_backing(p, p, r).ok()?;
+        Some(b.canonicalize().unwrap_or(b))
+    });
+    Some(Layer {
+        path: p.canonicalize().unwrap_or_else(|_| p.to_path_buf()),
+        format: Format::Qcow2,
+        backing,
+        alloc: None,
+    })
+}
+
 /// Symlinks are not followed (their file type is neither file nor directory), so the scan never
 /// leaves the roots.
 fn scan_dir(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Layer>) {
@@ -346,24 +373,29 @@ fn scan_dir(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Layer>) {
         if !ft.is_file() {
             continue;
         }
-        let Ok(file) = File::open(&p) else { continue };
-        let mut m = [0u8; 4];
-        if std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_err() || m != qcow2::MAGIC
-        {
-            continue;
-        }
-        let Ok(h) = qcow2::read_header(&file, &p) else {
-            continue;
+        // Unchanged files (same inode, size and mtime) are not read again: a resync of a host
+        // with many disks stats its images instead of opening them.
+        let key = entry.metadata().ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+        });
+        let cached = key.and_then(|k| {
+            let cache = SCAN_CACHE.lock().ok()?;
+            cache
+                .get(&p)
+                .filter(|(ck, _)| *ck == k)
+                .map(|(_, l)| l.clone())
+        });
+        let layer = match cached {
+            Some(l) => l,
+            None => {
+                let l = scan_file(&p);
+                if let (Some(k), Ok(mut c)) = (key, SCAN_CACHE.lock()) {
+                    c.insert(p.clone(), (k, l.clone()));
+                }
+                l
+            }
         };
-        let backing = h.backing_file.as_deref().and_then(|r| {
-            let b = resolve_backing(&p, &p, r).ok()?;
-            Some(b.canonicalize().unwrap_or(b))
-        });
-        out.push(Layer {
-            path: p.canonicalize().unwrap_or(p),
-            format: Format::Qcow2,
-            backing,
-            alloc: None,
-        });
+        out.extend(layer);
     }
 }

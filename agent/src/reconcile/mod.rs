@@ -518,11 +518,21 @@ fn watch(
     notify::Error,
 > {
     use notify::RecursiveMode;
+    let specs = dir.to_path_buf();
     let mut d = notify_debouncer_full::new_debouncer(
         debounce,
         None,
         move |res: notify_debouncer_full::DebounceEventResult| {
-            if res.is_ok() {
+            // The parent is watched only to see the spec directory replaced: ignore everything
+            // else there (the agent's own log or state may live beside the specs).
+            // Reading the specs (every pass does) shows up as access events: only changes count.
+            let relevant = res.is_ok_and(|events| {
+                events.iter().any(|e| {
+                    !matches!(e.kind, notify::EventKind::Access(_))
+                        && e.paths.iter().any(|p| p.starts_with(&specs))
+                })
+            });
+            if relevant {
                 let _ = tx.send(());
             }
         },

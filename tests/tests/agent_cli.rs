@@ -1,0 +1,508 @@
+//! `diskchain agent` end to end: a real agent process against a temporary spec directory and real
+//! images. Specs are added, edited (drop a point, add a snapshot, change placement), deleted and
+//! replaced git-style; chains changed by hand are corrected or reported; `/metrics` parses and
+//! `/healthz` answers during a long step; SIGKILL at random moments then a restart converges;
+//! SIGTERM exits 0.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diskchain_tests::env::{Env, backing_chain, random_chain, spec_yaml};
+use diskchain_tests::qemu::{create, io, run, view_sha256};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn views(env: &Env, files: &[PathBuf]) -> Vec<String> {
+    files
+        .iter()
+        .map(|f| view_sha256(f, "qcow2", env.dir.path()))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running agent, killed when dropped.
+struct Agent {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(env: &Env, specs: &Path, extra: &[&str]) -> Agent {
+        let port = free_port();
+        let log = env.dir.path().join(format!("agent-{port}.log"));
+        let child = env
+            .diskchain(&[
+                "--log-format",
+                "json",
+                "agent",
+                "--resync",
+                "1s",
+                "--debounce",
+                "200ms",
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--specs")
+            .arg(specs)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let a = Agent { child, port, log };
+        wait_until(Duration::from_secs(10), "the agent to listen", || {
+            a.get("/healthz").is_some()
+        });
+        a
+    }
+
+    /// `GET path`: (status, body), or None when nothing answers.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Waits until the chain under `active` reads as `expected` (views, base first).
+fn converges(env: &Env, active: &Path, expected: &[String], what: &str) {
+    wait_until(Duration::from_secs(30), what, || {
+        let chain = backing_chain(active);
+        chain.len() == expected.len() && views(env, &chain) == expected
+    });
+}
+
+#[test]
+fn the_agent_converges_as_specs_come_and_go() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let mut rng = StdRng::seed_from_u64(41);
+    let a = random_chain(&env, &mut rng, "a", 4, 16, 4);
+    let va = views(&env, &a);
+    let agent = Agent::start(&env, &specs, &[]);
+
+    // Add: keep a1 only.
+    env.spec(
+        "a.yaml",
+        &spec_yaml("a", &a[3], &[("one".into(), Some(a[1].clone()))], ""),
+    );
+    converges(
+        &env,
+        &a[3],
+        &[va[1].clone(), va[3].clone()],
+        "disk a to drop a0 and a2",
+    );
+    // Edit: add a snapshot.
+    env.spec(
+        "a.yaml",
+        &spec_yaml(
+            "a",
+            &a[3],
+            &[("one".into(), Some(a[1].clone())), ("fresh".into(), None)],
+            "",
+        ),
+    );
+    converges(
+        &env,
+        &a[3],
+        &[va[1].clone(), va[3].clone(), va[3].clone()],
+        "disk a to take a snapshot",
+    );
+    // Edit: drop the first point, move the rest to img/fast.
+    let fast = env.img("fast");
+    env.spec(
+        "a.yaml",
+        &spec_yaml(
+            "a",
+            &a[3],
+            &[("fresh".into(), None)],
+            &format!("  placement:\n    directory: {}\n", fast.display()),
+        ),
+    );
+    converges(
+        &env,
+        &a[3],
+        &[va[3].clone(), va[3].clone()],
+        "disk a to drop a point",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the point to move to img/fast",
+        || backing_chain(&a[3])[0].parent() == Some(fast.as_path()),
+    );
+    // Delete: the disk is released; nothing is deleted.
+    let files_before = env.images();
+    std::fs::remove_file(specs.join("a.yaml")).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        env.images(),
+        files_before,
+        "removing a spec deleted or created files"
+    );
+    assert!(agent.get("/healthz").is_some(), "the agent survives");
+
+    // A git-style replacement of the whole directory brings a new disk.
+    let b = random_chain(&env, &mut rng, "b", 3, 16, 4);
+    let vb = views(&env, &b);
+    let fresh_dir = env.dir.path().join("specs.new");
+    std::fs::create_dir(&fresh_dir).unwrap();
+    std::fs::write(fresh_dir.join("b.yaml"), spec_yaml("b", &b[2], &[], "")).unwrap();
+    std::fs::rename(&specs, env.dir.path().join("specs.old")).unwrap();
+    std::fs::rename(&fresh_dir, &specs).unwrap();
+    converges(
+        &env,
+        &b[2],
+        &[vb[2].clone()],
+        "disk b from the replaced directory",
+    );
+    assert_eq!(
+        backing_chain(&a[3]).len(),
+        2,
+        "the released disk was left alone"
+    );
+}
+
+#[test]
+fn drift_by_hand_is_corrected_or_reported() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let mut rng = StdRng::seed_from_u64(42);
+    let l = random_chain(&env, &mut rng, "d", 3, 16, 4);
+    let v = views(&env, &l);
+    env.spec(
+        "d.yaml",
+        &spec_yaml("d", &l[2], &[("one".into(), Some(l[1].clone()))], ""),
+    );
+    let agent = Agent::start(&env, &specs, &[]);
+    converges(
+        &env,
+        &l[2],
+        &[v[1].clone(), v[2].clone()],
+        "the first reconcile",
+    );
+
+    // Someone takes an external snapshot by hand: the unnamed point is merged away.
+    let hand = env.img("hand.qcow2");
+    std::fs::rename(&l[2], &hand).unwrap();
+    create(&l[2], 0, Some((&hand, "qcow2")), &[]);
+    io(&l[2], "qcow2", &["write -P 77 0 64k".into()]);
+    let now = views(&env, &[l[2].clone()])[0].clone();
+    converges(
+        &env,
+        &l[2],
+        &[v[1].clone(), now.clone()],
+        "the hand-made point to be merged",
+    );
+
+    // Someone pulls the kept point into the active layer: putting it back is impossible, so the
+    // agent reports it and touches nothing.
+    run(Command::new("qemu-img")
+        .args(["rebase", "-f", "qcow2", "-b", ""])
+        .arg(&l[2]));
+    let before = env.fingerprints();
+    let record = env.state().join("agent.json");
+    wait_until(
+        Duration::from_secs(10),
+        "the lost point to be reported",
+        || {
+            let text = std::fs::read_to_string(&record).unwrap_or_default();
+            text.contains("\"bad_input\"") && text.contains("not a backing layer")
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        env.fingerprints(),
+        before,
+        "the agent touched a disk it reported"
+    );
+    let (code, metrics) = agent.get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("diskchain_reconciles_total{disk=\"d\",result=\"bad_input\"}"),
+        "{metrics}"
+    );
+}
+
+/// Every sample line of an OpenMetrics/Prometheus text exposition: `name{labels} value`.
+fn assert_parses_as_prometheus_text(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            assert!(
+                line.is_empty()
+                    || line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line == "# EOF",
+                "{line}"
+            );
+            continue;
+        }
+        let (name_labels, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = name_labels.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name: {line}"
+        );
+        if let Some(labels) = name_labels.strip_prefix(name) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "bad labels: {line}"
+            );
+        }
+        samples.push((name_labels.to_string(), value));
+    }
+    samples
+}
+
+#[test]
+fn metrics_parse_and_healthz_answers_during_a_long_step() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let base = env.img("base.qcow2");
+    create(&base, 128 << 20, None, &[]);
+    io(&base, "qcow2", &["write -P 1 0 64M".into()]);
+    let mid = env.img("mid.qcow2");
+    create(&mid, 0, Some((&base, "qcow2")), &[]);
+    io(&mid, "qcow2", &["write -P 2 64M 32M".into()]);
+    let top = env.img("top.qcow2");
+    create(&top, 0, Some((&mid, "qcow2")), &[]);
+    io(&top, "qcow2", &["write -P 3 96M 8M".into()]);
+    let act = env.img("act.qcow2");
+    create(&act, 0, Some((&top, "qcow2")), &[]);
+    let v = views(&env, &[base.clone(), top.clone(), act.clone()]);
+    // Keep base and top: mid goes; committing top into mid (8 MiB) is cheapest, throttled to
+    // 2 MB/s it takes about 4 s.
+    env.spec(
+        "s.yaml",
+        &spec_yaml(
+            "s",
+            &act,
+            &[
+                ("base".into(), Some(base.clone())),
+                ("top".into(), Some(top.clone())),
+            ],
+            "",
+        ),
+    );
+    let agent = Agent::start(&env, &specs, &["--max-bytes-per-sec", "2000000"]);
+    let journal = env.state().join("journal/s.json");
+    wait_until(Duration::from_secs(10), "a step to run", || {
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .contains("\"running\"")
+    });
+    let t = Instant::now();
+    let (code, body) = agent.get("/healthz").expect("healthz answers");
+    assert_eq!((code, body.trim()), (200, "ok"));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "healthz took {:?} during a step",
+        t.elapsed()
+    );
+    assert!(
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .contains("\"running\""),
+        "the step was still running"
+    );
+    converges(&env, &act, &v, "the throttled plan");
+    // Gauges are "as last observed": the pass after the reconcile sees the new chain.
+    wait_until(
+        Duration::from_secs(5),
+        "the reconcile to be counted and the chain re-observed",
+        || {
+            agent.get("/metrics").is_some_and(|(_, m)| {
+                m.contains("result=\"ok\"") && m.contains("diskchain_chain_length{disk=\"s\"} 3")
+            })
+        },
+    );
+    let (code, text) = agent.get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    let samples = assert_parses_as_prometheus_text(&text);
+    let value = |prefix: &str| {
+        samples
+            .iter()
+            .find(|(n, _)| n.starts_with(prefix))
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(
+        value("diskchain_reconciles_total{disk=\"s\",result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert!(value("diskchain_written_bytes_total{op=\"commit\"}").unwrap() >= 8.0 * 1048576.0);
+    assert_eq!(value("diskchain_chain_length{disk=\"s\"}"), Some(3.0));
+    assert_eq!(value("diskchain_drift{disk=\"s\"}"), Some(0.0));
+    assert!(value("diskchain_step_duration_seconds_count{op=\"commit\"}").is_some());
+    assert_eq!(agent.get("/readyz").unwrap().0, 200);
+    // JSON logs: every line is an object; step lines name the disk and the step.
+    let log = agent.log();
+    let mut step_lines = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["fields"]["message"] == "step done" {
+            assert_eq!(v["fields"]["disk"], "s");
+            assert!(v["fields"]["step"].is_number());
+            step_lines += 1;
+        }
+    }
+    assert!(step_lines >= 1, "{log}");
+}
+
+#[test]
+fn sigkill_then_restart_converges_and_sigterm_exits_0() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let mut rng = StdRng::seed_from_u64(43);
+    let mut layers: Vec<PathBuf> = Vec::new();
+    for i in 0..5u64 {
+        let p = env.img(&format!("k-{i}.qcow2"));
+        create(
+            &p,
+            64 << 20,
+            layers.last().map(|b| (b.as_path(), "qcow2")),
+            &[],
+        );
+        io(
+            &p,
+            "qcow2",
+            &[format!("write -P {} {} 8M", i + 1, (i % 4) * (16 << 20))],
+        );
+        layers.push(p);
+    }
+    let v = views(&env, &layers);
+    env.spec(
+        "k.yaml",
+        &spec_yaml(
+            "k",
+            &layers[4],
+            &[("p2".into(), Some(layers[2].clone())), ("new".into(), None)],
+            "",
+        ),
+    );
+    let journal = env.state().join("journal/k.json");
+    for round in 0..3 {
+        let mut agent = Agent::start(&env, &specs, &["--max-bytes-per-sec", "8000000"]);
+        wait_until(Duration::from_secs(10), "a plan in flight or done", || {
+            journal.exists() || backing_chain(&layers[4]).len() == 3
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..800)));
+        agent.signal("KILL");
+        let _ = agent.child.wait();
+        // Its qemu-img, if any, runs on; wait for it to finish so its lock is released.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg("while pgrep -f \"[q]emu-img.*k-\" >/dev/null; do sleep 0.05; done")
+            .status();
+        let _ = round;
+    }
+    let mut agent = Agent::start(&env, &specs, &[]);
+    converges(
+        &env,
+        &layers[4],
+        &[v[2].clone(), v[4].clone(), v[4].clone()],
+        "convergence after kills",
+    );
+    agent.signal("TERM");
+    let t = Instant::now();
+    let status = agent.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(agent.log().contains("agent stopped"));
+}
+
+#[test]
+fn a_hundred_specs_converge() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let mut expected = Vec::new();
+    for d in 0..100 {
+        let base = env.img(&format!("d{d}-base.qcow2"));
+        create(&base, 1 << 20, None, &[]);
+        io(
+            &base,
+            "qcow2",
+            &[format!("write -P {} 0 128k", d % 200 + 1)],
+        );
+        let top = env.img(&format!("d{d}.qcow2"));
+        create(&top, 0, Some((&base, "qcow2")), &[]);
+        env.spec(
+            &format!("d{d}.yaml"),
+            &spec_yaml(&format!("d{d}"), &top, &[("snap".into(), None)], ""),
+        );
+        expected.push(top);
+    }
+    let _agent = Agent::start(&env, &specs, &["--max-parallel", "4"]);
+    wait_until(Duration::from_secs(90), "100 disks to converge", || {
+        expected.iter().all(|t| {
+            backing_chain(t).len() == 2
+                && backing_chain(t)[0]
+                    != env.img(&format!(
+                        "{}-base.qcow2",
+                        t.file_stem().unwrap().to_string_lossy()
+                    ))
+        })
+    });
+}
