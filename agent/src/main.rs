@@ -73,15 +73,28 @@ fn main() {
             }
         }
         Command::Status { output } => {
-            match diskchain::status::collect(&StateDir::new(&cli.state_dir), &cli.allowed_roots) {
+            let state = StateDir::new(&cli.state_dir);
+            match diskchain::status::collect(&state, &cli.allowed_roots) {
                 Ok(disks) => {
+                    let agent = diskchain::status::agent(&state).map(|(a, _)| a);
                     match output {
                         Output::Json => println!(
                             "{}",
-                            serde_json::to_string_pretty(&serde_json::json!({ "disks": disks }))
-                                .expect("status serialises")
+                            serde_json::to_string_pretty(
+                                &serde_json::json!({ "agent": agent, "disks": disks })
+                            )
+                            .expect("status serialises")
                         ),
-                        Output::Text => print!("{}", diskchain::status::text(&disks)),
+                        Output::Text => {
+                            if let Some(a) = &agent {
+                                let how = if a.running { "running" } else { "not running" };
+                                println!("agent: pid {} ({how})", a.pid);
+                                for e in &a.spec_errors {
+                                    println!("  spec not loaded: {e}");
+                                }
+                            }
+                            print!("{}", diskchain::status::text(&disks));
+                        }
                     }
                     0
                 }

@@ -44,11 +44,53 @@ pub struct StatusDisk {
     /// A plan in flight: steps done of steps planned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<(usize, usize)>,
+    /// What the agent last did with this disk (`<state-dir>/agent.json`), when an agent runs or ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<serde_json::Value>,
+}
+
+/// The agent's record, with whether its process is alive.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentStatus {
+    /// Its process id.
+    pub pid: u64,
+    /// True when that process is running.
+    pub running: bool,
+    /// Spec files it could not load.
+    pub spec_errors: Vec<String>,
+}
+
+/// The agent's record, if an agent runs or ran with this state directory.
+pub fn agent(state: &StateDir) -> Option<(AgentStatus, serde_json::Value)> {
+    let text = std::fs::read_to_string(state.path().join("agent.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pid = v["pid"].as_u64()?;
+    let running = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.contains("diskchain"));
+    let spec_errors = v["spec_errors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((
+        AgentStatus {
+            pid,
+            running,
+            spec_errors,
+        },
+        v,
+    ))
 }
 
 /// Collects the status of every disk the state directory knows.
 pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, StateError> {
     let roots = Roots::new(roots).ok();
+    let agent_disks = agent(state)
+        .map(|(_, v)| v["disks"].clone())
+        .unwrap_or_default();
     let mut out = Vec::new();
     for st in state.all()? {
         let (chain, error) = match roots.as_ref().map(|r| observe_chain(r, &st.active)) {
@@ -91,6 +133,9 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
             retired: st.retired.clone(),
             last_apply: st.last_apply.clone(),
             in_flight,
+            agent: agent_disks
+                .as_array()
+                .and_then(|a| a.iter().find(|d| d["name"] == st.name.as_str()).cloned()),
         });
     }
     Ok(out)
@@ -137,6 +182,21 @@ pub fn text(disks: &[StatusDisk]) -> String {
                 human_bytes(a.predicted_bytes),
                 human_bytes(a.written_bytes)
             );
+        }
+        if let Some(a) = &d.agent {
+            let result = a["result"].as_str().unwrap_or("?");
+            match a["error"].as_str() {
+                Some(e) => {
+                    let _ = writeln!(
+                        out,
+                        "  agent: {result} (failures in a row: {}): {e}",
+                        a["failures"]
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "  agent: {result}");
+                }
+            }
         }
         for r in &d.retired {
             let _ = writeln!(out, "  retired (kept, spec.prune is off): {}", r.display());
