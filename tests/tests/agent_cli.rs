@@ -474,6 +474,69 @@ fn sigkill_then_restart_converges_and_sigterm_exits_0() {
 }
 
 #[test]
+fn sigterm_during_a_step_stops_at_a_resumable_point_and_exits_0() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let base = env.img("base.qcow2");
+    create(&base, 128 << 20, None, &[]);
+    io(&base, "qcow2", &["write -P 1 0 16M".into()]);
+    let mid = env.img("mid.qcow2");
+    create(&mid, 0, Some((&base, "qcow2")), &[]);
+    io(&mid, "qcow2", &["write -P 2 32M 64M".into()]);
+    let top = env.img("top.qcow2");
+    create(&top, 0, Some((&mid, "qcow2")), &[]);
+    io(&top, "qcow2", &["write -P 3 100M 16M".into()]);
+    let act = env.img("act.qcow2");
+    create(&act, 0, Some((&top, "qcow2")), &[]);
+    let v = views(&env, &[base.clone(), top.clone(), act.clone()]);
+    // Keep base and top; mid goes: committing top (16 MiB) into mid at 2 MB/s takes about 8 s.
+    env.spec(
+        "s.yaml",
+        &spec_yaml(
+            "s",
+            &act,
+            &[
+                ("base".into(), Some(base.clone())),
+                ("top".into(), Some(top.clone())),
+            ],
+            "",
+        ),
+    );
+    let mut agent = Agent::start(
+        &env,
+        &specs,
+        &["--max-bytes-per-sec", "2000000", "--grace", "1s"],
+    );
+    let journal = env.state().join("journal/s.json");
+    wait_until(Duration::from_secs(10), "a step to run", || {
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .contains("\"running\"")
+    });
+    agent.signal("TERM");
+    let t = Instant::now();
+    let status = agent.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0: {}", agent.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "the grace period bounds the shutdown: {:?}",
+        t.elapsed()
+    );
+    assert!(journal.exists(), "the interrupted plan stays journaled");
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg("while pgrep -x qemu-img >/dev/null; do sleep 0.05; done")
+        .status();
+    let _agent = Agent::start(&env, &specs, &[]);
+    converges(&env, &act, &v, "the resumed plan");
+    wait_until(
+        Duration::from_secs(10),
+        "the journal to be finished",
+        || !journal.exists(),
+    );
+}
+
+#[test]
 fn a_hundred_specs_converge() {
     let env = Env::new();
     let specs = env.dir.path().join("specs");

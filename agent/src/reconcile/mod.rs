@@ -275,7 +275,7 @@ impl Agent {
             .collect();
         for n in gone {
             if !self.running.contains(&n) {
-                tracing::info!(disk = %n, "spec removed: the disk is released, nothing is deleted");
+                tracing::info!(disk = %n, "no valid spec for this disk any more (removed, renamed or invalid: see the spec errors): the disk is released, nothing is deleted");
                 self.tracks.remove(&n);
             }
         }
