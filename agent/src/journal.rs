@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use diskchain_planner::{FinalLayer, Format, Step};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Binding, StateDir, StateError, write_atomic};
+use crate::state::{Binding, StateDir, StateError, read_json, write_atomic};
 
 /// Where a step is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,21 +69,7 @@ pub struct Journal {
 impl Journal {
     /// The journal of disk `name`, if a plan is in flight.
     pub fn load(state: &StateDir, name: &str) -> Result<Option<Journal>, StateError> {
-        let path = state.journal_file(name);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Io {
-                    action: "read",
-                    path,
-                    source,
-                });
-            }
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| StateError::Damaged { path, source })
+        read_json(&state.journal_file(name))
     }
 
     /// Writes the journal atomically.

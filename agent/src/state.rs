@@ -159,21 +159,7 @@ impl StateDir {
 
     /// The record of disk `name`, if any.
     pub fn load(&self, name: &str) -> Result<Option<DiskState>, StateError> {
-        let path = self.disk_file(name);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Io {
-                    action: "read",
-                    path,
-                    source,
-                });
-            }
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| StateError::Damaged { path, source })
+        read_json(&self.disk_file(name))
     }
 
     /// Writes the record of a disk atomically.
@@ -186,6 +172,27 @@ impl StateDir {
     pub fn journal_file(&self, name: &str) -> PathBuf {
         self.dir.join("journal").join(format!("{name}.json"))
     }
+}
+
+/// Reads a JSON record; `None` when the file does not exist.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StateError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| StateError::Damaged {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content: a

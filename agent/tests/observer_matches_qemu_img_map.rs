@@ -7,7 +7,7 @@ use std::process::Command;
 
 use diskchain::observe::{ObserveError, Roots, observe_chain};
 use diskchain_planner::ClusterState;
-use diskchain_tests::qemu::{cluster_states, create, io, run};
+use diskchain_tests::qemu::{cluster_states, create, hold_open, io, run};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -274,34 +274,18 @@ fn an_image_held_open_by_qemu_is_reported_in_use() {
     let free = observe_chain(&roots, &img).unwrap();
     assert!(free.layers[0].in_use.is_none());
     // qemu-storage-daemon holds the image (and QEMU's lock) like a running VM would.
-    let sock = dir.path().join("qsd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={}",
-            img.display()
-        ))
-        .arg("--blockdev")
-        .arg("driver=qcow2,node-name=q,file=f")
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", sock.display()))
-        .arg("--export")
-        .arg("type=nbd,id=e,node-name=q,writable=on")
-        .spawn()
-        .expect("start qemu-storage-daemon");
-    let mut busy = None;
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let c = observe_chain(&roots, &img).unwrap();
-        if c.layers[0].in_use.is_some() {
-            busy = c.layers[0].in_use.clone();
-            break;
-        }
-    }
-    qsd.kill().unwrap();
-    qsd.wait().unwrap();
+    let held = hold_open(&img, dir.path());
+    let busy = observe_chain(&roots, &img).unwrap().layers[0]
+        .in_use
+        .clone();
+    drop(held);
     assert!(
         busy.is_some(),
         "the lock held by qemu-storage-daemon was not seen"
+    );
+    let after = observe_chain(&roots, &img).unwrap();
+    assert!(
+        after.layers[0].in_use.is_none(),
+        "the lock is gone with the daemon"
     );
 }

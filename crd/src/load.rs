@@ -79,6 +79,41 @@ impl std::error::Error for SpecErrors {}
 /// Loads every spec under `path` (a file, or a directory searched recursively for `*.yaml` and
 /// `*.yml`, skipping hidden entries such as `.git`), validates each and the set as a whole.
 pub fn load_path(path: &Path) -> Result<Vec<LoadedSpec>, SpecErrors> {
+    let (specs, mut errors) = load_files(path);
+    errors.extend(check_disjoint(&specs));
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(SpecErrors(errors))
+    }
+}
+
+/// Like [`load_path`], but for a long-running agent: a file with errors is left out (its errors
+/// are returned) while every valid spec of the other files is loaded. Specs that conflict with
+/// each other (one name, one disk) are all left out.
+pub fn load_path_lenient(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
+    let (mut specs, mut errors) = load_files(path);
+    let conflicts = check_disjoint(&specs);
+    if !conflicts.is_empty() {
+        // Leave out every spec involved: neither can be trusted to be the operator's intent.
+        let names: Vec<String> = specs
+            .iter()
+            .filter(|s| {
+                conflicts.iter().any(|c| {
+                    (c.file == s.file && c.document == s.document)
+                        || c.message.contains(&format!("{:?}", s.name))
+                })
+            })
+            .map(|s| s.name.clone())
+            .collect();
+        specs.retain(|s| !names.contains(&s.name));
+        errors.extend(conflicts);
+    }
+    (specs, errors)
+}
+
+/// The valid documents of every spec file under `path`, and the errors of the others.
+fn load_files(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
     let mut errors = Vec::new();
     let mut files = Vec::new();
     if path.is_dir() {
@@ -108,62 +143,6 @@ pub fn load_path(path: &Path) -> Result<Vec<LoadedSpec>, SpecErrors> {
                 message: format!("failed to read the file: {e}"),
             }),
         }
-    }
-    errors.extend(check_disjoint(&specs));
-    if errors.is_empty() {
-        Ok(specs)
-    } else {
-        Err(SpecErrors(errors))
-    }
-}
-
-/// Like [`load_path`], but for a long-running agent: a file with errors is left out (its errors
-/// are returned) while every valid spec of the other files is loaded. Specs that conflict with
-/// each other (one name, one disk) are all left out.
-pub fn load_path_lenient(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
-    let mut errors = Vec::new();
-    let mut files = Vec::new();
-    if path.is_dir() {
-        collect_yaml_files(path, &mut files, &mut errors);
-        files.sort();
-    } else if path.exists() {
-        files.push(path.to_path_buf());
-    } else {
-        errors.push(SpecError {
-            file: path.to_path_buf(),
-            document: 0,
-            field: "-".into(),
-            message: "no such file or directory; pass a spec file or a directory of them".into(),
-        });
-    }
-    let mut specs = Vec::new();
-    for file in files {
-        match std::fs::read_to_string(&file).map(|t| load_str(&file, &t)) {
-            Ok(Ok(mut s)) => specs.append(&mut s),
-            Ok(Err(SpecErrors(mut e))) => errors.append(&mut e),
-            Err(e) => errors.push(SpecError {
-                file: file.clone(),
-                document: 0,
-                field: "-".into(),
-                message: format!("failed to read the file: {e}"),
-            }),
-        }
-    }
-    let conflicts = check_disjoint(&specs);
-    if !conflicts.is_empty() {
-        // Leave out every spec involved: neither can be trusted to be the operator's intent.
-        let names: Vec<String> = specs
-            .iter()
-            .filter(|s| {
-                conflicts.iter().any(|c| {
-                    (c.file == s.file && c.document == s.document)
-                        || c.message.contains(&format!("{:?}", s.name))
-                })
-            })
-            .map(|s| s.name.clone())
-            .collect();
-        specs.retain(|s| !names.contains(&s.name));
-        errors.extend(conflicts);
     }
     (specs, errors)
 }

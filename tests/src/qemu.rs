@@ -150,3 +150,42 @@ pub fn diskchain_bin() -> PathBuf {
     );
     bin
 }
+
+/// A qemu-storage-daemon holding an image open, with QEMU's image lock, as a running VM would.
+/// Stopped when dropped.
+pub struct HeldOpen(std::process::Child);
+
+impl Drop for HeldOpen {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Opens `image` (qcow2, writable) in a qemu-storage-daemon exporting it over NBD on a socket
+/// in `scratch`, and waits until the daemon holds it.
+pub fn hold_open(image: &Path, scratch: &Path) -> HeldOpen {
+    let sock = scratch.join(format!("qsd-{}.sock", std::process::id()));
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            image.display()
+        ))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=q,file=f")
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", sock.display()))
+        .arg("--export")
+        .arg("type=nbd,id=e,node-name=q,writable=on")
+        .spawn()
+        .expect("start qemu-storage-daemon");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(sock.exists(), "qemu-storage-daemon did not start");
+    HeldOpen(child)
+}

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use diskchain_tests::env::{CLUSTER, Env, backing_chain, check, random_chain, spec_yaml};
-use diskchain_tests::qemu::{create, io, run, view_sha256};
+use diskchain_tests::qemu::{create, hold_open, io, run, view_sha256};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -470,31 +470,10 @@ fn an_image_in_use_is_never_written_and_apply_exits_1() {
     let mut rng = StdRng::seed_from_u64(4);
     let l = random_chain(&env, &mut rng, "u", 3, 16, 4);
     let spec = env.spec("s.yaml", &spec_yaml("u", &l[2], &[], ""));
-    let sock = env.dir.path().join("qsd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={}",
-            l[2].display()
-        ))
-        .arg("--blockdev")
-        .arg("driver=qcow2,node-name=q,file=f")
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", sock.display()))
-        .arg("--export")
-        .arg("type=nbd,id=e,node-name=q,writable=on")
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let held = hold_open(&l[2], env.dir.path());
     let before = env.fingerprints();
     let out = env.apply(&spec, &[]);
-    qsd.kill().unwrap();
-    qsd.wait().unwrap();
+    drop(held);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use"), "{stderr}");

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use diskchain_tests::env::{CLUSTER, Env, random_chain, spec_yaml};
 use diskchain_tests::oracle::{Cell, Problem, min_cost};
-use diskchain_tests::qemu::{cluster_states, create, io, run};
+use diskchain_tests::qemu::{cluster_states, create, hold_open, io, run};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -317,32 +317,11 @@ fn removing_points_below_a_shared_layer_is_refused_naming_it() {
 fn an_image_in_use_by_qemu_is_refused() {
     let env = Env::new();
     let l = setup(&env);
-    let sock = env.dir.path().join("qsd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={}",
-            l[3].display()
-        ))
-        .arg("--blockdev")
-        .arg("driver=qcow2,node-name=q,file=f")
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", sock.display()))
-        .arg("--export")
-        .arg("type=nbd,id=e,node-name=q,writable=on")
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let held = hold_open(&l[3], env.dir.path());
     let spec = env.spec("s.yaml", &spec_yaml("web", &l[3], &[], ""));
     let before = env.fingerprints();
     let out = env.plan(&spec);
-    qsd.kill().unwrap();
-    qsd.wait().unwrap();
+    drop(held);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("in use"), "{stderr}");
