@@ -201,6 +201,32 @@ pub fn apply_loaded(
             kind,
         });
     };
+    // One process works on a disk at a time (an agent and a hand-run apply, say): each disk's
+    // lock is held until this apply is done with it.
+    let mut _locks = Vec::new();
+    for spec in loaded {
+        match state.lock_disk(&spec.name) {
+            Ok(Some(lock)) => _locks.push(lock),
+            Ok(None) => fail(
+                &mut report,
+                &mut failed,
+                spec,
+                format!(
+                    "{}: another diskchain process (an agent or an apply) is working on disk {:?}; try again when it is done",
+                    spec.origin(),
+                    spec.name
+                ),
+                ErrorKind::InUse,
+            ),
+            Err(e) => fail(
+                &mut report,
+                &mut failed,
+                spec,
+                e.to_string(),
+                ErrorKind::Failed,
+            ),
+        }
+    }
     for round in 0..=MAX_ROUNDS {
         // Finish what an interrupted run left.
         for spec in loaded {

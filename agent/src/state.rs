@@ -168,6 +168,40 @@ impl StateDir {
         write_atomic(&self.disk_file(&state.name), &text)
     }
 
+    /// Takes the lock that lets one process at a time work on disk `name` (`None`: another
+    /// process holds it). Released when the returned lock is dropped or the process exits.
+    pub fn lock_disk(
+        &self,
+        name: &str,
+    ) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, StateError> {
+        let dir = self.dir.join("locks");
+        let io = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let path = dir.join(format!("{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(StateError::Io {
+                action: "lock",
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+
     /// The journal file of disk `name`.
     pub fn journal_file(&self, name: &str) -> PathBuf {
         self.dir.join("journal").join(format!("{name}.json"))

@@ -484,6 +484,57 @@ fn an_image_in_use_is_never_written_and_apply_exits_1() {
 }
 
 #[test]
+fn two_processes_never_work_on_one_disk_at_once() {
+    let env = Env::new();
+    let base = env.img("base.qcow2");
+    create(&base, 64 << 20, None, &[]);
+    let mid = env.img("mid.qcow2");
+    create(&mid, 0, Some((&base, "qcow2")), &[]);
+    io(&mid, "qcow2", &["write -P 2 0 32M".into()]);
+    let top = env.img("top.qcow2");
+    create(&top, 0, Some((&mid, "qcow2")), &[]);
+    io(&top, "qcow2", &["write -P 3 40M 8M".into()]);
+    let act = env.img("act.qcow2");
+    create(&act, 0, Some((&top, "qcow2")), &[]);
+    let v = views(&env, &[base.clone(), top.clone(), act.clone()]);
+    // Keep base and top: committing top (8 MiB) into mid at 2 MB/s takes about 4 s.
+    let spec = env.spec(
+        "s.yaml",
+        &spec_yaml(
+            "s",
+            &act,
+            &[
+                ("b".into(), Some(base.clone())),
+                ("t".into(), Some(top.clone())),
+            ],
+            "",
+        ),
+    );
+    let mut first = env
+        .diskchain(&["apply", "--max-bytes-per-sec", "2000000", "-f"])
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal = env.state().join("journal/s.json");
+    for _ in 0..500 {
+        if std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .contains("\"running\"")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second = env.apply(&spec, &[]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another diskchain process"), "{stderr}");
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    assert_converged(&env, &act, &v, "after the first apply");
+}
+
+#[test]
 fn placement_moves_every_point_and_prune_deletes_the_old_files() {
     let env = Env::new();
     let mut rng = StdRng::seed_from_u64(5);
