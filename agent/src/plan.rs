@@ -217,8 +217,17 @@ pub fn plan_loaded(
             .map(|l| (l.layer.path.clone(), l.layer.format))
             .collect();
         match plan_disk(&graph, &request) {
-            Ok(plan) => report.disks.push(DiskReport {
-                plan,
+            Ok(mut plan) => report.disks.push(DiskReport {
+                plan: {
+                    if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.name) {
+                        let done = j.steps.iter().filter(|s| s.state == crate::journal::StepState::Done).count();
+                        plan.notes.push(format!(
+                            "an earlier plan is in flight ({done} of {} steps done): apply or the agent finishes it before planning again",
+                            j.steps.len()
+                        ));
+                    }
+                    plan
+                },
                 spec: o.spec.origin(),
                 suspended: o.spec.spec().suspend,
                 formats,

@@ -591,3 +591,37 @@ fn placement_moves_every_point_and_prune_deletes_the_old_files() {
         "the second apply touched a file"
     );
 }
+
+#[test]
+fn a_foreign_file_where_a_copy_goes_is_never_taken_for_the_copy() {
+    let env = Env::new();
+    let mut rng = StdRng::seed_from_u64(6);
+    let l = random_chain(&env, &mut rng, "f", 3, 16, 4);
+    let fast = env.img("fast");
+    std::fs::create_dir(&fast).unwrap();
+    // Something that is not the copy sits where the copy of f-1 would go.
+    std::fs::write(fast.join("f-1.qcow2"), b"not an image").unwrap();
+    let spec = env.spec(
+        "s.yaml",
+        &spec_yaml(
+            "f",
+            &l[2],
+            &[("one".into(), Some(l[1].clone()))],
+            &format!("  placement:\n    directory: {}\n", fast.display()),
+        ),
+    );
+    let before = views(&env, &backing_chain(&l[2]));
+    let out = env.apply(&spec, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not this copy"), "{stderr}");
+    assert_eq!(
+        std::fs::read(fast.join("f-1.qcow2")).unwrap(),
+        b"not an image"
+    );
+    assert_eq!(
+        views(&env, &backing_chain(&l[2])),
+        before,
+        "the chain reads as before"
+    );
+}

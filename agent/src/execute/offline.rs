@@ -198,9 +198,26 @@ impl Offline {
         let dir = self.roots.confine(dir, "the placement directory".into())?;
         let to = dir.join(to.file_name().unwrap_or_default());
         if to.exists() {
-            // Copies appear under their name only once complete (see the rename below).
-            progress(1.0);
-            return Ok(0);
+            // Copies appear under their name only once complete (see the rename below), so a
+            // qcow2 there with the planned backing file is this copy, done before. Anything else
+            // is someone else's file: never taken for the copy.
+            let is_qcow2 = std::fs::File::open(&to).ok().is_some_and(|f| {
+                let mut m = [0u8; 4];
+                std::os::unix::fs::FileExt::read_exact_at(&f, &mut m, 0).is_ok()
+                    && m == crate::observe::qcow2::MAGIC
+            });
+            let planned = backing
+                .map(|b| self.roots.confine(b, "the copy's backing file".into()))
+                .transpose()?;
+            if is_qcow2 && backing_of(&self.roots, &to)?.map(|(b, _)| b) == planned {
+                progress(1.0);
+                return Ok(0);
+            }
+            return Err(ExecError::Precondition {
+                op,
+                file: to,
+                what: "a file is already there that is not this copy; move it away or choose another placement directory".into(),
+            });
         }
         let (first, top) = match (layers.first(), layers.last()) {
             (Some(f), Some(t)) => (f, t),
