@@ -185,31 +185,14 @@ pub fn apply_loaded(
     state: &StateDir,
     options: ApplyOptions,
 ) -> Result<ApplyReport, PlanRunError> {
-    let mut report = ApplyReport::default();
-    let mut outcomes: BTreeMap<String, DiskOutcome> = BTreeMap::new();
-    let mut failed: HashSet<String> = HashSet::new();
-    let fail = |report: &mut ApplyReport,
-                failed: &mut HashSet<String>,
-                spec: &LoadedSpec,
-                error: String,
-                kind: ErrorKind| {
-        failed.insert(spec.name.clone());
-        report.errors.push(DiskError {
-            name: spec.name.clone(),
-            spec: spec.origin(),
-            error,
-            kind,
-        });
-    };
+    let mut c = Collect::default();
     // One process works on a disk at a time (an agent and a hand-run apply, say): each disk's
     // lock is held until this apply is done with it.
     let mut _locks = Vec::new();
     for spec in loaded {
         match state.lock_disk(&spec.name) {
             Ok(Some(lock)) => _locks.push(lock),
-            Ok(None) => fail(
-                &mut report,
-                &mut failed,
+            Ok(None) => c.fail(
                 spec,
                 format!(
                     "{}: another diskchain process (an agent or an apply) is working on disk {:?}; try again when it is done",
@@ -218,60 +201,33 @@ pub fn apply_loaded(
                 ),
                 ErrorKind::InUse,
             ),
-            Err(e) => fail(
-                &mut report,
-                &mut failed,
-                spec,
-                e.to_string(),
-                ErrorKind::Failed,
-            ),
+            Err(e) => c.fail(spec, e.to_string(), ErrorKind::Failed),
         }
     }
     for round in 0..=MAX_ROUNDS {
         // Finish what an interrupted run left.
         for spec in loaded {
-            if failed.contains(&spec.name) {
+            if c.failed.contains(&spec.name) {
                 continue;
             }
             match Journal::load(state, &spec.name) {
                 Ok(None) => {}
                 Ok(Some(journal)) => {
                     tracing::info!(disk = %spec.name, "resuming the plan an earlier run left unfinished");
-                    let out = outcomes
-                        .entry(spec.name.clone())
-                        .or_insert_with(|| DiskOutcome {
-                            name: spec.name.clone(),
-                            ..Default::default()
-                        });
-                    if let Err(e) = finish(journal, roots, state, &options, out) {
-                        let kind = e.kind();
-                        fail(
-                            &mut report,
-                            &mut failed,
-                            spec,
-                            format!("{}: {e}", spec.origin()),
-                            kind,
-                        );
-                    }
+                    c.run(spec, journal, false, roots, state, &options);
                 }
-                Err(e) => fail(
-                    &mut report,
-                    &mut failed,
-                    spec,
-                    e.to_string(),
-                    ErrorKind::BadInput,
-                ),
+                Err(e) => c.fail(spec, e.to_string(), ErrorKind::BadInput),
             }
         }
         let todo: Vec<LoadedSpec> = loaded
             .iter()
-            .filter(|s| !failed.contains(&s.name))
+            .filter(|s| !c.failed.contains(&s.name))
             .cloned()
             .collect();
         let planned = plan_loaded(&todo, roots, state)?;
         for e in planned.errors {
-            failed.insert(e.name.clone());
-            report.errors.push(e);
+            c.failed.insert(e.name.clone());
+            c.report.errors.push(e);
         }
         let mut worked = false;
         for disk in planned.disks {
@@ -284,20 +240,12 @@ pub fn apply_loaded(
             }
             if disk.plan.steps.is_empty() {
                 if let Err(e) = record_bindings(&disk, spec, roots, state) {
-                    fail(
-                        &mut report,
-                        &mut failed,
-                        spec,
-                        e.to_string(),
-                        ErrorKind::Failed,
-                    );
+                    c.fail(spec, e.to_string(), ErrorKind::Failed);
                 }
                 continue;
             }
             if round == MAX_ROUNDS {
-                fail(
-                    &mut report,
-                    &mut failed,
+                c.fail(
                     spec,
                     format!(
                         "{}: the chain still differs from the spec after {MAX_ROUNDS} rounds of plans; see `diskchain plan`",
@@ -308,37 +256,76 @@ pub fn apply_loaded(
                 continue;
             }
             worked = true;
-            let journal = new_journal(&disk, spec, roots);
-            let out = outcomes
-                .entry(spec.name.clone())
-                .or_insert_with(|| DiskOutcome {
-                    name: spec.name.clone(),
-                    ..Default::default()
-                });
-            let result = journal
-                .save(state)
-                .map_err(ApplyError::from)
-                .and_then(|()| finish(journal, roots, state, &options, out));
-            if let Err(e) = result {
-                let kind = e.kind();
-                fail(
-                    &mut report,
-                    &mut failed,
-                    spec,
-                    format!("{}: {e}", spec.origin()),
-                    kind,
-                );
-            }
+            c.run(
+                spec,
+                new_journal(&disk, spec, roots),
+                true,
+                roots,
+                state,
+                &options,
+            );
         }
         if !worked {
             break;
         }
     }
-    report.disks = outcomes
+    let mut report = c.report;
+    report.disks = c
+        .outcomes
         .into_values()
         .filter(|o| !o.steps.is_empty())
         .collect();
     Ok(report)
+}
+
+/// What one apply collects across its disks.
+#[derive(Default)]
+struct Collect {
+    report: ApplyReport,
+    outcomes: BTreeMap<String, DiskOutcome>,
+    /// Disks not to touch again in this apply.
+    failed: HashSet<String>,
+}
+
+impl Collect {
+    fn fail(&mut self, spec: &LoadedSpec, error: String, kind: ErrorKind) {
+        self.failed.insert(spec.name.clone());
+        self.report.errors.push(DiskError {
+            name: spec.name.clone(),
+            spec: spec.origin(),
+            error,
+            kind,
+        });
+    }
+
+    /// Runs `journal` to its end (saving it first when it is new), recording what it did or why
+    /// it stopped.
+    fn run(
+        &mut self,
+        spec: &LoadedSpec,
+        journal: Journal,
+        new: bool,
+        roots: &Roots,
+        state: &StateDir,
+        options: &ApplyOptions,
+    ) {
+        let out = self
+            .outcomes
+            .entry(spec.name.clone())
+            .or_insert_with(|| DiskOutcome {
+                name: spec.name.clone(),
+                ..Default::default()
+            });
+        let saved = if new {
+            journal.save(state).map_err(ApplyError::from)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = saved.and_then(|()| finish(journal, roots, state, options, out)) {
+            let kind = e.kind();
+            self.fail(spec, format!("{}: {e}", spec.origin()), kind);
+        }
+    }
 }
 
 /// The bindings a completed plan leaves: each result point and the file holding it.

@@ -1,13 +1,16 @@
-//! The diskchain agent: command line, observers, planning glue and output.
+//! The diskchain agent: command line, observers, planning glue, executors, the journal, the
+//! reconcile loop and output.
 //!
 //! The pipeline reads top to bottom, one module per stage:
 //!
 //! ```text
 //!  specs (crd::load_path) ─▶ observe (chains, allocation, locks, root scan)
-//!     ─▶ bind (spec + state ─▶ planner::DiskRequest) ─▶ planner::plan_disk ─▶ render
+//!     ─▶ bind (spec + state ─▶ planner::DiskRequest) ─▶ planner::plan_disk (plan.rs)
+//!     ─▶ render (`plan`)  or  journal + execute (`apply`, one disk at a time)
+//!  reconcile: the agent runs plan and apply in a loop over a watched spec directory
 //! ```
 //!
-//! `plan` stops after rendering; nothing here writes an image.
+//! Only `execute` writes images, and only for steps `apply` has journaled.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -201,11 +201,9 @@ impl Offline {
             // Copies appear under their name only once complete (see the rename below), so a
             // qcow2 there with the planned backing file is this copy, done before. Anything else
             // is someone else's file: never taken for the copy.
-            let is_qcow2 = std::fs::File::open(&to).ok().is_some_and(|f| {
-                let mut m = [0u8; 4];
-                std::os::unix::fs::FileExt::read_exact_at(&f, &mut m, 0).is_ok()
-                    && m == crate::observe::qcow2::MAGIC
-            });
+            let is_qcow2 = std::fs::File::open(&to)
+                .ok()
+                .is_some_and(|f| crate::observe::qcow2::has_magic(&f));
             let planned = backing
                 .map(|b| self.roots.confine(b, "the copy's backing file".into()))
                 .transpose()?;

@@ -205,10 +205,7 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
         let file = File::open(&path).map_err(io(&path))?;
         let file_size = file.metadata().map_err(io(&path))?.len();
         let in_use = lock_holder(&file).map_err(io(&path))?;
-        let is_qcow2 = {
-            let mut m = [0u8; 4];
-            std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_ok() && m == qcow2::MAGIC
-        };
+        let is_qcow2 = qcow2::has_magic(&file);
         let observed = match format {
             Format::Qcow2 => {
                 if !is_qcow2 {
@@ -291,8 +288,7 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
 /// `None` for a raw file or a qcow2 without backing file.
 pub fn backing_of(roots: &Roots, path: &Path) -> Result<Option<(PathBuf, Format)>, ObserveError> {
     let file = File::open(path).map_err(io(path))?;
-    let mut m = [0u8; 4];
-    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_err() || m != qcow2::MAGIC {
+    if !qcow2::has_magic(&file) {
         return Ok(None);
     }
     let h = qcow2::read_header(&file, path)?;
@@ -334,8 +330,7 @@ static SCAN_CACHE: std::sync::Mutex<std::collections::BTreeMap<PathBuf, (ScanKey
 /// One scanned file as a graph node: `None` when it is not a readable qcow2 image.
 fn scan_file(p: &Path) -> Option<Layer> {
     let file = File::open(p).ok()?;
-    let mut m = [0u8; 4];
-    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut m, 0).is_err() || m != qcow2::MAGIC {
+    if !qcow2::has_magic(&file) {
         return None;
     }
     let h = qcow2::read_header(&file, p).ok()?;

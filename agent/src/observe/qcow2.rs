@@ -15,6 +15,22 @@ use roaring::RoaringTreemap;
 /// The first four bytes of every qcow2 file.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
+/// True when `file` starts with the qcow2 magic.
+pub fn has_magic(file: &File) -> bool {
+    let mut m = [0u8; 4];
+    file.read_exact_at(&mut m, 0).is_ok() && m == MAGIC
+}
+
+/// The file's length, for bounds checks.
+fn file_len(file: &File, path: &Path) -> Result<u64, Qcow2Error> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|source| Qcow2Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_COMPRESSED: u64 = 1 << 62;
 const L2_ZERO: u64 = 1;
@@ -101,13 +117,7 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
         path: path.to_path_buf(),
         what,
     };
-    let file_len = file
-        .metadata()
-        .map_err(|source| Qcow2Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let file_len = file_len(file, path)?;
     let mut h = [0u8; 112];
     let n = h.len().min(file_len as usize);
     if n < 72 {
@@ -299,13 +309,7 @@ pub fn read_allocation(file: &File, path: &Path, h: &Header) -> Result<Allocatio
         path: path.to_path_buf(),
         what,
     };
-    let file_len = file
-        .metadata()
-        .map_err(|source| Qcow2Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let file_len = file_len(file, path)?;
     let clusters = h.virtual_size.div_ceil(h.cluster_size);
     let per_l2 = h.cluster_size / 8;
     let l1_used = clusters.div_ceil(per_l2) as usize;
