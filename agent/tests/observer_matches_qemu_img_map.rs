@@ -7,7 +7,7 @@ use std::process::Command;
 
 use diskchain::observe::{ObserveError, Roots, observe_chain};
 use diskchain_planner::ClusterState;
-use diskchain_tests::qemu::{cluster_states, create, hold_open, io, run};
+use diskchain_tests::qemu::{cluster_states, create, cycle, hold_open, io, run};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -233,14 +233,7 @@ fn a_backing_reference_leaving_the_roots_is_refused_even_through_a_symlink() {
 fn a_backing_cycle_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let roots = Roots::new(&[dir.path().to_path_buf()]).unwrap();
-    let a = dir.path().join("a.qcow2");
-    let b = dir.path().join("b.qcow2");
-    create(&a, 1 << 20, None, &[]);
-    create(&b, 0, Some((&a, "qcow2")), &[]);
-    run(Command::new("qemu-img")
-        .args(["rebase", "-u", "-F", "qcow2", "-b"])
-        .arg(&b)
-        .arg(&a));
+    let (_, b) = cycle(dir.path());
     let e = observe_chain(&roots, &b).unwrap_err();
     assert!(matches!(e, ObserveError::Cycle { .. }), "{e}");
 }

@@ -213,3 +213,43 @@ pub fn check(path: &Path) -> i32 {
         .code()
         .unwrap_or(-1)
 }
+
+/// `base <- mid <- top <- act` under the root, 128 MiB virtual: base holds 16 MiB, mid 64 MiB,
+/// top `top_mib` MiB (less than mid's, so that dropping mid while keeping base and top commits
+/// top into mid: a step `--max-bytes-per-sec` can slow down). Returns the four layers.
+pub fn mid_heavy_chain(env: &Env, top_mib: u64) -> Vec<PathBuf> {
+    let names = ["base", "mid", "top", "act"];
+    let writes = [
+        "write -P 1 0 16M".to_string(),
+        "write -P 2 32M 64M".into(),
+        format!("write -P 3 100M {top_mib}M"),
+    ];
+    let mut layers: Vec<PathBuf> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let p = env.img(&format!("{n}.qcow2"));
+        create(
+            &p,
+            128 << 20,
+            layers.last().map(|b| (b.as_path(), "qcow2")),
+            &[],
+        );
+        if let Some(w) = writes.get(i) {
+            io(&p, "qcow2", std::slice::from_ref(w));
+        }
+        layers.push(p);
+    }
+    layers
+}
+
+/// A spec for [`mid_heavy_chain`] keeping base and top (mid is dropped).
+pub fn keep_base_and_top(name: &str, layers: &[PathBuf]) -> String {
+    spec_yaml(
+        name,
+        &layers[3],
+        &[
+            ("base".into(), Some(layers[0].clone())),
+            ("top".into(), Some(layers[2].clone())),
+        ],
+        "",
+    )
+}

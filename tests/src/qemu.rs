@@ -189,3 +189,15 @@ pub fn hold_open(image: &Path, scratch: &Path) -> HeldOpen {
     assert!(sock.exists(), "qemu-storage-daemon did not start");
     HeldOpen(child)
 }
+
+/// Two images in `dir` that back each other (a corrupt chain): returns (a, b), b on a, a on b.
+pub fn cycle(dir: &Path) -> (PathBuf, PathBuf) {
+    let (a, b) = (dir.join("cycle-a.qcow2"), dir.join("cycle-b.qcow2"));
+    create(&a, 1 << 20, None, &[]);
+    create(&b, 0, Some((&a, "qcow2")), &[]);
+    run(Command::new("qemu-img")
+        .args(["rebase", "-u", "-F", "qcow2", "-b"])
+        .arg(&b)
+        .arg(&a));
+    (a, b)
+}

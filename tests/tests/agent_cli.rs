@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use diskchain_tests::env::{Env, backing_chain, random_chain, spec_yaml};
+use diskchain_tests::env::{
+    Env, backing_chain, keep_base_and_top, mid_heavy_chain, random_chain, spec_yaml,
+};
 use diskchain_tests::qemu::{create, io, run, view_sha256};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -320,32 +322,11 @@ fn assert_parses_as_prometheus_text(text: &str) -> Vec<(String, f64)> {
 fn metrics_parse_and_healthz_answers_during_a_long_step() {
     let env = Env::new();
     let specs = env.dir.path().join("specs");
-    let base = env.img("base.qcow2");
-    create(&base, 128 << 20, None, &[]);
-    io(&base, "qcow2", &["write -P 1 0 64M".into()]);
-    let mid = env.img("mid.qcow2");
-    create(&mid, 0, Some((&base, "qcow2")), &[]);
-    io(&mid, "qcow2", &["write -P 2 64M 32M".into()]);
-    let top = env.img("top.qcow2");
-    create(&top, 0, Some((&mid, "qcow2")), &[]);
-    io(&top, "qcow2", &["write -P 3 96M 8M".into()]);
-    let act = env.img("act.qcow2");
-    create(&act, 0, Some((&top, "qcow2")), &[]);
-    let v = views(&env, &[base.clone(), top.clone(), act.clone()]);
-    // Keep base and top: mid goes; committing top into mid (8 MiB) is cheapest, throttled to
-    // 2 MB/s it takes about 4 s.
-    env.spec(
-        "s.yaml",
-        &spec_yaml(
-            "s",
-            &act,
-            &[
-                ("base".into(), Some(base.clone())),
-                ("top".into(), Some(top.clone())),
-            ],
-            "",
-        ),
-    );
+    let l = mid_heavy_chain(&env, 8);
+    let act = l[3].clone();
+    let v = views(&env, &[l[0].clone(), l[2].clone(), act.clone()]);
+    // Dropping mid commits top (8 MiB) into it; throttled to 2 MB/s it takes about 4 s.
+    env.spec("s.yaml", &keep_base_and_top("s", &l));
     let agent = Agent::start(&env, &specs, &["--max-bytes-per-sec", "2000000"]);
     let journal = env.state().join("journal/s.json");
     wait_until(Duration::from_secs(10), "a step to run", || {
@@ -477,31 +458,11 @@ fn sigkill_then_restart_converges_and_sigterm_exits_0() {
 fn sigterm_during_a_step_stops_at_a_resumable_point_and_exits_0() {
     let env = Env::new();
     let specs = env.dir.path().join("specs");
-    let base = env.img("base.qcow2");
-    create(&base, 128 << 20, None, &[]);
-    io(&base, "qcow2", &["write -P 1 0 16M".into()]);
-    let mid = env.img("mid.qcow2");
-    create(&mid, 0, Some((&base, "qcow2")), &[]);
-    io(&mid, "qcow2", &["write -P 2 32M 64M".into()]);
-    let top = env.img("top.qcow2");
-    create(&top, 0, Some((&mid, "qcow2")), &[]);
-    io(&top, "qcow2", &["write -P 3 100M 16M".into()]);
-    let act = env.img("act.qcow2");
-    create(&act, 0, Some((&top, "qcow2")), &[]);
-    let v = views(&env, &[base.clone(), top.clone(), act.clone()]);
-    // Keep base and top; mid goes: committing top (16 MiB) into mid at 2 MB/s takes about 8 s.
-    env.spec(
-        "s.yaml",
-        &spec_yaml(
-            "s",
-            &act,
-            &[
-                ("base".into(), Some(base.clone())),
-                ("top".into(), Some(top.clone())),
-            ],
-            "",
-        ),
-    );
+    let l = mid_heavy_chain(&env, 16);
+    let act = l[3].clone();
+    let v = views(&env, &[l[0].clone(), l[2].clone(), act.clone()]);
+    // Dropping mid commits top (16 MiB) into it; at 2 MB/s that takes about 8 s.
+    env.spec("s.yaml", &keep_base_and_top("s", &l));
     let mut agent = Agent::start(
         &env,
         &specs,

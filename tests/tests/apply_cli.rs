@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use diskchain_tests::env::{CLUSTER, Env, backing_chain, check, random_chain, spec_yaml};
-use diskchain_tests::qemu::{create, hold_open, io, run, view_sha256};
+use diskchain_tests::env::{
+    CLUSTER, Env, backing_chain, check, keep_base_and_top, mid_heavy_chain, random_chain, spec_yaml,
+};
+use diskchain_tests::qemu::{create, cycle, hold_open, io, view_sha256};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -26,6 +28,36 @@ fn last_apply(env: &Env, disk: &str) -> Value {
         .expect("state record");
     let v: Value = serde_json::from_str(&text).unwrap();
     v["last_apply"].clone()
+}
+
+/// A spec for the chain `layers` keeping each point with probability `keep_p` and asking for a
+/// new snapshot with probability `snap_p`; with the views the resulting chain must have, base
+/// first, active last.
+fn random_spec(
+    env: &Env,
+    rng: &mut StdRng,
+    layers: &[PathBuf],
+    keep_p: f64,
+    snap_p: f64,
+) -> (PathBuf, Vec<String>) {
+    let n = layers.len();
+    let keep: Vec<usize> = (0..n - 1).filter(|_| rng.random_bool(keep_p)).collect();
+    let mut points: Vec<(String, Option<PathBuf>)> = keep
+        .iter()
+        .map(|&k| (format!("p{k}"), Some(layers[k].clone())))
+        .collect();
+    let snapshot = rng.random_bool(snap_p);
+    if snapshot {
+        points.push(("fresh".into(), None));
+    }
+    let spec = env.spec("disk.yaml", &spec_yaml("disk", &layers[n - 1], &points, ""));
+    let all_views = views(env, layers);
+    let mut expected: Vec<String> = keep.iter().map(|&k| all_views[k].clone()).collect();
+    if snapshot {
+        expected.push(all_views[n - 1].clone());
+    }
+    expected.push(all_views[n - 1].clone());
+    (spec, expected)
 }
 
 /// After apply: the chain is the kept points (plus new snapshots) and the active layer, in order,
@@ -55,22 +87,7 @@ fn apply_reaches_the_spec_on_random_chains_and_loses_nothing() {
         let clusters = rng.random_range(8..40);
         let layers = random_chain(&env, &mut rng, "d", n, clusters, 8);
         let active = layers[n - 1].clone();
-        let keep: Vec<usize> = (0..n - 1).filter(|_| rng.random_bool(0.5)).collect();
-        let mut points: Vec<(String, Option<PathBuf>)> = keep
-            .iter()
-            .map(|&k| (format!("p{k}"), Some(layers[k].clone())))
-            .collect();
-        let snapshot = rng.random_bool(0.3);
-        if snapshot {
-            points.push(("fresh".into(), None));
-        }
-        let spec = env.spec("disk.yaml", &spec_yaml("disk", &active, &points, ""));
-        let all_views = views(&env, &layers);
-        let mut expected: Vec<String> = keep.iter().map(|&k| all_views[k].clone()).collect();
-        if snapshot {
-            expected.push(all_views[n - 1].clone());
-        }
-        expected.push(all_views[n - 1].clone());
+        let (spec, expected) = random_spec(&env, &mut rng, &layers, 0.5, 0.3);
         let plan = env.plan_json(&spec);
         let predicted = plan["disks"][0]["total_bytes"].as_u64().unwrap();
         let zeros = plan["disks"][0]["total_zero_bytes"].as_u64().unwrap();
@@ -227,22 +244,7 @@ fn apply_killed_at_random_moments_converges_and_loses_nothing() {
             layers.push(p);
         }
         let active = layers[n - 1].clone();
-        let keep: Vec<usize> = (0..n - 1).filter(|_| rng.random_bool(0.4)).collect();
-        let mut points: Vec<(String, Option<PathBuf>)> = keep
-            .iter()
-            .map(|&k| (format!("p{k}"), Some(layers[k].clone())))
-            .collect();
-        let snapshot = rng.random_bool(0.4);
-        if snapshot {
-            points.push(("fresh".into(), None));
-        }
-        let spec = env.spec("disk.yaml", &spec_yaml("disk", &active, &points, ""));
-        let all_views = views(&env, &layers);
-        let mut expected: Vec<String> = keep.iter().map(|&k| all_views[k].clone()).collect();
-        if snapshot {
-            expected.push(all_views[n - 1].clone());
-        }
-        expected.push(all_views[n - 1].clone());
+        let (spec, expected) = random_spec(&env, &mut rng, &layers, 0.4, 0.4);
 
         // Kill apply once or twice at random moments: the whole process tree (a crash takes
         // qemu-img down too), or only diskchain (its qemu-img runs on, orphaned). Then let it
@@ -453,13 +455,7 @@ fn bad_input_changes_nothing() {
     assert_untouched(&env, &s, 2, "outside the allowed roots");
     std::fs::remove_file(&top).unwrap();
     // A cycle.
-    let (c1, c2) = (env.img("c1.qcow2"), env.img("c2.qcow2"));
-    create(&c1, 1 << 20, None, &[]);
-    create(&c2, 0, Some((&c1, "qcow2")), &[]);
-    run(Command::new("qemu-img")
-        .args(["rebase", "-u", "-F", "qcow2", "-b"])
-        .arg(&c2)
-        .arg(&c1));
+    let (_, c2) = cycle(&env.root());
     let s = env.spec("s.yaml", &spec_yaml("w", &c2, &[], ""));
     assert_untouched(&env, &s, 2, "backing cycle");
 }
@@ -486,30 +482,11 @@ fn an_image_in_use_is_never_written_and_apply_exits_1() {
 #[test]
 fn two_processes_never_work_on_one_disk_at_once() {
     let env = Env::new();
-    let base = env.img("base.qcow2");
-    create(&base, 64 << 20, None, &[]);
-    let mid = env.img("mid.qcow2");
-    create(&mid, 0, Some((&base, "qcow2")), &[]);
-    io(&mid, "qcow2", &["write -P 2 0 32M".into()]);
-    let top = env.img("top.qcow2");
-    create(&top, 0, Some((&mid, "qcow2")), &[]);
-    io(&top, "qcow2", &["write -P 3 40M 8M".into()]);
-    let act = env.img("act.qcow2");
-    create(&act, 0, Some((&top, "qcow2")), &[]);
-    let v = views(&env, &[base.clone(), top.clone(), act.clone()]);
-    // Keep base and top: committing top (8 MiB) into mid at 2 MB/s takes about 4 s.
-    let spec = env.spec(
-        "s.yaml",
-        &spec_yaml(
-            "s",
-            &act,
-            &[
-                ("b".into(), Some(base.clone())),
-                ("t".into(), Some(top.clone())),
-            ],
-            "",
-        ),
-    );
+    let l = mid_heavy_chain(&env, 8);
+    let act = l[3].clone();
+    let v = views(&env, &[l[0].clone(), l[2].clone(), act.clone()]);
+    // Dropping mid commits top (8 MiB) into it; at 2 MB/s that takes about 4 s.
+    let spec = env.spec("s.yaml", &keep_base_and_top("s", &l));
     let mut first = env
         .diskchain(&["apply", "--max-bytes-per-sec", "2000000", "-f"])
         .arg(&spec)

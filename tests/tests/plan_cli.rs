@@ -4,11 +4,10 @@
 //! oracle; the binary's `total_bytes` must equal it. Every bad input exits 2 and touches nothing.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use diskchain_tests::env::{CLUSTER, Env, random_chain, spec_yaml};
 use diskchain_tests::oracle::{Cell, Problem, min_cost};
-use diskchain_tests::qemu::{cluster_states, create, hold_open, io, run};
+use diskchain_tests::qemu::{cluster_states, create, cycle, hold_open, io};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -289,14 +288,7 @@ fn a_backing_reference_leaving_the_roots_is_refused() {
 #[test]
 fn a_backing_cycle_is_refused() {
     let env = Env::new();
-    let a = env.img("a.qcow2");
-    let b = env.img("b.qcow2");
-    create(&a, 1 << 20, None, &[]);
-    create(&b, 0, Some((&a, "qcow2")), &[]);
-    run(Command::new("qemu-img")
-        .args(["rebase", "-u", "-F", "qcow2", "-b"])
-        .arg(&b)
-        .arg(&a));
+    let (_, b) = cycle(&env.root());
     let spec = env.spec("s.yaml", &spec_yaml("web", &b, &[], ""));
     assert_refused(&env, &spec, "backing cycle");
 }
