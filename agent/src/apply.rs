@@ -358,8 +358,15 @@ fn new_journal(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Journal {
             StepAction::Copy { to, .. } => {
                 formats.insert(to.clone(), Format::Qcow2);
             }
-            StepAction::Snapshot { file, .. } => {
+            StepAction::Snapshot { file, active, .. } => {
                 formats.insert(file.clone(), Format::Qcow2);
+                formats.insert(active.clone(), Format::Qcow2);
+            }
+            StepAction::Mirror { to, .. } => {
+                formats.insert(to.clone(), Format::Qcow2);
+            }
+            StepAction::Revert { discarded, .. } => {
+                formats.insert(discarded.clone(), Format::Qcow2);
             }
             _ => {}
         }
@@ -385,6 +392,9 @@ fn new_journal(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Journal {
         bindings: bindings_of(disk, spec, roots),
         leaving: disk.plan.leaving.clone(),
         predicted_bytes: disk.plan.total_bytes,
+        libvirt: disk.libvirt.clone(),
+        live: disk.live,
+        revert: disk.revert.clone(),
     }
 }
 
@@ -407,6 +417,53 @@ fn record_bindings(
     state.save(&st)
 }
 
+/// The backend for a journal: libvirt for a libvirt disk, `qemu-img` otherwise.
+fn executor(
+    journal: &Journal,
+    roots: &Roots,
+    dead: HashSet<PathBuf>,
+    options: &ApplyOptions,
+) -> Result<Box<dyn Executor>, ApplyError> {
+    match &journal.libvirt {
+        None => Ok(Box::new(Offline::new(
+            roots.clone(),
+            journal.formats.clone(),
+            dead,
+            options.exec,
+        ))),
+        #[cfg(feature = "libvirt")]
+        Some(src) => Ok(Box::new(crate::libvirt::Libvirt::new(
+            src.clone(),
+            roots.clone(),
+            journal.formats.clone(),
+            dead,
+            options.exec,
+            journal.live,
+            journal.revert.clone(),
+        ))),
+        #[cfg(not(feature = "libvirt"))]
+        Some(_) => Err(ApplyError::Step {
+            index: 1,
+            op: "libvirt",
+            source: ExecError::Live(crate::libvirt::LiveError::NotBuilt),
+        }),
+    }
+}
+
+/// The disk's active image now (a live disk's moves with snapshots, pivots and mirrors).
+fn active_now(journal: &Journal) -> Result<PathBuf, ApplyError> {
+    match &journal.libvirt {
+        None => Ok(journal.active.clone()),
+        Some(src) => crate::libvirt::locate(src)
+            .map(|d| d.disk.active)
+            .map_err(|e| ApplyError::Step {
+                index: journal.steps.len(),
+                op: "observe",
+                source: ExecError::Live(e),
+            }),
+    }
+}
+
 /// Runs the journal's remaining steps, checks the result, records it, removes the journal.
 fn finish(
     mut journal: Journal,
@@ -416,7 +473,7 @@ fn finish(
     out: &mut DiskOutcome,
 ) -> Result<(), ApplyError> {
     let dead: HashSet<PathBuf> = journal.leaving.iter().cloned().collect();
-    let exec = Offline::new(roots.clone(), journal.formats.clone(), dead, options.exec);
+    let exec = executor(&journal, roots, dead, options)?;
     let total = journal.steps.len();
     while let Some(i) = journal.next() {
         if options
@@ -493,12 +550,13 @@ fn finish(
         out.predicted_bytes += step.bytes;
         out.written_bytes += r.written_bytes;
         // The chain must still read after every step.
-        observe_chain(roots, &journal.active).map_err(|source| ApplyError::Observe {
+        observe_chain(roots, &active_now(&journal)?).map_err(|source| ApplyError::Observe {
             index: i + 1,
             source,
         })?;
     }
-    let chain = observe_chain(roots, &journal.active).map_err(|source| ApplyError::Observe {
+    let active = active_now(&journal)?;
+    let chain = observe_chain(roots, &active).map_err(|source| ApplyError::Observe {
         index: total,
         source,
     })?;
@@ -518,8 +576,11 @@ fn finish(
     }
     let mut st: DiskState = state.load(&journal.disk)?.unwrap_or_default();
     st.name = journal.disk.clone();
-    st.active = journal.active.clone();
+    st.active = active;
     st.bindings = journal.bindings.clone();
+    if let Some(r) = &journal.revert {
+        st.last_revert = Some(r.id.clone());
+    }
     st.retired.extend(journal.leaving.iter().cloned());
     st.retired.sort();
     st.retired.dedup();

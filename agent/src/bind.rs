@@ -185,5 +185,7 @@ pub fn bind(
         prune: spec.spec().prune,
         known_names,
         retired: state.map(|s| s.retired.clone()).unwrap_or_default(),
+        live: false,
+        revert: None,
     })
 }

@@ -58,6 +58,15 @@ pub struct Journal {
     pub steps: Vec<JournalStep>,
     /// The chain the plan ends with, base first, active last.
     pub result: Vec<FinalLayer>,
+    /// The libvirt disk, for a disk of a libvirt domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<diskchain_crd::LibvirtSource>,
+    /// The plan was made while the domain ran (libvirt's live semantics).
+    #[serde(default)]
+    pub live: bool,
+    /// The revert this plan does, recorded in the state when it completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<diskchain_crd::RevertSpec>,
     /// The bindings to record when the plan completes.
     pub bindings: Vec<Binding>,
     /// Files leaving the chain that nothing else uses (retired unless deleted).

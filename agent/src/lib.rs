@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Only `execute` writes images, and only for steps `apply` has journaled.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod apply;
@@ -19,6 +19,7 @@ pub mod bind;
 pub mod cli;
 pub mod execute;
 pub mod journal;
+pub mod libvirt;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;

@@ -51,6 +51,14 @@ pub struct DiskReport {
     /// The format of every layer of the observed chain (for the executors).
     #[serde(skip)]
     pub formats: std::collections::BTreeMap<PathBuf, diskchain_planner::Format>,
+    /// A disk of a running libvirt domain: the plan uses libvirt's live operations.
+    pub live: bool,
+    /// The libvirt disk (`spec.source.libvirt`).
+    #[serde(skip)]
+    pub libvirt: Option<diskchain_crd::LibvirtSource>,
+    /// The revert this plan does (`spec.revert` with an id not done yet).
+    #[serde(skip)]
+    pub revert: Option<diskchain_crd::RevertSpec>,
 }
 
 /// Everything `plan` found.
@@ -98,6 +106,8 @@ pub enum PlanRunError {
 struct Observed<'a> {
     spec: &'a LoadedSpec,
     chain: ObservedChain,
+    /// The domain runs (a libvirt disk).
+    running: bool,
 }
 
 /// Runs the plan stage for every spec under `specs`.
@@ -128,19 +138,67 @@ pub fn plan_loaded(
     // Observe every chain.
     let mut observed: Vec<Observed<'_>> = Vec::new();
     for spec in loaded {
-        let Some(active) = &spec.spec().source.file else {
-            report.errors.push(fail(
-                spec,
-                format!(
-                    "{}: spec.source.libvirt: live disks are not supported by this build yet; use spec.source.file for an offline disk",
-                    spec.origin()
-                ),
-                true,
-            ));
-            continue;
+        let source = &spec.spec().source;
+        let (active, live) = match (&source.file, &source.libvirt) {
+            (Some(f), _) => (f.clone(), None),
+            (None, Some(l)) => match crate::libvirt::locate(l) {
+                Ok(d) => (d.disk.active.clone(), Some(d)),
+                Err(e) => {
+                    let bad = e.is_bad_input();
+                    report.errors.push(fail(
+                        spec,
+                        format!("{}: spec.source.libvirt: {e}", spec.origin()),
+                        bad,
+                    ));
+                    continue;
+                }
+            },
+            (None, None) => continue, // refused when the spec was loaded
         };
-        match observe_chain(roots, active) {
-            Ok(chain) => observed.push(Observed { spec, chain }),
+        match observe_chain(roots, &active) {
+            Ok(mut chain) => {
+                let running = live.as_ref().is_some_and(|d| d.running);
+                if let Some(d) = &live {
+                    if running {
+                        // The domain's own QEMU holds the images: that is how a live disk is.
+                        for l in &mut chain.layers {
+                            l.in_use = None;
+                        }
+                    }
+                    let files: Vec<PathBuf> =
+                        chain.layers.iter().map(|l| l.layer.path.clone()).collect();
+                    if let Some(reported) = crate::libvirt::reported_chain(d) {
+                        let reported: Vec<PathBuf> = reported
+                            .iter()
+                            .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+                            .collect();
+                        if reported != files {
+                            let show = |v: &[PathBuf]| {
+                                v.iter()
+                                    .map(|p| p.display().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(" <- ")
+                            };
+                            report.errors.push(fail(
+                                spec,
+                                format!(
+                                    "{}: spec.source.libvirt: libvirt reports the chain {} but the image headers say {}; something changed the images behind libvirt's back. Nothing was done",
+                                    spec.origin(),
+                                    show(&reported),
+                                    show(&files)
+                                ),
+                                false,
+                            ));
+                            continue;
+                        }
+                    }
+                }
+                observed.push(Observed {
+                    spec,
+                    chain,
+                    running,
+                })
+            }
             Err(e) => {
                 let bad = e.is_bad_input();
                 report.errors.push(fail(
@@ -199,7 +257,7 @@ pub fn plan_loaded(
                 continue;
             }
         };
-        let request = match bind(o.spec, &o.chain, disk_state.as_ref(), roots) {
+        let mut request = match bind(o.spec, &o.chain, disk_state.as_ref(), roots) {
             Ok(r) => r,
             Err(e) => {
                 let mut err = fail(o.spec, e.to_string(), BindError::is_bad_input(&e));
@@ -210,6 +268,37 @@ pub fn plan_loaded(
                 continue;
             }
         };
+        request.live = o.running;
+        let revert =
+            o.spec.spec().revert.clone().filter(|r| {
+                disk_state.as_ref().and_then(|s| s.last_revert.as_ref()) != Some(&r.id)
+            });
+        if let Some(r) = &revert {
+            let Some(point) = request.keep.iter().find(|k| k.name == r.to) else {
+                report.errors.push(fail(
+                    o.spec,
+                    format!(
+                        "{}: spec.revert.to: {:?} is not an existing point of the chain (a new snapshot cannot be reverted to)",
+                        o.spec.origin(),
+                        r.to
+                    ),
+                    true,
+                ));
+                continue;
+            };
+            if o.running && !r.restart {
+                report.errors.push(fail(
+                    o.spec,
+                    format!(
+                        "{}: spec.revert: the domain is running; a revert replaces its disk under the guest. Shut the domain down first, or set spec.revert.restart: true to let diskchain power it off and start it again",
+                        o.spec.origin()
+                    ),
+                    true,
+                ));
+                continue;
+            }
+            request.revert = Some(point.file.clone());
+        }
         let formats = o
             .chain
             .layers
@@ -231,6 +320,9 @@ pub fn plan_loaded(
                 spec: o.spec.origin(),
                 suspended: o.spec.spec().suspend,
                 formats,
+                live: o.running,
+                libvirt: o.spec.spec().source.libvirt.clone(),
+                revert,
             }),
             Err(e) => report
                 .errors

@@ -70,8 +70,20 @@ pub fn text(report: &PlanReport) -> String {
             for (i, s) in p.steps.iter().enumerate() {
                 let what = match &s.action {
                     StepAction::Snapshot { file, active, .. } => {
-                        format!("{} -> {}", short(active), short(file))
+                        format!("point in {}, active {}", short(file), short(active))
                     }
+                    StepAction::Mirror { from, to, backing } => format!(
+                        "{} to {} (backing {})",
+                        short(from),
+                        short(to),
+                        backing.as_deref().map_or("none: whole chain".into(), short)
+                    ),
+                    StepAction::Revert {
+                        point, discarded, ..
+                    } => format!(
+                        "fresh active on {point:?}; old kept in {}",
+                        short(discarded)
+                    ),
                     StepAction::Stream { into, base, layers } => format!(
                         "{} into {} (new base {})",
                         names(layers, &short),

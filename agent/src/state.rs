@@ -65,6 +65,9 @@ pub struct DiskState {
     /// The last plan applied to this disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_apply: Option<LastApply>,
+    /// The id of the last revert done (`spec.revert.id`): a revert runs once per id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_revert: Option<String>,
 }
 
 /// What the last `apply` did to a disk.
@@ -279,6 +282,7 @@ mod tests {
             }],
             retired: vec!["/c".into()],
             last_apply: None,
+            last_revert: Some("r1".into()),
         };
         s.save(&rec).unwrap();
         assert_eq!(s.load("web").unwrap(), Some(rec));

@@ -375,6 +375,21 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
                     "is empty; name the disk target, e.g. vda".into(),
                 );
             }
+            if let Err(e) = humantime::parse_duration(&l.converge.within) {
+                push(
+                    "spec.source.libvirt.converge.within",
+                    format!(
+                        "{:?} is not a duration ({e}); write e.g. 30s, 10m or 1h",
+                        l.converge.within
+                    ),
+                );
+            }
+            if l.converge.throttle_bytes_per_sec == 0 {
+                push(
+                    "spec.source.libvirt.converge.throttleBytesPerSec",
+                    "is 0; give a guest write limit in bytes per second".into(),
+                );
+            }
         }
     }
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
@@ -413,6 +428,28 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
                     ),
                 );
             }
+        }
+    }
+    if let Some(r) = &spec.revert {
+        if r.id.trim().is_empty() {
+            push(
+                "spec.revert.id",
+                "is empty; give each revert its own id (a new id asks for a new revert)".into(),
+            );
+        }
+        if !spec.snapshots.iter().any(|s| s.name == r.to) {
+            push(
+                "spec.revert.to",
+                format!(
+                    "{:?} is not a point in spec.snapshots; name one of: {}",
+                    r.to,
+                    spec.snapshots
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
         }
     }
     if let Some(p) = &spec.placement

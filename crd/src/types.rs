@@ -41,6 +41,26 @@ pub struct DiskChainSpec {
     /// Stop reconciling this disk.
     #[serde(default)]
     pub suspend: bool,
+    /// Revert the disk to a point: a fresh empty active layer on it; the layers above it leave
+    /// the chain and the old active content is kept as a file until pruned. One-shot: a new `id`
+    /// asks for a new revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<RevertSpec>,
+}
+
+/// A revert request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RevertSpec {
+    /// The point to revert to: a name in `snapshots`.
+    pub to: String,
+    /// Identifies this revert; the agent records it, and reverts again only for a new id.
+    pub id: String,
+    /// A running libvirt domain sees the reverted disk only after a restart: with `true`
+    /// diskchain stops it (hard power-off: its disk content is being discarded), reverts, and
+    /// starts it again. Without it a running domain is refused.
+    #[serde(default)]
+    pub restart: bool,
 }
 
 /// Where a disk is. Exactly one field is set.
@@ -67,6 +87,61 @@ pub struct LibvirtSource {
     pub domain: String,
     /// The disk's target device, e.g. `vda`.
     pub target: String,
+    /// Freeze the guest's file systems for a snapshot (needs the QEMU guest agent in the guest).
+    #[serde(default)]
+    pub quiesce: bool,
+    /// What an active commit or mirror does when it cannot catch up with the guest's writes.
+    #[serde(default)]
+    pub converge: Converge,
+}
+
+/// The time budget of a live job that must catch up with the guest's writes (an active commit
+/// or a mirror), and what happens when it runs out.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Converge {
+    /// How long the job may take to become ready to pivot, e.g. `10m`.
+    #[serde(default = "default_converge_within")]
+    pub within: String,
+    /// What then: `wait` (keep waiting), `throttle` (limit the guest's writes on this disk to
+    /// `throttleBytesPerSec` until the pivot, then lift the limit), or `abort` (cancel the job;
+    /// the chain stays as it was and the disk is reported failed).
+    #[serde(default)]
+    pub then: ConvergeAction,
+    /// The guest write limit while throttled, in bytes per second.
+    #[serde(default = "default_throttle")]
+    pub throttle_bytes_per_sec: u64,
+}
+
+impl Default for Converge {
+    fn default() -> Self {
+        Converge {
+            within: default_converge_within(),
+            then: ConvergeAction::default(),
+            throttle_bytes_per_sec: default_throttle(),
+        }
+    }
+}
+
+fn default_converge_within() -> String {
+    "10m".to_string()
+}
+
+fn default_throttle() -> u64 {
+    10 * 1024 * 1024
+}
+
+/// What a live job does when its time budget runs out.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ConvergeAction {
+    /// Keep waiting.
+    Wait,
+    /// Limit the guest's writes until the job catches up.
+    Throttle,
+    /// Cancel the job cleanly.
+    #[default]
+    Abort,
 }
 
 fn default_libvirt_uri() -> String {

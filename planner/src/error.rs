@@ -60,6 +60,19 @@ pub enum PlanError {
         /// An overlay of another chain that uses it.
         used_by: PathBuf,
     },
+    /// A revert would drop kept points from the chain.
+    #[error(
+        "disk {disk}: spec.revert.to {point:?} lies below the kept points {}: a revert drops every layer above the point it reverts to; remove those points from spec.snapshots first (their files are kept), or revert to a later point",
+        above.join(", ")
+    )]
+    RevertDropsPoints {
+        /// The disk.
+        disk: String,
+        /// The point reverted to.
+        point: String,
+        /// The kept points above it.
+        above: Vec<String>,
+    },
     /// A backing cycle: corrupt input.
     #[error("backing cycle: {}", files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" -> "))]
     Cycle {

@@ -40,6 +40,15 @@ pub struct DiskRequest {
     /// Files earlier plans dropped from this chain and left in place (`prune` was off): deleted
     /// now when `prune` is on.
     pub retired: Vec<PathBuf>,
+    /// The disk belongs to a running VM: steps go through libvirt's block jobs. Only the active
+    /// layer can be pulled into; a commit re-points the layer above it at once; the active layer
+    /// changes files (a snapshot puts a new file on top, an active commit pivots to its base, a
+    /// mirror copies it elsewhere), and backing layers are never re-pointed in place.
+    pub live: bool,
+    /// Revert: a fresh empty active layer on the file holding this kept point; every layer above
+    /// it leaves the chain (kept as files until pruned). The plan is then that step alone; the
+    /// next plan does the rest.
+    pub revert: Option<PathBuf>,
 }
 
 /// One step of a plan, with its predicted cost.
@@ -60,15 +69,41 @@ pub struct Step {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum StepAction {
-    /// The active content becomes point `point` in a new `file`; the active image, at its path,
-    /// becomes a new empty overlay on it.
+    /// The active content becomes point `point` in `file`, and `active` becomes a new empty
+    /// overlay on it. Offline, `file` is new and `active` keeps its path; live, `file` is the
+    /// current active image and `active` the new file on top of it.
     Snapshot {
         /// The new point's name.
         point: String,
         /// The file that will hold the point.
         file: PathBuf,
-        /// The active image.
+        /// The active image after the step.
         active: PathBuf,
+    },
+    /// Live only: copy the active layer's own data into the new file `to`, backed by `backing`
+    /// (which reads the same as the active layer's current backing), and switch the disk to it
+    /// (libvirt block copy, shallow, onto a prepared file, then pivot). Without `backing` the
+    /// whole chain is copied.
+    Mirror {
+        /// The active image before the step.
+        from: PathBuf,
+        /// The new active image.
+        to: PathBuf,
+        /// Its backing file (`None`: the whole chain is copied into `to`).
+        backing: Option<PathBuf>,
+    },
+    /// A fresh empty active layer on `to`, the file holding the point reverted to. What the
+    /// active layer held is kept in `discarded` (a hard link of it, made first), so the active
+    /// image keeps its path; the layers between `to` and the active leave the chain.
+    Revert {
+        /// The point reverted to.
+        point: String,
+        /// The file holding it.
+        to: PathBuf,
+        /// The active image (same path after).
+        active: PathBuf,
+        /// Where the discarded active content stays until pruned.
+        discarded: PathBuf,
     },
     /// Copy into `into` the data of `layers` (the layers between `base` and `into`), then point
     /// `into` at `base` (`None`: `into` becomes the base of the chain).
@@ -124,6 +159,8 @@ impl StepAction {
             StepAction::Copy { .. } => "copy",
             StepAction::Rebase { .. } => "rebase",
             StepAction::Delete { .. } => "delete",
+            StepAction::Mirror { .. } => "mirror",
+            StepAction::Revert { .. } => "revert",
         }
     }
 }
@@ -213,6 +250,9 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     let n = chain.len();
     let active = n - 1;
     let paths: Vec<PathBuf> = chain.iter().map(|l| l.path.clone()).collect();
+    if let Some(to) = &req.revert {
+        return plan_revert(graph, req, &paths, to);
+    }
 
     // Bind kept points to chain positions, oldest first.
     let mut kept: Vec<usize> = Vec::with_capacity(req.keep.len());
@@ -285,13 +325,21 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         .map(|(&p, k)| (p, k.name.clone()))
         .collect();
     tops.push((active, "active".to_string()));
+    // Live: the file directly below the next run in the running chain (a copy leaves the old
+    // file there until the active layer is mirrored onto the copies), and the active image.
+    let mut chain_below: Option<PathBuf> = None;
+    let mut cur_active = paths[active].clone();
 
     for (u, point) in tops {
         let lo = prev.map_or(0, |p| p + 1);
         let run: Vec<usize> = (lo..=u).collect();
         let removes: Vec<String> = run[..run.len() - 1].iter().map(|&i| name_of(i)).collect();
         let is_active = u == active;
-        let must_move = !is_active && !in_dir(&paths[u]);
+        // Live, a backing layer cannot be re-pointed in place: once a point below moved to a
+        // copy, every point above moves too, and the active layer is mirrored onto them.
+        let must_move = !is_active && (!in_dir(&paths[u]) || (req.live && stale));
+        let live_mirror =
+            req.live && is_active && (stale || (req.placement.is_some() && !in_dir(&paths[u])));
         let base = prev_holder.clone();
         let blocked = |layer: usize, removing: Vec<String>| PlanError::BlockedByShared {
             disk: req.name.clone(),
@@ -302,7 +350,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 .clone()
                 .unwrap_or_else(|| paths[layer].clone()),
         };
-        if removes.is_empty() && !must_move {
+        if removes.is_empty() && !must_move && !live_mirror {
             if stale {
                 if shared[u].is_some() {
                     return Err(blocked(u, vec![name_of(u)]));
@@ -321,13 +369,14 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             }
             prev = Some(u);
             prev_holder = Some(paths[u].clone());
+            chain_below = Some(paths[u].clone());
             continue;
         }
         let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
         let costs = evaluate(&layers, unit, size, is_active);
         let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
         for (k, &h) in run.iter().enumerate().rev() {
-            if is_active && h != u {
+            if is_active && h != u && (!req.live || live_mirror) {
                 continue;
             }
             let c = &costs.holders[k];
@@ -337,6 +386,16 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 } else {
                     format!("stream into {point}")
                 }
+            } else if is_active && k == 0 {
+                format!(
+                    "commit the active layer into {} and pivot to it",
+                    name_of(h)
+                )
+            } else if is_active {
+                format!(
+                    "commit the active layer into {} and pivot to it, then pull below it",
+                    name_of(h)
+                )
             } else if k == 0 {
                 format!("commit into {}", name_of(h))
             } else {
@@ -353,6 +412,18 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                     "{} is outside spec.placement.directory",
                     paths[h].display()
                 ))
+            } else if live_mirror {
+                Some(
+                    "the active layer must move (spec.placement, or the points below moved to copies)"
+                        .to_string(),
+                )
+            } else if req.live && !is_active && k != 0 {
+                Some("on a running VM libvirt pulls only into the active layer".to_string())
+            } else if req.live && !is_active && stale {
+                Some(
+                    "the point below moved to a copy, and a running VM's backing layer cannot be re-pointed in place"
+                        .to_string(),
+                )
             } else {
                 None
             };
@@ -360,6 +431,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             // its view (no data on top, zeros only where it reads zeros): then no data moves,
             // only a backing reference above it changes.
             let identity = !is_active
+                && !req.live
                 && k == 0
                 && h != u
                 && not_allowed.is_some()
@@ -396,6 +468,29 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                     not_allowed,
                 },
                 choice,
+            ));
+        }
+        if live_mirror {
+            let dir = req
+                .placement
+                .clone()
+                .or_else(|| paths[u].parent().map(Path::to_path_buf))
+                .unwrap_or_default();
+            let to = graph_free_name(graph, &dir, &paths[u]);
+            let pull = if base.is_some() && !removes.is_empty() {
+                costs.holders[run.len() - 1].clone()
+            } else {
+                crate::search::Cost::default()
+            };
+            alts.push((
+                Alternative {
+                    strategy: format!("mirror the active layer into {}", dir.display()),
+                    holder: to.clone(),
+                    bytes: pull.bytes() + costs.copy.bytes(),
+                    zero_bytes: pull.zero_bytes() + costs.copy.zero_bytes(),
+                    not_allowed: None,
+                },
+                Some(Choice::Mirror(to)),
             ));
         }
         if let (Some(dir), false) = (&req.placement, is_active) {
@@ -493,12 +588,54 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 } else if let (true, Some(b)) = (stale, &base) {
                     steps.push(rebase_step(&paths[h], b));
                 }
-                stale = h != u;
+                // Offline, the layer above `u` still records `u` until re-pointed; a live
+                // commit re-points it when the job completes.
+                stale = h != u && !req.live;
+                if is_active {
+                    cur_active = paths[h].clone();
+                }
+                chain_below = Some(paths[h].clone());
                 paths[h].clone()
+            }
+            Choice::Mirror(to) => {
+                if let (Some(_), false) = (&base, removes.is_empty()) {
+                    let c = &costs.holders[run.len() - 1];
+                    steps.push(Step {
+                        action: StepAction::Stream {
+                            into: paths[u].clone(),
+                            base: chain_below.clone(),
+                            layers: paths[lo..u].to_vec(),
+                        },
+                        bytes: c.stream_bytes,
+                        zero_bytes: c.stream_zero,
+                        reason: "pull the removed layers into the active layer".into(),
+                    });
+                }
+                steps.push(Step {
+                    action: StepAction::Mirror {
+                        from: paths[u].clone(),
+                        to: to.clone(),
+                        backing: base.clone(),
+                    },
+                    bytes: costs.copy.bytes(),
+                    zero_bytes: costs.copy.zero_bytes(),
+                    reason: match &base {
+                        Some(b) => format!(
+                            "the active layer moves onto {} (libvirt block copy, then pivot)",
+                            b.display()
+                        ),
+                        None => "the whole chain is copied into the active layer's new file (libvirt block copy, then pivot)".into(),
+                    },
+                });
+                stale = false;
+                cur_active = to.clone();
+                chain_below = Some(to.clone());
+                to
             }
             Choice::Identity => {
                 // Nothing moves: the layer above the run re-points to `h` with the next write.
                 stale = true;
+                chain_below = Some(paths[u].clone());
                 paths[run[0]].clone()
             }
             Choice::Copy(to) => {
@@ -513,6 +650,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                     reason: format!("point {point:?} moves into spec.placement.directory"),
                 });
                 stale = true;
+                chain_below = Some(paths[u].clone());
                 to
             }
         };
@@ -534,7 +672,41 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
 
     // New snapshots on top, in order.
     let active_path = &paths[active];
-    for name in &req.new_snapshots {
+    if req.live {
+        // Live, the active image becomes the point and a new file goes on top of it.
+        for name in &req.new_snapshots {
+            let dir = req
+                .placement
+                .clone()
+                .or_else(|| cur_active.parent().map(Path::to_path_buf))
+                .unwrap_or_default();
+            let next = graph_free_name(
+                graph,
+                &dir,
+                &PathBuf::from(format!("{}.after-{name}.qcow2", req.name)),
+            );
+            steps.push(Step {
+                action: StepAction::Snapshot {
+                    point: name.clone(),
+                    file: cur_active.clone(),
+                    active: next.clone(),
+                },
+                bytes: 0,
+                zero_bytes: 0,
+                reason: format!(
+                    "take the new point {name:?}: {} holds it, {} becomes the active layer",
+                    cur_active.display(),
+                    next.display()
+                ),
+            });
+            result.push(FinalLayer {
+                point: Some(name.clone()),
+                file: cur_active.clone(),
+            });
+            cur_active = next;
+        }
+    }
+    for name in req.new_snapshots.iter().filter(|_| !req.live) {
         // Beside the active image: the snapshot is a hard link of it. With a placement directory
         // elsewhere, the next plan moves the new point there.
         let dir = active_path
@@ -566,7 +738,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     }
     result.push(FinalLayer {
         point: None,
-        file: active_path.clone(),
+        file: cur_active.clone(),
     });
 
     // Files the plan drops from this chain.
@@ -622,6 +794,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         }
     }
     if let Some(dir) = &req.placement
+        && !req.live
         && active_path.parent() != Some(dir.as_path())
     {
         notes.push(format!(
@@ -646,9 +819,106 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     })
 }
 
+/// The plan of a revert: one step, a fresh active layer on `to`.
+fn plan_revert(
+    graph: &ImageGraph,
+    req: &DiskRequest,
+    paths: &[PathBuf],
+    to: &Path,
+) -> Result<DiskPlan, PlanError> {
+    let active = paths.len() - 1;
+    let Some(pos) = paths[..active].iter().position(|p| p == to) else {
+        return Err(PlanError::NotInChain {
+            disk: req.name.clone(),
+            point: "spec.revert.to".into(),
+            file: to.to_path_buf(),
+            chain: paths[..active].to_vec(),
+        });
+    };
+    let point = req
+        .keep
+        .iter()
+        .find(|k| k.file == to)
+        .map(|k| k.name.clone())
+        .unwrap_or_else(|| to.display().to_string());
+    let above: Vec<String> = req
+        .keep
+        .iter()
+        .filter(|k| paths[pos + 1..active].contains(&k.file))
+        .map(|k| k.name.clone())
+        .collect();
+    if !above.is_empty() {
+        return Err(PlanError::RevertDropsPoints {
+            disk: req.name.clone(),
+            point,
+            above,
+        });
+    }
+    let a = &paths[active];
+    let dir = a.parent().map(Path::to_path_buf).unwrap_or_default();
+    let stem = a
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let discarded = graph_free_name(
+        graph,
+        &dir,
+        &PathBuf::from(format!("{stem}.reverted.qcow2")),
+    );
+    let mut result: Vec<FinalLayer> = paths[..=pos]
+        .iter()
+        .map(|p| FinalLayer {
+            point: req
+                .keep
+                .iter()
+                .find(|k| &k.file == p)
+                .map(|k| k.name.clone()),
+            file: p.clone(),
+        })
+        .collect();
+    result.push(FinalLayer {
+        point: None,
+        file: a.clone(),
+    });
+    let shared = graph.shared_along(&graph.chain(a).unwrap_or_default());
+    let mut leaving: Vec<PathBuf> = (pos + 1..active)
+        .filter(|&i| shared.get(i).is_none_or(Option::is_none))
+        .map(|i| paths[i].clone())
+        .collect();
+    leaving.push(discarded.clone());
+    let notes = vec![format!(
+        "the active content is kept in {} until pruned; the layers above {point:?} leave the chain",
+        discarded.display()
+    )];
+    Ok(DiskPlan {
+        name: req.name.clone(),
+        steps: vec![Step {
+            action: StepAction::Revert {
+                point: point.clone(),
+                to: to.to_path_buf(),
+                active: a.clone(),
+                discarded: discarded.clone(),
+            },
+            bytes: 0,
+            zero_bytes: 0,
+            reason: format!("spec.revert: a fresh active layer on {point:?}"),
+        }],
+        total_bytes: 0,
+        total_zero_bytes: 0,
+        chain: paths.to_vec(),
+        result,
+        decisions: Vec::new(),
+        baselines: Baselines::default(),
+        leaving,
+        notes,
+    })
+}
+
 enum Choice {
     /// Hold the point in the run's layer at this index.
     Hold(usize),
+    /// Live: pull the run into the active layer, then mirror it into this new file.
+    Mirror(PathBuf),
     /// Copy the run merged into this new file.
     Copy(PathBuf),
     /// The run's lowest layer already reads as the point: drop the layers above it.

@@ -12,7 +12,7 @@ use roaring::RoaringTreemap;
 use crate::alloc::{Allocation, bytes_of};
 
 /// The cost of one way to handle a run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Cost {
     /// Data bytes the commit writes.
     pub commit_bytes: u64,

@@ -5,7 +5,7 @@
 //! Backends: [`offline::Offline`] drives `qemu-img` on images no process has open.
 
 pub mod offline;
-mod process;
+pub(crate) mod process;
 
 pub use process::terminate_running;
 
@@ -68,6 +68,21 @@ pub enum ExecError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A libvirt call failed (libvirtd down, the domain gone, a job refused).
+    #[error(transparent)]
+    Live(#[from] crate::libvirt::LiveError),
+    /// A live job did not catch up with the guest within its time budget and was cancelled.
+    #[error(
+        "domain {domain} disk {disk}: the block job did not catch up with the guest's writes within {within} (spec.source.libvirt.converge.within) and was cancelled; the chain is as it was. Retry when the guest writes less, or set converge.then to wait or throttle"
+    )]
+    NotConverged {
+        /// The domain.
+        domain: String,
+        /// The disk target.
+        disk: String,
+        /// The budget.
+        within: String,
+    },
     /// A file could not be observed.
     #[error(transparent)]
     Observe(#[from] ObserveError),
@@ -77,7 +92,11 @@ impl ExecError {
     /// True when the operator must act before anything can proceed (exit 2); false for failures
     /// that may pass (exit 1).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, ExecError::Precondition { .. } | ExecError::Observe(_))
+        match self {
+            ExecError::Precondition { .. } | ExecError::Observe(_) => true,
+            ExecError::Live(e) => e.is_bad_input(),
+            _ => false,
+        }
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Offline {
     formats: BTreeMap<PathBuf, Format>,
     dead: HashSet<PathBuf>,
     options: ExecOptions,
+    /// The layers a copy reads may be open read-only by a running VM (its backing layers).
+    live_readers: bool,
 }
 
 impl Offline {
@@ -45,7 +47,15 @@ impl Offline {
             formats,
             dead,
             options,
+            live_readers: false,
         }
+    }
+
+    /// Lets copies read layers a running VM has open (only its backing layers are ever copied
+    /// this way, and QEMU only reads them); everything written is still checked for locks.
+    pub fn reading_live(mut self) -> Offline {
+        self.live_readers = true;
+        self
     }
 
     fn format(&self, op: &'static str, p: &Path) -> Result<Format, ExecError> {
@@ -228,7 +238,11 @@ impl Offline {
             }
         };
         for l in layers {
-            self.writable(op, l)?;
+            if self.live_readers {
+                self.roots.confine(l, format!("a layer {op} reads"))?;
+            } else {
+                self.writable(op, l)?;
+            }
         }
         let partial = dir.join(format!(
             ".{}.partial",
@@ -351,6 +365,61 @@ impl Offline {
         Ok(written)
     }
 
+    /// A fresh empty overlay on `to` takes the active path; the old active content stays in
+    /// `discarded` (a hard link made first, so nothing is lost at any moment).
+    fn revert(&self, to: &Path, active: &Path, discarded: &Path) -> Result<u64, ExecError> {
+        let op = "revert";
+        let active = self.writable(op, active)?;
+        let to = self.roots.confine(to, "the point reverted to".into())?;
+        let dir = active.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let meta = |p: &Path| {
+            std::fs::metadata(p).map_err(|source| ExecError::Io {
+                action: "stat",
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        if discarded.exists() {
+            let (d, a) = (meta(discarded)?, meta(&active)?);
+            if d.dev() != a.dev() || d.ino() != a.ino() {
+                if backing_of(&self.roots, &active)?.map(|(b, _)| b) == Some(to.clone()) {
+                    return Ok(0); // done before
+                }
+                return Err(ExecError::Precondition {
+                    op,
+                    file: discarded.to_path_buf(),
+                    what: "it exists and is not this revert's copy of the active image".into(),
+                });
+            }
+        } else {
+            std::fs::hard_link(&active, discarded).map_err(|source| ExecError::Io {
+                action: "link",
+                path: discarded.to_path_buf(),
+                source,
+            })?;
+            sync_file(&dir)?;
+        }
+        let tmp = dir.join(format!(
+            ".{}.revert",
+            active.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let mut c = self.qemu_img();
+        c.args(["create", "-q", "-f", "qcow2", "-b"])
+            .arg(&to)
+            .args(["-F", self.format(op, &to)?.as_str()])
+            .arg(&tmp);
+        let written = process::run(c, &mut |_| {})?;
+        sync_file(&tmp)?;
+        std::fs::rename(&tmp, &active).map_err(|source| ExecError::Io {
+            action: "rename into",
+            path: active.clone(),
+            source,
+        })?;
+        sync_file(&dir)?;
+        Ok(written)
+    }
+
     fn delete(&self, file: &Path) -> Result<u64, ExecError> {
         let op = "delete";
         if !file.exists() {
@@ -393,9 +462,11 @@ impl Executor for Offline {
             StepAction::Commit { base, .. } => vec![base],
             StepAction::Stream { into, .. } => vec![into],
             StepAction::Rebase { overlay, .. } => vec![overlay],
-            StepAction::Snapshot { .. } | StepAction::Copy { .. } | StepAction::Delete { .. } => {
-                vec![]
-            }
+            StepAction::Snapshot { .. }
+            | StepAction::Copy { .. }
+            | StepAction::Delete { .. }
+            | StepAction::Mirror { .. }
+            | StepAction::Revert { .. } => vec![],
         };
         // A `qemu-img rebase` killed mid-way can leave its new backing reference written while
         // some copied clusters' L2 entries never reached the file (seen with SIGKILL on QEMU
@@ -469,6 +540,19 @@ impl Executor for Offline {
                 backing,
             } => self.copy(layers, to, backing.as_deref(), progress)?,
             StepAction::Delete { file } => self.delete(file)?,
+            StepAction::Revert {
+                to,
+                active,
+                discarded,
+                ..
+            } => self.revert(to, active, discarded)?,
+            StepAction::Mirror { from, .. } => {
+                return Err(ExecError::Precondition {
+                    op: "mirror",
+                    file: from.clone(),
+                    what: "a mirror moves the active layer of a running VM; only the libvirt backend runs it".into(),
+                });
+            }
         };
         Ok(StepReport {
             written_bytes,

@@ -27,7 +27,7 @@ pub fn terminate_running() -> usize {
 }
 
 /// The `wchar` line of `/proc/PID/io`.
-fn wchar(pid: u32) -> Option<u64> {
+pub(crate) fn wchar(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("wchar:"))

@@ -1,0 +1,770 @@
+//! The libvirt backend: runs plan steps on a libvirt domain's disk.
+//!
+//! | step | running domain | shut-off domain |
+//! |---|---|---|
+//! | snapshot | prepared overlay + external disk-only snapshot (`--no-metadata --reuse-external`, `--quiesce` on request) | offline |
+//! | commit | block commit; of the active layer: wait until ready, pivot | offline |
+//! | stream | block pull into the active layer with a base | offline |
+//! | mirror | prepared file + shallow block copy, wait until ready, pivot | refused (replanned) |
+//! | copy | `qemu-img` reads the backing layers (QEMU only reads them) into new files | offline |
+//! | revert | with `spec.revert.restart`: power off, revert the files, start | offline |
+//! | delete | offline (only files no process has open) | offline |
+//!
+//! Every step first looks at libvirt's own state: a job of the step's kind already running on the
+//! disk (after an agent or libvirtd restart) is adopted and waited for, and a step whose effect
+//! is already in the chain is done. After every step the persistent definition is checked
+//! against the chain and rewritten when it differs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use diskchain_crd::{ConvergeAction, LibvirtSource, RevertSpec};
+use diskchain_planner::{Format, StepAction};
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use super::sys::{self, JobKind};
+use super::{LiveDisk, LiveError, qemu_pid, xml};
+use crate::execute::offline::Offline;
+use crate::execute::{ExecError, ExecOptions, Executor, StepReport};
+use crate::observe::{Roots, observe_chain};
+
+/// How long libvirt may stay unreachable during a job (a libvirtd restart) before the step fails.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// How often a job is polled.
+const POLL: Duration = Duration::from_millis(100);
+
+struct Session {
+    conn: Connect,
+    dom: Domain,
+}
+
+fn open(src: &LibvirtSource) -> Result<Session, LiveError> {
+    virt::error::clear_error_callback();
+    let conn = Connect::open(Some(&src.uri)).map_err(|e| LiveError::Connect {
+        uri: src.uri.clone(),
+        message: e.message().to_string(),
+    })?;
+    let dom = conn
+        .lookup_domain_by_name(&src.domain)
+        .map_err(|e| LiveError::NoDomain {
+            uri: src.uri.clone(),
+            domain: src.domain.clone(),
+            message: e.message().to_string(),
+        })?;
+    Ok(Session { conn, dom })
+}
+
+fn call(src: &LibvirtSource, what: &str) -> impl FnOnce(virt::error::Error) -> LiveError {
+    let (domain, what) = (src.domain.clone(), what.to_string());
+    move |e| LiveError::Call {
+        domain,
+        what,
+        message: e.message().to_string(),
+    }
+}
+
+pub(super) fn locate(src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
+    let s = open(src)?;
+    let running = s
+        .dom
+        .is_active()
+        .map_err(call(src, "asking whether it runs"))?;
+    let persistent = s
+        .dom
+        .is_persistent()
+        .map_err(call(src, "asking whether it is persistent"))?;
+    let flags = if running {
+        0
+    } else {
+        virt::sys::VIR_DOMAIN_XML_INACTIVE
+    };
+    let x = s
+        .dom
+        .xml_desc(flags)
+        .map_err(call(src, "reading its XML"))?;
+    let disk = xml::disk(&x, &src.target).map_err(|source| LiveError::Xml {
+        domain: src.domain.clone(),
+        source,
+    })?;
+    Ok(LiveDisk {
+        running,
+        persistent,
+        disk,
+        pid: if running { qemu_pid(&src.domain) } else { None },
+    })
+}
+
+/// Runs steps on one libvirt disk.
+pub struct Libvirt {
+    src: LibvirtSource,
+    roots: Roots,
+    offline: Offline,
+    options: ExecOptions,
+    /// The plan was made for a running domain.
+    live_plan: bool,
+    revert: Option<RevertSpec>,
+    formats: BTreeMap<PathBuf, Format>,
+}
+
+impl Libvirt {
+    /// A backend for the disk `src`, confined to `roots`. `live_plan`: the plan was made while
+    /// the domain ran (its steps assume libvirt's semantics); `revert`: the spec's revert, whose
+    /// `restart` allows powering the domain off and on.
+    pub fn new(
+        src: LibvirtSource,
+        roots: Roots,
+        formats: BTreeMap<PathBuf, Format>,
+        dead: HashSet<PathBuf>,
+        options: ExecOptions,
+        live_plan: bool,
+        revert: Option<RevertSpec>,
+    ) -> Libvirt {
+        let offline = Offline::new(roots.clone(), formats.clone(), dead, options).reading_live();
+        Libvirt {
+            src,
+            roots,
+            offline,
+            options,
+            live_plan,
+            revert,
+            formats,
+        }
+    }
+
+    fn live_err(&self, what: &str) -> impl FnOnce(virt::error::Error) -> ExecError {
+        let f = call(&self.src, what);
+        move |e| ExecError::Live(f(e))
+    }
+
+    fn refuse(&self, op: &'static str, file: &Path, what: impl Into<String>) -> ExecError {
+        ExecError::Precondition {
+            op,
+            file: file.to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    fn format(&self, p: &Path) -> Format {
+        self.formats.get(p).copied().unwrap_or(Format::Qcow2)
+    }
+
+    /// Creates the empty qcow2 `file`, backed by `backing` when given, without opening anything
+    /// QEMU holds (`-u`, with the guest size given).
+    fn prepare(
+        &self,
+        op: &'static str,
+        file: &Path,
+        backing: Option<&Path>,
+        size: u64,
+    ) -> Result<(), ExecError> {
+        if file.exists() {
+            // Only an earlier attempt's prepared file may be here: a qcow2 with this backing
+            // that no process has open. Anything else is not ours.
+            let f = std::fs::File::open(file).map_err(|source| ExecError::Io {
+                action: "open",
+                path: file.to_path_buf(),
+                source,
+            })?;
+            let ours = crate::observe::qcow2::has_magic(&f)
+                && crate::observe::lock_holder(&f).ok().flatten().is_none()
+                && crate::observe::backing_of(&self.roots, file)
+                    .ok()
+                    .flatten()
+                    .map(|(b, _)| b)
+                    == backing.map(Path::to_path_buf);
+            if !ours {
+                return Err(self.refuse(
+                    op,
+                    file,
+                    "a file is already there that is not a prepared file of this step; move it away",
+                ));
+            }
+            std::fs::remove_file(file).map_err(|source| ExecError::Io {
+                action: "remove",
+                path: file.to_path_buf(),
+                source,
+            })?;
+        }
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| ExecError::Io {
+                action: "create",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            c.arg("-b")
+                .arg(b)
+                .args(["-F", self.format(b).as_str(), "-u"]);
+        }
+        c.arg(file).arg(size.to_string());
+        let out = c.output().map_err(|source| ExecError::Io {
+            action: "run qemu-img create for",
+            path: file.to_path_buf(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(ExecError::Qemu {
+                command: format!("qemu-img create {}", file.display()),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The guest size of the disk.
+    fn guest_size(&self, d: &LiveDisk) -> Result<u64, ExecError> {
+        let chain = observe_chain(&self.roots, &d.disk.active)?;
+        Ok(chain.active().virtual_size)
+    }
+
+    /// Waits for the disk's block job of `kind` to end; a mirror-style job (`pivot`) is pivoted
+    /// once ready, within the spec's time budget and then as `converge.then` says. Survives
+    /// libvirtd restarts (libvirt keeps the job; the connection is made again).
+    fn wait_job(
+        &self,
+        kind: JobKind,
+        pivot: bool,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<(), ExecError> {
+        let t0 = Instant::now();
+        let budget = humantime::parse_duration(&self.src.converge.within)
+            .unwrap_or(Duration::from_secs(600));
+        let mut acted = false;
+        let mut throttled: Option<u64> = None;
+        let mut session: Option<Session> = None;
+        let mut unreachable_since: Option<Instant> = None;
+        let target = self.src.target.clone();
+        let result = loop {
+            if session.is_none() {
+                match open(&self.src) {
+                    Ok(s) => {
+                        session = Some(s);
+                        unreachable_since = None;
+                    }
+                    Err(e) => {
+                        let since = *unreachable_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > RECONNECT_FOR {
+                            break Err(ExecError::Live(e));
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
+            let s = session.as_ref().expect("opened above");
+            let info = match sys::job_info(&s.dom, &target) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(domain = %self.src.domain, error = %e.message(), "lost libvirt during a block job; reconnecting");
+                    session = None;
+                    unreachable_since.get_or_insert_with(Instant::now);
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Some(j) = info else {
+                break Ok(());
+            };
+            if j.kind != kind {
+                break Err(self.refuse(
+                    "wait",
+                    Path::new(&target),
+                    format!(
+                        "a {:?} block job runs on the disk, not the {kind:?} this step started",
+                        j.kind
+                    ),
+                ));
+            }
+            if j.end > 0 {
+                progress((j.cur as f64 / j.end as f64).min(1.0));
+            }
+            if pivot && j.ready() {
+                match sys::job_abort(&s.dom, &target, true) {
+                    Ok(()) => continue, // the job ends with the pivot
+                    Err(e) => {
+                        tracing::debug!(error = %e.message(), "pivot not possible yet");
+                    }
+                }
+            }
+            if pivot && !j.ready() && !acted && t0.elapsed() > budget {
+                acted = true;
+                match self.src.converge.then {
+                    ConvergeAction::Wait => {
+                        tracing::warn!(domain = %self.src.domain, disk = %target, seconds = t0.elapsed().as_secs(), "the job has not caught up with the guest's writes; waiting on (converge.then: wait)");
+                    }
+                    ConvergeAction::Throttle => {
+                        let before = sys::write_limit(&s.dom, &target)
+                            .map_err(self.live_err("reading the disk's I/O limits"))?;
+                        sys::set_write_limit(
+                            &s.dom,
+                            &target,
+                            self.src.converge.throttle_bytes_per_sec,
+                        )
+                        .map_err(self.live_err("limiting the guest's writes"))?;
+                        throttled = Some(before);
+                        tracing::warn!(domain = %self.src.domain, disk = %target, limit = self.src.converge.throttle_bytes_per_sec, "the job has not caught up; guest writes limited until the pivot (converge.then: throttle)");
+                    }
+                    ConvergeAction::Abort => {
+                        let _ = sys::job_abort(&s.dom, &target, false);
+                        // Wait for the cancelled job to be gone before reporting.
+                        let gone = Instant::now();
+                        while gone.elapsed() < Duration::from_secs(60)
+                            && matches!(sys::job_info(&s.dom, &target), Ok(Some(_)))
+                        {
+                            std::thread::sleep(POLL);
+                        }
+                        break Err(ExecError::NotConverged {
+                            domain: self.src.domain.clone(),
+                            disk: target.clone(),
+                            within: self.src.converge.within.clone(),
+                        });
+                    }
+                }
+            }
+            std::thread::sleep(POLL);
+        };
+        if let Some(before) = throttled {
+            // Lift the limit again, whatever happened to the job.
+            if let Ok(s) = open(&self.src)
+                && let Err(e) = sys::set_write_limit(&s.dom, &target, before)
+            {
+                tracing::error!(domain = %self.src.domain, disk = %target, error = %e.message(), "could not lift the guest write limit; reset it with virsh blkdeviotune");
+            }
+        }
+        result
+    }
+
+    fn job_now(&self) -> Result<Option<sys::JobInfo>, ExecError> {
+        let s = open(&self.src)?;
+        sys::job_info(&s.dom, &self.src.target).map_err(self.live_err("reading block jobs"))
+    }
+
+    fn snapshot(&self, d: &LiveDisk, point_file: &Path, new: &Path) -> Result<(), ExecError> {
+        let op = "snapshot";
+        if d.disk.active == new && d.disk.backing.first().map(PathBuf::as_path) == Some(point_file)
+        {
+            return Ok(()); // done before
+        }
+        if d.disk.active != point_file {
+            return Err(self.refuse(
+                op,
+                point_file,
+                format!(
+                    "the domain's active image is {}, not this file",
+                    d.disk.active.display()
+                ),
+            ));
+        }
+        let size = self.guest_size(d)?;
+        self.prepare(op, new, Some(point_file), size)?;
+        let s = open(&self.src)?;
+        let x = s
+            .dom
+            .xml_desc(0)
+            .map_err(self.live_err("reading its XML"))?;
+        let others = xml::other_disks(&x, &self.src.target).map_err(|source| {
+            ExecError::Live(LiveError::Xml {
+                domain: self.src.domain.clone(),
+                source,
+            })
+        })?;
+        let name = format!("diskchain-{}", crate::journal::now_unix());
+        let mut flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
+        if self.src.quiesce {
+            flags |= virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
+        }
+        s.dom
+            .create_snapshot_xml(&xml::snapshot(&name, &self.src.target, new, &others), flags)
+            .map_err(self.live_err("taking an external disk-only snapshot"))?;
+        Ok(())
+    }
+
+    fn commit(
+        &self,
+        d: &LiveDisk,
+        base: &Path,
+        top: &Path,
+        layers: &[PathBuf],
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<(), ExecError> {
+        let op = "commit";
+        let in_chain = |p: &Path| d.disk.active == p || d.disk.backing.iter().any(|b| b == p);
+        let shallow = layers.len() == 1;
+        if top == d.disk.active || (d.disk.active == base && !in_chain(top)) {
+            // Active commit, ending with a pivot to `base`.
+            if d.disk.active == base {
+                return Ok(()); // pivoted before
+            }
+            match self.job_now()? {
+                Some(j) if j.kind == JobKind::ActiveCommit => {
+                    tracing::info!(domain = %self.src.domain, "adopting the active commit already running");
+                }
+                Some(j) => {
+                    return Err(self.refuse(
+                        op,
+                        top,
+                        format!("a {:?} block job runs on the disk", j.kind),
+                    ));
+                }
+                None => {
+                    if !in_chain(base) {
+                        return Err(self.refuse(op, base, "it is not in the domain's chain"));
+                    }
+                    let s = open(&self.src)?;
+                    sys::block_commit(
+                        &s.dom,
+                        &self.src.target,
+                        base,
+                        None,
+                        true,
+                        shallow,
+                        self.options.max_bytes_per_sec,
+                    )
+                    .map_err(self.live_err("starting an active block commit"))?;
+                }
+            }
+            self.wait_job(JobKind::ActiveCommit, true, progress)?;
+            let after = super::locate(&self.src)?;
+            if after.disk.active != base {
+                return Err(self.refuse(
+                    op,
+                    base,
+                    format!(
+                        "the active commit ended without a pivot to it (the active image is {})",
+                        after.disk.active.display()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if !in_chain(top) && in_chain(base) {
+            return Ok(()); // committed before
+        }
+        match self.job_now()? {
+            Some(j) if j.kind == JobKind::Commit => {
+                tracing::info!(domain = %self.src.domain, "adopting the block commit already running");
+            }
+            Some(j) => {
+                return Err(self.refuse(
+                    op,
+                    top,
+                    format!("a {:?} block job runs on the disk", j.kind),
+                ));
+            }
+            None => {
+                if !in_chain(base) || !in_chain(top) {
+                    return Err(self.refuse(
+                        op,
+                        top,
+                        "it or its base is not in the domain's chain",
+                    ));
+                }
+                let s = open(&self.src)?;
+                sys::block_commit(
+                    &s.dom,
+                    &self.src.target,
+                    base,
+                    Some(top),
+                    false,
+                    shallow,
+                    self.options.max_bytes_per_sec,
+                )
+                .map_err(self.live_err("starting a block commit"))?;
+            }
+        }
+        self.wait_job(JobKind::Commit, false, progress)?;
+        let after = super::locate(&self.src)?;
+        if after.disk.backing.iter().any(|b| b == top) {
+            return Err(self.refuse(op, top, "the block commit ended but the layer is still in the chain (the job failed; see the domain's log)"));
+        }
+        Ok(())
+    }
+
+    fn pull(
+        &self,
+        d: &LiveDisk,
+        into: &Path,
+        base: Option<&Path>,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<(), ExecError> {
+        let op = "stream";
+        if into != d.disk.active {
+            return Err(self.refuse(
+                op,
+                into,
+                "on a running domain libvirt pulls only into the active layer",
+            ));
+        }
+        if d.disk.backing.first().map(PathBuf::as_path) == base {
+            return Ok(()); // pulled before
+        }
+        match self.job_now()? {
+            Some(j) if j.kind == JobKind::Pull => {
+                tracing::info!(domain = %self.src.domain, "adopting the block pull already running");
+            }
+            Some(j) => {
+                return Err(self.refuse(
+                    op,
+                    into,
+                    format!("a {:?} block job runs on the disk", j.kind),
+                ));
+            }
+            None => {
+                if let Some(b) = base
+                    && !d.disk.backing.iter().any(|x| x == b)
+                {
+                    return Err(self.refuse(op, b, "the new base is not in the domain's chain"));
+                }
+                let s = open(&self.src)?;
+                sys::block_pull(
+                    &s.dom,
+                    &self.src.target,
+                    base,
+                    self.options.max_bytes_per_sec,
+                )
+                .map_err(self.live_err("starting a block pull"))?;
+            }
+        }
+        self.wait_job(JobKind::Pull, false, progress)?;
+        let after = super::locate(&self.src)?;
+        if after.disk.backing.first().map(PathBuf::as_path) != base {
+            return Err(self.refuse(op, into, "the block pull ended but the chain below it did not change (the job failed; see the domain's log)"));
+        }
+        Ok(())
+    }
+
+    fn mirror(
+        &self,
+        d: &LiveDisk,
+        from: &Path,
+        to: &Path,
+        backing: Option<&Path>,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<(), ExecError> {
+        let op = "mirror";
+        if d.disk.active == to {
+            return Ok(()); // pivoted before
+        }
+        if d.disk.active != from {
+            return Err(self.refuse(
+                op,
+                from,
+                format!("the domain's active image is {}", d.disk.active.display()),
+            ));
+        }
+        match self.job_now()? {
+            Some(j) if j.kind == JobKind::Copy => {
+                tracing::info!(domain = %self.src.domain, "adopting the block copy already running");
+            }
+            Some(j) => {
+                return Err(self.refuse(
+                    op,
+                    from,
+                    format!("a {:?} block job runs on the disk", j.kind),
+                ));
+            }
+            None => {
+                let dir = to.parent().unwrap_or(Path::new("/"));
+                std::fs::create_dir_all(dir).map_err(|source| ExecError::Io {
+                    action: "create",
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                let to = self.roots.confine_dir(to, "the mirror's new file".into())?;
+                let size = self.guest_size(d)?;
+                self.prepare(op, &to, backing, size)?;
+                let s = open(&self.src)?;
+                sys::block_copy(
+                    &s.dom,
+                    &self.src.target,
+                    &xml::copy_destination(&to),
+                    backing.is_some(),
+                )
+                .map_err(self.live_err("starting a block copy"))?;
+            }
+        }
+        self.wait_job(JobKind::Copy, true, progress)?;
+        let after = super::locate(&self.src)?;
+        if after.disk.active != to {
+            return Err(self.refuse(op, to, "the block copy ended without a pivot to it"));
+        }
+        Ok(())
+    }
+
+    fn revert(
+        &self,
+        d: &LiveDisk,
+        step: &StepAction,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<u64, ExecError> {
+        let StepAction::Revert { active, .. } = step else {
+            unreachable!("called for reverts");
+        };
+        let restart = self.revert.as_ref().is_some_and(|r| r.restart);
+        if d.running {
+            if !restart {
+                return Err(self.refuse("revert", active, format!("domain {} is running; a revert replaces its disk under the guest: shut it down first, or set spec.revert.restart: true", self.src.domain)));
+            }
+            let s = open(&self.src)?;
+            tracing::warn!(domain = %self.src.domain, "powering the domain off for the revert (spec.revert.restart)");
+            s.dom
+                .destroy()
+                .map_err(self.live_err("powering it off for the revert"))?;
+        }
+        let written = self.offline.run(step, progress)?.written_bytes;
+        self.sync_persistent()?;
+        // Start it again when it ran for the plan (also when an earlier attempt powered it off).
+        if restart && (d.running || self.live_plan) {
+            let s = open(&self.src)?;
+            if !s
+                .dom
+                .is_active()
+                .map_err(self.live_err("asking whether it runs"))?
+            {
+                s.dom
+                    .create()
+                    .map_err(self.live_err("starting it after the revert"))?;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Brings the persistent definition in line with the chain: the disk's source is the active
+    /// image, and a recorded `<backingStore>` that differs from the real chain is dropped (libvirt
+    /// then reads the chain from the image headers at the next start).
+    fn sync_persistent(&self) -> Result<(), ExecError> {
+        let s = open(&self.src)?;
+        if !s
+            .dom
+            .is_persistent()
+            .map_err(self.live_err("asking whether it is persistent"))?
+        {
+            return Ok(());
+        }
+        let now = super::locate(&self.src)?;
+        let real = observe_chain(&self.roots, &now.disk.active)?;
+        let real_backing: Vec<PathBuf> = real
+            .layers
+            .iter()
+            .rev()
+            .skip(1)
+            .map(|l| l.layer.path.clone())
+            .collect();
+        let inactive = s
+            .dom
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(self.live_err("reading its persistent XML"))?;
+        let pd = xml::disk(&inactive, &self.src.target).map_err(|source| {
+            ExecError::Live(LiveError::Xml {
+                domain: self.src.domain.clone(),
+                source,
+            })
+        })?;
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let recorded: Vec<PathBuf> = pd.backing.iter().map(|p| canon(p)).collect();
+        if canon(&pd.active) == canon(&now.disk.active)
+            && (recorded.is_empty() || recorded == real_backing)
+        {
+            return Ok(());
+        }
+        let fixed = xml::with_disk_source(&inactive, &self.src.target, &now.disk.active).map_err(
+            |source| {
+                ExecError::Live(LiveError::Xml {
+                    domain: self.src.domain.clone(),
+                    source,
+                })
+            },
+        )?;
+        tracing::info!(domain = %self.src.domain, active = %now.disk.active.display(), "updating the persistent definition to the chain");
+        s.conn
+            .define_domain_xml(&fixed)
+            .map_err(self.live_err("updating its persistent definition"))?;
+        Ok(())
+    }
+}
+
+impl Executor for Libvirt {
+    fn prepare_resume(&self, step: &StepAction) -> Result<(), ExecError> {
+        let d = super::locate(&self.src)?;
+        if d.running {
+            // libvirt's own job state tells what an interrupted live step left; `run` adopts it.
+            return Ok(());
+        }
+        self.offline.prepare_resume(step)
+    }
+
+    fn run(
+        &self,
+        step: &StepAction,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<StepReport, ExecError> {
+        let t = Instant::now();
+        let d = super::locate(&self.src)?;
+        // A revert may restart QEMU: its byte counter would not compare.
+        let pid = d.pid.filter(|_| !matches!(step, StepAction::Revert { .. }));
+        let before = pid.and_then(crate::execute::process::wchar);
+        let mut written = 0;
+        let changed_state = |want: bool, file: &Path| {
+            self.refuse(
+                step.op(),
+                file,
+                if want {
+                    "the domain stopped since the plan was made; it is planned again"
+                } else {
+                    "the domain started since the plan was made; it is planned again"
+                },
+            )
+        };
+        match step {
+            StepAction::Revert { .. } => written += self.revert(&d, step, progress)?,
+            StepAction::Copy { .. } | StepAction::Delete { .. } => {
+                written += self.offline.run(step, progress)?.written_bytes;
+            }
+            _ if !d.running => {
+                if self.live_plan {
+                    return Err(changed_state(true, &d.disk.active));
+                }
+                written += self.offline.run(step, progress)?.written_bytes;
+            }
+            _ if !self.live_plan => return Err(changed_state(false, &d.disk.active)),
+            StepAction::Snapshot { file, active, .. } => self.snapshot(&d, file, active)?,
+            StepAction::Commit { base, top, layers } => {
+                self.commit(&d, base, top, layers, progress)?
+            }
+            StepAction::Stream { into, base, .. } => {
+                self.pull(&d, into, base.as_deref(), progress)?
+            }
+            StepAction::Mirror { from, to, backing } => {
+                self.mirror(&d, from, to, backing.as_deref(), progress)?
+            }
+            StepAction::Rebase { overlay, .. } => {
+                return Err(self.refuse(
+                    "rebase",
+                    overlay,
+                    "a running domain's backing layer is never re-pointed in place",
+                ));
+            }
+        }
+        if let (Some(p), Some(b)) = (pid, before)
+            && let Some(a) = crate::execute::process::wchar(p)
+        {
+            written += a.saturating_sub(b);
+        }
+        self.sync_persistent()?;
+        progress(1.0);
+        Ok(StepReport {
+            written_bytes: written,
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! Live disks of libvirt domains (`spec.source.libvirt`).
+//!
+//! A running domain's disk is driven only through libvirt's API, so libvirt's view of the chain
+//! stays true: external disk-only snapshots, block commit (intermediate, and active with a
+//! pivot), block pull into the active layer, block copy onto prepared files with a pivot. Backing
+//! layers that are only read (copies for a placement move) are copied by `qemu-img` into new
+//! files, which never touches what QEMU has open. A domain that is shut off is an offline disk
+//! whose active image is the one its definition names; after every step its persistent
+//! definition is brought in line with the chain.
+
+pub mod xml;
+
+#[cfg(feature = "libvirt")]
+mod backend;
+#[cfg(feature = "libvirt")]
+#[allow(unsafe_code)]
+mod sys;
+
+#[cfg(feature = "libvirt")]
+pub use backend::Libvirt;
+
+use std::path::PathBuf;
+
+use diskchain_crd::LibvirtSource;
+
+/// A libvirt disk as it is now.
+#[derive(Clone, Debug)]
+pub struct LiveDisk {
+    /// The domain runs: its disk is live.
+    pub running: bool,
+    /// The domain has a persistent definition.
+    pub persistent: bool,
+    /// The disk as the domain's XML (live when running) describes it.
+    pub disk: xml::DiskXml,
+    /// The QEMU process of a running domain.
+    pub pid: Option<u32>,
+}
+
+/// Why a libvirt disk cannot be found or acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// This build has no libvirt support.
+    #[error(
+        "spec.source.libvirt: this diskchain was built without libvirt support; build it with the `libvirt` feature (the default; needs libvirt-dev)"
+    )]
+    NotBuilt,
+    /// Connecting failed.
+    #[error(
+        "cannot connect to libvirt at {uri}: {message}; is libvirtd running, and may this user use it?"
+    )]
+    Connect {
+        /// The URI.
+        uri: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// The domain is not there.
+    #[error("libvirt at {uri} has no domain {domain:?}: {message}")]
+    NoDomain {
+        /// The URI.
+        uri: String,
+        /// The domain.
+        domain: String,
+        /// libvirt's message.
+        message: String,
+    },
+    /// The XML does not give the disk.
+    #[error("domain {domain}: {source}")]
+    Xml {
+        /// The domain.
+        domain: String,
+        /// The cause.
+        source: xml::XmlError,
+    },
+    /// A libvirt call failed.
+    #[error("domain {domain}: {what} failed: {message}")]
+    Call {
+        /// The domain.
+        domain: String,
+        /// What was being done.
+        what: String,
+        /// libvirt's message.
+        message: String,
+    },
+}
+
+impl LiveError {
+    /// True when the spec is at fault (exit 2); false when libvirt may come back (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            LiveError::NotBuilt | LiveError::NoDomain { .. } | LiveError::Xml { .. }
+        )
+    }
+}
+
+/// The QEMU process of a running domain, from libvirt's pid file.
+pub fn qemu_pid(domain: &str) -> Option<u32> {
+    ["/run/libvirt/qemu", "/var/run/libvirt/qemu"]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(format!("{d}/{domain}.pid")).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Finds the disk `src` names and reads its chain as libvirt reports it.
+#[cfg(feature = "libvirt")]
+pub fn locate(src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
+    backend::locate(src)
+}
+
+/// Finds the disk `src` names (not in this build).
+#[cfg(not(feature = "libvirt"))]
+pub fn locate(_src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
+    Err(LiveError::NotBuilt)
+}
+
+/// The files of the chain libvirt reports, base first (active last), when it reports one.
+pub fn reported_chain(d: &LiveDisk) -> Option<Vec<PathBuf>> {
+    if d.disk.backing.is_empty() && !d.running {
+        return None;
+    }
+    let mut v: Vec<PathBuf> = d.disk.backing.iter().rev().cloned().collect();
+    v.push(d.disk.active.clone());
+    Some(v)
+}

@@ -1,0 +1,262 @@
+//! Safe wrappers for the libvirt calls the `virt` crate has no safe API for: block commit, block
+//! rebase (pull), block copy, block job info and abort, and block I/O tuning. Every `unsafe`
+//! block calls one libvirt function with a domain pointer the `Domain` keeps alive, C strings
+//! that outlive the call, and (for typed parameters) an array libvirt only reads or fills.
+
+use std::ffi::{CString, c_char, c_int, c_uint, c_ulong};
+use std::path::Path;
+
+use virt::domain::Domain;
+use virt::error::Error;
+use virt::sys;
+
+fn cstr(s: &str) -> Result<CString, Error> {
+    CString::new(s).map_err(|_| Error::last_error())
+}
+
+fn cpath(p: &Path) -> Result<CString, Error> {
+    cstr(&p.to_string_lossy())
+}
+
+fn check(rc: c_int) -> Result<c_int, Error> {
+    if rc < 0 {
+        Err(Error::last_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// What kind of block job runs on a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    /// A pull (stream) into the active layer.
+    Pull,
+    /// A block copy (mirror).
+    Copy,
+    /// A commit of backing layers.
+    Commit,
+    /// A commit of the active layer (ends with a pivot).
+    ActiveCommit,
+    /// Anything else (a backup, say).
+    Other,
+}
+
+/// A block job's progress.
+#[derive(Clone, Copy, Debug)]
+pub struct JobInfo {
+    /// What it is.
+    pub kind: JobKind,
+    /// Work done.
+    pub cur: u64,
+    /// Work to do (grows while the guest writes during a mirror).
+    pub end: u64,
+}
+
+impl JobInfo {
+    /// A mirror-style job that caught up and can pivot (libvirt reports `cur == end` only then).
+    pub fn ready(&self) -> bool {
+        self.end > 0 && self.cur == self.end
+    }
+}
+
+/// The block job on `disk`, if one runs.
+pub fn job_info(dom: &Domain, disk: &str) -> Result<Option<JobInfo>, Error> {
+    let d = cstr(disk)?;
+    let mut info = sys::virDomainBlockJobInfo {
+        type_: 0,
+        bandwidth: 0,
+        cur: 0,
+        end: 0,
+    };
+    // SAFETY: `dom` is a live domain, `d` a NUL-terminated string and `info` a struct libvirt
+    // fills; all outlive the call.
+    let rc = check(unsafe {
+        sys::virDomainGetBlockJobInfo(
+            dom.as_ptr(),
+            d.as_ptr(),
+            &mut info,
+            sys::VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES,
+        )
+    })?;
+    if rc == 0 {
+        return Ok(None);
+    }
+    let kind = match info.type_ as u32 {
+        sys::VIR_DOMAIN_BLOCK_JOB_TYPE_PULL => JobKind::Pull,
+        sys::VIR_DOMAIN_BLOCK_JOB_TYPE_COPY => JobKind::Copy,
+        sys::VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT => JobKind::Commit,
+        sys::VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT => JobKind::ActiveCommit,
+        _ => JobKind::Other,
+    };
+    Ok(Some(JobInfo {
+        kind,
+        cur: info.cur,
+        end: info.end,
+    }))
+}
+
+/// Starts a commit of `(base, top]` into `base` (`top` `None`: the active layer, which needs
+/// `active`). `shallow`: `base` is `top`'s own backing file.
+pub fn block_commit(
+    dom: &Domain,
+    disk: &str,
+    base: &Path,
+    top: Option<&Path>,
+    active: bool,
+    shallow: bool,
+    bytes_per_sec: Option<u64>,
+) -> Result<(), Error> {
+    let d = cstr(disk)?;
+    let b = cpath(base)?;
+    let t = top.map(cpath).transpose()?;
+    let mut flags = 0;
+    if active {
+        flags |= sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE;
+    }
+    if shallow {
+        flags |= sys::VIR_DOMAIN_BLOCK_COMMIT_SHALLOW;
+    }
+    if bytes_per_sec.is_some() {
+        flags |= sys::VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES;
+    }
+    // SAFETY: all pointers are live NUL-terminated strings (or null for "the active layer").
+    check(unsafe {
+        sys::virDomainBlockCommit(
+            dom.as_ptr(),
+            d.as_ptr(),
+            if shallow {
+                std::ptr::null()
+            } else {
+                b.as_ptr()
+            },
+            t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
+            bytes_per_sec.unwrap_or(0) as c_ulong,
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+/// Starts a pull into the active layer of everything above `base` (`None`: the whole chain).
+pub fn block_pull(
+    dom: &Domain,
+    disk: &str,
+    base: Option<&Path>,
+    bytes_per_sec: Option<u64>,
+) -> Result<(), Error> {
+    let d = cstr(disk)?;
+    let b = base.map(cpath).transpose()?;
+    let flags = if bytes_per_sec.is_some() {
+        sys::VIR_DOMAIN_BLOCK_REBASE_BANDWIDTH_BYTES
+    } else {
+        0
+    };
+    // SAFETY: live NUL-terminated strings, or null for "no base".
+    check(unsafe {
+        sys::virDomainBlockRebase(
+            dom.as_ptr(),
+            d.as_ptr(),
+            b.as_ref().map_or(std::ptr::null(), |b| b.as_ptr()),
+            bytes_per_sec.unwrap_or(0) as c_ulong,
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+/// Starts a block copy of the disk onto the prepared file described by `dest_xml`; `shallow`
+/// copies only the active layer's own data (the destination's backing reads the same as the
+/// active layer's).
+pub fn block_copy(dom: &Domain, disk: &str, dest_xml: &str, shallow: bool) -> Result<(), Error> {
+    let d = cstr(disk)?;
+    let x = cstr(dest_xml)?;
+    let mut flags = sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB;
+    if shallow {
+        flags |= sys::VIR_DOMAIN_BLOCK_COPY_SHALLOW;
+    }
+    // SAFETY: live NUL-terminated strings; no typed parameters (null, 0).
+    check(unsafe {
+        sys::virDomainBlockCopy(
+            dom.as_ptr(),
+            d.as_ptr(),
+            x.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+/// Ends the disk's block job: `pivot` switches to the job's target (a ready mirror or active
+/// commit); without it the job is cancelled and the chain stays as it was.
+pub fn job_abort(dom: &Domain, disk: &str, pivot: bool) -> Result<(), Error> {
+    let d = cstr(disk)?;
+    let flags = if pivot {
+        sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+    } else {
+        0
+    };
+    // SAFETY: a live NUL-terminated string.
+    check(unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), d.as_ptr(), flags as c_uint) })?;
+    Ok(())
+}
+
+const WRITE_BYTES_SEC: &str = "write_bytes_sec";
+
+/// The guest's write limit on the disk in bytes per second (0: none).
+pub fn write_limit(dom: &Domain, disk: &str) -> Result<u64, Error> {
+    let d = cstr(disk)?;
+    let mut n: c_int = 0;
+    // SAFETY: with a null array libvirt only stores the number of parameters in `n`.
+    check(unsafe {
+        sys::virDomainGetBlockIoTune(dom.as_ptr(), d.as_ptr(), std::ptr::null_mut(), &mut n, 0)
+    })?;
+    if n <= 0 {
+        return Ok(0);
+    }
+    // SAFETY: an all-zero virTypedParameter is a valid value (empty name, zero union).
+    let mut params: Vec<sys::virTypedParameter> = vec![unsafe { std::mem::zeroed() }; n as usize];
+    // SAFETY: `params` has room for `n` parameters, which libvirt fills.
+    check(unsafe {
+        sys::virDomainGetBlockIoTune(dom.as_ptr(), d.as_ptr(), params.as_mut_ptr(), &mut n, 0)
+    })?;
+    let mut out = 0;
+    for p in &params[..n.max(0) as usize] {
+        // SAFETY: libvirt NUL-terminates field names within their 80 bytes.
+        let name = unsafe { std::ffi::CStr::from_ptr(p.field.as_ptr()) };
+        if name.to_bytes() == WRITE_BYTES_SEC.as_bytes()
+            && p.type_ as u32 == sys::VIR_TYPED_PARAM_ULLONG
+        {
+            // SAFETY: the parameter's type says the union holds an unsigned long long.
+            out = unsafe { p.value.ul };
+        }
+    }
+    // SAFETY: frees only the strings libvirt may have allocated inside the parameters; the
+    // array itself is ours and is freed by Vec (virTypedParamsClear leaves it alone).
+    unsafe { sys::virTypedParamsClear(params.as_mut_ptr(), n) };
+    Ok(out)
+}
+
+/// Sets the guest's write limit on the disk (0: none) on the running domain.
+pub fn set_write_limit(dom: &Domain, disk: &str, bytes_per_sec: u64) -> Result<(), Error> {
+    let d = cstr(disk)?;
+    // SAFETY: an all-zero virTypedParameter is a valid value.
+    let mut p: sys::virTypedParameter = unsafe { std::mem::zeroed() };
+    for (i, b) in WRITE_BYTES_SEC.bytes().enumerate() {
+        p.field[i] = b as c_char;
+    }
+    p.type_ = sys::VIR_TYPED_PARAM_ULLONG as c_int;
+    p.value.ul = bytes_per_sec;
+    // SAFETY: one parameter libvirt only reads.
+    check(unsafe {
+        sys::virDomainSetBlockIoTune(
+            dom.as_ptr(),
+            d.as_ptr(),
+            &mut p,
+            1,
+            sys::VIR_DOMAIN_AFFECT_LIVE,
+        )
+    })?;
+    Ok(())
+}
