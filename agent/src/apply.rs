@@ -212,8 +212,17 @@ pub fn apply_loaded(
             }
             match Journal::load(state, &spec.name) {
                 Ok(None) => {}
-                Ok(Some(journal)) => {
+                Ok(Some(mut journal)) => {
                     tracing::info!(disk = %spec.name, "resuming the plan an earlier run left unfinished");
+                    // How live jobs behave (quiesce, the time budget) follows the spec as it is
+                    // now, for the same disk.
+                    if let (Some(old), Some(new)) =
+                        (&mut journal.libvirt, &spec.spec().source.libvirt)
+                        && (&old.uri, &old.domain, &old.target)
+                            == (&new.uri, &new.domain, &new.target)
+                    {
+                        *old = new.clone();
+                    }
                     c.run(spec, journal, false, roots, state, &options);
                 }
                 Err(e) => c.fail(spec, e.to_string(), ErrorKind::BadInput),

@@ -5,5 +5,6 @@
 //! The end-to-end tests themselves live in `tests/tests/` and drive the built `diskchain` binary.
 
 pub mod env;
+pub mod libvirt;
 pub mod oracle;
 pub mod qemu;

@@ -73,7 +73,7 @@ pub enum ExecError {
     Live(#[from] crate::libvirt::LiveError),
     /// A live job did not catch up with the guest within its time budget and was cancelled.
     #[error(
-        "domain {domain} disk {disk}: the block job did not catch up with the guest's writes within {within} (spec.source.libvirt.converge.within) and was cancelled; the chain is as it was. Retry when the guest writes less, or set converge.then to wait or throttle"
+        "domain {domain} disk {disk}: the block job did not catch up with the guest's writes within {within} (spec.source.libvirt.converge.within) and was cancelled; the chain and every view in it are as they were (a layer this plan removes may already hold part of the committed data). Retry when the guest writes less, or set converge.then to wait or throttle"
     )]
     NotConverged {
         /// The domain.

@@ -1,0 +1,425 @@
+//! Live disks on a real libvirtd: a running TCG domain (no OS) whose disk diskchain changes
+//! through libvirt while a guest writer keeps writing through the guest's own virtio device.
+//! Oracles: the chain in the domain's XML, `qemu-img convert` views of every kept point, and the
+//! guest view rebuilt from what the writer wrote.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use diskchain_tests::env::Env;
+use diskchain_tests::libvirt::{Domain, URI, live_view, open_up, sha, virsh};
+use diskchain_tests::qemu::{create, io, run};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+
+/// A chain in the env's root: `(name, writes)` per layer, base first; writes are
+/// `(pattern, offset MiB, length MiB)`.
+fn build(env: &Env, layers: &[(&str, &[(u8, u64, u64)])]) -> Vec<PathBuf> {
+    open_up(env.dir.path());
+    open_up(&env.root());
+    let mut out: Vec<PathBuf> = Vec::new();
+    for (name, writes) in layers {
+        let p = env.img(&format!("{name}.qcow2"));
+        create(&p, SIZE, out.last().map(|b| (b.as_path(), "qcow2")), &[]);
+        let cmds: Vec<String> = writes
+            .iter()
+            .map(|(pat, off, len)| format!("write -P {pat} {} {}", off * MIB, len * MIB))
+            .collect();
+        io(&p, "qcow2", &cmds);
+        out.push(p);
+    }
+    out
+}
+
+fn spec(disk: &str, domain: &str, points: &[(&str, Option<&Path>)], extra: &str) -> String {
+    spec_with(disk, domain, "", points, extra)
+}
+
+/// `source_extra` goes inside `spec.source.libvirt` (", key: value").
+fn spec_with(
+    disk: &str,
+    domain: &str,
+    source_extra: &str,
+    points: &[(&str, Option<&Path>)],
+    extra: &str,
+) -> String {
+    let mut s = format!(
+        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {disk}\nspec:\n  source:\n    libvirt: {{ uri: \"{URI}\", domain: {domain}, target: vda{source_extra} }}\n  snapshots:\n"
+    );
+    for (n, f) in points {
+        s.push_str(&format!("    - name: {n}\n"));
+        if let Some(f) = f {
+            s.push_str(&format!("      file: {}\n", f.display()));
+        }
+    }
+    s.push_str(extra);
+    s
+}
+
+/// Keeps writing 1 MiB chunks through the guest until stopped; returns what it wrote, in order.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(u8, u64)>>,
+}
+
+impl Writer {
+    fn start(domain: &str, first_pattern: u8) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let d = Domain {
+            name: domain.to_string(),
+        };
+        let handle = std::thread::spawn(move || {
+            let mut wrote = Vec::new();
+            let mut i: u64 = 0;
+            while !s.load(Ordering::SeqCst) {
+                let pat = first_pattern.wrapping_add((i % 50) as u8);
+                let off = (40 + i % 16) * MIB;
+                d.guest_write(pat, off, MIB);
+                wrote.push((pat, off));
+                i += 1;
+            }
+            std::mem::forget(d); // the test owns the domain
+            wrote
+        });
+        Writer { stop, handle }
+    }
+
+    fn finish(self) -> Vec<(u8, u64)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().expect("writer thread")
+    }
+}
+
+fn apply_ok(env: &Env, path: &Path, extra: &[&str]) {
+    let out = env.apply(path, extra);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "apply failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The plan's result: (point name, file) per kept point.
+fn points(env: &Env, path: &Path) -> Vec<(String, PathBuf)> {
+    let plan: Value = env.plan_json(path);
+    let d = &plan["disks"][0];
+    assert_eq!(
+        d["steps"].as_array().map(Vec::len),
+        Some(0),
+        "after apply the plan must be empty: {d}"
+    );
+    d["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| {
+            Some((
+                l["point"].as_str()?.to_string(),
+                PathBuf::from(l["file"].as_str()?),
+            ))
+        })
+        .collect()
+}
+
+fn view_of(file: &Path) -> String {
+    sha(&live_view(file))
+}
+
+fn canon(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The chain in the domain's XML is exactly the plan's result, and the persistent definition
+/// names the same active image.
+fn assert_chain(dom: &Domain, expected: &[PathBuf]) {
+    let found: Vec<PathBuf> = dom.chain().iter().map(|p| canon(p)).collect();
+    let expected: Vec<PathBuf> = expected.iter().map(|p| canon(p)).collect();
+    assert_eq!(found, expected, "the domain's chain");
+    assert_eq!(
+        canon(&dom.persistent_source()),
+        *found.last().unwrap(),
+        "the persistent definition names the live active image"
+    );
+}
+
+#[test]
+fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
+    let env = Env::new();
+    let l = build(
+        &env,
+        &[
+            ("base", &[(1, 0, 8)]),
+            ("l1", &[(2, 4, 4), (12, 20, 2)]),
+            ("l2", &[(3, 8, 4)]),
+            ("l3", &[(4, 2, 2), (14, 24, 3)]),
+            ("top", &[(5, 12, 1)]),
+        ],
+    );
+    let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
+    let name = format!("dc-live-{}", std::process::id());
+    let dom = Domain::start(&name, &l[4]);
+    let s = env.spec(
+        "d.yaml",
+        &spec(
+            "web",
+            &name,
+            &[("golden", Some(&l[0])), ("mid", Some(&l[2]))],
+            "",
+        ),
+    );
+
+    // 1. Remove l1 (between two kept points) and l3 (below the active layer) while the guest writes.
+    let mut guest = live_view(&l[4]);
+    let w = Writer::start(&name, 100);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    apply_ok(&env, &s, &[]);
+    let wrote = w.finish();
+    assert!(!wrote.is_empty(), "the guest writer wrote during the apply");
+    for (pat, off) in &wrote {
+        guest[*off as usize..(*off + MIB) as usize].fill(*pat);
+    }
+    dom.flush();
+    let pts = points(&env, &s);
+    assert_eq!(
+        pts.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
+        ["golden", "mid"]
+    );
+    assert_eq!(view_of(&pts[0].1), original[0], "golden unchanged");
+    assert_eq!(view_of(&pts[1].1), original[2], "mid unchanged");
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 3, "golden <- mid <- active: {chain:?}");
+    assert_chain(
+        &dom,
+        &[pts[0].1.clone(), pts[1].1.clone(), chain[2].clone()],
+    );
+    assert_eq!(
+        sha(&live_view(&chain[2])),
+        sha(&guest),
+        "the guest reads what it had plus everything it wrote"
+    );
+
+    // 2. A new snapshot: it holds the guest view at that moment.
+    let before = sha(&live_view(&chain[2]));
+    let s = env.spec(
+        "d.yaml",
+        &spec(
+            "web",
+            &name,
+            &[("golden", None), ("mid", None), ("fresh", None)],
+            "",
+        ),
+    );
+    apply_ok(&env, &s, &[]);
+    let pts = points(&env, &s);
+    assert_eq!(pts.len(), 3);
+    assert_eq!(
+        view_of(&pts[2].1),
+        before,
+        "the new point holds the guest view"
+    );
+    let chain = dom.chain();
+    assert_chain(
+        &dom,
+        &[
+            pts[0].1.clone(),
+            pts[1].1.clone(),
+            pts[2].1.clone(),
+            chain[3].clone(),
+        ],
+    );
+
+    // 3. Live storage migration of the whole chain, the guest writing on.
+    let moved = env.root().join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    open_up(&moved);
+    let mut guest = live_view(&chain[3]);
+    let views: Vec<String> = pts.iter().map(|p| view_of(&p.1)).collect();
+    let s = env.spec(
+        "d.yaml",
+        &spec(
+            "web",
+            &name,
+            &[("golden", None), ("mid", None), ("fresh", None)],
+            &format!("  placement: {{ directory: {} }}\n", moved.display()),
+        ),
+    );
+    let w = Writer::start(&name, 160);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    apply_ok(&env, &s, &[]);
+    let wrote = w.finish();
+    for (pat, off) in &wrote {
+        guest[*off as usize..(*off + MIB) as usize].fill(*pat);
+    }
+    dom.flush();
+    let pts = points(&env, &s);
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 4);
+    for f in &chain {
+        assert_eq!(
+            canon(f).parent(),
+            Some(canon(&moved).as_path()),
+            "{f:?} moved"
+        );
+    }
+    for (p, v) in pts.iter().zip(&views) {
+        assert_eq!(&view_of(&p.1), v, "point {} unchanged by the move", p.0);
+    }
+    assert_chain(
+        &dom,
+        &[
+            pts[0].1.clone(),
+            pts[1].1.clone(),
+            pts[2].1.clone(),
+            chain[3].clone(),
+        ],
+    );
+    assert_eq!(
+        sha(&live_view(&chain[3])),
+        sha(&guest),
+        "guest view after the move"
+    );
+
+    // 4. Revert to "mid": a fresh active on it, the domain restarted, the old active kept.
+    let discarded_view = sha(&guest);
+    let s = env.spec(
+        "d.yaml",
+        &spec(
+            "web",
+            &name,
+            &[("golden", None), ("mid", None)],
+            &format!(
+                "  placement: {{ directory: {} }}\n  revert: {{ to: mid, id: undo-1, restart: true }}\n",
+                moved.display()
+            ),
+        ),
+    );
+    apply_ok(&env, &s, &[]);
+    assert!(dom.running(), "the domain runs again after the revert");
+    let pts = points(&env, &s);
+    let chain = dom.chain();
+    assert_chain(
+        &dom,
+        &[pts[0].1.clone(), pts[1].1.clone(), chain[2].clone()],
+    );
+    assert_eq!(view_of(&chain[2]), original[2], "the guest reads point mid");
+    let kept: Vec<PathBuf> = std::fs::read_dir(&moved)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("reverted"))
+        .collect();
+    assert_eq!(
+        kept.len(),
+        1,
+        "the discarded active content is kept: {kept:?}"
+    );
+    assert_eq!(
+        view_of(&kept[0]),
+        discarded_view,
+        "and reads as the guest had it"
+    );
+    // The same revert id does not revert again.
+    apply_ok(&env, &s, &[]);
+    assert_eq!(dom.chain(), chain);
+    let out = run(std::process::Command::new("qemu-img")
+        .args(["check", "-U", "-q"])
+        .arg(&chain[1]));
+    assert!(out.is_empty(), "{out}");
+}
+
+#[test]
+fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_the_end() {
+    let env = Env::new();
+    let l = build(
+        &env,
+        &[
+            ("base", &[(1, 0, 4)]),
+            ("mid", &[(2, 0, 24)]),
+            ("top", &[(3, 30, 6)]),
+        ],
+    );
+    let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
+    let original_top = live_view(&l[2]);
+    let name = format!("dc-conv-{}", std::process::id());
+    let dom = Domain::start(&name, &l[2]);
+    // Keep only the base: the cheapest live plan commits the active layer into mid and pivots,
+    // a job that must catch up with the guest. At 1 MiB/s it cannot within one second.
+    let yaml = |then: &str| {
+        spec_with(
+            "conv",
+            &name,
+            &format!(", converge: {{ within: 1s, then: {then}, throttleBytesPerSec: 1048576 }}"),
+            &[("golden", Some(&l[0]))],
+            "",
+        )
+    };
+    let s = env.spec("c.yaml", &yaml("abort"));
+    let plan = env.plan_json(&s);
+    let ops: Vec<&str> = plan["disks"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["commit"], "{plan}");
+    let w = Writer::start(&name, 50);
+    let out = env.apply(&s, &["--max-bytes-per-sec", "1048576"]);
+    let wrote = w.finish();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not catch up") && err.contains("cancelled"),
+        "{err}"
+    );
+    assert_eq!(dom.blockjob(), "", "no job is left running");
+    assert_chain(&dom, &l);
+    assert_eq!(view_of(&l[0]), original[0], "the kept point keeps its view");
+    // The guest reads what it had plus what it wrote (mid, which the plan removes, may already
+    // hold part of the committed data: that changes no view above it).
+    dom.flush();
+    let mut guest = live_view(&l[2]);
+    let mut expected = original_top;
+    for (pat, off) in &wrote {
+        expected[*off as usize..(*off + MIB) as usize].fill(*pat);
+    }
+    assert_eq!(
+        sha(&guest),
+        sha(&expected),
+        "the guest view after the cancel"
+    );
+    assert!(!wrote.is_empty());
+
+    // Throttle instead: the guest is limited until the pivot, then the limit is lifted.
+    let s = env.spec("c.yaml", &yaml("throttle"));
+    let w = Writer::start(&name, 120);
+    apply_ok(&env, &s, &["--max-bytes-per-sec", "4194304"]);
+    let wrote = w.finish();
+    dom.flush();
+    guest = {
+        for (pat, off) in &wrote {
+            guest[*off as usize..(*off + MIB) as usize].fill(*pat);
+        }
+        guest
+    };
+    let tune = virsh(&["blkdeviotune", &name, "vda"]);
+    assert!(
+        tune.lines()
+            .any(|l| l.starts_with("write_bytes_sec") && l.trim_end().ends_with(": 0")),
+        "the guest write limit is lifted after the pivot:\n{tune}"
+    );
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 2, "golden <- active: {chain:?}");
+    assert_eq!(view_of(&chain[0]), original[0]);
+    assert_eq!(sha(&live_view(&chain[1])), sha(&guest), "the guest view");
+}
