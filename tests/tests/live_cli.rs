@@ -17,7 +17,10 @@ const SIZE: u64 = 64 * MIB;
 
 /// A chain in the env's root: `(name, writes)` per layer, base first; writes are
 /// `(pattern, offset MiB, length MiB)`.
-fn build(env: &Env, layers: &[(&str, &[(u8, u64, u64)])]) -> Vec<PathBuf> {
+/// One layer to build: its name and its writes.
+type LayerWrites<'a> = (&'a str, &'a [(u8, u64, u64)]);
+
+fn build(env: &Env, layers: &[LayerWrites<'_>]) -> Vec<PathBuf> {
     open_up(env.dir.path());
     open_up(&env.root());
     let mut out: Vec<PathBuf> = Vec::new();
