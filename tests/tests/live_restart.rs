@@ -1,0 +1,131 @@
+//! A live block job survives a SIGKILL of diskchain and a restart of libvirtd: the next run finds
+//! the job in libvirt's own state, waits for it across the daemon's restart, and completes the
+//! plan. (Its own test binary: restarting libvirtd must not disturb other live tests.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diskchain_tests::env::Env;
+use diskchain_tests::libvirt::{Domain, URI, live_view, open_up, sha};
+use diskchain_tests::qemu::{create, io};
+
+const MIB: u64 = 1 << 20;
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn restart_libvirtd() {
+    let _ = Command::new("pkill").args(["-TERM", "-x", "libvirtd"]).status();
+    wait_for("libvirtd to stop", 30, || {
+        !Command::new("pgrep")
+            .args(["-x", "libvirtd"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let st = Command::new("libvirtd").arg("-d").status().expect("start libvirtd");
+    assert!(st.success(), "libvirtd -d failed");
+    wait_for("libvirtd to answer", 30, || {
+        Command::new("virsh")
+            .args(["-c", URI, "version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+}
+
+fn layer(env: &Env, name: &str, backing: Option<&Path>, writes: &[(u8, u64, u64)]) -> PathBuf {
+    let p = env.img(&format!("{name}.qcow2"));
+    create(&p, 64 * MIB, backing.map(|b| (b, "qcow2")), &[]);
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(pat, off, len)| format!("write -P {pat} {} {}", off * MIB, len * MIB))
+        .collect();
+    io(&p, "qcow2", &cmds);
+    p
+}
+
+#[test]
+fn a_live_job_survives_a_killed_diskchain_and_a_libvirtd_restart() {
+    let env = Env::new();
+    open_up(env.dir.path());
+    open_up(&env.root());
+    let base = layer(&env, "base", None, &[(1, 0, 1)]);
+    let x = layer(&env, "x", Some(&base), &[(2, 1, 1)]);
+    let p = layer(&env, "p", Some(&x), &[(3, 2, 40)]);
+    let top = layer(&env, "top", Some(&p), &[(4, 50, 1)]);
+    let views: Vec<String> = [&base, &x, &p, &top]
+        .iter()
+        .map(|f| sha(&live_view(f)))
+        .collect();
+    let name = format!("dc-restart-{}", std::process::id());
+    let dom = Domain::start(&name, &top);
+    let spec = env.spec(
+        "r.yaml",
+        &format!(
+            "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: r\nspec:\n  source:\n    libvirt: {{ domain: {name}, target: vda }}\n  snapshots:\n    - {{ name: golden, file: {} }}\n    - {{ name: p, file: {} }}\n",
+            base.display(),
+            p.display()
+        ),
+    );
+    // Removing x commits p's 40 MiB into it: at 4 MiB/s a job of about ten seconds.
+    let mut first = env
+        .diskchain(&["apply", "--max-bytes-per-sec", "4194304", "-f"])
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run diskchain");
+    wait_for("the block commit to start", 20, || !dom.blockjob().is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    first.kill().expect("SIGKILL diskchain");
+    first.wait().unwrap();
+    assert!(!dom.blockjob().is_empty(), "the job runs on without diskchain");
+
+    let second = env
+        .diskchain(&["apply", "-f"])
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run diskchain");
+    std::thread::sleep(Duration::from_secs(1));
+    restart_libvirtd();
+    assert!(
+        !dom.blockjob().is_empty(),
+        "libvirt keeps the job across its restart"
+    );
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the resumed apply completes:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain: Vec<PathBuf> = dom.chain().iter().map(|f| f.canonicalize().unwrap()).collect();
+    let expected: Vec<PathBuf> = [&base, &x, &top]
+        .iter()
+        .map(|f| f.canonicalize().unwrap())
+        .collect();
+    assert_eq!(chain, expected, "x now holds point p");
+    assert_eq!(sha(&live_view(&base)), views[0], "golden unchanged");
+    assert_eq!(sha(&live_view(&x)), views[2], "x reads as point p");
+    dom.flush();
+    assert_eq!(sha(&live_view(&top)), views[3], "the guest view unchanged");
+    assert_eq!(
+        dom.persistent_source().canonicalize().unwrap(),
+        top.canonicalize().unwrap()
+    );
+    let again = env.apply(&spec, &[]);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("every disk matches"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+}
