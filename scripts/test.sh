@@ -3,7 +3,7 @@
 # property tests against the brute-force oracle, end-to-end tests on real qcow2 chains).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --live
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests in tests/ drive the built binary.
