@@ -373,7 +373,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             continue;
         }
         let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
-        let costs = evaluate(&layers, unit, size, is_active);
+        let costs = evaluate(&layers, unit, size, is_active && !req.live);
         let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
         for (k, &h) in run.iter().enumerate().rev() {
             if is_active && h != u && (!req.live || live_mirror) {

@@ -336,3 +336,81 @@ proptest! {
         }
     }
 }
+
+/// Replays a live plan on the cell model with libvirt's semantics: a commit drops the committed
+/// layers at once (an active commit pivots to its base), a pull goes only into the active layer
+/// and only over layers directly below it, and nothing is ever re-pointed in place.
+fn replay_live(p: &Problem, plan: &diskchain_planner::DiskPlan) -> Result<State, TestCaseError> {
+    let mut s = State::of(p);
+    for step in &plan.steps {
+        let cost = match &step.action {
+            StepAction::Commit { base, top, layers } => {
+                prop_assert!(!p.shared[orig(base)], "wrote shared {base:?}");
+                let (b, t) = (s.pos(orig(base)).unwrap(), s.pos(orig(top)).unwrap());
+                prop_assert_eq!(layers.len(), t - b);
+                s.commit(b, t)
+            }
+            StepAction::Stream { into, base, layers } => {
+                let i = s.pos(orig(into)).unwrap();
+                prop_assert_eq!(
+                    i,
+                    s.files.len() - 1,
+                    "a live pull goes into the active layer only"
+                );
+                let b = base.as_ref().map(|b| s.pos(orig(b)).unwrap());
+                let lo = b.map_or(0, |b| b + 1);
+                prop_assert_eq!(
+                    i - lo,
+                    layers.len(),
+                    "a live pull reads the layers right below"
+                );
+                s.stream(b, i)
+            }
+            other => {
+                return Err(TestCaseError::fail(format!(
+                    "unexpected live step {other:?}"
+                )));
+            }
+        };
+        prop_assert_eq!(cost, step.bytes, "step {:?}", step.action);
+    }
+    Ok(s)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Live plans (a running VM): only libvirt's operations, each costing what it says, shared
+    /// layers never written, every kept point and the guest view unchanged, and never dearer than
+    /// committing every run into its lowest layer.
+    #[test]
+    fn live_plans_use_only_what_libvirt_can_do(p in problem()) {
+        let truth = min_cost(&p);
+        let g = graph_of(&p);
+        let req = DiskRequest { live: true, ..request(&p) };
+        match plan_disk(&g, &req) {
+            Ok(plan) => {
+                let s = replay_live(&p, &plan)?;
+                let start = State::of(&p);
+                let active = p.layers.len() - 1;
+                prop_assert_eq!(s.files.len(), p.keep.len() + 1);
+                for (j, &k) in p.keep.iter().enumerate() {
+                    prop_assert_eq!(s.view(j), start.view(k), "point {} changed", k);
+                    prop_assert_eq!(s.files[j].0, orig(&plan.result[j].file));
+                }
+                prop_assert_eq!(s.view(s.files.len() - 1), start.view(active), "guest view changed");
+                prop_assert_eq!(s.files.last().unwrap().0, orig(&plan.result.last().unwrap().file));
+                // (A live plan may beat the offline optimum: an active commit may pivot to its
+                // base, where an offline disk keeps its active file.)
+                prop_assert!(truth.is_some(), "a live plan exists only where an offline one does");
+                if let Some(c) = plan.baselines.always_commit {
+                    prop_assert!(plan.total_bytes <= c, "{} > always-commit {}", plan.total_bytes, c);
+                }
+            }
+            Err(PlanError::BlockedByShared { blocker, .. }) => {
+                prop_assert!(p.shared[orig(&blocker)]);
+            }
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+}

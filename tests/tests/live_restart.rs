@@ -15,20 +15,28 @@ const MIB: u64 = 1 << 20;
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 fn restart_libvirtd() {
-    let _ = Command::new("pkill").args(["-TERM", "-x", "libvirtd"]).status();
+    let _ = Command::new("pkill")
+        .args(["-TERM", "-x", "libvirtd"])
+        .status();
     wait_for("libvirtd to stop", 30, || {
         !Command::new("pgrep")
             .args(["-x", "libvirtd"])
             .status()
             .is_ok_and(|s| s.success())
     });
-    let st = Command::new("libvirtd").arg("-d").status().expect("start libvirtd");
+    let st = Command::new("libvirtd")
+        .arg("-d")
+        .status()
+        .expect("start libvirtd");
     assert!(st.success(), "libvirtd -d failed");
     wait_for("libvirtd to answer", 30, || {
         Command::new("virsh")
@@ -80,11 +88,16 @@ fn a_live_job_survives_a_killed_diskchain_and_a_libvirtd_restart() {
         .stderr(Stdio::null())
         .spawn()
         .expect("run diskchain");
-    wait_for("the block commit to start", 20, || !dom.blockjob().is_empty());
+    wait_for("the block commit to start", 20, || {
+        !dom.blockjob().is_empty()
+    });
     std::thread::sleep(Duration::from_millis(500));
     first.kill().expect("SIGKILL diskchain");
     first.wait().unwrap();
-    assert!(!dom.blockjob().is_empty(), "the job runs on without diskchain");
+    assert!(
+        !dom.blockjob().is_empty(),
+        "the job runs on without diskchain"
+    );
 
     let second = env
         .diskchain(&["apply", "-f"])
@@ -107,7 +120,11 @@ fn a_live_job_survives_a_killed_diskchain_and_a_libvirtd_restart() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let chain: Vec<PathBuf> = dom.chain().iter().map(|f| f.canonicalize().unwrap()).collect();
+    let chain: Vec<PathBuf> = dom
+        .chain()
+        .iter()
+        .map(|f| f.canonicalize().unwrap())
+        .collect();
     let expected: Vec<PathBuf> = [&base, &x, &top]
         .iter()
         .map(|f| f.canonicalize().unwrap())
