@@ -33,10 +33,11 @@ if [ ! -e "$img/web01.qcow2" ]; then
   q -c "write -P 0x32 4M 1M" "$img/db01.qcow2"
 fi
 
-# The example specs name /var/lib/diskchain/...; point them at ./demo.
+# The example specs name /var/lib/diskchain/...; point them at ./demo. (specs/live/ needs a
+# libvirt domain and is left out.)
 rm -rf "$demo/specs"
 mkdir -p "$demo/specs"
-(cd specs && find . -name '*.yaml' -print0 | while IFS= read -r -d '' f; do
+(cd specs && find . -path ./live -prune -o -name '*.yaml' -print0 | while IFS= read -r -d '' f; do
   mkdir -p "$demo/specs/$(dirname "$f")"
   sed "s#/var/lib/diskchain/images#$img#g; s#/srv/fast#$demo/fast#g" "$f" > "$demo/specs/$f"
 done)

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// diskchain: declarative management of QEMU disk backing chains.
 ///
 /// Specs (YAML, `kind: DiskChain`) say which points in time each disk keeps; diskchain observes
-/// the real qcow2 chains and plans the cheapest steps (snapshot, stream, commit, copy, rebase,
-/// delete) that make them match.
+/// the real qcow2 chains and plans the cheapest steps (snapshot, stream, commit, copy, mirror,
+/// rebase, revert, delete) that make them match: offline disks through qemu-img, the disks of
+/// running VMs (spec.source.libvirt) through libvirt's block jobs.
 #[derive(Debug, Parser)]
 #[command(name = "diskchain", version, about, long_about)]
 pub struct Cli {
@@ -64,7 +65,8 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Plan and execute until the real chains match (offline disks, through qemu-img).
+    /// Plan and execute until the real chains match (offline disks through qemu-img, disks of
+    /// running VMs through libvirt).
     ///
     /// Steps are journaled in the state directory before they run; an interrupted apply is
     /// resumed by the next one. Exit 0: every disk matches its spec; 2: bad input (those disks
@@ -73,8 +75,9 @@ pub enum Command {
         /// A spec file, or a directory searched recursively for *.yaml and *.yml.
         #[arg(short = 'f', long = "file", value_name = "PATH")]
         path: PathBuf,
-        /// Limit QEMU's copying to this many bytes per second (QEMU's own rate limit; applies to
-        /// commits and whole-chain copies, which qemu-img can throttle).
+        /// Limit QEMU's copying to this many bytes per second (QEMU's own rate limit; offline it
+        /// applies to commits and whole-chain copies, which qemu-img can throttle; live, to block
+        /// commits and pulls).
         #[arg(long, value_name = "BYTES")]
         max_bytes_per_sec: Option<u64>,
     },

@@ -10,7 +10,8 @@
 //!  reconcile: the agent runs plan and apply in a loop over a watched spec directory
 //! ```
 //!
-//! Only `execute` writes images, and only for steps `apply` has journaled.
+//! Only `execute` and `libvirt` (the live backend) write images, and only for steps `apply` has
+//! journaled.
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -2,7 +2,9 @@
 //! checks its preconditions before it changes anything, and every step is idempotent: running an
 //! interrupted or finished step again is safe, which is what journal recovery relies on.
 //!
-//! Backends: [`offline::Offline`] drives `qemu-img` on images no process has open.
+//! Backends: [`offline::Offline`] drives `qemu-img` on images no process has open;
+//! `crate::libvirt::Libvirt` (feature `libvirt`) drives libvirt's block jobs on the disks of
+//! running VMs.
 
 pub mod offline;
 pub(crate) mod process;
