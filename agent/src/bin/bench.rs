@@ -40,7 +40,7 @@ struct Args {
     /// Which benchmark: `plan`, `apply`, `agent` or `live`.
     #[arg(default_value = "plan")]
     which: String,
-    /// Where to write the figures (default: bench-results/<which>.json).
+    /// Where to write the figures (default: `bench-results/<which>.json`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Scratch directory for the large image (about 1 GiB of data is written once, then reused).
