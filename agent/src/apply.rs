@@ -481,7 +481,16 @@ fn finish(
     options: &ApplyOptions,
     out: &mut DiskOutcome,
 ) -> Result<(), ApplyError> {
-    let dead: HashSet<PathBuf> = journal.leaving.iter().cloned().collect();
+    // Files leaving the chain, and files this plan deletes, do not keep their backing files alive.
+    let dead: HashSet<PathBuf> = journal
+        .leaving
+        .iter()
+        .cloned()
+        .chain(journal.steps.iter().filter_map(|s| match &s.step.action {
+            StepAction::Delete { file } => Some(file.clone()),
+            _ => None,
+        }))
+        .collect();
     let exec = executor(&journal, roots, dead, options)?;
     let total = journal.steps.len();
     while let Some(i) = journal.next() {

@@ -167,30 +167,26 @@ pub fn plan_loaded(
                     }
                     let files: Vec<PathBuf> =
                         chain.layers.iter().map(|l| l.layer.path.clone()).collect();
-                    if let Some(reported) = crate::libvirt::reported_chain(d) {
-                        let reported: Vec<PathBuf> = reported
-                            .iter()
-                            .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
-                            .collect();
-                        if reported != files {
-                            let show = |v: &[PathBuf]| {
-                                v.iter()
-                                    .map(|p| p.display().to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(" <- ")
-                            };
-                            report.errors.push(fail(
-                                spec,
-                                format!(
-                                    "{}: spec.source.libvirt: libvirt reports the chain {} but the image headers say {}; something changed the images behind libvirt's back. Nothing was done",
-                                    spec.origin(),
-                                    show(&reported),
-                                    show(&files)
-                                ),
-                                false,
-                            ));
-                            continue;
-                        }
+                    if !crate::libvirt::chain_agrees(d, &files) {
+                        let mut recorded = crate::libvirt::recorded_chain(d);
+                        recorded.reverse();
+                        let show = |v: &[PathBuf]| {
+                            v.iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(" <- ")
+                        };
+                        report.errors.push(fail(
+                            spec,
+                            format!(
+                                "{}: spec.source.libvirt: libvirt records the chain {} but the image headers say {}; something changed the images behind libvirt's back. Nothing was done",
+                                spec.origin(),
+                                show(&recorded),
+                                show(&files)
+                            ),
+                            false,
+                        ));
+                        continue;
                     }
                 }
                 observed.push(Observed {

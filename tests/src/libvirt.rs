@@ -49,6 +49,13 @@ pub struct Domain {
 impl Domain {
     /// Defines (persistent) and starts a domain named `name` whose disk is the qcow2 `active`.
     pub fn start(name: &str, active: &Path) -> Domain {
+        let d = Domain::define(name, active);
+        virsh(&["start", name]);
+        d
+    }
+
+    /// Defines (persistent) a domain named `name` whose disk is the qcow2 `active`; not started.
+    pub fn define(name: &str, active: &Path) -> Domain {
         require();
         let _ = Command::new("virsh")
             .args(["-c", URI, "destroy", name])
@@ -78,7 +85,6 @@ impl Domain {
         std::fs::write(&file, xml).expect("write domain XML");
         virsh(&["define", &file.to_string_lossy()]);
         let _ = std::fs::remove_file(&file);
-        virsh(&["start", name]);
         Domain {
             name: name.to_string(),
         }

@@ -249,7 +249,10 @@ fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
             "web",
             &name,
             &[("golden", None), ("mid", None), ("fresh", None)],
-            &format!("  placement: {{ directory: {} }}\n", moved.display()),
+            &format!(
+                "  placement: {{ directory: {} }}\n  prune: true\n",
+                moved.display()
+            ),
         ),
     );
     let w = Writer::start(&name, 160);
@@ -425,4 +428,87 @@ fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_th
     assert_eq!(chain.len(), 2, "golden <- active: {chain:?}");
     assert_eq!(view_of(&chain[0]), original[0]);
     assert_eq!(sha(&live_view(&chain[1])), sha(&guest), "the guest view");
+}
+
+#[test]
+fn a_shut_off_domain_is_an_offline_disk_and_its_definition_follows_the_chain() {
+    let env = Env::new();
+    let l = build(
+        &env,
+        &[
+            ("base", &[(1, 0, 8)]),
+            ("l1", &[(2, 4, 4)]),
+            ("l2", &[(3, 8, 4)]),
+            ("top", &[(4, 2, 2)]),
+        ],
+    );
+    let name = format!("dc-off-{}", std::process::id());
+    let dom = Domain::start(&name, &l[3]);
+    // A snapshot taken by hand through libvirt records the chain in the persistent definition.
+    let snap = env.img("snap.qcow2");
+    virsh(&[
+        "snapshot-create-as",
+        &name,
+        "--disk-only",
+        "--no-metadata",
+        "--diskspec",
+        &format!("vda,file={}", snap.display()),
+    ]);
+    dom.guest_write(9, 30 * MIB, MIB);
+    dom.flush();
+    virsh(&["destroy", &name]);
+    assert!(!dom.running());
+    let original: Vec<String> = l.iter().chain([&snap]).map(|p| view_of(p)).collect();
+    let s = env.spec(
+        "off.yaml",
+        &spec(
+            "off",
+            &name,
+            &[
+                ("golden", Some(&l[0])),
+                ("two", Some(&l[2])),
+                ("later", None),
+            ],
+            "",
+        ),
+    );
+    let plan = env.plan_json(&s);
+    assert_eq!(plan["disks"][0]["live"], false, "{plan}");
+    apply_ok(&env, &s, &[]);
+    let pts = points(&env, &s);
+    assert_eq!(pts.len(), 3);
+    assert_eq!(view_of(&pts[0].1), original[0], "golden");
+    assert_eq!(view_of(&pts[1].1), original[2], "two");
+    assert_eq!(
+        view_of(&pts[2].1),
+        original[4],
+        "later holds the disk as it was"
+    );
+    // The definition still names the (stable) active image, and libvirt reads the new chain
+    // when the domain starts.
+    assert_eq!(canon(&dom.persistent_source()), canon(&snap));
+    virsh(&["start", &name]);
+    let mut expected: Vec<PathBuf> = pts.iter().map(|p| p.1.clone()).collect();
+    expected.push(snap.clone());
+    assert_chain(&dom, &expected);
+    dom.flush();
+    assert_eq!(view_of(&snap), original[4], "the guest reads the same disk");
+
+    // A revert while it is off needs no restart, and does not start it.
+    virsh(&["destroy", &name]);
+    let s = env.spec(
+        "off.yaml",
+        &spec(
+            "off",
+            &name,
+            &[("golden", None), ("two", None)],
+            "  revert: { to: two, id: back-1 }\n",
+        ),
+    );
+    apply_ok(&env, &s, &[]);
+    assert!(!dom.running());
+    assert_eq!(view_of(&snap), original[2], "the disk reads as point two");
+    virsh(&["start", &name]);
+    let pts = points(&env, &s);
+    assert_chain(&dom, &[pts[0].1.clone(), pts[1].1.clone(), snap.clone()]);
 }

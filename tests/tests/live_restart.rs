@@ -1,6 +1,7 @@
-//! A live block job survives a SIGKILL of diskchain and a restart of libvirtd: the next run finds
-//! the job in libvirt's own state, waits for it across the daemon's restart, and completes the
-//! plan. (Its own test binary: restarting libvirtd must not disturb other live tests.)
+//! A live block job survives a SIGKILL of the agent and a restart of libvirtd: the restarted
+//! agent finds the job in libvirt's own state, waits for it across the daemon's restart, and
+//! completes the plan. (Its own test binary: restarting libvirtd must not disturb other live
+//! tests.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -58,7 +59,7 @@ fn layer(env: &Env, name: &str, backing: Option<&Path>, writes: &[(u8, u64, u64)
 }
 
 #[test]
-fn a_live_job_survives_a_killed_diskchain_and_a_libvirtd_restart() {
+fn a_live_job_survives_a_killed_agent_and_a_libvirtd_restart() {
     let env = Env::new();
     open_up(env.dir.path());
     open_up(&env.root());
@@ -80,44 +81,53 @@ fn a_live_job_survives_a_killed_diskchain_and_a_libvirtd_restart() {
             p.display()
         ),
     );
+    let specs = spec.parent().unwrap().to_path_buf();
+    let agent = |extra: &[&str]| {
+        env.diskchain(&["agent", "--resync", "1s", "--debounce", "100ms", "--specs"])
+            .arg(&specs)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the agent")
+    };
     // Removing x commits p's 40 MiB into it: at 4 MiB/s a job of about ten seconds.
-    let mut first = env
-        .diskchain(&["apply", "--max-bytes-per-sec", "4194304", "-f"])
-        .arg(&spec)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run diskchain");
+    let mut first = agent(&["--max-bytes-per-sec", "4194304"]);
     wait_for("the block commit to start", 20, || {
         !dom.blockjob().is_empty()
     });
     std::thread::sleep(Duration::from_millis(500));
-    first.kill().expect("SIGKILL diskchain");
+    first.kill().expect("SIGKILL the agent");
     first.wait().unwrap();
     assert!(
         !dom.blockjob().is_empty(),
         "the job runs on without diskchain"
     );
 
-    let second = env
-        .diskchain(&["apply", "-f"])
-        .arg(&spec)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run diskchain");
+    let second = agent(&[]);
     std::thread::sleep(Duration::from_secs(1));
     restart_libvirtd();
     assert!(
         !dom.blockjob().is_empty(),
         "libvirt keeps the job across its restart"
     );
+    wait_for("the agent to finish the plan", 60, || {
+        dom.blockjob().is_empty() && dom.chain().len() == 3
+    });
+    // Let the agent record the result, then stop it as an operator would.
+    let state = env.state().join("disks/r.json");
+    wait_for("the state to record the plan", 30, || {
+        std::fs::read_to_string(&state).is_ok_and(|t| t.contains(&*x.to_string_lossy()))
+            && !env.state().join("journal/r.json").exists()
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status();
     let out = second.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
-        "the resumed apply completes:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        "the agent exits 0 on SIGTERM:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let chain: Vec<PathBuf> = dom

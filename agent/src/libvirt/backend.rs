@@ -672,9 +672,7 @@ impl Libvirt {
         })?;
         let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
         let recorded: Vec<PathBuf> = pd.backing.iter().map(|p| canon(p)).collect();
-        if canon(&pd.active) == canon(&now.disk.active)
-            && (recorded.is_empty() || recorded == real_backing)
-        {
+        if canon(&pd.active) == canon(&now.disk.active) && real_backing.starts_with(&recorded) {
             return Ok(());
         }
         let fixed = xml::with_disk_source(&inactive, &self.src.target, &now.disk.active).map_err(

@@ -114,12 +114,24 @@ pub fn locate(_src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
     Err(LiveError::NotBuilt)
 }
 
-/// The files of the chain libvirt reports, base first (active last), when it reports one.
-pub fn reported_chain(d: &LiveDisk) -> Option<Vec<PathBuf>> {
-    if d.disk.backing.is_empty() && !d.running {
-        return None;
+/// The chain libvirt records for the disk, active first (symlinks resolved where they exist).
+/// A running domain's XML lists the whole chain; a persistent definition may list only its top
+/// (libvirt probes the rest from the image headers when it starts the domain).
+pub fn recorded_chain(d: &LiveDisk) -> Vec<PathBuf> {
+    std::iter::once(&d.disk.active)
+        .chain(&d.disk.backing)
+        .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+        .collect()
+}
+
+/// True when what libvirt records fits the chain the image headers give (`files`, base first):
+/// all of it for a running domain, a top part of it for a definition.
+pub fn chain_agrees(d: &LiveDisk, files: &[PathBuf]) -> bool {
+    let recorded = recorded_chain(d);
+    let real: Vec<PathBuf> = files.iter().rev().cloned().collect();
+    if d.running {
+        recorded == real
+    } else {
+        real.starts_with(&recorded)
     }
-    let mut v: Vec<PathBuf> = d.disk.backing.iter().rev().cloned().collect();
-    v.push(d.disk.active.clone());
-    Some(v)
 }
