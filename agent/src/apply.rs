@@ -427,9 +427,11 @@ fn record_bindings(
 }
 
 /// The backend for a journal: libvirt for a libvirt disk, `qemu-img` otherwise.
+#[cfg_attr(not(feature = "libvirt"), allow(unused_variables))]
 fn executor(
     journal: &Journal,
     roots: &Roots,
+    state: &StateDir,
     dead: HashSet<PathBuf>,
     options: &ApplyOptions,
 ) -> Result<Box<dyn Executor>, ApplyError> {
@@ -449,6 +451,12 @@ fn executor(
             options.exec,
             journal.live,
             journal.revert.clone(),
+            Some(
+                state
+                    .path()
+                    .join("throttled")
+                    .join(format!("{}.limit", journal.disk)),
+            ),
         ))),
         #[cfg(not(feature = "libvirt"))]
         Some(_) => Err(ApplyError::Step {
@@ -491,7 +499,7 @@ fn finish(
             _ => None,
         }))
         .collect();
-    let exec = executor(&journal, roots, dead, options)?;
+    let exec = executor(&journal, roots, state, dead, options)?;
     let total = journal.steps.len();
     while let Some(i) = journal.next() {
         if options

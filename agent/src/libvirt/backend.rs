@@ -43,6 +43,7 @@ struct Session {
 
 fn open(src: &LibvirtSource) -> Result<Session, LiveError> {
     virt::error::clear_error_callback();
+    sys::start_event_loop();
     let conn = Connect::open(Some(&src.uri)).map_err(|e| LiveError::Connect {
         uri: src.uri.clone(),
         message: e.message().to_string(),
@@ -107,12 +108,17 @@ pub struct Libvirt {
     live_plan: bool,
     revert: Option<RevertSpec>,
     formats: BTreeMap<PathBuf, Format>,
+    /// Where a guest write limit set by `converge.then: throttle` is remembered until lifted.
+    throttle_record: Option<PathBuf>,
 }
 
 impl Libvirt {
     /// A backend for the disk `src`, confined to `roots`. `live_plan`: the plan was made while
     /// the domain ran (its steps assume libvirt's semantics); `revert`: the spec's revert, whose
-    /// `restart` allows powering the domain off and on.
+    /// `restart` allows powering the domain off and on. `throttle_record`: a file where a guest
+    /// write limit this backend sets is remembered until it is lifted (so a killed run's limit
+    /// is lifted by the next).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         src: LibvirtSource,
         roots: Roots,
@@ -121,6 +127,7 @@ impl Libvirt {
         options: ExecOptions,
         live_plan: bool,
         revert: Option<RevertSpec>,
+        throttle_record: Option<PathBuf>,
     ) -> Libvirt {
         let offline = Offline::new(roots.clone(), formats.clone(), dead, options).reading_live();
         Libvirt {
@@ -131,6 +138,7 @@ impl Libvirt {
             live_plan,
             revert,
             formats,
+            throttle_record,
         }
     }
 
@@ -237,14 +245,26 @@ impl Libvirt {
         let budget = humantime::parse_duration(&self.src.converge.within)
             .unwrap_or(Duration::from_secs(600));
         let mut acted = false;
-        let mut throttled: Option<u64> = None;
+        // A throttle an interrupted run set is lifted when this job ends.
+        let mut throttled: Option<u64> = self.throttle_record_read();
+        if throttled.is_some() {
+            acted = true;
+        }
         let mut session: Option<Session> = None;
+        let mut events: Option<sys::JobEvents> = None;
         let mut unreachable_since: Option<Instant> = None;
         let target = self.src.target.clone();
         let result = loop {
             if session.is_none() {
                 match open(&self.src) {
                     Ok(s) => {
+                        // Ready, completed, failed and cancelled come as events; progress is
+                        // polled (the events carry none).
+                        events = sys::watch_block_jobs(&s.conn, &s.dom)
+                            .map_err(|e| {
+                                tracing::warn!(domain = %self.src.domain, error = %e.message(), "no block job events; polling only");
+                            })
+                            .ok();
                         session = Some(s);
                         unreachable_since = None;
                     }
@@ -263,6 +283,7 @@ impl Libvirt {
                 Ok(i) => i,
                 Err(e) => {
                     tracing::warn!(domain = %self.src.domain, error = %e.message(), "lost libvirt during a block job; reconnecting");
+                    events = None;
                     session = None;
                     unreachable_since.get_or_insert_with(Instant::now);
                     std::thread::sleep(Duration::from_secs(1));
@@ -309,6 +330,7 @@ impl Libvirt {
                         )
                         .map_err(self.live_err("limiting the guest's writes"))?;
                         throttled = Some(before);
+                        self.throttle_record_write(before);
                         tracing::warn!(domain = %self.src.domain, disk = %target, limit = self.src.converge.throttle_bytes_per_sec, "the job has not caught up; guest writes limited until the pivot (converge.then: throttle)");
                     }
                     ConvergeAction::Abort => {
@@ -328,17 +350,96 @@ impl Libvirt {
                     }
                 }
             }
-            std::thread::sleep(POLL);
+            // The next poll comes after an event about this disk, or after POLL.
+            let Some(ev) = &events else {
+                std::thread::sleep(POLL);
+                continue;
+            };
+            let received = ev.rx.recv_timeout(POLL);
+            if let Ok((disk, event)) = &received {
+                tracing::debug!(domain = %self.src.domain, disk = %disk, ?event, "block job event");
+            }
+            match received {
+                Ok((disk, event)) if disk == target => match event {
+                    sys::JobEvent::Ready | sys::JobEvent::Completed => {}
+                    // A late event of an earlier job on this disk: ours still runs.
+                    sys::JobEvent::Failed | sys::JobEvent::Canceled if matches!(self.job_now(), Ok(Some(j)) if j.kind == kind) =>
+                        {}
+                    sys::JobEvent::Failed => {
+                        break Err(ExecError::Live(LiveError::Call {
+                            domain: self.src.domain.clone(),
+                            what: format!("the {kind:?} block job on {target}"),
+                            message: format!(
+                                "QEMU reported it failed; its reason is in /var/log/libvirt/qemu/{}.log. The chain is as libvirt shows it; the step is retried on the next run",
+                                self.src.domain
+                            ),
+                        }));
+                    }
+                    sys::JobEvent::Canceled => {
+                        break Err(ExecError::Live(LiveError::Call {
+                            domain: self.src.domain.clone(),
+                            what: format!("the {kind:?} block job on {target}"),
+                            message: "it was cancelled outside diskchain; the step is retried on the next run".into(),
+                        }));
+                    }
+                },
+                Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => events = None,
+            }
         };
+        drop(events);
         if let Some(before) = throttled {
             // Lift the limit again, whatever happened to the job.
-            if let Ok(s) = open(&self.src)
-                && let Err(e) = sys::set_write_limit(&s.dom, &target, before)
-            {
-                tracing::error!(domain = %self.src.domain, disk = %target, error = %e.message(), "could not lift the guest write limit; reset it with virsh blkdeviotune");
+            match open(&self.src).and_then(|s| {
+                sys::set_write_limit(&s.dom, &target, before)
+                    .map_err(call(&self.src, "lifting the guest write limit"))
+            }) {
+                Ok(()) => self.throttle_record_clear(),
+                Err(e) => {
+                    tracing::error!(domain = %self.src.domain, disk = %target, error = %e, "could not lift the guest write limit; the next run tries again (or reset it with virsh blkdeviotune)");
+                }
             }
         }
         result
+    }
+
+    /// The guest write limit in force before this disk was throttled, when a run throttled it
+    /// and did not get to lift the limit (it was killed).
+    fn throttle_record_read(&self) -> Option<u64> {
+        let p = self.throttle_record.as_ref()?;
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    }
+
+    fn throttle_record_write(&self, before: u64) {
+        if let Some(p) = &self.throttle_record {
+            if let Some(d) = p.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            if let Err(e) = std::fs::write(p, before.to_string()) {
+                tracing::warn!(file = %p.display(), error = %e, "could not record the throttle; a killed run would leave the guest limited");
+            }
+        }
+    }
+
+    fn throttle_record_clear(&self) {
+        if let Some(p) = &self.throttle_record {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Lifts a guest write limit an interrupted run left (its job is no longer running).
+    fn lift_leftover_throttle(&self) -> Result<(), ExecError> {
+        let Some(before) = self.throttle_record_read() else {
+            return Ok(());
+        };
+        if self.job_now()?.is_some() {
+            return Ok(()); // the step waiting for that job lifts it
+        }
+        let s = open(&self.src)?;
+        sys::set_write_limit(&s.dom, &self.src.target, before)
+            .map_err(self.live_err("lifting the guest write limit an interrupted run left"))?;
+        self.throttle_record_clear();
+        Ok(())
     }
 
     fn job_now(&self) -> Result<Option<sys::JobInfo>, ExecError> {
@@ -696,7 +797,7 @@ impl Executor for Libvirt {
         let d = super::locate(&self.src)?;
         if d.running {
             // libvirt's own job state tells what an interrupted live step left; `run` adopts it.
-            return Ok(());
+            return self.lift_leftover_throttle();
         }
         self.offline.prepare_resume(step)
     }

@@ -260,3 +260,137 @@ pub fn set_write_limit(dom: &Domain, disk: &str, bytes_per_sec: u64) -> Result<(
     })?;
     Ok(())
 }
+
+/// How a block job ended, or that it is ready to pivot (libvirt's `BLOCK_JOB_2` event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobEvent {
+    /// The job finished (after a pivot, for mirror-style jobs).
+    Completed,
+    /// The job failed.
+    Failed,
+    /// The job was cancelled.
+    Canceled,
+    /// A mirror-style job caught up and can pivot.
+    Ready,
+}
+
+type EventSender = std::sync::mpsc::Sender<(String, JobEvent)>;
+
+/// Starts libvirt's default event loop on a thread of its own, once per process. It must run
+/// before connections are opened for them to deliver events.
+pub fn start_event_loop() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if virt::event::event_register_default_impl().is_err() {
+            tracing::warn!(
+                "libvirt's event loop could not be registered; block jobs are polled only"
+            );
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if virt::event::event_run_default_impl().is_err() {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            });
+        if spawned.is_err() {
+            tracing::warn!(
+                "libvirt's event loop thread could not start; block jobs are polled only"
+            );
+        }
+    });
+}
+
+/// Block job events of one domain, for as long as this lives.
+pub struct JobEvents {
+    conn: virt::connect::Connect,
+    id: c_int,
+    /// (disk target, event) as libvirt delivers them.
+    pub rx: std::sync::mpsc::Receiver<(String, JobEvent)>,
+}
+
+impl Drop for JobEvents {
+    fn drop(&mut self) {
+        // SAFETY: `id` was returned by a successful registration on this live connection.
+        unsafe {
+            sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), self.id);
+        }
+    }
+}
+
+/// Called by libvirt's event loop thread for each `BLOCK_JOB_2` event.
+unsafe extern "C" fn on_block_job(
+    _conn: sys::virConnectPtr,
+    _dom: sys::virDomainPtr,
+    disk: *const c_char,
+    _kind: c_int,
+    status: c_int,
+    opaque: *mut std::ffi::c_void,
+) {
+    let event = match status as u32 {
+        sys::VIR_DOMAIN_BLOCK_JOB_COMPLETED => JobEvent::Completed,
+        sys::VIR_DOMAIN_BLOCK_JOB_FAILED => JobEvent::Failed,
+        sys::VIR_DOMAIN_BLOCK_JOB_CANCELED => JobEvent::Canceled,
+        sys::VIR_DOMAIN_BLOCK_JOB_READY => JobEvent::Ready,
+        _ => return,
+    };
+    if opaque.is_null() || disk.is_null() {
+        return;
+    }
+    // SAFETY: `opaque` is the sender boxed in `watch_block_jobs`, freed only by `free_sender`
+    // after deregistration; `disk` is a NUL-terminated string libvirt owns for the call.
+    let (tx, disk) = unsafe {
+        (
+            &*(opaque as *const EventSender),
+            std::ffi::CStr::from_ptr(disk)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    let _ = tx.send((disk, event));
+}
+
+/// Frees the sender when libvirt drops the callback.
+unsafe extern "C" fn free_sender(opaque: *mut std::ffi::c_void) {
+    if !opaque.is_null() {
+        // SAFETY: `opaque` came from `Box::into_raw` in `watch_block_jobs` and is freed once.
+        drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
+    }
+}
+
+/// Subscribes to the domain's block job events (ready, completed, failed, cancelled).
+pub fn watch_block_jobs(conn: &virt::connect::Connect, dom: &Domain) -> Result<JobEvents, Error> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opaque = Box::into_raw(Box::new(tx)) as *mut std::ffi::c_void;
+    let cb: sys::virConnectDomainEventBlockJobCallback = Some(on_block_job);
+    // SAFETY: libvirt takes every domain event callback as the generic type and calls it with
+    // the signature of the event registered (VIR_DOMAIN_EVENT_CALLBACK in libvirt's headers);
+    // both are `Option` of an `extern "C" fn` pointer of the same size.
+    let generic: sys::virConnectDomainEventGenericCallback = unsafe { std::mem::transmute(cb) };
+    // SAFETY: live connection and domain; `opaque` stays valid until libvirt calls
+    // `free_sender`.
+    let id = unsafe {
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            dom.as_ptr(),
+            sys::VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2 as c_int,
+            generic,
+            opaque,
+            Some(free_sender),
+        )
+    };
+    if id < 0 {
+        let e = Error::last_error();
+        // SAFETY: registration failed, so libvirt never took ownership of `opaque`.
+        drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
+        return Err(e);
+    }
+    Ok(JobEvents {
+        conn: conn.clone(),
+        id,
+        rx,
+    })
+}
