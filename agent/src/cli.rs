@@ -77,7 +77,7 @@ pub enum Command {
         path: PathBuf,
         /// Limit QEMU's copying to this many bytes per second (QEMU's own rate limit; offline it
         /// applies to commits and whole-chain copies, which qemu-img can throttle; live, to block
-        /// commits and pulls).
+        /// commits, pulls and copies).
         #[arg(long, value_name = "BYTES")]
         max_bytes_per_sec: Option<u64>,
     },

@@ -512,3 +512,64 @@ fn a_shut_off_domain_is_an_offline_disk_and_its_definition_follows_the_chain() {
     let pts = points(&env, &s);
     assert_chain(&dom, &[pts[0].1.clone(), pts[1].1.clone(), snap.clone()]);
 }
+
+#[test]
+fn a_guest_write_limit_left_by_a_killed_run_is_lifted_by_the_next() {
+    let env = Env::new();
+    let l = build(
+        &env,
+        &[
+            ("base", &[(1, 0, 4)]),
+            ("mid", &[(2, 0, 24)]),
+            ("top", &[(3, 30, 8)]),
+        ],
+    );
+    let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
+    let name = format!("dc-thr-{}", std::process::id());
+    let dom = Domain::start(&name, &l[2]);
+    let s = env.spec(
+        "t.yaml",
+        &spec_with(
+            "thr",
+            &name,
+            ", converge: { within: 1s, then: throttle, throttleBytesPerSec: 2097152 }",
+            &[("golden", Some(&l[0]))],
+            "",
+        ),
+    );
+    let limit = || {
+        virsh(&["blkdeviotune", &name, "vda"])
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes_sec"))
+            .map(|v| v.trim_start_matches([' ', ':']).trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(limit(), "0");
+    // The active commit of 8 MiB at 1 MiB/s outlasts its 1 s budget: the guest gets throttled.
+    let mut first = env
+        .diskchain(&["apply", "--max-bytes-per-sec", "1048576", "-f"])
+        .arg(&s)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while limit() != "2097152" {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the guest was never throttled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(limit(), "2097152", "the limit outlives the killed run");
+    // The next run adopts the job, waits for it, pivots, and lifts the limit.
+    apply_ok(&env, &s, &[]);
+    assert_eq!(limit(), "0", "the limit is lifted");
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    assert_eq!(view_of(&chain[0]), original[0]);
+    dom.flush();
+    assert_eq!(view_of(&chain[1]), original[2], "the guest view");
+}

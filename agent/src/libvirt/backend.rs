@@ -690,6 +690,7 @@ impl Libvirt {
                     &self.src.target,
                     &xml::copy_destination(&to),
                     backing.is_some(),
+                    self.options.max_bytes_per_sec,
                 )
                 .map_err(self.live_err("starting a block copy"))?;
             }

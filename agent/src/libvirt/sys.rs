@@ -167,25 +167,54 @@ pub fn block_pull(
 /// Starts a block copy of the disk onto the prepared file described by `dest_xml`; `shallow`
 /// copies only the active layer's own data (the destination's backing reads the same as the
 /// active layer's).
-pub fn block_copy(dom: &Domain, disk: &str, dest_xml: &str, shallow: bool) -> Result<(), Error> {
+pub fn block_copy(
+    dom: &Domain,
+    disk: &str,
+    dest_xml: &str,
+    shallow: bool,
+    bytes_per_sec: Option<u64>,
+) -> Result<(), Error> {
     let d = cstr(disk)?;
     let x = cstr(dest_xml)?;
     let mut flags = sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB;
     if shallow {
         flags |= sys::VIR_DOMAIN_BLOCK_COPY_SHALLOW;
     }
-    // SAFETY: live NUL-terminated strings; no typed parameters (null, 0).
+    let mut params: Vec<sys::virTypedParameter> = Vec::new();
+    if let Some(bw) = bytes_per_sec {
+        params.push(ullong_param(
+            sys::VIR_DOMAIN_BLOCK_COPY_BANDWIDTH.to_bytes(),
+            bw,
+        ));
+    }
+    // SAFETY: live NUL-terminated strings; `params` (possibly empty) is only read by libvirt.
     check(unsafe {
         sys::virDomainBlockCopy(
             dom.as_ptr(),
             d.as_ptr(),
             x.as_ptr(),
-            std::ptr::null_mut(),
-            0,
+            if params.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                params.as_mut_ptr()
+            },
+            params.len() as c_int,
             flags,
         )
     })?;
     Ok(())
+}
+
+/// One typed parameter holding an unsigned long long.
+fn ullong_param(name: &[u8], value: u64) -> sys::virTypedParameter {
+    // SAFETY: an all-zero virTypedParameter is a valid value (empty name, zero union).
+    let mut p: sys::virTypedParameter = unsafe { std::mem::zeroed() };
+    for (i, b) in name.iter().take(p.field.len() - 1).enumerate() {
+        p.field[i] = *b as c_char;
+    }
+    p.type_ = sys::VIR_TYPED_PARAM_ULLONG as c_int;
+    p.value.ul = value;
+    p
 }
 
 /// Ends the disk's block job: `pivot` switches to the job's target (a ready mirror or active
@@ -241,13 +270,7 @@ pub fn write_limit(dom: &Domain, disk: &str) -> Result<u64, Error> {
 /// Sets the guest's write limit on the disk (0: none) on the running domain.
 pub fn set_write_limit(dom: &Domain, disk: &str, bytes_per_sec: u64) -> Result<(), Error> {
     let d = cstr(disk)?;
-    // SAFETY: an all-zero virTypedParameter is a valid value.
-    let mut p: sys::virTypedParameter = unsafe { std::mem::zeroed() };
-    for (i, b) in WRITE_BYTES_SEC.bytes().enumerate() {
-        p.field[i] = b as c_char;
-    }
-    p.type_ = sys::VIR_TYPED_PARAM_ULLONG as c_int;
-    p.value.ul = bytes_per_sec;
+    let mut p = ullong_param(WRITE_BYTES_SEC.as_bytes(), bytes_per_sec);
     // SAFETY: one parameter libvirt only reads.
     check(unsafe {
         sys::virDomainSetBlockIoTune(
