@@ -108,6 +108,8 @@ struct Observed<'a> {
     chain: ObservedChain,
     /// The domain runs (a libvirt disk).
     running: bool,
+    /// The domain has no persistent definition (it would vanish when powered off).
+    transient: bool,
 }
 
 /// Runs the plan stage for every spec under `specs`.
@@ -193,6 +195,7 @@ pub fn plan_loaded(
                     spec,
                     chain,
                     running,
+                    transient: live.as_ref().is_some_and(|d| !d.persistent),
                 })
             }
             Err(e) => {
@@ -287,6 +290,17 @@ pub fn plan_loaded(
                     o.spec,
                     format!(
                         "{}: spec.revert: the domain is running; a revert replaces its disk under the guest. Shut the domain down first, or set spec.revert.restart: true to let diskchain power it off and start it again",
+                        o.spec.origin()
+                    ),
+                    true,
+                ));
+                continue;
+            }
+            if o.running && o.transient {
+                report.errors.push(fail(
+                    o.spec,
+                    format!(
+                        "{}: spec.revert: the domain is transient (it has no persistent definition), so powering it off for the revert would remove it; define it persistently (virsh dumpxml, virsh define), or shut it down and revert its disk as an offline spec.source.file",
                         o.spec.origin()
                     ),
                     true,

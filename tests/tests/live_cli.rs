@@ -573,3 +573,66 @@ fn a_guest_write_limit_left_by_a_killed_run_is_lifted_by_the_next() {
     dom.flush();
     assert_eq!(view_of(&chain[1]), original[2], "the guest view");
 }
+
+#[test]
+fn bad_live_input_is_refused_naming_the_field_and_changes_nothing() {
+    let env = Env::new();
+    let l = build(
+        &env,
+        &[
+            ("base", &[(1, 0, 2)]),
+            ("mid", &[(2, 2, 2)]),
+            ("top", &[(3, 4, 2)]),
+        ],
+    );
+    let name = format!("dc-bad-{}", std::process::id());
+    let dom = Domain::start(&name, &l[2]);
+    let before = env.fingerprints();
+    let refused = |file: &str, yaml: String, needle: &str| {
+        let s = env.spec(file, &yaml);
+        for cmd in [&["plan", "-f"][..], &["apply", "-f"][..]] {
+            let out = env.diskchain(cmd).arg(&s).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd:?} {file}: {err}");
+            assert!(
+                err.contains(needle) && err.contains(file),
+                "{cmd:?} {file}: {err}"
+            );
+        }
+        std::fs::remove_file(&s).unwrap();
+    };
+    refused(
+        "nodomain.yaml",
+        spec("a", "no-such-domain", &[("golden", Some(&l[0]))], ""),
+        "has no domain",
+    );
+    refused(
+        "notarget.yaml",
+        spec("b", &name, &[("golden", Some(&l[0]))], "").replace("target: vda", "target: vdz"),
+        "no disk with target \"vdz\"",
+    );
+    refused(
+        "norestart.yaml",
+        spec(
+            "c",
+            &name,
+            &[("golden", Some(&l[0])), ("mid", Some(&l[1]))],
+            "  revert: { to: golden, id: r1 }\n",
+        ),
+        "spec.revert",
+    );
+    refused(
+        "badbudget.yaml",
+        spec_with(
+            "d",
+            &name,
+            ", converge: { within: soon }",
+            &[("golden", Some(&l[0]))],
+            "",
+        ),
+        "spec.source.libvirt.converge.within",
+    );
+    assert_eq!(env.fingerprints(), before, "no image was touched");
+    assert_eq!(dom.chain().len(), 3);
+    assert!(dom.running());
+}
