@@ -50,8 +50,11 @@ fn spec_with(
     extra: &str,
 ) -> String {
     let mut s = format!(
-        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {disk}\nspec:\n  source:\n    libvirt: {{ uri: \"{URI}\", domain: {domain}, target: vda{source_extra} }}\n  snapshots:\n"
+        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {disk}\nspec:\n  source:\n    libvirt: {{ uri: \"{URI}\", domain: {domain}, target: vda{source_extra} }}\n"
     );
+    if !points.is_empty() {
+        s.push_str("  snapshots:\n");
+    }
     for (n, f) in points {
         s.push_str(&format!("    - name: {n}\n"));
         if let Some(f) = f {
@@ -635,4 +638,70 @@ fn bad_live_input_is_refused_naming_the_field_and_changes_nothing() {
     assert_eq!(env.fingerprints(), before, "no image was touched");
     assert_eq!(dom.chain().len(), 3);
     assert!(dom.running());
+}
+
+#[test]
+fn random_live_removals_keep_every_point_and_the_guest_view() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x11fe);
+    for round in 0..4 {
+        let env = Env::new();
+        let n = rng.random_range(3..=6usize);
+        let writes: Vec<Vec<(u8, u64, u64)>> = (0..n)
+            .map(|i| {
+                (0..rng.random_range(1..=3))
+                    .map(|k| {
+                        (
+                            (10 * i + k + 1) as u8,
+                            rng.random_range(0..30u64),
+                            rng.random_range(1..=4u64),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let names: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+        let layers: Vec<LayerWrites<'_>> = names
+            .iter()
+            .zip(&writes)
+            .map(|(n, w)| (n.as_str(), w.as_slice()))
+            .collect();
+        let l = build(&env, &layers);
+        let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
+        let keep: Vec<usize> = (0..n - 1).filter(|_| rng.random_bool(0.4)).collect();
+        eprintln!("round {round}: {n} layers, keep {keep:?}");
+        let name = format!("dc-rnd-{}-{round}", std::process::id());
+        let dom = Domain::start(&name, &l[n - 1]);
+        let wanted: Vec<(String, PathBuf)> = keep
+            .iter()
+            .map(|&k| (format!("k{k}"), l[k].clone()))
+            .collect();
+        let pts_ref: Vec<(&str, Option<&Path>)> = wanted
+            .iter()
+            .map(|(n, f)| (n.as_str(), Some(f.as_path())))
+            .collect();
+        let s = env.spec("r.yaml", &spec("rnd", &name, &pts_ref, ""));
+        let mut guest = live_view(&l[n - 1]);
+        let w = Writer::start(&name, 200);
+        apply_ok(&env, &s, &[]);
+        let wrote = w.finish();
+        for (pat, off) in &wrote {
+            guest[*off as usize..(*off + MIB) as usize].fill(*pat);
+        }
+        dom.flush();
+        let got = points(&env, &s);
+        assert_eq!(got.len(), keep.len(), "round {round}: keep {keep:?}");
+        for ((_, file), &k) in got.iter().zip(&keep) {
+            assert_eq!(view_of(file), original[k], "round {round}: point k{k}");
+        }
+        let chain = dom.chain();
+        let mut expected: Vec<PathBuf> = got.iter().map(|p| p.1.clone()).collect();
+        expected.push(chain.last().unwrap().clone());
+        assert_chain(&dom, &expected);
+        assert_eq!(
+            sha(&live_view(chain.last().unwrap())),
+            sha(&guest),
+            "round {round}: the guest view (keep {keep:?} of {n})"
+        );
+    }
 }
