@@ -315,62 +315,30 @@ impl Offline {
                 ),
             });
         }
-        let meta = |p: &Path| {
-            std::fs::metadata(p).map_err(|source| ExecError::Io {
-                action: "stat",
-                path: p.to_path_buf(),
-                source,
-            })
-        };
-        if file.exists() {
-            let (f, a) = (meta(file)?, meta(&active)?);
-            let same = f.dev() == a.dev() && f.ino() == a.ino();
-            if !same {
-                if backing_of(&self.roots, &active)?.map(|(b, _)| b).as_deref() == Some(file) {
-                    return Ok(0); // done before
-                }
-                return Err(ExecError::Precondition {
-                    op,
-                    file: file.to_path_buf(),
-                    what: "it exists and is not this snapshot's point".into(),
-                });
-            }
-        } else {
-            std::fs::hard_link(&active, file).map_err(|source| ExecError::Io {
-                action: "link",
-                path: file.to_path_buf(),
-                source,
-            })?;
-            sync_file(&dir)?;
-        }
-        // `file` and the active path are now one inode: make the new overlay aside, then swap it in.
-        let tmp = dir.join(format!(
-            ".{}.snapshot",
-            active.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        let _ = std::fs::remove_file(&tmp);
-        let mut c = self.qemu_img();
-        c.args(["create", "-q", "-f", "qcow2", "-b"])
-            .arg(file)
-            .args(["-F", self.format(op, &active)?.as_str()])
-            .arg(&tmp);
-        let written = process::run(c, &mut |_| {})?;
-        sync_file(&tmp)?;
-        std::fs::rename(&tmp, &active).map_err(|source| ExecError::Io {
-            action: "rename into",
-            path: active.clone(),
-            source,
-        })?;
-        sync_file(&dir)?;
-        Ok(written)
+        // The point's file is the active image's inode; the new overlay goes on top of it.
+        self.swap_in_overlay(op, &active, file, file)
     }
 
     /// A fresh empty overlay on `to` takes the active path; the old active content stays in
-    /// `discarded` (a hard link made first, so nothing is lost at any moment).
+    /// `discarded`.
     fn revert(&self, to: &Path, active: &Path, discarded: &Path) -> Result<u64, ExecError> {
         let op = "revert";
         let active = self.writable(op, active)?;
         let to = self.roots.confine(to, "the point reverted to".into())?;
+        self.swap_in_overlay(op, &active, discarded, &to)
+    }
+
+    /// Keeps the active image's content in `keep_as` (a hard link, made first, so nothing is
+    /// lost at any moment) and puts a new empty overlay on `backing` at the active path (made
+    /// aside, then renamed over it: the active path never disappears). Done before when
+    /// `keep_as` is another inode and the active image already records `backing`.
+    fn swap_in_overlay(
+        &self,
+        op: &'static str,
+        active: &Path,
+        keep_as: &Path,
+        backing: &Path,
+    ) -> Result<u64, ExecError> {
         let dir = active.parent().unwrap_or(Path::new("/")).to_path_buf();
         let meta = |p: &Path| {
             std::fs::metadata(p).map_err(|source| ExecError::Io {
@@ -379,41 +347,46 @@ impl Offline {
                 source,
             })
         };
-        if discarded.exists() {
-            let (d, a) = (meta(discarded)?, meta(&active)?);
-            if d.dev() != a.dev() || d.ino() != a.ino() {
-                if backing_of(&self.roots, &active)?.map(|(b, _)| b) == Some(to.clone()) {
+        if keep_as.exists() {
+            let (k, a) = (meta(keep_as)?, meta(active)?);
+            if k.dev() != a.dev() || k.ino() != a.ino() {
+                if backing_of(&self.roots, active)?.map(|(b, _)| b).as_deref() == Some(backing) {
                     return Ok(0); // done before
                 }
                 return Err(ExecError::Precondition {
                     op,
-                    file: discarded.to_path_buf(),
-                    what: "it exists and is not this revert's copy of the active image".into(),
+                    file: keep_as.to_path_buf(),
+                    what: format!(
+                        "it exists and is not the file this {op} keeps the active content in"
+                    ),
                 });
             }
         } else {
-            std::fs::hard_link(&active, discarded).map_err(|source| ExecError::Io {
+            std::fs::hard_link(active, keep_as).map_err(|source| ExecError::Io {
                 action: "link",
-                path: discarded.to_path_buf(),
+                path: keep_as.to_path_buf(),
                 source,
             })?;
             sync_file(&dir)?;
         }
         let tmp = dir.join(format!(
-            ".{}.revert",
+            ".{}.{op}",
             active.file_name().unwrap_or_default().to_string_lossy()
         ));
         let _ = std::fs::remove_file(&tmp);
+        // The backing is the active image's own inode (a snapshot) or a point of the chain:
+        // its format is known either way.
+        let fmt = self.format(op, backing)?;
         let mut c = self.qemu_img();
         c.args(["create", "-q", "-f", "qcow2", "-b"])
-            .arg(&to)
-            .args(["-F", self.format(op, &to)?.as_str()])
+            .arg(backing)
+            .args(["-F", fmt.as_str()])
             .arg(&tmp);
         let written = process::run(c, &mut |_| {})?;
         sync_file(&tmp)?;
-        std::fs::rename(&tmp, &active).map_err(|source| ExecError::Io {
+        std::fs::rename(&tmp, active).map_err(|source| ExecError::Io {
             action: "rename into",
-            path: active.clone(),
+            path: active.to_path_buf(),
             source,
         })?;
         sync_file(&dir)?;

@@ -490,6 +490,34 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Runs a block job of `kind` to its end: adopts the one already running on the disk (left by
+    /// an interrupted run), or starts one with `start` (which checks the step's preconditions
+    /// first); then waits for it, pivoting a mirror-style job (`pivot`).
+    fn run_job(
+        &self,
+        op: &'static str,
+        file: &Path,
+        kind: JobKind,
+        pivot: bool,
+        start: impl FnOnce(&Session) -> Result<(), ExecError>,
+        progress: &mut dyn FnMut(f64),
+    ) -> Result<(), ExecError> {
+        match self.job_now()? {
+            Some(j) if j.kind == kind => {
+                tracing::info!(domain = %self.src.domain, ?kind, "adopting the block job already running");
+            }
+            Some(j) => {
+                return Err(self.refuse(
+                    op,
+                    file,
+                    format!("a {:?} block job runs on the disk", j.kind),
+                ));
+            }
+            None => start(&open(&self.src)?)?,
+        }
+        self.wait_job(kind, pivot, progress)
+    }
+
     fn commit(
         &self,
         d: &LiveDisk,
@@ -501,40 +529,28 @@ impl Libvirt {
         let op = "commit";
         let in_chain = |p: &Path| d.disk.active == p || d.disk.backing.iter().any(|b| b == p);
         let shallow = layers.len() == 1;
+        let bandwidth = self.options.max_bytes_per_sec;
         if top == d.disk.active || (d.disk.active == base && !in_chain(top)) {
             // Active commit, ending with a pivot to `base`.
             if d.disk.active == base {
                 return Ok(()); // pivoted before
             }
-            match self.job_now()? {
-                Some(j) if j.kind == JobKind::ActiveCommit => {
-                    tracing::info!(domain = %self.src.domain, "adopting the active commit already running");
+            let start = |s: &Session| {
+                if !in_chain(base) {
+                    return Err(self.refuse(op, base, "it is not in the domain's chain"));
                 }
-                Some(j) => {
-                    return Err(self.refuse(
-                        op,
-                        top,
-                        format!("a {:?} block job runs on the disk", j.kind),
-                    ));
-                }
-                None => {
-                    if !in_chain(base) {
-                        return Err(self.refuse(op, base, "it is not in the domain's chain"));
-                    }
-                    let s = open(&self.src)?;
-                    sys::block_commit(
-                        &s.dom,
-                        &self.src.target,
-                        base,
-                        None,
-                        true,
-                        shallow,
-                        self.options.max_bytes_per_sec,
-                    )
-                    .map_err(self.live_err("starting an active block commit"))?;
-                }
-            }
-            self.wait_job(JobKind::ActiveCommit, true, progress)?;
+                sys::block_commit(
+                    &s.dom,
+                    &self.src.target,
+                    base,
+                    None,
+                    true,
+                    shallow,
+                    bandwidth,
+                )
+                .map_err(self.live_err("starting an active block commit"))
+            };
+            self.run_job(op, top, JobKind::ActiveCommit, true, start, progress)?;
             let after = super::locate(&self.src)?;
             if after.disk.active != base {
                 return Err(self.refuse(
@@ -551,42 +567,29 @@ impl Libvirt {
         if !in_chain(top) && in_chain(base) {
             return Ok(()); // committed before
         }
-        match self.job_now()? {
-            Some(j) if j.kind == JobKind::Commit => {
-                tracing::info!(domain = %self.src.domain, "adopting the block commit already running");
+        let start = |s: &Session| {
+            if !in_chain(base) || !in_chain(top) {
+                return Err(self.refuse(op, top, "it or its base is not in the domain's chain"));
             }
-            Some(j) => {
-                return Err(self.refuse(
-                    op,
-                    top,
-                    format!("a {:?} block job runs on the disk", j.kind),
-                ));
-            }
-            None => {
-                if !in_chain(base) || !in_chain(top) {
-                    return Err(self.refuse(
-                        op,
-                        top,
-                        "it or its base is not in the domain's chain",
-                    ));
-                }
-                let s = open(&self.src)?;
-                sys::block_commit(
-                    &s.dom,
-                    &self.src.target,
-                    base,
-                    Some(top),
-                    false,
-                    shallow,
-                    self.options.max_bytes_per_sec,
-                )
-                .map_err(self.live_err("starting a block commit"))?;
-            }
-        }
-        self.wait_job(JobKind::Commit, false, progress)?;
+            sys::block_commit(
+                &s.dom,
+                &self.src.target,
+                base,
+                Some(top),
+                false,
+                shallow,
+                bandwidth,
+            )
+            .map_err(self.live_err("starting a block commit"))
+        };
+        self.run_job(op, top, JobKind::Commit, false, start, progress)?;
         let after = super::locate(&self.src)?;
         if after.disk.backing.iter().any(|b| b == top) {
-            return Err(self.refuse(op, top, "the block commit ended but the layer is still in the chain (the job failed; see the domain's log)"));
+            return Err(self.refuse(
+                op,
+                top,
+                "the block commit ended but the layer is still in the chain (the job failed; see the domain's log)",
+            ));
         }
         Ok(())
     }
@@ -609,37 +612,28 @@ impl Libvirt {
         if d.disk.backing.first().map(PathBuf::as_path) == base {
             return Ok(()); // pulled before
         }
-        match self.job_now()? {
-            Some(j) if j.kind == JobKind::Pull => {
-                tracing::info!(domain = %self.src.domain, "adopting the block pull already running");
+        let start = |s: &Session| {
+            if let Some(b) = base
+                && !d.disk.backing.iter().any(|x| x == b)
+            {
+                return Err(self.refuse(op, b, "the new base is not in the domain's chain"));
             }
-            Some(j) => {
-                return Err(self.refuse(
-                    op,
-                    into,
-                    format!("a {:?} block job runs on the disk", j.kind),
-                ));
-            }
-            None => {
-                if let Some(b) = base
-                    && !d.disk.backing.iter().any(|x| x == b)
-                {
-                    return Err(self.refuse(op, b, "the new base is not in the domain's chain"));
-                }
-                let s = open(&self.src)?;
-                sys::block_pull(
-                    &s.dom,
-                    &self.src.target,
-                    base,
-                    self.options.max_bytes_per_sec,
-                )
-                .map_err(self.live_err("starting a block pull"))?;
-            }
-        }
-        self.wait_job(JobKind::Pull, false, progress)?;
+            sys::block_pull(
+                &s.dom,
+                &self.src.target,
+                base,
+                self.options.max_bytes_per_sec,
+            )
+            .map_err(self.live_err("starting a block pull"))
+        };
+        self.run_job(op, into, JobKind::Pull, false, start, progress)?;
         let after = super::locate(&self.src)?;
         if after.disk.backing.first().map(PathBuf::as_path) != base {
-            return Err(self.refuse(op, into, "the block pull ended but the chain below it did not change (the job failed; see the domain's log)"));
+            return Err(self.refuse(
+                op,
+                into,
+                "the block pull ended but the chain below it did not change (the job failed; see the domain's log)",
+            ));
         }
         Ok(())
     }
@@ -663,39 +657,19 @@ impl Libvirt {
                 format!("the domain's active image is {}", d.disk.active.display()),
             ));
         }
-        match self.job_now()? {
-            Some(j) if j.kind == JobKind::Copy => {
-                tracing::info!(domain = %self.src.domain, "adopting the block copy already running");
-            }
-            Some(j) => {
-                return Err(self.refuse(
-                    op,
-                    from,
-                    format!("a {:?} block job runs on the disk", j.kind),
-                ));
-            }
-            None => {
-                let dir = to.parent().unwrap_or(Path::new("/"));
-                std::fs::create_dir_all(dir).map_err(|source| ExecError::Io {
-                    action: "create",
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-                let to = self.roots.confine_dir(to, "the mirror's new file".into())?;
-                let size = self.guest_size(d)?;
-                self.prepare(op, &to, backing, size)?;
-                let s = open(&self.src)?;
-                sys::block_copy(
-                    &s.dom,
-                    &self.src.target,
-                    &xml::copy_destination(&to),
-                    backing.is_some(),
-                    self.options.max_bytes_per_sec,
-                )
-                .map_err(self.live_err("starting a block copy"))?;
-            }
-        }
-        self.wait_job(JobKind::Copy, true, progress)?;
+        let start = |s: &Session| {
+            let to = self.roots.confine_dir(to, "the mirror's new file".into())?;
+            self.prepare(op, &to, backing, self.guest_size(d)?)?;
+            sys::block_copy(
+                &s.dom,
+                &self.src.target,
+                &xml::copy_destination(&to),
+                backing.is_some(),
+                self.options.max_bytes_per_sec,
+            )
+            .map_err(self.live_err("starting a block copy"))
+        };
+        self.run_job(op, from, JobKind::Copy, true, start, progress)?;
         let after = super::locate(&self.src)?;
         if after.disk.active != to {
             return Err(self.refuse(op, to, "the block copy ended without a pivot to it"));
