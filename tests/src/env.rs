@@ -131,9 +131,22 @@ pub fn spec_yaml(
     points: &[(String, Option<PathBuf>)],
     extra: &str,
 ) -> String {
+    let points: Vec<(&str, Option<&Path>)> = points
+        .iter()
+        .map(|(n, f)| (n.as_str(), f.as_deref()))
+        .collect();
+    spec_yaml_source(name, &format!("file: {}", active.display()), &points, extra)
+}
+
+/// A spec document with `source` (one YAML line under `spec.source:`, e.g. `file: /x`).
+pub fn spec_yaml_source(
+    name: &str,
+    source: &str,
+    points: &[(&str, Option<&Path>)],
+    extra: &str,
+) -> String {
     let mut s = format!(
-        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {name}\nspec:\n  source:\n    file: {}\n",
-        active.display()
+        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {name}\nspec:\n  source:\n    {source}\n"
     );
     if !points.is_empty() {
         s.push_str("  snapshots:\n");

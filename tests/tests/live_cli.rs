@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use diskchain_tests::env::Env;
+use diskchain_tests::env::{Env, spec_yaml_source};
 use diskchain_tests::libvirt::{Domain, URI, live_view, open_up, sha, virsh};
 use diskchain_tests::qemu::{create, io, run};
 use serde_json::Value;
@@ -49,20 +49,12 @@ fn spec_with(
     points: &[(&str, Option<&Path>)],
     extra: &str,
 ) -> String {
-    let mut s = format!(
-        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: {disk}\nspec:\n  source:\n    libvirt: {{ uri: \"{URI}\", domain: {domain}, target: vda{source_extra} }}\n"
-    );
-    if !points.is_empty() {
-        s.push_str("  snapshots:\n");
-    }
-    for (n, f) in points {
-        s.push_str(&format!("    - name: {n}\n"));
-        if let Some(f) = f {
-            s.push_str(&format!("      file: {}\n", f.display()));
-        }
-    }
-    s.push_str(extra);
-    s
+    spec_yaml_source(
+        disk,
+        &format!("libvirt: {{ uri: \"{URI}\", domain: {domain}, target: vda{source_extra} }}"),
+        points,
+        extra,
+    )
 }
 
 /// Keeps writing 1 MiB chunks through the guest until stopped; returns what it wrote, in order.

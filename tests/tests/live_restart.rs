@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use diskchain_tests::env::Env;
+use diskchain_tests::env::{Env, spec_yaml_source};
 use diskchain_tests::libvirt::{Domain, URI, live_view, open_up, sha};
 use diskchain_tests::qemu::{create, io};
 
@@ -75,10 +75,11 @@ fn a_live_job_survives_a_killed_agent_and_a_libvirtd_restart() {
     let dom = Domain::start(&name, &top);
     let spec = env.spec(
         "r.yaml",
-        &format!(
-            "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: r\nspec:\n  source:\n    libvirt: {{ domain: {name}, target: vda }}\n  snapshots:\n    - {{ name: golden, file: {} }}\n    - {{ name: p, file: {} }}\n",
-            base.display(),
-            p.display()
+        &spec_yaml_source(
+            "r",
+            &format!("libvirt: {{ domain: {name}, target: vda }}"),
+            &[("golden", Some(&base)), ("p", Some(&p))],
+            "",
         ),
     );
     let specs = spec.parent().unwrap().to_path_buf();
