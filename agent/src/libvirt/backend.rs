@@ -788,16 +788,19 @@ impl Executor for Libvirt {
         let pid = d.pid.filter(|_| !matches!(step, StepAction::Revert { .. }));
         let before = pid.and_then(crate::execute::process::wchar);
         let mut written = 0;
-        let changed_state = |want: bool, file: &Path| {
-            self.refuse(
-                step.op(),
-                file,
-                if want {
-                    "the domain stopped since the plan was made; it is planned again"
+        // A plan made for a running domain uses libvirt's semantics, one made for a shut-off
+        // domain moves files offline; neither can finish in the other state. Nothing of this
+        // step has run, and the chain is whole after every step, so the plan waits.
+        let changed_state = |stopped: bool, _file: &Path| {
+            ExecError::Live(LiveError::Call {
+                domain: self.src.domain.clone(),
+                what: format!("step {}", step.op()),
+                message: if stopped {
+                    "the domain was shut down in the middle of a plan made while it ran; start it again and the plan resumes (nothing is lost: the chain is whole between steps)".into()
                 } else {
-                    "the domain started since the plan was made; it is planned again"
+                    "the domain was started in the middle of a plan made while it was off; shut it down again and the plan resumes (nothing is lost: the chain is whole between steps)".into()
                 },
-            )
+            })
         };
         match step {
             StepAction::Revert { .. } => written += self.revert(&d, step, progress)?,
