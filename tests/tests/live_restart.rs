@@ -59,7 +59,7 @@ fn layer(env: &Env, name: &str, backing: Option<&Path>, writes: &[(u8, u64, u64)
 }
 
 #[test]
-fn a_live_job_survives_a_killed_agent_and_a_libvirtd_restart() {
+fn live_jobs_survive_a_killed_agent_and_libvirtd_restarts() {
     let env = Env::new();
     open_up(env.dir.path());
     open_up(&env.root());
@@ -155,5 +155,64 @@ fn a_live_job_survives_a_killed_agent_and_a_libvirtd_restart() {
         String::from_utf8_lossy(&again.stdout).contains("every disk matches"),
         "{}",
         String::from_utf8_lossy(&again.stdout)
+    );
+
+    // A mirror (the active layer's move of a storage migration) across a libvirtd restart: the
+    // guest's 1 MiB plus what the test writes now, at 2 MiB/s.
+    dom.guest_write(7, 20 * MIB, 16 * MIB);
+    dom.flush();
+    let guest = sha(&live_view(&top));
+    let moved = env.root().join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    open_up(&moved);
+    let spec = env.spec(
+        "r.yaml",
+        &spec_yaml_source(
+            "r",
+            &format!("libvirt: {{ domain: {name}, target: vda }}"),
+            &[("golden", None), ("p", None)],
+            &format!("  placement: {{ directory: {} }}\n", moved.display()),
+        ),
+    );
+    let apply = env
+        .diskchain(&["apply", "--max-bytes-per-sec", "2097152", "-f"])
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run diskchain");
+    wait_for("the block copy to start", 30, || !dom.blockjob().is_empty());
+    restart_libvirtd();
+    assert!(
+        !dom.blockjob().is_empty(),
+        "libvirt keeps the copy across its restart"
+    );
+    let out = apply.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the apply waits through the restart and pivots:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    for f in &chain {
+        assert_eq!(
+            f.canonicalize().unwrap().parent(),
+            Some(moved.canonicalize().unwrap().as_path())
+        );
+    }
+    assert_eq!(
+        sha(&live_view(&chain[0])),
+        views[0],
+        "golden after the move"
+    );
+    assert_eq!(sha(&live_view(&chain[1])), views[2], "p after the move");
+    dom.flush();
+    assert_eq!(
+        sha(&live_view(&chain[2])),
+        guest,
+        "the guest view after the move"
     );
 }
