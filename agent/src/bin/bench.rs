@@ -21,8 +21,9 @@
 //! `live` (`bench-results/live.json`; needs a running libvirtd, see `scripts/setup.sh --live`):
 //! removing four points of a running TCG domain's chain with `diskchain apply` (libvirt block
 //! jobs) against one `virsh blockcommit` per point (each removed point takes its overlay's
-//! content, bottom-up, so every kept point stays intact), in bytes the domain's QEMU wrote and
-//! seconds, on fresh copies of the same chain attached to the same domain, alternating.
+//! content, bottom-up, so every kept point stays intact) and against that same per-point
+//! sequence run by diskchain, in bytes the domain's QEMU wrote and seconds, on fresh copies of
+//! the same chain attached to the same domain, the order of the sides rotating.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -910,6 +911,36 @@ fn live_naive(name: &str, chain: &[PathBuf], keep: &[usize]) {
     }
 }
 
+/// `diskchain apply` of a spec keeping the points `keep` of `chain` (bound by name: the first
+/// apply binds them to their files, later ones find them in the state).
+fn live_apply(bin: &Path, dir: &Path, domain: &str, chain: &[PathBuf], keep: &[usize]) {
+    let spec = dir.join("spec.yaml");
+    let mut y = format!(
+        "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: live\nspec:\n  source:\n    libvirt: {{ domain: {domain}, target: vda }}\n  snapshots:\n"
+    );
+    for &k in keep {
+        y.push_str(&format!(
+            "    - {{ name: p{k}, file: {} }}\n",
+            chain[k].display()
+        ));
+    }
+    std::fs::write(&spec, y).unwrap();
+    let out = Command::new(bin)
+        .arg("--allowed-root")
+        .arg(dir)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["apply", "-f"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn live_bench(args: &Args) -> serde_json::Value {
     // QEMU runs as libvirt's user: the images live where it can reach them.
     let work = PathBuf::from("/var/tmp/diskchain-bench-live");
@@ -917,18 +948,21 @@ fn live_bench(args: &Args) -> serde_json::Value {
     let _ = Command::new("chmod").arg("755").arg(&work).status();
     let mib: [u64; 8] = [512, 256, 192, 256, 128, 256, 192, 64];
     let keep = [0usize, 3, 6];
+    let removed: Vec<usize> = (0..mib.len() - 1).filter(|i| !keep.contains(i)).collect();
     let master = build_apply_chain(&work.join("master"), &mib);
     let bin = std::env::current_exe().unwrap().with_file_name("diskchain");
     let name = "diskchain-bench-live";
-    let (mut planned_s, mut planned_b, mut naive_s, mut naive_b) = (vec![], vec![], vec![], vec![]);
+    let sides = ["diskchain", "virsh-per-point", "diskchain-per-point"];
+    let mut secs: Vec<Vec<f64>> = vec![vec![]; sides.len()];
+    let mut bytes: Vec<Vec<f64>> = vec![vec![]; sides.len()];
     for run in 0..args.runs {
-        for side in if run % 2 == 0 {
-            ["diskchain", "naive"]
-        } else {
-            ["naive", "diskchain"]
-        } {
+        // Rotate which side runs first, so drift in the machine's load hits all alike.
+        for k in 0..sides.len() {
+            let side_i = (run + k) % sides.len();
+            let side = sides[side_i];
             let dir = work.join(side);
             let chain = copy_chain(&master, &dir);
+            let _ = std::fs::remove_dir_all(dir.join("state"));
             let _ = Command::new("chmod")
                 .arg("-R")
                 .arg("a+rX")
@@ -942,40 +976,22 @@ fn live_bench(args: &Args) -> serde_json::Value {
             settle();
             let before = qemu_wchar(pid);
             let t = Instant::now();
-            if side == "diskchain" {
-                let spec = dir.join("spec.yaml");
-                let mut y = format!(
-                    "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: live\nspec:\n  source:\n    libvirt: {{ domain: {name}, target: vda }}\n  snapshots:\n"
-                );
-                for &k in &keep {
-                    y.push_str(&format!(
-                        "    - {{ name: p{k}, file: {} }}\n",
-                        chain[k].display()
-                    ));
+            match side {
+                "diskchain" => live_apply(&bin, &dir, name, &chain, &keep),
+                "virsh-per-point" => live_naive(name, &chain, &keep),
+                _ => {
+                    // The same one-point-at-a-time sequence, each step run by diskchain: a plan
+                    // that drops one more point, bottom-up.
+                    let mut kept: Vec<usize> = (0..mib.len() - 1).collect();
+                    for r in &removed {
+                        kept.retain(|k| k != r);
+                        live_apply(&bin, &dir, name, &chain, &kept);
+                    }
                 }
-                std::fs::write(&spec, y).unwrap();
-                let state = dir.join("state");
-                let _ = std::fs::remove_dir_all(&state);
-                let out = Command::new(&bin)
-                    .arg("--allowed-root")
-                    .arg(&dir)
-                    .arg("--state-dir")
-                    .arg(&state)
-                    .args(["apply", "-f"])
-                    .arg(&spec)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            } else {
-                live_naive(name, &chain, &keep);
             }
-            let secs = t.elapsed().as_secs_f64();
-            let bytes = qemu_wchar(pid) - before;
-            // Both sides end with the kept points, in order, each reading as before (checked,
+            let secs_run = t.elapsed().as_secs_f64();
+            let bytes_run = qemu_wchar(pid) - before;
+            // Every side ends with the kept points, in order, each reading as before (checked,
             // not assumed).
             let mut files: Vec<PathBuf> = virsh(&["dumpxml", name])
                 .lines()
@@ -993,40 +1009,42 @@ fn live_bench(args: &Args) -> serde_json::Value {
             let _ = Command::new("virsh")
                 .args(["-c", "qemu:///system", "destroy", name])
                 .output();
-            eprintln!("{side}: {} MB in {secs:.2} s", bytes / 1_000_000);
-            if side == "diskchain" {
-                planned_s.push(secs);
-                planned_b.push(bytes as f64);
-            } else {
-                naive_s.push(secs);
-                naive_b.push(bytes as f64);
-            }
+            eprintln!("{side}: {} MB in {secs_run:.2} s", bytes_run / 1_000_000);
+            secs[side_i].push(secs_run);
+            bytes[side_i].push(bytes_run as f64);
         }
     }
     let _ = Command::new("virsh")
         .args(["-c", "qemu:///system", "undefine", name])
         .output();
-    let (ps, pb, ns, nb) = (
-        median(planned_s.clone()),
-        median(planned_b.clone()),
-        median(naive_s.clone()),
-        median(naive_b.clone()),
-    );
+    let med = |v: &Vec<f64>| median(v.clone());
+    let (ps, pb) = (med(&secs[0]), med(&bytes[0]));
+    let (ns, nb) = (med(&secs[1]), med(&bytes[1]));
+    let (ds, db) = (med(&secs[2]), med(&bytes[2]));
     println!(
-        "live removal of 4 points: diskchain {:.0} MB in {ps:.2} s; one blockcommit per point {:.0} MB in {ns:.2} s ({:.2}x the bytes, {:.2}x the time)",
+        "live removal of {} points: diskchain {:.0} MB in {ps:.2} s; one virsh blockcommit per point {:.0} MB in {ns:.2} s ({:.2}x the bytes, {:.2}x the time); the same per-point sequence through diskchain {:.0} MB in {ds:.2} s ({:.2}x, {:.2}x)",
+        removed.len(),
         pb / 1e6,
         nb / 1e6,
         nb / pb,
-        ns / ps
+        ns / ps,
+        db / 1e6,
+        db / pb,
+        ds / ps
     );
+    let side = |i: usize| json!({ "bytes_median": med(&bytes[i]), "seconds_median": med(&secs[i]), "bytes": bytes[i], "seconds": secs[i] });
     json!({
         "machine": machine(),
         "chain_mib_written_per_layer": mib,
         "kept_layers": keep,
+        "removed_layers": removed,
         "runs": args.runs,
-        "diskchain": { "bytes_median": pb, "seconds_median": ps, "bytes": planned_b, "seconds": planned_s },
-        "blockcommit_per_point": { "bytes_median": nb, "seconds_median": ns, "bytes": naive_b, "seconds": naive_s },
-        "ratio_bytes_naive_over_diskchain": nb / pb,
-        "ratio_seconds_naive_over_diskchain": ns / ps,
+        "diskchain": side(0),
+        "virsh_blockcommit_per_point": side(1),
+        "diskchain_per_point": side(2),
+        "ratio_bytes_virsh_per_point_over_diskchain": nb / pb,
+        "ratio_seconds_virsh_per_point_over_diskchain": ns / ps,
+        "ratio_bytes_diskchain_per_point_over_diskchain": db / pb,
+        "ratio_seconds_diskchain_per_point_over_diskchain": ds / ps,
     })
 }
