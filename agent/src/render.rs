@@ -49,6 +49,20 @@ pub fn text(report: &PlanReport) -> String {
     for d in &report.disks {
         let p = &d.plan;
         let _ = writeln!(out, "disk {} ({})", p.name, d.spec);
+        if let Some(l) = &d.libvirt {
+            let _ = writeln!(
+                out,
+                "  libvirt domain {} disk {} ({}): {}",
+                l.domain,
+                l.target,
+                l.uri,
+                if d.live {
+                    "running; steps go through libvirt's block jobs"
+                } else {
+                    "shut off; steps run offline through qemu-img"
+                }
+            );
+        }
         let home = p.chain.last().and_then(|a| a.parent());
         if let Some(h) = home {
             let _ = writeln!(out, "  files relative to {}", h.display());
