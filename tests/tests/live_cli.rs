@@ -697,3 +697,91 @@ fn random_live_removals_keep_every_point_and_the_guest_view() {
         );
     }
 }
+
+#[test]
+fn killing_diskchain_at_random_moments_of_a_live_plan_loses_nothing() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xd1e);
+    for round in 0..5 {
+        let env = Env::new();
+        let l = build(
+            &env,
+            &[
+                ("base", &[(1, 0, 6)]),
+                ("l1", &[(2, 4, 8)]),
+                ("l2", &[(3, 10, 6)]),
+                ("l3", &[(4, 14, 6)]),
+                ("top", &[(5, 2, 4)]),
+            ],
+        );
+        let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
+        let name = format!("dc-kill-{}-{round}", std::process::id());
+        let dom = Domain::start(&name, &l[4]);
+        let moved = env.root().join("moved");
+        std::fs::create_dir(&moved).unwrap();
+        open_up(&moved);
+        // Remove l1 and l3, take a snapshot, and move everything: commits, a pull or an active
+        // commit, a snapshot, copies and a mirror, at 8 MiB/s so that kills land inside jobs.
+        let s = env.spec(
+            "k.yaml",
+            &spec(
+                "kill",
+                &name,
+                &[
+                    ("golden", Some(&l[0])),
+                    ("two", Some(&l[2])),
+                    ("snap", None),
+                ],
+                &format!("  placement: {{ directory: {} }}\n", moved.display()),
+            ),
+        );
+        let guest_before = view_of(&l[4]);
+        let delay = rng.random_range(50..2500u64);
+        let mut child = env
+            .diskchain(&["apply", "--max-bytes-per-sec", "8388608", "-f"])
+            .arg(&s)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let finished = child.try_wait().unwrap().is_some();
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("round {round}: killed after {delay} ms (finished before: {finished})");
+        apply_ok(&env, &s, &[]);
+        let pts = points(&env, &s);
+        assert_eq!(
+            pts.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
+            ["golden", "two", "snap"]
+        );
+        assert_eq!(view_of(&pts[0].1), original[0], "round {round}: golden");
+        assert_eq!(view_of(&pts[1].1), original[2], "round {round}: two");
+        assert_eq!(view_of(&pts[2].1), guest_before, "round {round}: snap");
+        let chain = dom.chain();
+        assert_eq!(chain.len(), 4, "round {round}: {chain:?}");
+        for f in &chain {
+            assert_eq!(
+                canon(f).parent(),
+                Some(canon(&moved).as_path()),
+                "round {round}: {f:?} moved"
+            );
+        }
+        assert_chain(
+            &dom,
+            &[
+                pts[0].1.clone(),
+                pts[1].1.clone(),
+                pts[2].1.clone(),
+                chain[3].clone(),
+            ],
+        );
+        dom.flush();
+        assert_eq!(
+            view_of(&chain[3]),
+            guest_before,
+            "round {round}: the guest view"
+        );
+        assert_eq!(dom.blockjob(), "", "round {round}: no job left");
+    }
+}
