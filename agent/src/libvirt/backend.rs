@@ -784,14 +784,22 @@ impl Executor for Libvirt {
     ) -> Result<StepReport, ExecError> {
         let t = Instant::now();
         let d = super::locate(&self.src)?;
-        // A revert may restart QEMU: its byte counter would not compare.
-        let pid = d.pid.filter(|_| !matches!(step, StepAction::Revert { .. }));
+        // Block jobs are counted by the domain QEMU's own byte counter (guest writes included);
+        // everything else by the qemu-img processes it runs.
+        let block_job = matches!(
+            step,
+            StepAction::Snapshot { .. }
+                | StepAction::Commit { .. }
+                | StepAction::Stream { .. }
+                | StepAction::Mirror { .. }
+        );
+        let pid = d.pid.filter(|_| block_job);
         let before = pid.and_then(crate::execute::process::wchar);
         let mut written = 0;
         // A plan made for a running domain uses libvirt's semantics, one made for a shut-off
         // domain moves files offline; neither can finish in the other state. Nothing of this
         // step has run, and the chain is whole after every step, so the plan waits.
-        let changed_state = |stopped: bool, _file: &Path| {
+        let changed_state = |stopped: bool| {
             ExecError::Live(LiveError::Call {
                 domain: self.src.domain.clone(),
                 what: format!("step {}", step.op()),
@@ -809,11 +817,11 @@ impl Executor for Libvirt {
             }
             _ if !d.running => {
                 if self.live_plan {
-                    return Err(changed_state(true, &d.disk.active));
+                    return Err(changed_state(true));
                 }
                 written += self.offline.run(step, progress)?.written_bytes;
             }
-            _ if !self.live_plan => return Err(changed_state(false, &d.disk.active)),
+            _ if !self.live_plan => return Err(changed_state(false)),
             StepAction::Snapshot { file, active, .. } => self.snapshot(&d, file, active)?,
             StepAction::Commit { base, top, layers } => {
                 self.commit(&d, base, top, layers, progress)?
