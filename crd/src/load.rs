@@ -437,6 +437,15 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
                 "is empty; give each revert its own id (a new id asks for a new revert)".into(),
             );
         }
+        if let Err(e) = humantime::parse_duration(&r.shutdown_timeout) {
+            push(
+                "spec.revert.shutdownTimeout",
+                format!(
+                    "{:?} is not a duration ({e}); write e.g. 0s, 30s or 2m",
+                    r.shutdown_timeout
+                ),
+            );
+        }
         if !spec.snapshots.iter().any(|s| s.name == r.to) {
             push(
                 "spec.revert.to",

@@ -57,10 +57,19 @@ pub struct RevertSpec {
     /// Identifies this revert; the agent records it, and reverts again only for a new id.
     pub id: String,
     /// A running libvirt domain sees the reverted disk only after a restart: with `true`
-    /// diskchain stops it (hard power-off: its disk content is being discarded), reverts, and
-    /// starts it again. Without it a running domain is refused.
+    /// diskchain shuts it down, reverts, and starts it again. Without it a running domain is
+    /// refused.
     #[serde(default)]
     pub restart: bool,
+    /// With `restart`: how long the guest gets to shut down cleanly (ACPI) before it is powered
+    /// off, e.g. `2m`; `0s` powers it off at once. A clean shutdown leaves the discarded
+    /// content (kept until pruned) consistent.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: String,
+}
+
+fn default_shutdown_timeout() -> String {
+    "2m".to_string()
 }
 
 /// Where a disk is. Exactly one field is set.

@@ -295,7 +295,7 @@ fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
             &name,
             &[("golden", None), ("mid", None)],
             &format!(
-                "  placement: {{ directory: {} }}\n  revert: {{ to: mid, id: undo-1, restart: true }}\n",
+                "  placement: {{ directory: {} }}\n  revert: {{ to: mid, id: undo-1, restart: true, shutdownTimeout: 1s }}\n",
                 moved.display()
             ),
         ),
@@ -626,6 +626,16 @@ fn bad_live_input_is_refused_naming_the_field_and_changes_nothing() {
             "",
         ),
         "spec.source.libvirt.converge.within",
+    );
+    refused(
+        "badshutdown.yaml",
+        spec(
+            "e",
+            &name,
+            &[("golden", Some(&l[0]))],
+            "  revert: { to: golden, id: r2, restart: true, shutdownTimeout: later }\n",
+        ),
+        "spec.revert.shutdownTimeout",
     );
     assert_eq!(env.fingerprints(), before, "no image was touched");
     assert_eq!(dom.chain().len(), 3);

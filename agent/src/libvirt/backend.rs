@@ -677,6 +677,39 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Shuts the domain down for a revert: a clean (ACPI) shutdown within
+    /// `spec.revert.shutdownTimeout`, then a power-off.
+    fn shut_down(&self) -> Result<(), ExecError> {
+        let s = open(&self.src)?;
+        let timeout = self
+            .revert
+            .as_ref()
+            .and_then(|r| humantime::parse_duration(&r.shutdown_timeout).ok())
+            .unwrap_or(Duration::from_secs(120));
+        let running = || {
+            s.dom
+                .is_active()
+                .map_err(self.live_err("asking whether it runs"))
+        };
+        if !timeout.is_zero() {
+            tracing::info!(domain = %self.src.domain, seconds = timeout.as_secs(), "shutting the domain down for the revert (spec.revert.restart)");
+            if let Err(e) = s.dom.shutdown() {
+                tracing::warn!(domain = %self.src.domain, error = %e.message(), "the clean shutdown request failed");
+            }
+            let t = Instant::now();
+            while running()? && t.elapsed() < timeout {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        if running()? {
+            tracing::warn!(domain = %self.src.domain, "powering the domain off for the revert (it did not shut down within spec.revert.shutdownTimeout)");
+            s.dom
+                .destroy()
+                .map_err(self.live_err("powering it off for the revert"))?;
+        }
+        Ok(())
+    }
+
     fn revert(
         &self,
         d: &LiveDisk,
@@ -691,11 +724,7 @@ impl Libvirt {
             if !restart {
                 return Err(self.refuse("revert", active, format!("domain {} is running; a revert replaces its disk under the guest: shut it down first, or set spec.revert.restart: true", self.src.domain)));
             }
-            let s = open(&self.src)?;
-            tracing::warn!(domain = %self.src.domain, "powering the domain off for the revert (spec.revert.restart)");
-            s.dom
-                .destroy()
-                .map_err(self.live_err("powering it off for the revert"))?;
+            self.shut_down()?;
         }
         let written = self.offline.run(step, progress)?.written_bytes;
         self.sync_persistent()?;
