@@ -92,6 +92,13 @@ impl Writer {
     }
 }
 
+/// What the guest reads after the writer's writes, in order, on top of `view`.
+fn apply_writes(view: &mut [u8], wrote: &[(u8, u64)]) {
+    for (pat, off) in wrote {
+        view[*off as usize..(*off + MIB) as usize].fill(*pat);
+    }
+}
+
 fn apply_ok(env: &Env, path: &Path, extra: &[&str]) {
     let out = env.apply(path, extra);
     assert_eq!(
@@ -179,9 +186,7 @@ fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
     apply_ok(&env, &s, &[]);
     let wrote = w.finish();
     assert!(!wrote.is_empty(), "the guest writer wrote during the apply");
-    for (pat, off) in &wrote {
-        guest[*off as usize..(*off + MIB) as usize].fill(*pat);
-    }
+    apply_writes(&mut guest, &wrote);
     dom.flush();
     let pts = points(&env, &s);
     assert_eq!(
@@ -254,9 +259,7 @@ fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     apply_ok(&env, &s, &[]);
     let wrote = w.finish();
-    for (pat, off) in &wrote {
-        guest[*off as usize..(*off + MIB) as usize].fill(*pat);
-    }
+    apply_writes(&mut guest, &wrote);
     dom.flush();
     let pts = points(&env, &s);
     let chain = dom.chain();
@@ -391,9 +394,7 @@ fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_th
     dom.flush();
     let mut guest = live_view(&l[2]);
     let mut expected = original_top;
-    for (pat, off) in &wrote {
-        expected[*off as usize..(*off + MIB) as usize].fill(*pat);
-    }
+    apply_writes(&mut expected, &wrote);
     assert_eq!(
         sha(&guest),
         sha(&expected),
@@ -407,12 +408,7 @@ fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_th
     apply_ok(&env, &s, &["--max-bytes-per-sec", "4194304"]);
     let wrote = w.finish();
     dom.flush();
-    guest = {
-        for (pat, off) in &wrote {
-            guest[*off as usize..(*off + MIB) as usize].fill(*pat);
-        }
-        guest
-    };
+    apply_writes(&mut guest, &wrote);
     let tune = virsh(&["blkdeviotune", &name, "vda"]);
     assert!(
         tune.lines()
@@ -687,9 +683,7 @@ fn random_live_removals_keep_every_point_and_the_guest_view() {
         let w = Writer::start(&name, 200);
         apply_ok(&env, &s, &[]);
         let wrote = w.finish();
-        for (pat, off) in &wrote {
-            guest[*off as usize..(*off + MIB) as usize].fill(*pat);
-        }
+        apply_writes(&mut guest, &wrote);
         dom.flush();
         let got = points(&env, &s);
         assert_eq!(got.len(), keep.len(), "round {round}: keep {keep:?}");
