@@ -110,6 +110,8 @@ struct Observed<'a> {
     running: bool,
     /// The domain has no persistent definition (it would vanish when powered off).
     transient: bool,
+    /// The domain has a QEMU guest agent channel.
+    guest_agent: bool,
 }
 
 /// Runs the plan stage for every spec under `specs`.
@@ -196,6 +198,7 @@ pub fn plan_loaded(
                     chain,
                     running,
                     transient: live.as_ref().is_some_and(|d| !d.persistent),
+                    guest_agent: live.as_ref().is_some_and(|d| d.guest_agent),
                 })
             }
             Err(e) => {
@@ -315,7 +318,29 @@ pub fn plan_loaded(
             .iter()
             .map(|l| (l.layer.path.clone(), l.layer.format))
             .collect();
+        let quiesce = o
+            .spec
+            .spec()
+            .source
+            .libvirt
+            .as_ref()
+            .is_some_and(|l| l.quiesce);
+        let snapshots = |p: &DiskPlan| {
+            p.steps
+                .iter()
+                .any(|s| matches!(s.action, diskchain_planner::StepAction::Snapshot { .. }))
+        };
         match plan_disk(&graph, &request) {
+            Ok(plan) if quiesce && o.running && !o.guest_agent && snapshots(&plan) => {
+                report.errors.push(fail(
+                    o.spec,
+                    format!(
+                        "{}: spec.source.libvirt.quiesce is true, but the domain has no QEMU guest agent channel to freeze its file systems with; add one to the domain (and run qemu-guest-agent in the guest), or set quiesce: false for crash-consistent snapshots",
+                        o.spec.origin()
+                    ),
+                    true,
+                ));
+            }
             Ok(mut plan) => report.disks.push(DiskReport {
                 plan: {
                     if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.name) {

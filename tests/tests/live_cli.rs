@@ -624,6 +624,17 @@ fn bad_live_input_is_refused_naming_the_field_and_changes_nothing() {
         "spec.source.libvirt.converge.within",
     );
     refused(
+        "noagent.yaml",
+        spec_with(
+            "f",
+            &name,
+            ", quiesce: true",
+            &[("golden", Some(&l[0])), ("fresh", None)],
+            "",
+        ),
+        "spec.source.libvirt.quiesce",
+    );
+    refused(
         "badshutdown.yaml",
         spec(
             "e",

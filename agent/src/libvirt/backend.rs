@@ -86,15 +86,18 @@ pub(super) fn locate(src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
         .dom
         .xml_desc(flags)
         .map_err(call(src, "reading its XML"))?;
-    let disk = xml::disk(&x, &src.target).map_err(|source| LiveError::Xml {
+    let xml_err = |source| LiveError::Xml {
         domain: src.domain.clone(),
         source,
-    })?;
+    };
+    let disk = xml::disk(&x, &src.target).map_err(xml_err)?;
+    let guest_agent = xml::has_guest_agent(&x).map_err(xml_err)?;
     Ok(LiveDisk {
         running,
         persistent,
         disk,
         pid: if running { qemu_pid(&src.domain) } else { None },
+        guest_agent,
     })
 }
 

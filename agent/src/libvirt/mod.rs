@@ -34,6 +34,8 @@ pub struct LiveDisk {
     pub disk: xml::DiskXml,
     /// The QEMU process of a running domain.
     pub pid: Option<u32>,
+    /// The domain has a QEMU guest agent channel (needed to quiesce).
+    pub guest_agent: bool,
 }
 
 /// Why a libvirt disk cannot be found or acted on.

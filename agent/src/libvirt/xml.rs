@@ -116,6 +116,17 @@ pub fn other_disks(xml: &str, target: &str) -> Result<Vec<String>, XmlError> {
         .collect())
 }
 
+/// True when the domain has a QEMU guest agent channel (what `--quiesce` talks to).
+pub fn has_guest_agent(xml: &str) -> Result<bool, XmlError> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError::Parse(e.to_string()))?;
+    Ok(doc.descendants().any(|n| {
+        n.has_tag_name("channel")
+            && n.children().any(|t| {
+                t.has_tag_name("target") && t.attribute("name") == Some("org.qemu.guest_agent.0")
+            })
+    }))
+}
+
 /// Escapes text for an XML attribute.
 pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -211,6 +222,12 @@ mod tests {
             ]
         );
         assert_eq!(other_disks(LIVE, "vda").unwrap(), vec!["vdb".to_string()]);
+        assert!(!has_guest_agent(LIVE).unwrap());
+        let with_agent = LIVE.replace(
+            "</devices>",
+            "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices>",
+        );
+        assert!(has_guest_agent(&with_agent).unwrap());
         let e = disk(LIVE, "vdz").unwrap_err().to_string();
         assert!(e.contains("vdz") && e.contains("vda, vdb, sda"), "{e}");
     }
