@@ -602,3 +602,40 @@ fn a_foreign_file_where_a_copy_goes_is_never_taken_for_the_copy() {
         "the chain reads as before"
     );
 }
+
+#[test]
+fn turning_prune_on_deletes_files_an_earlier_plan_left_even_when_they_reference_each_other() {
+    let env = Env::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    // base <- a <- b <- top: keeping only the base leaves a and b behind, b still recording a.
+    let l = random_chain(&env, &mut rng, "p", 4, 32, 8);
+    let vs = views(&env, &l);
+    let points = [("golden".to_string(), Some(l[0].clone()))];
+    let spec = env.spec("p.yaml", &spec_yaml("p", &l[3], &points, ""));
+    let out = env.apply(&spec, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        l[1].exists() && l[2].exists(),
+        "without prune the old layers stay"
+    );
+    // Prune on: both go in one plan, the one the other references included.
+    let spec = env.spec("p.yaml", &spec_yaml("p", &l[3], &points, "  prune: true\n"));
+    let out = env.apply(&spec, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !l[1].exists() && !l[2].exists(),
+        "the retired layers are pruned"
+    );
+    assert_converged(&env, &l[3], &[vs[0].clone(), vs[3].clone()], "after prune");
+}
