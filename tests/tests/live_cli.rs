@@ -99,6 +99,22 @@ fn apply_writes(view: &mut [u8], wrote: &[(u8, u64)]) {
     }
 }
 
+/// A chain built in a fresh scratch host, each layer's view, and a running domain
+/// `dc-<tag>-<pid>` on its top layer.
+fn running_chain(
+    tag: &str,
+    layers: &[LayerWrites<'_>],
+) -> (Env, Vec<PathBuf>, Vec<String>, Domain) {
+    let env = Env::new();
+    let l = build(&env, layers);
+    let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
+    let dom = Domain::start(
+        &format!("dc-{tag}-{}", std::process::id()),
+        l.last().expect("a chain has layers"),
+    );
+    (env, l, original, dom)
+}
+
 fn apply_ok(env: &Env, path: &Path, extra: &[&str]) {
     let out = env.apply(path, extra);
     assert_eq!(
@@ -155,9 +171,8 @@ fn assert_chain(dom: &Domain, expected: &[PathBuf]) {
 
 #[test]
 fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
-    let env = Env::new();
-    let l = build(
-        &env,
+    let (env, l, original, dom) = running_chain(
+        "live",
         &[
             ("base", &[(1, 0, 8)]),
             ("l1", &[(2, 4, 4), (12, 20, 2)]),
@@ -166,9 +181,7 @@ fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
             ("top", &[(5, 12, 1)]),
         ],
     );
-    let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
-    let name = format!("dc-live-{}", std::process::id());
-    let dom = Domain::start(&name, &l[4]);
+    let name = dom.name.clone();
     let s = env.spec(
         "d.yaml",
         &spec(
@@ -339,19 +352,16 @@ fn live_points_are_removed_added_moved_and_reverted_through_the_spec() {
 
 #[test]
 fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_the_end() {
-    let env = Env::new();
-    let l = build(
-        &env,
+    let (env, l, original, dom) = running_chain(
+        "conv",
         &[
             ("base", &[(1, 0, 4)]),
             ("mid", &[(2, 0, 24)]),
             ("top", &[(3, 30, 6)]),
         ],
     );
-    let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
+    let name = dom.name.clone();
     let original_top = live_view(&l[2]);
-    let name = format!("dc-conv-{}", std::process::id());
-    let dom = Domain::start(&name, &l[2]);
     // Keep only the base: the cheapest live plan commits the active layer into mid and pivots,
     // a job that must catch up with the guest. At 1 MiB/s it cannot within one second.
     let yaml = |then: &str| {
@@ -423,9 +433,8 @@ fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_th
 
 #[test]
 fn a_shut_off_domain_is_an_offline_disk_and_its_definition_follows_the_chain() {
-    let env = Env::new();
-    let l = build(
-        &env,
+    let (env, l, _, dom) = running_chain(
+        "off",
         &[
             ("base", &[(1, 0, 8)]),
             ("l1", &[(2, 4, 4)]),
@@ -433,8 +442,7 @@ fn a_shut_off_domain_is_an_offline_disk_and_its_definition_follows_the_chain() {
             ("top", &[(4, 2, 2)]),
         ],
     );
-    let name = format!("dc-off-{}", std::process::id());
-    let dom = Domain::start(&name, &l[3]);
+    let name = dom.name.clone();
     // A snapshot taken by hand through libvirt records the chain in the persistent definition.
     let snap = env.img("snap.qcow2");
     virsh(&[
@@ -506,18 +514,15 @@ fn a_shut_off_domain_is_an_offline_disk_and_its_definition_follows_the_chain() {
 
 #[test]
 fn a_guest_write_limit_left_by_a_killed_run_is_lifted_by_the_next() {
-    let env = Env::new();
-    let l = build(
-        &env,
+    let (env, l, original, dom) = running_chain(
+        "thr",
         &[
             ("base", &[(1, 0, 4)]),
             ("mid", &[(2, 0, 24)]),
             ("top", &[(3, 30, 8)]),
         ],
     );
-    let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
-    let name = format!("dc-thr-{}", std::process::id());
-    let dom = Domain::start(&name, &l[2]);
+    let name = dom.name.clone();
     let s = env.spec(
         "t.yaml",
         &spec_with(
@@ -567,17 +572,15 @@ fn a_guest_write_limit_left_by_a_killed_run_is_lifted_by_the_next() {
 
 #[test]
 fn bad_live_input_is_refused_naming_the_field_and_changes_nothing() {
-    let env = Env::new();
-    let l = build(
-        &env,
+    let (env, l, _, dom) = running_chain(
+        "bad",
         &[
             ("base", &[(1, 0, 2)]),
             ("mid", &[(2, 2, 2)]),
             ("top", &[(3, 4, 2)]),
         ],
     );
-    let name = format!("dc-bad-{}", std::process::id());
-    let dom = Domain::start(&name, &l[2]);
+    let name = dom.name.clone();
     let before = env.fingerprints();
     let refused = |file: &str, yaml: String, needle: &str| {
         let s = env.spec(file, &yaml);
@@ -718,9 +721,8 @@ fn killing_diskchain_at_random_moments_of_a_live_plan_loses_nothing() {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xd1e);
     for round in 0..5 {
-        let env = Env::new();
-        let l = build(
-            &env,
+        let (env, l, original, dom) = running_chain(
+            &format!("kill-{round}"),
             &[
                 ("base", &[(1, 0, 6)]),
                 ("l1", &[(2, 4, 8)]),
@@ -729,9 +731,7 @@ fn killing_diskchain_at_random_moments_of_a_live_plan_loses_nothing() {
                 ("top", &[(5, 2, 4)]),
             ],
         );
-        let original: Vec<String> = l.iter().map(|p| view_of(p)).collect();
-        let name = format!("dc-kill-{}-{round}", std::process::id());
-        let dom = Domain::start(&name, &l[4]);
+        let name = dom.name.clone();
         let moved = env.root().join("moved");
         std::fs::create_dir(&moved).unwrap();
         open_up(&moved);

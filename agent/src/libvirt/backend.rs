@@ -158,8 +158,13 @@ impl Libvirt {
         }
     }
 
-    fn format(&self, p: &Path) -> Format {
-        self.formats.get(p).copied().unwrap_or(Format::Qcow2)
+    /// The format of a file the plan names (known from the observed chain, or qcow2 for files
+    /// the plan creates); never guessed.
+    fn format(&self, op: &'static str, p: &Path) -> Result<Format, ExecError> {
+        self.formats
+            .get(p)
+            .copied()
+            .ok_or_else(|| self.refuse(op, p, "its format is not known from the observed chain"))
     }
 
     /// Creates the empty qcow2 `file`, backed by `backing` when given, without opening anything
@@ -211,7 +216,7 @@ impl Libvirt {
         if let Some(b) = backing {
             c.arg("-b")
                 .arg(b)
-                .args(["-F", self.format(b).as_str(), "-u"]);
+                .args(["-F", self.format(op, b)?.as_str(), "-u"]);
         }
         c.arg(file).arg(size.to_string());
         let out = c.output().map_err(|source| ExecError::Io {
@@ -713,15 +718,15 @@ impl Libvirt {
         Ok(())
     }
 
+    /// `step` is the revert (run by the offline backend once the domain is off); `active` its
+    /// active image.
     fn revert(
         &self,
         d: &LiveDisk,
         step: &StepAction,
+        active: &Path,
         progress: &mut dyn FnMut(f64),
     ) -> Result<u64, ExecError> {
-        let StepAction::Revert { active, .. } = step else {
-            unreachable!("called for reverts");
-        };
         let restart = self.revert.as_ref().is_some_and(|r| r.restart);
         if d.running {
             if !restart {
@@ -843,7 +848,9 @@ impl Executor for Libvirt {
             })
         };
         match step {
-            StepAction::Revert { .. } => written += self.revert(&d, step, progress)?,
+            StepAction::Revert { active, .. } => {
+                written += self.revert(&d, step, active, progress)?
+            }
             StepAction::Copy { .. } | StepAction::Delete { .. } => {
                 written += self.offline.run(step, progress)?.written_bytes;
             }
