@@ -11,6 +11,26 @@
 # replaces a newer qemu-utils.
 set -euo pipefail
 
+# The URI of the apt source that serves the `bookworm` suite (deb822 `.sources` or one-line
+# `.list` format), from the machine's own configuration.
+debian_mirror() {
+  local f
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -r "$f" ] || continue
+    awk 'BEGIN{RS=""; FS="\n"}
+      { uris=""; suites=""; types="";
+        for (i=1;i<=NF;i++) {
+          if ($i ~ /^URIs:/) { sub(/^URIs:[ \t]*/, "", $i); uris=$i }
+          if ($i ~ /^Suites:/) { sub(/^Suites:[ \t]*/, "", $i); suites=" " $i " " }
+          if ($i ~ /^Types:/) { types=$i }
+        }
+        if (types ~ /deb( |$)/ && suites ~ / bookworm /) { split(uris, u, /[ \t]+/); print u[1]; exit }
+      }' "$f"
+  done | head -1 | grep . && return
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | awk '$1=="deb" { n=2; if ($2 ~ /^\[/) { while ($n !~ /\]$/) n++; n++ } if ($(n+1)=="bookworm") { print $n; exit } }'
+}
+
 live=false
 [ "${1:-}" = "--live" ] && live=true
 
@@ -29,9 +49,16 @@ else
   export DEBIAN_FRONTEND=noninteractive
   if [ -r /etc/os-release ] && . /etc/os-release && [ "${VERSION_CODENAME:-}" = bookworm ]; then
     if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+      # Backports come from the same mirror the machine already uses for bookworm: operators
+      # have their own mirrors, and this script names none.
+      mirror="$(debian_mirror)"
+      if [ -z "$mirror" ]; then
+        echo "setup: no apt source for the bookworm suite found in /etc/apt/sources.list{,.d/}; add bookworm-backports from your mirror and rerun" >&2
+        exit 1
+      fi
+      cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

@@ -8,7 +8,7 @@ use diskchain_planner::{DiskPlan, ImageGraph, Layer, PlanError, plan_disk};
 use serde::Serialize;
 
 use crate::bind::{BindError, bind};
-use crate::observe::{ObserveError, ObservedChain, Roots, observe_chain, scan_roots};
+use crate::observe::{ObserveError, ObservedChain, Roots, observe_chain, scan_host};
 use crate::state::{StateDir, StateError};
 
 /// What kind of problem stopped a disk.
@@ -235,12 +235,14 @@ pub fn plan_loaded(
     report.errors.extend(claimed_twice);
     observed.retain(|o| !dup.contains(&o.spec.name));
 
-    // The host graph: every managed layer with its allocation, every other image as a node.
+    // The host graph: every managed layer with its allocation, every other image as a node,
+    // and every other user of a layer the scan found (other names, data files, files whose
+    // references cannot be read).
     let mut layers: Vec<Layer> = observed
         .iter()
         .flat_map(|o| o.chain.layers.iter().map(|l| l.layer.clone()))
         .collect();
-    layers.extend(scan_roots(roots));
+    let chain_files: Vec<PathBuf> = layers.iter().map(|l| l.path.clone()).collect();
     // Files earlier plans dropped and left in place do not make the layers below them shared.
     let retired: Vec<PathBuf> = state
         .all()
@@ -248,7 +250,18 @@ pub fn plan_loaded(
         .into_iter()
         .flat_map(|s| s.retired)
         .collect();
-    let graph = ImageGraph::build_with_retired(layers, &retired).map_err(PlanRunError::Graph)?;
+    let input = scan_host(roots).graph_input(&chain_files, &retired);
+    layers.extend(input.layers);
+    let retired_users: Vec<PathBuf> = retired.clone();
+    let graph = ImageGraph::build_with_retired(layers, &retired)
+        .map_err(PlanRunError::Graph)?
+        .with_users(
+            input
+                .users
+                .into_iter()
+                .filter(|(_, user)| !retired_users.contains(user)),
+        )
+        .with_names(input.names);
 
     for o in observed {
         let disk_state = match state.load(&o.spec.name) {

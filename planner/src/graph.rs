@@ -4,7 +4,7 @@
 //! The graph is how the planner knows what it may write: a layer with an overlay outside a
 //! disk's own chain is *shared* (another chain reads it), and so is every layer below it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use petgraph::Direction;
@@ -52,6 +52,12 @@ pub struct Layer {
 pub struct ImageGraph {
     graph: DiGraph<Layer, ()>,
     index: HashMap<PathBuf, NodeIndex>,
+    /// Users of a layer that are not overlays recording it as their backing file: another name
+    /// for the same file (a hard link, a symlink), an external data file reference, a file whose
+    /// references could not be read. Each makes the layer shared, like a foreign overlay.
+    users: HashMap<PathBuf, Vec<PathBuf>>,
+    /// Every name taken on the host (images or not): a new file never takes one of them.
+    names: HashSet<PathBuf>,
 }
 
 impl ImageGraph {
@@ -115,7 +121,46 @@ impl ImageGraph {
                 return Err(PlanError::Cycle { files });
             }
         }
-        Ok(ImageGraph { graph, index })
+        Ok(ImageGraph {
+            graph,
+            index,
+            users: HashMap::new(),
+            names: HashSet::new(),
+        })
+    }
+
+    /// Adds users of layers that are not backing references: `(layer, user)`. Each makes its
+    /// layer (and everything below it) shared.
+    pub fn with_users(mut self, users: impl IntoIterator<Item = (PathBuf, PathBuf)>) -> Self {
+        for (layer, user) in users {
+            let v = self.users.entry(layer).or_default();
+            if !v.contains(&user) {
+                v.push(user);
+                v.sort();
+            }
+        }
+        self
+    }
+
+    /// Adds names taken on the host by files that are not graph nodes (non-images, symlinks).
+    pub fn with_names(mut self, names: impl IntoIterator<Item = PathBuf>) -> Self {
+        self.names.extend(names);
+        self
+    }
+
+    /// True when `path` names an image of the graph or any other file found on the host.
+    pub fn is_taken(&self, path: &Path) -> bool {
+        self.index.contains_key(path) || self.names.contains(path)
+    }
+
+    /// Everything that uses `path`: overlays recording it as their backing file, then the other
+    /// users (see [`ImageGraph::with_users`]).
+    pub fn users_of(&self, path: &Path) -> Vec<&Path> {
+        let mut v = self.overlays(path);
+        if let Some(u) = self.users.get(path) {
+            v.extend(u.iter().map(PathBuf::as_path));
+        }
+        v
     }
 
     /// The layer at `path`, if known.
@@ -169,7 +214,7 @@ impl ImageGraph {
         for i in (0..chain.len()).rev() {
             let own_overlay = chain.get(i + 1).map(|l| l.path.as_path());
             let foreign = self
-                .overlays(&chain[i].path)
+                .users_of(&chain[i].path)
                 .into_iter()
                 .find(|o| Some(*o) != own_overlay)
                 .map(Path::to_path_buf);
@@ -240,6 +285,40 @@ mod tests {
             shared,
             vec![Some("/x".into()), Some("/x".into()), None, None]
         );
+    }
+
+    #[test]
+    fn a_user_that_is_not_an_overlay_makes_the_layer_and_everything_below_shared() {
+        let g = ImageGraph::build(vec![
+            mk("/a", None),
+            mk("/b", Some("/a")),
+            mk("/c", Some("/b")),
+        ])
+        .unwrap()
+        .with_users([(PathBuf::from("/b"), PathBuf::from("/golden-link"))]);
+        let chain = g.chain(Path::new("/c")).unwrap();
+        assert_eq!(
+            g.shared_along(&chain),
+            vec![
+                Some("/golden-link".into()),
+                Some("/golden-link".into()),
+                None
+            ]
+        );
+        assert_eq!(
+            g.users_of(Path::new("/b")),
+            vec![Path::new("/c"), Path::new("/golden-link")]
+        );
+    }
+
+    #[test]
+    fn a_name_taken_by_any_file_is_taken() {
+        let g = ImageGraph::build(vec![mk("/a", None)])
+            .unwrap()
+            .with_names([PathBuf::from("/fast/l1.qcow2")]);
+        assert!(g.is_taken(Path::new("/a")));
+        assert!(g.is_taken(Path::new("/fast/l1.qcow2")));
+        assert!(!g.is_taken(Path::new("/fast/l2.qcow2")));
     }
 
     #[test]

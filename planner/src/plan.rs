@@ -776,7 +776,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             if kept_files.contains(&r) || paths.contains(r) || graph.layer(r).is_none() {
                 continue;
             }
-            let users = graph.overlays(r);
+            let users = graph.users_of(r);
             if users.is_empty() {
                 steps.push(Step {
                     action: StepAction::Delete { file: r.clone() },
@@ -950,7 +950,7 @@ fn graph_free_name(graph: &ImageGraph, dir: &Path, like: &Path) -> PathBuf {
         .unwrap_or_default();
     let mut candidate = dir.join(&file);
     let mut n = 1;
-    while graph.layer(&candidate).is_some() {
+    while graph.is_taken(&candidate) {
         let (stem, ext) = match file.rsplit_once('.') {
             Some((s, e)) => (s.to_string(), format!(".{e}")),
             None => (file.clone(), String::new()),

@@ -399,14 +399,19 @@ impl Offline {
             return Ok(0);
         }
         let file = self.writable(op, file)?;
-        for img in crate::observe::scan_roots(&self.roots) {
-            if img.backing.as_deref() == Some(file.as_path()) && !self.dead.contains(&img.path) {
-                return Err(ExecError::Precondition {
-                    op,
-                    file,
-                    what: format!("{} uses it as its backing file", img.path.display()),
-                });
-            }
+        // Fails closed: another name of the file, any image that references it (whatever its
+        // format or how it names it), and any file under its root whose references cannot be
+        // read keep it.
+        let users = crate::observe::scan_host(&self.roots).users_of(&file, &self.dead);
+        if let Some(user) = users.first() {
+            return Err(ExecError::Precondition {
+                op,
+                file,
+                what: format!(
+                    "{} may use it (a reference, another name, or an image whose references cannot be read); nothing is deleted that any image may use",
+                    user.display()
+                ),
+            });
         }
         std::fs::remove_file(&file).map_err(|source| ExecError::Io {
             action: "delete",

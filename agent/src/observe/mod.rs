@@ -10,6 +10,7 @@ mod lock;
 pub mod qcow2;
 pub mod raw;
 mod roots;
+pub mod scan;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -19,6 +20,26 @@ use diskchain_planner::{Allocation, Format, Layer};
 
 pub use lock::lock_holder;
 pub use roots::Roots;
+pub use scan::{HostScan, scan_host};
+
+/// The size of an open file: its length, or for a block device (qcow2 on LVM, a raw volume)
+/// the device's size, which its inode reports as 0.
+pub fn size_of(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let m = file.metadata()?;
+    if m.file_type().is_block_device() {
+        let mut f = file;
+        f.seek(std::io::SeekFrom::End(0))
+    } else {
+        Ok(m.len())
+    }
+}
+
+/// A cheap size for cache keys (a block device's inode length is 0; its mtime still moves).
+pub(crate) fn len_hint(m: &std::fs::Metadata) -> u64 {
+    m.len()
+}
 
 /// Why a chain cannot be observed.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +119,12 @@ pub enum ObserveError {
         /// The overlay that records it.
         overlay: PathBuf,
     },
+    /// Not a regular file or block device.
+    #[error("{} is not a regular file or a block device; an image is one of those", path.display())]
+    NotAnImage {
+        /// The file.
+        path: PathBuf,
+    },
     /// A backing cycle.
     #[error("backing cycle: {}", files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" -> "))]
     Cycle {
@@ -173,6 +200,8 @@ fn resolve_backing(
     overlay: &Path,
     reference: &str,
 ) -> Result<PathBuf, ObserveError> {
+    // `file:` names the file protocol explicitly: the rest is a plain file name.
+    let reference = reference.strip_prefix("file:").unwrap_or(reference);
     if reference.starts_with("json:") || reference.contains("://") {
         return Err(ObserveError::NotAFile {
             layer: overlay.to_path_buf(),
@@ -202,8 +231,8 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
             return Err(ObserveError::Cycle { files: walked });
         }
         walked.push(path.clone());
-        let file = File::open(&path).map_err(io(&path))?;
-        let file_size = file.metadata().map_err(io(&path))?.len();
+        let file = open_image(&path)?;
+        let file_size = size_of(&file).map_err(io(&path))?;
         let in_use = lock_holder(&file).map_err(io(&path))?;
         let is_qcow2 = qcow2::has_magic(&file);
         let observed = match format {
@@ -287,7 +316,7 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
 /// The backing file `path` records (resolved, confined to the roots), reading only its header.
 /// `None` for a raw file or a qcow2 without backing file.
 pub fn backing_of(roots: &Roots, path: &Path) -> Result<Option<(PathBuf, Format)>, ObserveError> {
-    let file = File::open(path).map_err(io(path))?;
+    let file = open_image(path)?;
     if !qcow2::has_magic(&file) {
         return Ok(None);
     }
@@ -308,89 +337,16 @@ pub fn backing_of(roots: &Roots, path: &Path) -> Result<Option<(PathBuf, Format)
     }
 }
 
-/// Every qcow2 image under the roots, as graph nodes without allocation maps (their backing
-/// references resolved where possible). Files that cannot be read are skipped: they are not
-/// diskchain's, and an unreadable file records no backing reference the planner could honour.
-pub fn scan_roots(roots: &Roots) -> Vec<Layer> {
-    let mut out = Vec::new();
-    let mut seen_dirs = HashSet::new();
-    for root in roots.iter() {
-        scan_dir(root, &mut seen_dirs, &mut out);
-    }
-    out
-}
-
-type ScanKey = (u64, u64, i64, i64);
-
-/// Headers of scanned files, by path, valid while the file's inode, size and mtime are unchanged.
-#[allow(clippy::type_complexity)]
-static SCAN_CACHE: std::sync::Mutex<std::collections::BTreeMap<PathBuf, (ScanKey, Option<Layer>)>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-/// One scanned file as a graph node: `None` when it is not a readable qcow2 image.
-fn scan_file(p: &Path) -> Option<Layer> {
-    let file = File::open(p).ok()?;
-    if !qcow2::has_magic(&file) {
-        return None;
-    }
-    let h = qcow2::read_header(&file, p).ok()?;
-    let backing = h.backing_file.as_deref().and_then(|r| {
-        let b = resolve_backing(p, p, r).ok()?;
-        Some(b.canonicalize().unwrap_or(b))
-    });
-    Some(Layer {
-        path: p.canonicalize().unwrap_or_else(|_| p.to_path_buf()),
-        format: Format::Qcow2,
-        backing,
-        alloc: None,
-    })
-}
-
-/// Symlinks are not followed (their file type is neither file nor directory), so the scan never
-/// leaves the roots.
-fn scan_dir(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Layer>) {
-    let Ok(canon) = dir.canonicalize() else {
-        return;
-    };
-    if !seen.insert(canon) {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let p = entry.path();
-        let Ok(ft) = entry.file_type() else { continue };
-        if ft.is_dir() {
-            scan_dir(&p, seen, out);
-            continue;
-        }
-        if !ft.is_file() {
-            continue;
-        }
-        // Unchanged files (same inode, size and mtime) are not read again: a resync of a host
-        // with many disks stats its images instead of opening them.
-        let key = entry.metadata().ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+/// Opens an image read-only. Only regular files and block devices are opened: a FIFO or a
+/// character device at a layer's path would block or never end.
+pub fn open_image(path: &Path) -> Result<File, ObserveError> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = std::fs::metadata(path).map_err(io(path))?;
+    let ft = m.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(ObserveError::NotAnImage {
+            path: path.to_path_buf(),
         });
-        let cached = key.and_then(|k| {
-            let cache = SCAN_CACHE.lock().ok()?;
-            cache
-                .get(&p)
-                .filter(|(ck, _)| *ck == k)
-                .map(|(_, l)| l.clone())
-        });
-        let layer = match cached {
-            Some(l) => l,
-            None => {
-                let l = scan_file(&p);
-                if let (Some(k), Ok(mut c)) = (key, SCAN_CACHE.lock()) {
-                    c.insert(p.clone(), (k, l.clone()));
-                }
-                l
-            }
-        };
-        out.extend(layer);
     }
+    File::open(path).map_err(io(path))
 }

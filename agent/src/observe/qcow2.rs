@@ -21,15 +21,26 @@ pub fn has_magic(file: &File) -> bool {
     file.read_exact_at(&mut m, 0).is_ok() && m == MAGIC
 }
 
-/// The file's length, for bounds checks.
+/// The file's length, for bounds checks (a block device's size, not its inode's zero length:
+/// qcow2 on LVM volumes is common).
 fn file_len(file: &File, path: &Path) -> Result<u64, Qcow2Error> {
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(|source| Qcow2Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+    super::size_of(file).map_err(|source| Qcow2Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
+
+/// QEMU's limits (`block/qcow2.h`): an image past them is refused by QEMU, so it is refused
+/// here too, before any table is read into memory.
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// `QCOW_MAX_SNAPSHOTS`.
+const MAX_SNAPSHOTS: u32 = 65536;
+/// `QCOW2_MAX_BITMAPS`.
+const MAX_BITMAPS: u32 = 65535;
+/// `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`.
+const MAX_BITMAP_DIRECTORY: u64 = 1 << 20 << 6;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_COMPRESSED: u64 = 1 << 62;
@@ -94,6 +105,39 @@ pub struct Header {
     pub l1_offset: u64,
     /// Incompatible feature bits (v3).
     pub incompatible: u64,
+    /// Internal snapshots recorded in the image.
+    pub nb_snapshots: u32,
+    /// File offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// The bitmaps extension, when present and valid (autoclear bit 0 set).
+    pub bitmaps: Option<BitmapsExt>,
+}
+
+/// Where an image's persistent dirty bitmaps are described.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExt {
+    /// Number of bitmaps.
+    pub count: u32,
+    /// Size of the bitmap directory in bytes.
+    pub directory_size: u64,
+    /// File offset of the bitmap directory.
+    pub directory_offset: u64,
+}
+
+/// What an image holds beside its guest data, that a copy or a merge could drop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// Names of internal snapshots.
+    pub snapshots: Vec<String>,
+    /// Persistent dirty bitmaps: name, and whether it is marked in use (not stored cleanly).
+    pub bitmaps: Vec<(String, bool)>,
+}
+
+impl Extras {
+    /// True when there is nothing beside the guest data.
+    pub fn is_empty(&self) -> bool {
+        self.snapshots.is_empty() && self.bitmaps.is_empty()
+    }
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -197,8 +241,21 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
         )));
     }
     let l1_bytes = u64::from(l1_size) * 8;
+    if l1_bytes > MAX_L1_BYTES {
+        return Err(invalid(format!(
+            "L1 table of {l1_size} entries is larger than QEMU accepts (32 MiB)"
+        )));
+    }
     let clusters = virtual_size.div_ceil(cluster_size);
     let needed_l1 = clusters.div_ceil(cluster_size / 8);
+    let nb_snapshots = be32(&h, 60);
+    let snapshots_offset = be64(&h, 64);
+    if nb_snapshots > MAX_SNAPSHOTS {
+        return Err(invalid(format!(
+            "{nb_snapshots} internal snapshots (QEMU accepts at most {MAX_SNAPSHOTS})"
+        )));
+    }
+    let autoclear = if version >= 3 { be64(&h, 88) } else { 0 };
     if u64::from(l1_size) < needed_l1 {
         return Err(invalid(format!(
             "L1 table has {l1_size} entries, {needed_l1} needed for the virtual size"
@@ -221,15 +278,19 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
         let mut name = vec![0u8; backing_size as usize];
         read_at(file, path, &mut name, backing_offset)?;
         Some(
-            String::from_utf8(name)
-                .map_err(|_| invalid("backing file name is not UTF-8".into()))?,
+            String::from_utf8(name).map_err(|_| Qcow2Error::Unsupported {
+                path: path.to_path_buf(),
+                feature: "a backing file name that is not UTF-8",
+                advice: "rename the backing file and record the new name with `qemu-img rebase -u`",
+            })?,
         )
     } else {
         None
     };
 
-    // Header extensions: only the backing format matters here.
+    // Header extensions: the backing format, and where the bitmaps are described.
     let mut backing_format = None;
+    let mut bitmaps = None;
     let mut off = header_length;
     let ext_end = if backing_offset != 0 {
         backing_offset.min(cluster_size)
@@ -251,6 +312,22 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
             read_at(file, path, &mut f, off + 8)?;
             backing_format = Some(String::from_utf8_lossy(&f).into_owned());
         }
+        if kind == EXT_BITMAPS && len >= 24 && autoclear & 1 != 0 {
+            let mut b = [0u8; 24];
+            read_at(file, path, &mut b, off + 8)?;
+            let ext = BitmapsExt {
+                count: be32(&b, 0),
+                directory_size: be64(&b, 8),
+                directory_offset: be64(&b, 16),
+            };
+            if ext.count > MAX_BITMAPS
+                || ext.directory_size > MAX_BITMAP_DIRECTORY
+                || ext.directory_offset.saturating_add(ext.directory_size) > file_len
+            {
+                return Err(invalid("bitmap directory out of bounds".into()));
+            }
+            bitmaps = Some(ext);
+        }
         off += 8 + len.div_ceil(8) * 8;
     }
 
@@ -263,7 +340,130 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
         l1_size,
         l1_offset,
         incompatible,
+        nb_snapshots,
+        snapshots_offset,
+        bitmaps,
     })
+}
+
+/// The names of the internal snapshots and persistent bitmaps `h` records.
+pub fn read_extras(file: &File, path: &Path, h: &Header) -> Result<Extras, Qcow2Error> {
+    let invalid = |what: &str| Qcow2Error::Invalid {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    };
+    let file_len = file_len(file, path)?;
+    let mut out = Extras::default();
+    let mut off = h.snapshots_offset;
+    for _ in 0..h.nb_snapshots {
+        let mut e = [0u8; 40];
+        if off.saturating_add(40) > file_len {
+            return Err(invalid("snapshot table out of bounds"));
+        }
+        read_at(file, path, &mut e, off)?;
+        let id_len = u64::from(u16::from_be_bytes([e[12], e[13]]));
+        let name_len = u64::from(u16::from_be_bytes([e[14], e[15]]));
+        let extra = u64::from(be32(&e, 36));
+        let name_at = off + 40 + extra + id_len;
+        if extra > 1 << 16 || name_at.saturating_add(name_len) > file_len {
+            return Err(invalid("snapshot table out of bounds"));
+        }
+        let mut name = vec![0u8; name_len as usize];
+        read_at(file, path, &mut name, name_at)?;
+        out.snapshots
+            .push(String::from_utf8_lossy(&name).into_owned());
+        off = (name_at + name_len).div_ceil(8) * 8;
+    }
+    if let Some(b) = h.bitmaps {
+        let mut dir = vec![0u8; b.directory_size as usize];
+        read_at(file, path, &mut dir, b.directory_offset)?;
+        let mut at = 0usize;
+        for _ in 0..b.count {
+            if at + 24 > dir.len() {
+                return Err(invalid("bitmap directory truncated"));
+            }
+            let flags = be32(&dir, at + 12);
+            let name_len = usize::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
+            let extra = be32(&dir, at + 20) as usize;
+            let name_at = at + 24 + extra;
+            if name_at + name_len > dir.len() {
+                return Err(invalid("bitmap directory truncated"));
+            }
+            out.bitmaps.push((
+                String::from_utf8_lossy(&dir[name_at..name_at + name_len]).into_owned(),
+                flags & 1 != 0,
+            ));
+            at = (name_at + name_len).div_ceil(8) * 8;
+        }
+    }
+    Ok(out)
+}
+
+/// The references a qcow (v1), qcow2 or qcow2-like header records, read leniently: whatever
+/// its features, dirty or corrupt bits, encryption or name encoding, so that the host scan
+/// knows what the image may use. Only bounds are checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawRefs {
+    /// The backing file name as recorded (any bytes).
+    pub backing: Option<Vec<u8>>,
+    /// The external data file name (qcow2 v3 extension).
+    pub data_file: Option<Vec<u8>>,
+}
+
+/// Reads the references of a file that starts with the qcow magic (any version).
+pub fn read_refs(file: &File, path: &Path) -> Result<RawRefs, Qcow2Error> {
+    let invalid = |what: &str| Qcow2Error::Invalid {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    };
+    let file_len = file_len(file, path)?;
+    let mut h = [0u8; 104];
+    let n = h.len().min(file_len as usize);
+    if n < 20 {
+        return Err(invalid("file shorter than a qcow header"));
+    }
+    read_at(file, path, &mut h[..n], 0)?;
+    let version = be32(&h, 4);
+    let backing_offset = be64(&h, 8);
+    let backing_size = be32(&h, 16);
+    let mut out = RawRefs::default();
+    if backing_offset != 0 && backing_size > 0 {
+        if backing_size > 4096 || backing_offset.saturating_add(u64::from(backing_size)) > file_len
+        {
+            return Err(invalid("backing file name out of bounds"));
+        }
+        let mut name = vec![0u8; backing_size as usize];
+        read_at(file, path, &mut name, backing_offset)?;
+        out.backing = Some(name);
+    }
+    if version >= 3 && n >= 104 {
+        let cluster_bits = be32(&h, 20).clamp(9, 21);
+        let header_length = u64::from(be32(&h, 100));
+        let ext_end = if backing_offset != 0 {
+            backing_offset.min(1 << cluster_bits)
+        } else {
+            1 << cluster_bits
+        };
+        let mut off = header_length.max(72);
+        while off + 8 <= ext_end.min(file_len) {
+            let mut eh = [0u8; 8];
+            read_at(file, path, &mut eh, off)?;
+            let (kind, len) = (be32(&eh, 0), u64::from(be32(&eh, 4)));
+            if kind == EXT_END {
+                break;
+            }
+            if off + 8 + len > file_len || len > 1 << 16 {
+                return Err(invalid("header extension out of bounds"));
+            }
+            if kind == EXT_DATA_FILE {
+                let mut f = vec![0u8; len as usize];
+                read_at(file, path, &mut f, off + 8)?;
+                out.data_file = Some(f);
+            }
+            off += 8 + len.div_ceil(8) * 8;
+        }
+    }
+    Ok(out)
 }
 
 /// Accumulates runs of one kind of cluster, inserting them into a bitmap as ranges.

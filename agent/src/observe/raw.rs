@@ -15,7 +15,7 @@ pub const RAW_UNIT: u64 = 65536;
 
 /// Reads the allocation of a raw file.
 pub fn read_allocation(file: &File, path: &Path) -> std::io::Result<Allocation> {
-    let size = file.metadata()?.len();
+    let size = super::size_of(file)?;
     let units = size.div_ceil(RAW_UNIT);
     let mut data = RoaringTreemap::new();
     let mut off: i64 = 0;
