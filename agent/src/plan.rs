@@ -354,6 +354,13 @@ pub fn plan_loaded(
                     true,
                 ));
             }
+            Ok(plan) if let Some(why) = drops_extras(&o.chain, &plan, o.running) => {
+                report.errors.push(fail(
+                    o.spec,
+                    format!("{}: {why}", o.spec.origin()),
+                    true,
+                ));
+            }
             Ok(mut plan) => report.disks.push(DiskReport {
                 plan: {
                     if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.name) {
@@ -378,4 +385,56 @@ pub fn plan_loaded(
         }
     }
     Ok(report)
+}
+
+/// Why `plan` would drop something a layer holds beside its guest data: internal snapshots and
+/// persistent dirty bitmaps live in the file, so a layer that leaves the chain (merged away,
+/// deleted, or replaced by a copy) takes them along, and backup tools that rely on the bitmaps
+/// would be silently wrong. Until diskchain carries them across, such a plan is refused.
+fn drops_extras(chain: &ObservedChain, plan: &DiskPlan, live: bool) -> Option<String> {
+    let kept: Vec<&PathBuf> = plan.result.iter().map(|r| &r.file).collect();
+    let mut problems = Vec::new();
+    for l in &chain.layers {
+        let e = &l.extras;
+        if e.is_empty() {
+            continue;
+        }
+        let leaves = !kept.contains(&&l.layer.path);
+        // Offline, a new snapshot's top starts without the active layer's bitmaps: the next
+        // incremental backup would be refused or wrong.
+        let snapshot_top = !live
+            && l.layer.path == chain.active().layer.path
+            && !e.bitmaps.is_empty()
+            && plan
+                .steps
+                .iter()
+                .any(|s| matches!(s.action, diskchain_planner::StepAction::Snapshot { .. }));
+        if !(leaves || snapshot_top) {
+            continue;
+        }
+        let mut what = Vec::new();
+        if !e.snapshots.is_empty() {
+            what.push(format!("internal snapshots {:?}", e.snapshots));
+        }
+        if !e.bitmaps.is_empty() {
+            let names: Vec<&str> = e.bitmaps.iter().map(|(n, _)| n.as_str()).collect();
+            what.push(format!("persistent dirty bitmaps {names:?}"));
+        }
+        problems.push(format!(
+            "{} holds {}, which {}",
+            l.layer.path.display(),
+            what.join(" and "),
+            if leaves {
+                "would be lost when the layer leaves the chain"
+            } else {
+                "a new offline snapshot does not carry over"
+            }
+        ));
+    }
+    (!problems.is_empty()).then(|| {
+        format!(
+            "refusing a plan that drops data the chain holds beside its guest view: {}. Keep those points in spec.snapshots, or remove the internal snapshots (qemu-img snapshot -d) and bitmaps (qemu-img bitmap --remove, or delete the libvirt checkpoints) first",
+            problems.join("; ")
+        )
+    })
 }

@@ -61,6 +61,15 @@ impl Allocation {
         bytes_of(&self.data, self.unit, self.virtual_size)
     }
 
+    /// The allocation with every unit that starts at or past `limit` bytes dropped: data past
+    /// the end of every view that reads this layer is never copied.
+    pub fn clipped(mut self, limit: u64) -> Allocation {
+        let first = limit.div_ceil(self.unit);
+        self.data.remove_range(first..);
+        self.zero.remove_range(first..);
+        self
+    }
+
     /// The same map at a finer unit (`unit` must divide this map's unit).
     pub fn rescaled(&self, unit: u64) -> Allocation {
         assert!(

@@ -73,6 +73,19 @@ pub enum PlanError {
         /// The kept points above it.
         above: Vec<String>,
     },
+    /// A revert would replace an active image that another image reads.
+    #[error(
+        "disk {disk}: spec.revert cannot replace the active image {}: {} uses it (as its backing file or another name), and its view would change; remove or rebase that image first",
+        active.display(), used_by.display()
+    )]
+    RevertSharedActive {
+        /// The disk.
+        disk: String,
+        /// The active image.
+        active: PathBuf,
+        /// Who uses it.
+        used_by: PathBuf,
+    },
     /// A backing cycle: corrupt input.
     #[error("backing cycle: {}", files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" -> "))]
     Cycle {

@@ -290,7 +290,19 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         .min()
         .unwrap_or(65536);
     let size = raw_allocs.iter().map(|a| a.virtual_size).max().unwrap_or(0);
-    let allocs: Vec<Allocation> = raw_allocs.iter().map(|a| a.rescaled(unit)).collect();
+    // A layer's data past the size of every layer above it is read by no view: no step copies
+    // it (a stream into a smaller point reads only up to the point's size).
+    let mut limit = u64::MAX;
+    let mut limits = vec![0u64; raw_allocs.len()];
+    for i in (0..raw_allocs.len()).rev() {
+        limit = limit.min(raw_allocs[i].virtual_size);
+        limits[i] = limit;
+    }
+    let allocs: Vec<Allocation> = raw_allocs
+        .iter()
+        .zip(&limits)
+        .map(|(a, &l)| a.rescaled(unit).clipped(l))
+        .collect();
     let shared = graph.shared_along(&chain);
     let nonzero = nonzero_views(&allocs, shared.iter().any(Option::is_some));
 
@@ -407,6 +419,15 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                     paths[h].display(),
                     user.display()
                 ))
+            } else if h != u && raw_allocs[h].virtual_size != raw_allocs[u].virtual_size {
+                // The holder's size becomes the point's: a larger base would show its old data
+                // past the point's end.
+                Some(format!(
+                    "{} is {} bytes, the point {} bytes: the point would change size",
+                    paths[h].display(),
+                    raw_allocs[h].virtual_size,
+                    raw_allocs[u].virtual_size
+                ))
             } else if !in_dir(&paths[h]) && !is_active {
                 Some(format!(
                     "{} is outside spec.placement.directory",
@@ -433,6 +454,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             let identity = !is_active
                 && !req.live
                 && k == 0
+                && raw_allocs[h].virtual_size == raw_allocs[u].virtual_size
                 && h != u
                 && not_allowed.is_some()
                 && shared[h].is_some()
@@ -881,6 +903,15 @@ fn plan_revert(
         file: a.clone(),
     });
     let shared = graph.shared_along(&graph.chain(a).unwrap_or_default());
+    // The active image keeps its path but gets new content: whoever else reads it (an overlay,
+    // another name) would see its view change.
+    if let Some(Some(user)) = shared.get(active) {
+        return Err(PlanError::RevertSharedActive {
+            disk: req.name.clone(),
+            active: a.clone(),
+            used_by: user.clone(),
+        });
+    }
     let mut leaving: Vec<PathBuf> = (pos + 1..active)
         .filter(|&i| shared.get(i).is_none_or(Option::is_none))
         .map(|i| paths[i].clone())

@@ -50,6 +50,19 @@ pub enum ExecError {
         /// What does not fit.
         what: String,
     },
+    /// An image the step would write fails `qemu-img check`.
+    #[error(
+        "refusing to run {op}: {} fails `qemu-img check` ({report}); writing into an image with damaged metadata can overwrite live data. Nothing was written. Inspect it with `qemu-img check {}` and repair a copy first",
+        file.display(), file.display()
+    )]
+    Corrupt {
+        /// The step's operation.
+        op: &'static str,
+        /// The image.
+        file: PathBuf,
+        /// What `qemu-img check` said.
+        report: String,
+    },
     /// A QEMU tool failed.
     #[error("{command} failed ({status}): {stderr}")]
     Qemu {
@@ -95,7 +108,9 @@ impl ExecError {
     /// that may pass (exit 1).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            ExecError::Precondition { .. } | ExecError::Observe(_) => true,
+            ExecError::Precondition { .. } | ExecError::Observe(_) | ExecError::Corrupt { .. } => {
+                true
+            }
             ExecError::Live(e) => e.is_bad_input(),
             _ => false,
         }

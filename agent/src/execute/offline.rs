@@ -87,6 +87,34 @@ impl Offline {
         Ok(c)
     }
 
+    /// `qemu-img check` of a qcow2 image this step is about to write: refuses on corruption
+    /// (a write into an image whose refcounts are wrong can overwrite live data). Leaked
+    /// clusters are harmless and allowed.
+    fn checked(&self, op: &'static str, p: &Path) -> Result<(), ExecError> {
+        if self.formats.get(p) != Some(&Format::Qcow2) {
+            return Ok(());
+        }
+        let out = self
+            .qemu_img()
+            .args(["check", "-q", "-f", "qcow2"])
+            .arg(p)
+            .output()
+            .map_err(|source| ExecError::Io {
+                action: "check",
+                path: p.to_path_buf(),
+                source,
+            })?;
+        match out.status.code() {
+            Some(0) | Some(3) => Ok(()),
+            _ => Err(ExecError::Corrupt {
+                op,
+                file: p.to_path_buf(),
+                report: String::from_utf8_lossy(&out.stdout).trim().to_string()
+                    + String::from_utf8_lossy(&out.stderr).trim(),
+            }),
+        }
+    }
+
     /// True when `target` is `top` or below it in its chain.
     fn in_chain(&self, top: &Path, target: &Path) -> Result<bool, ExecError> {
         let mut cur = top.to_path_buf();
@@ -100,6 +128,23 @@ impl Offline {
             }
         }
         Ok(false)
+    }
+
+    /// True when the qcow2 image `a` reads exactly as `b` (`qemu-img compare`, strict about
+    /// sizes).
+    fn same_view(&self, a: &Path, b: &Path) -> Result<bool, ExecError> {
+        let out = self
+            .qemu_img()
+            .args(["compare", "-q", "-s", "-f", "qcow2", "-F", self.format("copy", b)?.as_str()])
+            .arg(a)
+            .arg(b)
+            .output()
+            .map_err(|source| ExecError::Io {
+                action: "compare",
+                path: a.to_path_buf(),
+                source,
+            })?;
+        Ok(out.status.code() == Some(0))
     }
 
     fn qemu_img(&self) -> Command {
@@ -118,6 +163,7 @@ impl Offline {
             self.writable(op, l)?;
         }
         let base = self.writable(op, base)?;
+        self.checked(op, &base)?;
         if base == top || !self.in_chain(top, &base)? {
             return Err(ExecError::Precondition {
                 op,
@@ -142,6 +188,7 @@ impl Offline {
     ) -> Result<u64, ExecError> {
         let op = "stream";
         let into = self.writable(op, into)?;
+        self.checked(op, &into)?;
         let mut c = self.qemu_img();
         c.args(["rebase", "-p", "-f", self.format(op, &into)?.as_str()]);
         match base {
@@ -177,6 +224,7 @@ impl Offline {
     ) -> Result<u64, ExecError> {
         let op = "rebase";
         let overlay = self.writable(op, overlay)?;
+        self.checked(op, &overlay)?;
         let backing = self.roots.confine(backing, "the new backing file".into())?;
         if backing_of(&self.roots, &overlay)?.map(|(b, _)| b) == Some(backing.clone()) {
             progress(1.0);
@@ -207,17 +255,26 @@ impl Offline {
         })?;
         let dir = self.roots.confine(dir, "the placement directory".into())?;
         let to = dir.join(to.file_name().unwrap_or_default());
-        if to.exists() {
-            // Copies appear under their name only once complete (see the rename below), so a
-            // qcow2 there with the planned backing file is this copy, done before. Anything else
-            // is someone else's file: never taken for the copy.
-            let is_qcow2 = std::fs::File::open(&to)
-                .ok()
-                .is_some_and(|f| crate::observe::qcow2::has_magic(&f));
-            let planned = backing
-                .map(|b| self.roots.confine(b, "the copy's backing file".into()))
-                .transpose()?;
-            if is_qcow2 && backing_of(&self.roots, &to)?.map(|(b, _)| b) == planned {
+        if let Ok(m) = std::fs::symlink_metadata(&to) {
+            // Copies appear under their name only once complete (see the rename below): a file
+            // there is this copy, done before, only if it is a regular qcow2 with the planned
+            // backing file that reads exactly as the layers copied. Anything else (a symlink, a
+            // foreign image) is someone else's file and never taken for the copy.
+            let done = m.file_type().is_file()
+                && std::fs::File::open(&to)
+                    .ok()
+                    .is_some_and(|f| crate::observe::qcow2::has_magic(&f))
+                && {
+                    let planned = backing
+                        .map(|b| self.roots.confine(b, "the copy's backing file".into()))
+                        .transpose()?;
+                    backing_of(&self.roots, &to)?.map(|(b, _)| b) == planned
+                }
+                && match layers.last() {
+                    Some(top) => self.same_view(&to, top)?,
+                    None => false,
+                };
+            if done {
                 progress(1.0);
                 return Ok(0);
             }

@@ -159,6 +159,8 @@ pub struct ObservedLayer {
     pub file_size: u64,
     /// Set when a process holds QEMU's image lock on this file.
     pub in_use: Option<String>,
+    /// Internal snapshots and persistent bitmaps the layer holds (qcow2 only).
+    pub extras: qcow2::Extras,
 }
 
 /// A disk's chain as observed, base first.
@@ -248,6 +250,7 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
                 }
                 let h = qcow2::read_header(&file, &path)?;
                 let alloc = qcow2::read_allocation(&file, &path, &h)?;
+                let extras = qcow2::read_extras(&file, &path, &h)?;
                 let backing_format = match (&h.backing_file, &h.backing_format) {
                     (Some(b), None) => {
                         return Err(ObserveError::NoBackingFormat {
@@ -272,6 +275,7 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
                     backing_format,
                     file_size,
                     in_use,
+                    extras,
                 }
             }
             Format::Raw => {
@@ -290,6 +294,7 @@ pub fn observe_chain(roots: &Roots, active: &Path) -> Result<ObservedChain, Obse
                     backing_format: None,
                     file_size,
                     in_use,
+                    extras: qcow2::Extras::default(),
                 }
             }
         };
