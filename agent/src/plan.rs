@@ -144,8 +144,34 @@ pub fn plan_loaded(
     for spec in loaded {
         let source = &spec.spec().source;
         let (active, live) = match (&source.file, &source.libvirt) {
+            (Some(_), _) if source.format == Some(diskchain_crd::DiskFormat::Raw) => {
+                report.errors.push(fail(
+                    spec,
+                    format!(
+                        "{}: spec.source.format: the disk is declared raw, and a raw image has no backing chain; diskchain manages qcow2 chains and never reads a raw disk's content as a header. Convert it (qemu-img convert -O qcow2) or leave it out of the specs",
+                        spec.origin()
+                    ),
+                    true,
+                ));
+                continue;
+            }
             (Some(f), _) => (f.clone(), None),
             (None, Some(l)) => match crate::libvirt::locate(l) {
+                Ok(d) if d.disk.format != "qcow2" => {
+                    report.errors.push(fail(
+                        spec,
+                        format!(
+                            "{}: spec.source.libvirt: domain {} disk {} has <driver type={:?}>; diskchain manages qcow2 chains and never reads a {} disk's content as a header. Nothing was done",
+                            spec.origin(),
+                            l.domain,
+                            l.target,
+                            d.disk.format,
+                            d.disk.format
+                        ),
+                        true,
+                    ));
+                    continue;
+                }
                 Ok(d) => (d.disk.active.clone(), Some(d)),
                 Err(e) => {
                     let bad = e.is_bad_input();

@@ -18,8 +18,8 @@ mod types;
 
 pub use load::{LoadedSpec, SpecError, SpecErrors, load_path, load_path_lenient, load_str};
 pub use types::{
-    API_VERSION, Converge, ConvergeAction, DiskChain, DiskChainSpec, DiskChainStatus, KIND,
-    LibvirtSource, Placement, RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata,
+    API_VERSION, Converge, ConvergeAction, DiskChain, DiskChainSpec, DiskChainStatus, DiskFormat,
+    KIND, LibvirtSource, Placement, RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata,
 };
 
 /// The CustomResourceDefinition for `DiskChain`, as YAML, generated from the Rust types.

@@ -363,6 +363,12 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
             }
         }
         (None, Some(l)) => {
+            if spec.source.format.is_some() {
+                push(
+                    "spec.source.format",
+                    "applies to spec.source.file only; a libvirt disk's format is its <driver type=...> in the domain".into(),
+                );
+            }
             if l.domain.trim().is_empty() {
                 push(
                     "spec.source.libvirt.domain",

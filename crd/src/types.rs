@@ -83,6 +83,23 @@ pub struct Source {
     /// A disk of a libvirt domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<LibvirtSource>,
+    /// The format of `file`, as declared by the operator (`qcow2` when not given): diskchain
+    /// never guesses a format from a file's content, which a guest controls. A `raw` disk has
+    /// no backing chain and is refused for chain steps. A libvirt disk's format is its
+    /// `<driver type=...>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+}
+
+/// A disk image format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// qcow2: the format of every layer diskchain writes.
+    #[default]
+    Qcow2,
+    /// raw: plain guest data, no backing chain.
+    Raw,
 }
 
 /// A disk of a libvirt domain.

@@ -100,7 +100,10 @@ fn a_layer_that_fails_qemu_img_check_is_never_written() {
     let out = env.apply(&spec, &[]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("l0.qcow2") && err.contains("qemu-img check"), "{err}");
+    assert!(
+        err.contains("l0.qcow2") && err.contains("qemu-img check"),
+        "{err}"
+    );
     assert_eq!(env.fingerprints(), before, "nothing was written");
 }
 
@@ -135,7 +138,10 @@ fn a_plan_that_would_drop_internal_snapshots_or_bitmaps_is_refused_naming_them()
     );
     for (what, spec) in [
         ("placement", spec_yaml("d", &l[2], &points, &moved)),
-        ("merge", spec_yaml("d", &l[2], &points[..1], "  prune: true\n")),
+        (
+            "merge",
+            spec_yaml("d", &l[2], &points[..1], "  prune: true\n"),
+        ),
     ] {
         let spec = env.spec("d.yaml", &spec);
         let out = env.apply(&spec, &[]);
@@ -160,9 +166,15 @@ fn a_kept_point_never_changes_size() {
     let l: Vec<PathBuf> = (0..3).map(|i| env.img(&format!("l{i}.qcow2"))).collect();
     create(&l[0], 64 << 20, None, &[]);
     io(&l[0], "qcow2", &["write -P 1 0 64M".into()]);
-    create(&l[1], 32 << 20, Some((&l[0], "qcow2")), &[]);
+    // `create` takes the backing file's size; these layers are smaller than their base.
+    for i in 1..3 {
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&l[i - 1])
+            .arg(&l[i])
+            .arg("32M"));
+    }
     io(&l[1], "qcow2", &["write -P 2 0 1M".into()]);
-    create(&l[2], 32 << 20, Some((&l[1], "qcow2")), &[]);
     io(&l[2], "qcow2", &["write -P 3 1M 1M".into()]);
     let p1 = view_sha256(&l[1], "qcow2", env.dir.path());
     let act = view_sha256(&l[2], "qcow2", env.dir.path());
@@ -174,8 +186,16 @@ fn a_kept_point_never_changes_size() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let chain = backing_chain(&l[2]);
     assert_eq!(chain.len(), 2, "{chain:?}");
-    assert_eq!(view_sha256(&chain[0], "qcow2", env.dir.path()), p1, "p1's view");
-    assert_eq!(view_sha256(&l[2], "qcow2", env.dir.path()), act, "active view");
+    assert_eq!(
+        view_sha256(&chain[0], "qcow2", env.dir.path()),
+        p1,
+        "p1's view"
+    );
+    assert_eq!(
+        view_sha256(&l[2], "qcow2", env.dir.path()),
+        act,
+        "active view"
+    );
 }
 
 /// F9: a header claiming an L1 table larger than QEMU accepts is refused with exit 2, without
@@ -189,7 +209,8 @@ fn a_crafted_huge_l1_table_is_refused_not_allocated() {
     create(&l1, 64 << 20, Some((&l0, "qcow2")), &[]);
     let f = std::fs::OpenOptions::new().write(true).open(&l0).unwrap();
     let (cs, n) = (65536u64, 0xFFFF_FFF0u64);
-    f.write_all_at(&(n * (cs / 8) * cs).to_be_bytes(), 24).unwrap();
+    f.write_all_at(&(n * (cs / 8) * cs).to_be_bytes(), 24)
+        .unwrap();
     f.write_all_at(&(n as u32).to_be_bytes(), 36).unwrap();
     f.write_all_at(&(1u64 << 30).to_be_bytes(), 40).unwrap();
     f.set_len((1 << 30) + n * 8).unwrap();
@@ -221,4 +242,43 @@ fn a_file_protocol_backing_name_in_the_chain_is_followed() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(backing_chain(&l1), vec![l1.clone()]);
     assert_eq!(view_sha256(&l1, "qcow2", env.dir.path()), view);
+}
+
+/// F6: a disk declared raw is never read as a qcow2 header, even when its guest wrote one there
+/// naming another tenant's image as its backing file.
+#[test]
+fn a_disk_declared_raw_is_refused_and_its_content_never_read_as_a_header() {
+    let env = Env::new();
+    let secret = env.img("tenant-b.qcow2");
+    create(&secret, 16 << 20, None, &[]);
+    io(&secret, "qcow2", &["write -P 0x5a 0 1M".into()]);
+    // Tenant A's raw disk: its guest wrote a qcow2 header into sector 0, backed by tenant B.
+    let a = env.img("tenant-a.img");
+    let header = env.dir.path().join("header.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+        .arg(&secret)
+        .arg(&header)
+        .arg("16M"));
+    let mut bytes = std::fs::read(&header).unwrap();
+    bytes.resize(16 << 20, 0);
+    std::fs::write(&a, &bytes).unwrap();
+    let before = env.fingerprints();
+    let spec = env.spec(
+        "a.yaml",
+        &diskchain_tests::env::spec_yaml_source(
+            "tenant-a",
+            &format!("file: {}\n    format: raw", a.display()),
+            &[],
+            "",
+        ),
+    );
+    let out = env.apply(&spec, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("spec.source.format"), "{err}");
+    assert_eq!(env.fingerprints(), before, "nothing changed");
+    let plan = env.plan(&spec);
+    assert_eq!(plan.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&plan.stdout).contains("tenant-b"));
 }

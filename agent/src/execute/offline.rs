@@ -135,7 +135,15 @@ impl Offline {
     fn same_view(&self, a: &Path, b: &Path) -> Result<bool, ExecError> {
         let out = self
             .qemu_img()
-            .args(["compare", "-q", "-s", "-f", "qcow2", "-F", self.format("copy", b)?.as_str()])
+            .args([
+                "compare",
+                "-q",
+                "-s",
+                "-f",
+                "qcow2",
+                "-F",
+                self.format("copy", b)?.as_str(),
+            ])
             .arg(a)
             .arg(b)
             .output()
