@@ -127,13 +127,15 @@ pub enum ApplyError {
     State(#[from] StateError),
     /// The chain after the plan is not the planned one.
     #[error(
-        "after the plan the chain is {found}, but {expected} was planned; nothing more was done (run `diskchain plan` to see it)"
+        "after the plan the chain is {found}, but {expected} was planned: it was changed outside diskchain while the plan ran. The finished plan's journal was set aside as {set_aside}; nothing more was done. Run `diskchain plan` to see what the next plan does from the chain as it is"
     )]
     Mismatch {
         /// What is there.
         found: String,
         /// What was planned.
         expected: String,
+        /// Where the journal went.
+        set_aside: String,
     },
     /// A shutdown was requested: the plan stays journaled and resumes on the next run.
     #[error("stopped before step {index} for shutdown; the plan resumes on the next start")]
@@ -159,7 +161,7 @@ impl ApplyError {
                 ..
             } => ErrorKind::InUse,
             ApplyError::Step { source, .. } if source.is_bad_input() => ErrorKind::BadInput,
-            ApplyError::Mismatch { .. } => ErrorKind::BadInput,
+            ApplyError::Mismatch { .. } => ErrorKind::Failed,
             ApplyError::Stopped { .. } => ErrorKind::Stopped,
             _ => ErrorKind::Failed,
         }
@@ -212,7 +214,41 @@ pub fn apply_loaded(
             }
             match Journal::load(state, &spec.name) {
                 Ok(None) => {}
+                Ok(Some(_)) if spec.spec().suspend => {
+                    // A suspended disk is not touched, not even to finish an earlier plan.
+                    continue;
+                }
                 Ok(Some(mut journal)) => {
+                    match crate::resume::check(&journal, spec, roots, state) {
+                        crate::resume::Verdict::Resume => {}
+                        crate::resume::Verdict::SetAside { why } => {
+                            tracing::warn!(disk = %spec.name, why, "the plan an earlier run left contradicts the spec as it is now: setting it aside and planning again");
+                            match set_aside(&journal, roots, state, &options) {
+                                Ok(to) => {
+                                    if options.progress != ProgressMode::Quiet {
+                                        let _ = writeln_out(format_args!(
+                                            "{}: the unfinished earlier plan contradicts the spec as it is now ({why}); set aside as {} and planned again",
+                                            spec.name,
+                                            to.display()
+                                        ));
+                                    }
+                                }
+                                Err(e) => c.fail(
+                                    spec,
+                                    format!(
+                                        "{}: the unfinished earlier plan contradicts the spec ({why}), and setting it aside failed: {e}; nothing more was done",
+                                        spec.origin()
+                                    ),
+                                    ErrorKind::Failed,
+                                ),
+                            }
+                            continue;
+                        }
+                        crate::resume::Verdict::Stuck { why } => {
+                            c.fail(spec, format!("{}: {why}", spec.origin()), ErrorKind::Failed);
+                            continue;
+                        }
+                    }
                     tracing::info!(disk = %spec.name, "resuming the plan an earlier run left unfinished");
                     // How live jobs behave (quiesce, the time budget) follows the spec as it is
                     // now, for the same disk.
@@ -559,12 +595,12 @@ fn finish(
         journal.save(state)?;
         tracing::info!(disk = %journal.disk, step = i + 1, op, predicted = step.bytes, written = r.written_bytes, seconds = r.seconds, "step done");
         if options.progress != ProgressMode::Quiet {
-            println!(
+            let _ = writeln_out(format_args!(
                 "{label} done: {} predicted, {} written by QEMU, {:.2} s",
                 human_bytes(step.bytes),
                 human_bytes(r.written_bytes),
                 r.seconds
-            );
+            ));
         }
         out.records.push(StepRecord {
             op: op.to_string(),
@@ -595,9 +631,16 @@ fn finish(
                 .collect::<Vec<_>>()
                 .join(" <- ")
         };
+        // Every step ran; the chain was changed behind diskchain's back meanwhile. Nothing is
+        // left to resume: the journal is set aside, so the next plan starts from the chain as
+        // it is instead of failing on this journal forever.
+        let set_aside = set_aside(&journal, roots, state, options)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| format!("(could not be set aside: {e})"));
         return Err(ApplyError::Mismatch {
             found: show(&found),
             expected: show(&expected),
+            set_aside,
         });
     }
     let mut st: DiskState = state.load(&journal.disk)?.unwrap_or_default();
@@ -624,4 +667,63 @@ fn finish(
     state.save(&st)?;
     journal.remove(state)?;
     Ok(())
+}
+
+/// Sets `journal` aside (see [`crate::resume::set_aside`]) with the disk's backend.
+pub(crate) fn set_aside(
+    journal: &Journal,
+    roots: &Roots,
+    state: &StateDir,
+    options: &ApplyOptions,
+) -> Result<PathBuf, String> {
+    let exec =
+        executor(journal, roots, state, HashSet::new(), options).map_err(|e| e.to_string())?;
+    crate::resume::set_aside(
+        journal,
+        exec.as_ref(),
+        || {
+            let active = active_now(journal).map_err(|e| e.to_string())?;
+            let chain = observe_chain(roots, &active).map_err(|e| e.to_string())?;
+            Ok(chain.layers.iter().map(|l| l.layer.path.clone()).collect())
+        },
+        state,
+    )
+}
+
+/// Prints a line on stdout; a closed stdout (a pipe whose reader went away) is not an error
+/// worth stopping a plan for: the journal and the logs keep the record.
+pub(crate) fn writeln_out(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)?;
+    out.write_all(b"\n")
+}
+
+/// `diskchain set-aside --disk NAME`: sets the disk's journal aside, if it has one (holding the
+/// disk's lock, so no apply or agent works on it meanwhile).
+pub fn set_aside_disk(
+    disk: &str,
+    roots: &[PathBuf],
+    state: &StateDir,
+) -> Result<Option<PathBuf>, String> {
+    let roots = Roots::new(roots).map_err(|e| e.to_string())?;
+    let _lock = match state.lock_disk(disk) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return Err(
+                "another diskchain process (an agent or an apply) is working on it; try again when it is done"
+                    .into(),
+            );
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let Some(journal) = Journal::load(state, disk).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let options = ApplyOptions {
+        exec: ExecOptions::default(),
+        progress: ProgressMode::Quiet,
+        stop: None,
+    };
+    set_aside(&journal, &roots, state, &options).map(Some)
 }

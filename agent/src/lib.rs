@@ -25,6 +25,7 @@ pub mod observe;
 pub mod plan;
 pub mod reconcile;
 pub mod render;
+pub mod resume;
 pub mod state;
 pub mod status;
 pub mod units;

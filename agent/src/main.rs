@@ -9,12 +9,36 @@ use diskchain::plan::{PlanRunError, run};
 use diskchain::render;
 use diskchain::state::StateDir;
 
+/// `println!` that never panics: a closed stdout (a pipe whose reader left) is remembered, not
+/// fatal, so an apply carries on with its plan and the exit code tells the truth.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        if writeln!(std::io::stdout().lock(), $($t)*).is_err() {
+            STDOUT_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }};
+}
+
+/// `print!` that never panics (see `out!`).
+macro_rules! outp {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        if write!(std::io::stdout().lock(), $($t)*).is_err() {
+            STDOUT_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }};
+}
+
+/// Set when writing to stdout failed.
+static STDOUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn main() {
     let cli = Cli::parse();
     init_logging(&cli);
     let code = match cli.command {
         Command::Crd => {
-            print!("{}", diskchain_crd::crd_yaml());
+            outp!("{}", diskchain_crd::crd_yaml());
             0
         }
         Command::Agent {
@@ -53,7 +77,7 @@ fn main() {
             ) {
                 Ok(report) => {
                     for d in &report.disks {
-                        println!(
+                        out!(
                             "disk {}: {} step(s), {} predicted, {} written by QEMU",
                             d.name,
                             d.steps.len(),
@@ -65,7 +89,7 @@ fn main() {
                         eprintln!("error: {}", e.error);
                     }
                     if report.errors.is_empty() {
-                        println!("every disk matches its spec");
+                        out!("every disk matches its spec");
                     }
                     report.exit_code()
                 }
@@ -78,7 +102,7 @@ fn main() {
                 Ok(disks) => {
                     let agent = diskchain::status::agent(&state).map(|(a, _)| a);
                     match output {
-                        Output::Json => println!(
+                        Output::Json => out!(
                             "{}",
                             serde_json::to_string_pretty(
                                 &serde_json::json!({ "agent": agent, "disks": disks })
@@ -88,12 +112,12 @@ fn main() {
                         Output::Text => {
                             if let Some(a) = &agent {
                                 let how = if a.running { "running" } else { "not running" };
-                                println!("agent: pid {} ({how})", a.pid);
+                                out!("agent: pid {} ({how})", a.pid);
                                 for e in &a.spec_errors {
-                                    println!("  spec not loaded: {e}");
+                                    out!("  spec not loaded: {e}");
                                 }
                             }
-                            print!("{}", diskchain::status::text(&disks));
+                            outp!("{}", diskchain::status::text(&disks));
                         }
                     }
                     0
@@ -108,8 +132,8 @@ fn main() {
             match run(&path, &cli.allowed_roots, &StateDir::new(&cli.state_dir)) {
                 Ok(report) => {
                     match output {
-                        Output::Json => println!("{}", render::json(&report)),
-                        Output::Text => print!("{}", render::text(&report)),
+                        Output::Json => out!("{}", render::json(&report)),
+                        Output::Text => outp!("{}", render::text(&report)),
                     }
                     for e in &report.errors {
                         eprintln!("error: {}", e.error);
@@ -119,6 +143,32 @@ fn main() {
                 Err(e) => fatal(e),
             }
         }
+        Command::SetAside { disk } => {
+            match apply::set_aside_disk(&disk, &cli.allowed_roots, &StateDir::new(&cli.state_dir)) {
+                Ok(Some(to)) => {
+                    out!(
+                        "disk {disk}: the unfinished plan was set aside as {}; the next plan starts from the chain as it is",
+                        to.display()
+                    );
+                    0
+                }
+                Ok(None) => {
+                    out!("disk {disk}: no unfinished plan; nothing to do");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: disk {disk}: {e}");
+                    1
+                }
+            }
+        }
+    };
+    // Output that could not be written (stdout closed) is a failure to report, unless the
+    // command already failed for a reason of its own.
+    let code = if code == 0 && STDOUT_FAILED.load(std::sync::atomic::Ordering::SeqCst) {
+        1
+    } else {
+        code
     };
     std::process::exit(code);
 }

@@ -391,10 +391,19 @@ pub fn plan_loaded(
                 plan: {
                     if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.name) {
                         let done = j.steps.iter().filter(|s| s.state == crate::journal::StepState::Done).count();
-                        plan.notes.push(format!(
-                            "an earlier plan is in flight ({done} of {} steps done): apply or the agent finishes it before planning again",
-                            j.steps.len()
-                        ));
+                        plan.notes.push(match crate::resume::check(&j, o.spec, roots, state) {
+                            crate::resume::Verdict::Resume => format!(
+                                "an earlier plan is in flight ({done} of {} steps done): apply or the agent finishes it before planning again",
+                                j.steps.len()
+                            ),
+                            crate::resume::Verdict::SetAside { why } => format!(
+                                "an earlier unfinished plan ({done} of {} steps done) contradicts the spec as it is now ({why}): apply or the agent sets it aside and plans again from the chain as it is",
+                                j.steps.len()
+                            ),
+                            crate::resume::Verdict::Stuck { why } => format!(
+                                "an earlier unfinished plan cannot be finished or set aside safely without you: {why}"
+                            ),
+                        });
                     }
                     plan
                 },

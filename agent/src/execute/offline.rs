@@ -104,13 +104,20 @@ impl Offline {
                 path: p.to_path_buf(),
                 source,
             })?;
+        // 0: clean; 3: leaks only (harmless); 2: corruption; anything else: the check itself
+        // could not run (the file vanished, an I/O error), which is a failure, not a verdict.
         match out.status.code() {
             Some(0) | Some(3) => Ok(()),
-            _ => Err(ExecError::Corrupt {
+            Some(2) => Err(ExecError::Corrupt {
                 op,
                 file: p.to_path_buf(),
                 report: String::from_utf8_lossy(&out.stdout).trim().to_string()
                     + String::from_utf8_lossy(&out.stderr).trim(),
+            }),
+            _ => Err(ExecError::Qemu {
+                command: format!("qemu-img check {}", p.display()),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             }),
         }
     }

@@ -1,0 +1,201 @@
+//! Before an interrupted plan runs again: is it still what the spec asks for?
+//!
+//! A journal records the plan made under the spec as it was. The spec may have changed since
+//! (a GitOps rollback, a point kept again, prune turned off). A remaining step that would write
+//! into or delete a file holding a point the spec now keeps must not run: the journal is then
+//! *set aside* (its interrupted step tidied so every view reads as before that step, the points
+//! its finished steps moved recorded, the journal file kept beside the others for the record)
+//! and the disk is planned again from its chain as it now is.
+//!
+//! One case cannot be put right automatically: a commit interrupted while writing into a file
+//! whose point the spec now keeps. That file no longer reads as the point. It is reported, the
+//! plan is not resumed, and the operator chooses: put the spec back (the plan then finishes) or
+//! accept the loss with `diskchain set-aside --disk NAME`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use diskchain_crd::LoadedSpec;
+use diskchain_planner::StepAction;
+
+use crate::execute::Executor;
+use crate::journal::{Journal, StepState, now_unix};
+use crate::observe::Roots;
+use crate::state::{StateDir, StateError};
+
+/// What to do with an interrupted plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It agrees with the spec: run its remaining steps.
+    Resume,
+    /// It contradicts the spec but nothing is lost: set it aside and plan again.
+    SetAside {
+        /// Why, in words.
+        why: String,
+    },
+    /// It cannot be explained without the operator: report, do not run.
+    Stuck {
+        /// Why, and what to do.
+        why: String,
+    },
+}
+
+/// The points the spec keeps now and the files holding them (bound by `file:` or by the state).
+fn kept_now(spec: &LoadedSpec, roots: &Roots, state: &StateDir) -> BTreeMap<PathBuf, String> {
+    let st = state.load(&spec.name).ok().flatten().unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for s in &spec.spec().snapshots {
+        let file = match &s.file {
+            Some(f) => roots.confine(f, String::new()).ok(),
+            None => st
+                .bindings
+                .iter()
+                .find(|b| b.name == s.name)
+                .map(|b| b.file.clone()),
+        };
+        if let Some(f) = file {
+            out.insert(f, s.name.clone());
+        }
+    }
+    out
+}
+
+/// Checks the remaining steps of `journal` against the spec as it is now.
+pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateDir) -> Verdict {
+    let kept = kept_now(spec, roots, state);
+    let planned: BTreeMap<&str, &Path> = journal
+        .bindings
+        .iter()
+        .map(|b| (b.name.as_str(), b.file.as_path()))
+        .collect();
+    // A file holding point `name` now, that the plan did not mean to hold it.
+    let contradicts = |f: &Path| -> Option<&String> {
+        kept.get(f)
+            .filter(|name| planned.get(name.as_str()) != Some(&f))
+    };
+    let mut reasons = Vec::new();
+    for (i, s) in journal.steps.iter().enumerate() {
+        if s.state == StepState::Done {
+            continue;
+        }
+        let n = i + 1;
+        match &s.step.action {
+            StepAction::Commit { base, .. } => {
+                if let Some(name) = contradicts(base) {
+                    if s.state == StepState::Running {
+                        return Verdict::Stuck {
+                            why: format!(
+                                "step {n} (commit into {}) was interrupted while that file held point {name:?}, which the spec now keeps: the file no longer reads as that point. Put the spec back as it was (apply then finishes the plan), or accept the loss with `diskchain set-aside --disk {}`",
+                                base.display(),
+                                journal.disk
+                            ),
+                        };
+                    }
+                    reasons.push(format!(
+                        "step {n} would commit into {}, which holds point {name:?}",
+                        base.display()
+                    ));
+                }
+            }
+            StepAction::Stream { into, .. } => {
+                if let Some(name) = contradicts(into) {
+                    reasons.push(format!(
+                        "step {n} would stream into {}, which holds point {name:?}",
+                        into.display()
+                    ));
+                }
+            }
+            StepAction::Delete { file } => {
+                if let Some(name) = kept.get(file) {
+                    reasons.push(format!(
+                        "step {n} would delete {}, which holds point {name:?}",
+                        file.display()
+                    ));
+                } else if !spec.spec().prune {
+                    reasons.push(format!(
+                        "step {n} would delete {}, and spec.prune is now false",
+                        file.display()
+                    ));
+                }
+            }
+            StepAction::Revert { .. } => {
+                let now = spec.spec().revert.as_ref().map(|r| &r.id);
+                if now != journal.revert.as_ref().map(|r| &r.id) {
+                    reasons.push(format!(
+                        "step {n} is a revert that spec.revert no longer asks for"
+                    ));
+                }
+            }
+            StepAction::Snapshot { .. }
+            | StepAction::Mirror { .. }
+            | StepAction::Copy { .. }
+            | StepAction::Rebase { .. } => {}
+        }
+    }
+    // A point the spec now keeps that the plan removes from the chain (and that no step above
+    // writes): whatever the remaining steps do to it, re-planning keeps it.
+    for (file, name) in &kept {
+        if !planned.contains_key(name.as_str())
+            && !journal.result.iter().any(|r| &r.file == file)
+            && journal.steps.iter().any(|s| s.state != StepState::Done)
+        {
+            reasons.push(format!(
+                "the plan removes point {name:?} ({}), which the spec now keeps",
+                file.display()
+            ));
+        }
+    }
+    if reasons.is_empty() {
+        Verdict::Resume
+    } else {
+        reasons.dedup();
+        Verdict::SetAside {
+            why: reasons.join("; "),
+        }
+    }
+}
+
+/// Sets `journal` aside: tidies its interrupted step (so every view reads as before that step),
+/// records the points its finished steps moved into files still in the chain, and moves the
+/// journal file to `journal/<disk>.set-aside-<time>.json`. Returns where it went.
+pub fn set_aside(
+    journal: &Journal,
+    exec: &dyn Executor,
+    chain_now: impl FnOnce() -> Result<Vec<PathBuf>, String>,
+    state: &StateDir,
+) -> Result<PathBuf, String> {
+    if let Some(i) = journal.next()
+        && journal.steps[i].state == StepState::Running
+    {
+        exec.prepare_resume(&journal.steps[i].step.action)
+            .map_err(|e| format!("tidying the interrupted step {}: {e}", i + 1))?;
+    }
+    let chain = chain_now()?;
+    let mut st = state
+        .load(&journal.disk)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    st.name = journal.disk.clone();
+    for b in &journal.bindings {
+        if !chain.contains(&b.file) {
+            continue;
+        }
+        match st.bindings.iter_mut().find(|o| o.name == b.name) {
+            Some(old) if !chain.contains(&old.file) => *old = b.clone(),
+            Some(_) => {}
+            None => st.bindings.push(b.clone()),
+        }
+    }
+    state.save(&st).map_err(|e| e.to_string())?;
+    let from = state.journal_file(&journal.disk);
+    let to = from.with_file_name(format!("{}.set-aside-{}.json", journal.disk, now_unix()));
+    std::fs::rename(&from, &to).map_err(|e| {
+        StateError::Io {
+            action: "set aside",
+            path: from.clone(),
+            source: e,
+        }
+        .to_string()
+    })?;
+    Ok(to)
+}

@@ -1,0 +1,211 @@
+//! An interrupted plan never contradicts the spec as it is now (F2, F13), and a closed stdout
+//! never stops a plan halfway (F18).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use diskchain_tests::env::{Env, backing_chain, spec_yaml};
+use diskchain_tests::qemu::{create, io, view_sha256};
+
+/// Starts `apply` in its own process group and SIGKILLs the group once a step is running.
+/// Returns true when the kill landed mid-plan (the journal is left).
+fn apply_killed_mid_step(env: &Env, spec: &Path) -> bool {
+    let mut child = env
+        .diskchain(&["apply", "-f"])
+        .arg(spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let journal = env.state().join("journal");
+    for _ in 0..5000 {
+        let running = std::fs::read_dir(&journal).ok().is_some_and(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .contains("\"running\"")
+            })
+        });
+        if running || child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let killed = child.wait().unwrap().code().is_none();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while pgrep -g {} >/dev/null; do sleep 0.02; done",
+            child.id()
+        ))
+        .status();
+    killed
+        && std::fs::read_dir(&journal)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+}
+
+/// `golden <- mid <- vm` with enough data that a stream takes a moment.
+fn three(env: &Env) -> Vec<PathBuf> {
+    let l = vec![
+        env.img("golden.qcow2"),
+        env.img("mid.qcow2"),
+        env.img("vm.qcow2"),
+    ];
+    create(&l[0], 1 << 30, None, &[]);
+    io(&l[0], "qcow2", &["write -P 1 0 300M".into()]);
+    create(&l[1], 0, Some((&l[0], "qcow2")), &[]);
+    io(&l[1], "qcow2", &["write -P 2 500M 1M".into()]);
+    create(&l[2], 0, Some((&l[1], "qcow2")), &[]);
+    io(&l[2], "qcow2", &["write -P 3 600M 1M".into()]);
+    l
+}
+
+/// F2: a plan killed mid-stream under "drop everything, prune", then the spec rolled back to
+/// keep `golden` without prune: the old deletes never run, and the disk ends as the new spec
+/// says with every view intact.
+#[test]
+fn a_resumed_plan_never_deletes_a_point_the_spec_now_keeps() {
+    let mut landed = 0;
+    for round in 0..4 {
+        let env = Env::new();
+        let l = three(&env);
+        let (golden, vm) = (
+            view_sha256(&l[0], "qcow2", env.dir.path()),
+            view_sha256(&l[2], "qcow2", env.dir.path()),
+        );
+        let v1 = env.spec("vm.yaml", &spec_yaml("vm", &l[2], &[], "  prune: true\n"));
+        if !apply_killed_mid_step(&env, &v1) {
+            continue;
+        }
+        landed += 1;
+        let v2 = env.spec(
+            "vm.yaml",
+            &spec_yaml("vm", &l[2], &[("golden".into(), Some(l[0].clone()))], ""),
+        );
+        let plan = env.plan(&v2);
+        assert!(
+            String::from_utf8_lossy(&plan.stdout).contains("contradicts the spec"),
+            "round {round}: plan says what apply will do: {}",
+            String::from_utf8_lossy(&plan.stdout)
+        );
+        let out = env.apply(&v2, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(l[0].exists(), "round {round}: golden was deleted");
+        assert_eq!(
+            backing_chain(&l[2]),
+            vec![l[0].clone(), l[2].clone()],
+            "round {round}"
+        );
+        assert_eq!(
+            view_sha256(&l[0], "qcow2", env.dir.path()),
+            golden,
+            "round {round}"
+        );
+        assert_eq!(
+            view_sha256(&l[2], "qcow2", env.dir.path()),
+            vm,
+            "round {round}"
+        );
+        assert!(
+            std::fs::read_dir(env.state().join("journal"))
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("set-aside")),
+            "round {round}: the old journal is kept for the record"
+        );
+    }
+    assert!(landed >= 2, "only {landed} kills landed mid-plan");
+}
+
+/// F13: the active image replaced while a plan runs: the finished plan does not leave the disk
+/// stuck; the next apply plans from the chain as it is, and the moved file keeps its data.
+#[test]
+fn a_chain_changed_behind_a_running_plan_never_leaves_the_disk_stuck() {
+    let env = Env::new();
+    let l = three(&env);
+    let vm = view_sha256(&l[2], "qcow2", env.dir.path());
+    let spec = env.spec("vm.yaml", &spec_yaml("vm", &l[2], &[], ""));
+    let child = env
+        .diskchain(&["apply", "-f"])
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let journal = env.state().join("journal/vm.json");
+    for _ in 0..5000 {
+        if std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .contains("\"running\"")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let moved = env.img("vm.moved.qcow2");
+    std::fs::rename(&l[2], &moved).unwrap();
+    create(&l[2], 0, Some((&l[1], "qcow2")), &[]);
+    // The run that saw the change fails, or finishes on the moved file; a finished plan whose
+    // chain changed is set aside, never retried forever.
+    let first = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&first.stderr);
+    if err.contains("was planned") {
+        assert!(err.contains("set aside"), "{err}");
+    }
+    // The next applies plan from the chain as it is and converge.
+    let mut last = String::new();
+    let converged = (0..2).any(|_| {
+        let out = env.apply(&spec, &[]);
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.code() == Some(0)
+    });
+    assert!(converged, "stuck: {last}");
+    assert_eq!(backing_chain(&l[2]), vec![l[2].clone()]);
+    assert_eq!(
+        view_sha256(&moved, "qcow2", env.dir.path()),
+        vm,
+        "the moved file's data"
+    );
+}
+
+/// F18: apply's stdout closed mid-plan (a pipe whose reader left): no panic, the plan is
+/// carried out to the end, and the exit code says output failed.
+#[test]
+fn a_closed_stdout_never_stops_a_plan_halfway() {
+    let env = Env::new();
+    let l = three(&env);
+    let vm = view_sha256(&l[2], "qcow2", env.dir.path());
+    let spec = env.spec("vm.yaml", &spec_yaml("vm", &l[2], &[], "  prune: true\n"));
+    let mut child = env
+        .diskchain(&["apply", "-f"])
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        !env.state().join("journal/vm.json").exists(),
+        "the plan finished"
+    );
+    assert_eq!(backing_chain(&l[2]), vec![l[2].clone()]);
+    assert_eq!(view_sha256(&l[2], "qcow2", env.dir.path()), vm);
+}
