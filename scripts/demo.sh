@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on local files: builds diskchain, creates small demo chains with qemu-img under
-# ./demo (once), renders the example specs from specs/ to point there, and runs `diskchain plan`.
-# Nothing outside ./demo is touched; `plan` itself changes nothing.
+# ./demo (once), renders the example specs from specs/ to point there, then runs `diskchain
+# plan`, `diskchain apply` and `diskchain status` on them. Nothing outside ./demo is touched.
+# Run it again: the chains already match, so the plan is empty and apply does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -42,5 +43,12 @@ mkdir -p "$demo/specs"
   sed "s#/var/lib/diskchain/images#$img#g; s#/srv/fast#$demo/fast#g" "$f" > "$demo/specs/$f"
 done)
 
+dc() { "$bin" --allowed-root "$demo" --state-dir "$demo/state" "$@"; }
 echo "+ diskchain plan -f demo/specs --allowed-root demo --state-dir demo/state"
-"$bin" --allowed-root "$demo" --state-dir "$demo/state" plan -f "$demo/specs"
+dc plan -f "$demo/specs"
+echo
+echo "+ diskchain apply -f demo/specs --allowed-root demo --state-dir demo/state"
+dc apply -f "$demo/specs"
+echo
+echo "+ diskchain status --state-dir demo/state"
+dc status

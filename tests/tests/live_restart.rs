@@ -28,12 +28,25 @@ fn restart_libvirtd() {
     let _ = Command::new("pkill")
         .args(["-TERM", "-x", "libvirtd"])
         .status();
-    wait_for("libvirtd to stop", 30, || {
-        !Command::new("pgrep")
+    let running = || {
+        Command::new("pgrep")
             .args(["-x", "libvirtd"])
             .status()
             .is_ok_and(|s| s.success())
-    });
+    };
+    // A clean stop waits for libvirtd's in-flight calls; on a loaded machine that can take
+    // long. Domains and their block jobs live in QEMU and survive a killed libvirtd just the
+    // same, so after 30 s the restart is made with SIGKILL.
+    let t = Instant::now();
+    while running() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if running() {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-x", "libvirtd"])
+            .status();
+    }
+    wait_for("libvirtd to stop", 30, || !running());
     let st = Command::new("libvirtd")
         .arg("-d")
         .status()
