@@ -278,14 +278,13 @@ pub fn plan_loaded(
         .collect();
     let input = scan_host(roots).graph_input(&chain_files, &retired);
     layers.extend(input.layers);
-    let retired_users: Vec<PathBuf> = retired.clone();
     let graph = ImageGraph::build_with_retired(layers, &retired)
         .map_err(PlanRunError::Graph)?
         .with_users(
             input
                 .users
                 .into_iter()
-                .filter(|(_, user)| !retired_users.contains(user)),
+                .filter(|(_, user)| !retired.contains(user)),
         )
         .with_names(input.names);
 

@@ -36,11 +36,6 @@ pub fn size_of(file: &File) -> std::io::Result<u64> {
     }
 }
 
-/// A cheap size for cache keys (a block device's inode length is 0; its mtime still moves).
-pub(crate) fn len_hint(m: &std::fs::Metadata) -> u64 {
-    m.len()
-}
-
 /// Why a chain cannot be observed.
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {

@@ -142,7 +142,7 @@ fn scan_dir(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Host
         let key = (
             meta.dev(),
             meta.ino(),
-            super::len_hint(&meta),
+            meta.len(),
             meta.mtime(),
             meta.mtime_nsec(),
         );
@@ -470,13 +470,9 @@ impl HostScan {
             if let Ok(m) = std::fs::metadata(l) {
                 let found = names_per_id.get(&(m.dev(), m.ino())).copied().unwrap_or(0);
                 if m.nlink() > found.max(1) {
-                    input.users.push((
-                        l.clone(),
-                        PathBuf::from(format!(
-                            "{} other hard link(s) outside the allowed roots",
-                            m.nlink() - found.max(1)
-                        )),
-                    ));
+                    input
+                        .users
+                        .push((l.clone(), links_elsewhere(m.nlink() - found.max(1))));
                 }
             }
         }
@@ -523,13 +519,16 @@ impl HostScan {
         if let Ok(m) = std::fs::metadata(file)
             && m.nlink() > names.max(1)
         {
-            out.push(PathBuf::from(format!(
-                "{} other hard link(s) outside the allowed roots",
-                m.nlink() - names.max(1)
-            )));
+            out.push(links_elsewhere(m.nlink() - names.max(1)));
         }
         out
     }
+}
+
+/// The user standing for hard links of a file that the scan did not find (they are outside the
+/// roots): someone may open the file by those names.
+fn links_elsewhere(n: u64) -> PathBuf {
+    PathBuf::from(format!("{n} other hard link(s) outside the allowed roots"))
 }
 
 #[cfg(test)]
