@@ -107,6 +107,11 @@ pub enum Command {
         /// How long the spec directory must be quiet before a change is acted on.
         #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
         debounce: std::time::Duration,
+        /// A pass (reading the specs, observing and planning every disk) that has run longer than
+        /// this makes /readyz answer 503 and is logged: something it waits on (libvirtd, a
+        /// storage mount) is hung. SIGTERM still ends the agent.
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        stuck_after: std::time::Duration,
         /// Limit QEMU's copying to this many bytes per second (see `apply`).
         #[arg(long, value_name = "BYTES")]
         max_bytes_per_sec: Option<u64>,

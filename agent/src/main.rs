@@ -48,6 +48,7 @@ fn main() {
             listen,
             grace,
             debounce,
+            stuck_after,
             max_bytes_per_sec,
         } => diskchain::reconcile::run(diskchain::reconcile::AgentOptions {
             specs,
@@ -58,6 +59,7 @@ fn main() {
             listen,
             grace,
             debounce,
+            stuck_after,
             exec: ExecOptions { max_bytes_per_sec },
         }),
         Command::Apply {

@@ -5,7 +5,7 @@
 //! field and what is allowed. Checks that need the disk (does a file exist, is it in the chain,
 //! do two paths resolve to one file) belong to the agent's observer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
@@ -112,67 +112,216 @@ pub fn load_path_lenient(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
     (specs, errors)
 }
 
+/// The largest spec file read. Real specs are a few KiB; a larger file is refused unread.
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
 /// The valid documents of every spec file under `path`, and the errors of the others.
+///
+/// Only regular files are read, each at most [`MAX_SPEC_BYTES`], opened without blocking (a FIFO
+/// never wedges the caller). Under a directory, a symlink is followed only when it stays inside
+/// that directory; one that leaves it is refused without being read, so a parse error can never
+/// print another file's content. Each file and directory is read once, however many names (or
+/// symlink loops) lead to it.
 fn load_files(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
     let mut errors = Vec::new();
-    let mut files = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
     if path.is_dir() {
-        collect_yaml_files(path, &mut files, &mut errors);
-        files.sort();
-    } else if path.exists() {
+        match std::fs::canonicalize(path) {
+            Ok(root) => {
+                let mut walk = Walk {
+                    root,
+                    dirs: HashSet::new(),
+                    found: Vec::new(),
+                    errors: &mut errors,
+                };
+                walk.dir(path);
+                // Sorted by name, then each file (device + inode) kept once: the first name wins.
+                let mut found = std::mem::take(&mut walk.found);
+                found.sort();
+                let mut seen = HashSet::new();
+                files = found
+                    .into_iter()
+                    .filter(|(_, id)| seen.insert(*id))
+                    .map(|(p, _)| p)
+                    .collect();
+            }
+            Err(e) => errors.push(whole_file(
+                path,
+                format!("failed to resolve the directory: {e}"),
+            )),
+        }
+    } else if path.symlink_metadata().is_ok() {
         files.push(path.to_path_buf());
     } else {
-        errors.push(SpecError {
-            file: path.to_path_buf(),
-            document: 0,
-            field: "-".into(),
-            message: "no such file or directory; pass a spec file or a directory of them".into(),
-        });
+        errors.push(whole_file(
+            path,
+            "no such file or directory; pass a spec file or a directory of them".into(),
+        ));
     }
     let mut specs = Vec::new();
     for file in files {
-        match std::fs::read_to_string(&file) {
+        match read_spec_file(&file) {
             Ok(text) => match load_str(&file, &text) {
                 Ok(mut s) => specs.append(&mut s),
                 Err(SpecErrors(mut e)) => errors.append(&mut e),
             },
-            Err(e) => errors.push(SpecError {
-                file: file.clone(),
-                document: 0,
-                field: "-".into(),
-                message: format!("failed to read the file: {e}"),
-            }),
+            Err(message) => errors.push(whole_file(&file, message)),
         }
     }
     (specs, errors)
 }
 
-fn collect_yaml_files(dir: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<SpecError>) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            errors.push(SpecError {
-                file: dir.to_path_buf(),
-                document: 0,
-                field: "-".into(),
-                message: format!("failed to read the directory: {e}"),
-            });
-            return;
+fn whole_file(file: &Path, message: String) -> SpecError {
+    SpecError {
+        file: file.to_path_buf(),
+        document: 0,
+        field: "-".into(),
+        message,
+    }
+}
+
+/// Reads one spec file: a regular file (after following symlinks), at most [`MAX_SPEC_BYTES`],
+/// valid UTF-8. Opened with `O_NONBLOCK` so that a FIFO or device is refused, not waited on.
+fn read_spec_file(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits() | nix::fcntl::OFlag::O_NOCTTY.bits())
+        .open(file)
+        .map_err(|e| format!("failed to open the file: {e}"))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("failed to read the file's metadata: {e}"))?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!(
+            "is {what}, not a regular file: only regular files are read as specs; remove it or rename it so it does not end in .yaml/.yml"
+        ));
+    }
+    if meta.len() > MAX_SPEC_BYTES {
+        return Err(format!(
+            "is {} bytes; a spec file is at most {} bytes: split it, or remove it if it is not a spec",
+            meta.len(),
+            MAX_SPEC_BYTES
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(MAX_SPEC_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("failed to read the file: {e}"))?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(format!(
+            "grew past {MAX_SPEC_BYTES} bytes while being read; a spec file is at most that"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// A walk of a spec directory that never leaves it and never loops.
+struct Walk<'a> {
+    /// The directory, resolved.
+    root: PathBuf,
+    /// Directories already walked, by device and inode.
+    dirs: HashSet<(u64, u64)>,
+    /// Spec files found, with their device and inode.
+    found: Vec<(PathBuf, (u64, u64))>,
+    errors: &'a mut Vec<SpecError>,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, dir: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(dir) {
+            Ok(m) if !self.dirs.insert((m.dev(), m.ino())) => return,
+            Ok(_) => {}
+            Err(e) => {
+                self.errors.push(whole_file(
+                    dir,
+                    format!("failed to read the directory: {e}"),
+                ));
+                return;
+            }
         }
-    };
-    for entry in entries.flatten() {
-        let p = entry.path();
-        let hidden = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden {
-            continue;
-        }
-        if p.is_dir() {
-            collect_yaml_files(&p, files, errors);
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-            files.push(p);
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                self.errors.push(whole_file(
+                    dir,
+                    format!("failed to read the directory: {e}"),
+                ));
+                return;
+            }
+        };
+        let mut entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                continue;
+            }
+            let is_spec_name =
+                matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+            let Ok(lmeta) = p.symlink_metadata() else {
+                continue;
+            };
+            if lmeta.file_type().is_symlink() {
+                let target = match std::fs::canonicalize(&p) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        if is_spec_name {
+                            self.errors.push(whole_file(
+                                &p,
+                                format!(
+                                    "is a symlink that cannot be followed ({e}); fix or remove it"
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                };
+                if !target.starts_with(&self.root) {
+                    let tmeta = std::fs::metadata(&target);
+                    if is_spec_name || tmeta.as_ref().is_ok_and(|m| m.is_dir()) {
+                        self.errors.push(whole_file(
+                            &p,
+                            format!(
+                                "is a symlink that leads outside the spec directory {}: not read; replace it with the file itself or point it inside the directory",
+                                self.root.display()
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                match std::fs::metadata(&target) {
+                    Ok(m) if m.is_dir() => self.dir(&p),
+                    Ok(m) if is_spec_name => self.found.push((p, (m.dev(), m.ino()))),
+                    _ => {}
+                }
+            } else if lmeta.is_dir() {
+                self.dir(&p);
+            } else if is_spec_name {
+                self.found.push((p, (lmeta.dev(), lmeta.ino())));
+            }
         }
     }
 }

@@ -530,3 +530,103 @@ fn a_hundred_specs_converge() {
         })
     });
 }
+
+/// F10, F17: a FIFO appearing in the spec directory never wedges the agent: it is reported, a
+/// spec change made after it is still applied (once, despite a symlink loop), and SIGTERM still
+/// ends the agent.
+#[test]
+fn a_fifo_in_the_spec_directory_never_wedges_the_agent() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let mut rng = StdRng::seed_from_u64(47);
+    let a = random_chain(&env, &mut rng, "f", 3, 16, 4);
+    let va = views(&env, &a);
+    // A symlink loop and a symlink to the whole tree are neither walked nor watched.
+    std::os::unix::fs::symlink(".", specs.join("loop")).unwrap();
+    std::os::unix::fs::symlink("/", specs.join("everything")).unwrap();
+    let mut agent = Agent::start(&env, &specs, &[]);
+    let made = Command::new("mkfifo")
+        .arg(specs.join("zz.yaml"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    wait_until(Duration::from_secs(10), "the FIFO to be reported", || {
+        agent.log().contains("FIFO")
+    });
+    // A spec added after the FIFO is acted on.
+    env.spec(
+        "f.yaml",
+        &spec_yaml("f", &a[2], &[("one".into(), Some(a[1].clone()))], ""),
+    );
+    converges(
+        &env,
+        &a[2],
+        &[va[1].clone(), va[2].clone()],
+        "disk f to drop f-0 despite the FIFO",
+    );
+    let (code, _) = agent.get("/readyz").expect("readyz answers");
+    assert_eq!(code, 200);
+    agent.signal("TERM");
+    let t = Instant::now();
+    let status = agent.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+/// F10: a pass stuck on something that never answers (here a libvirt socket that accepts and
+/// stays silent, as a hung libvirtd does) turns /readyz not-ready after --stuck-after, is logged,
+/// and SIGTERM still ends the agent promptly.
+#[test]
+fn a_stuck_pass_turns_readyz_not_ready_and_sigterm_still_ends_the_agent() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let sock = env.dir.path().join("hung-libvirtd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // Accept and hold every connection without a word.
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in listener.incoming() {
+            match c {
+                Ok(c) => conns.push(c),
+                Err(_) => break,
+            }
+        }
+    });
+    env.spec(
+        "h.yaml",
+        &format!(
+            "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: h\nspec:\n  source:\n    libvirt:\n      domain: hung\n      target: vda\n      uri: \"qemu:///system?socket={}\"\n",
+            sock.display()
+        ),
+    );
+    let mut agent = Agent::start(&env, &specs, &["--stuck-after", "2s"]);
+    wait_until(
+        Duration::from_secs(20),
+        "/readyz to report the stuck pass",
+        || {
+            agent
+                .get("/readyz")
+                .is_some_and(|(code, body)| code == 503 && body.contains("stuck"))
+        },
+    );
+    assert_eq!(
+        agent.get("/healthz").map(|(c, _)| c),
+        Some(200),
+        "the process itself is alive"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the stuck pass to be logged",
+        || agent.log().contains("stuck"),
+    );
+    agent.signal("TERM");
+    let t = Instant::now();
+    let status = agent.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "SIGTERM ended a stuck agent in {:?}",
+        t.elapsed()
+    );
+    drop(held);
+}

@@ -1,5 +1,5 @@
 //! The agent's HTTP endpoints: `/healthz` (the process answers), `/readyz` (the first pass over
-//! every disk is done), `/metrics` (OpenMetrics text).
+//! every disk is done, and no pass is stuck past `--stuck-after`), `/metrics` (OpenMetrics text).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,12 +25,20 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    if s.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+    if let Some(ran) = s.stuck_for() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stuck: a pass over the disks has been running for {} (more than --stuck-after); see the agent's log\n",
+                humantime::format_duration(std::time::Duration::from_secs(ran.as_secs()))
+            ),
+        )
+    } else if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n".to_string())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "starting: the first pass over the disks is not done\n",
+            "starting: the first pass over the disks is not done\n".to_string(),
         )
     }
 }

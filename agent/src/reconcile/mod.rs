@@ -21,7 +21,7 @@ mod metrics;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,8 @@ pub struct AgentOptions {
     pub grace: Duration,
     /// How long the spec directory must be quiet before a change is acted on.
     pub debounce: Duration,
+    /// A pass running longer than this turns `/readyz` not-ready and is logged.
+    pub stuck_after: Duration,
     /// Passed to the executors.
     pub exec: ExecOptions,
 }
@@ -101,6 +103,48 @@ pub struct Shared {
     pub metrics: Metrics,
     /// True once the first pass over every disk is done.
     pub ready: AtomicBool,
+    /// When the pass now running started (milliseconds since the epoch), 0 between passes.
+    pub pass_started_ms: AtomicU64,
+    /// How long a pass may run before `/readyz` reports it stuck.
+    pub stuck_after: Duration,
+}
+
+impl Shared {
+    /// How long the pass now running has been running, when it is past `stuck_after`.
+    pub fn stuck_for(&self) -> Option<Duration> {
+        let started = self.pass_started_ms.load(Ordering::SeqCst);
+        if started == 0 {
+            return None;
+        }
+        let ran = Duration::from_millis(now_ms().saturating_sub(started));
+        (ran > self.stuck_after).then_some(ran)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Logs a pass that has been running longer than `--stuck-after`, once per pass.
+async fn watchdog(shared: Arc<Shared>) {
+    let mut warned_for = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let started = shared.pass_started_ms.load(Ordering::SeqCst);
+        if let Some(ran) = shared.stuck_for()
+            && warned_for != started
+        {
+            warned_for = started;
+            tracing::error!(
+                running = %humantime::format_duration(Duration::from_secs(ran.as_secs())),
+                "a pass over the disks is stuck (reading specs, libvirt or the image roots does not answer): /readyz reports not ready until it ends; SIGTERM still stops the agent"
+            );
+        }
+    }
 }
 
 type TaskResult = (String, Result<ApplyReport, String>);
@@ -138,11 +182,14 @@ pub fn run(opts: AgentOptions) -> i32 {
             return 1;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let shared = Arc::new(Shared {
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
+            pass_started_ms: AtomicU64::new(0),
+            stuck_after: opts.stuck_after,
         });
+        tokio::spawn(watchdog(shared.clone()));
         if let Some(addr) = opts.listen {
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => {
@@ -169,7 +216,11 @@ pub fn run(opts: AgentOptions) -> i32 {
             started_unix: now_unix(),
         };
         agent.main_loop().await
-    })
+    });
+    // A pass stuck in a blocking call (a hung libvirtd, a dead mount) must not keep the process
+    // alive: running steps were given their grace and stopped by now.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    code
 }
 
 impl Agent {
@@ -191,19 +242,34 @@ impl Agent {
             };
         tracing::info!(specs = %self.opts.specs.display(), resync = %humantime::format_duration(self.opts.resync), "agent started");
         loop {
-            tokio::select! {
-                _ = tick.tick() => self.pass("resync").await,
+            let why = tokio::select! {
+                _ = tick.tick() => "resync",
                 Some(()) = rx.recv() => {
                     while rx.try_recv().is_ok() {}
-                    self.pass("spec change").await;
+                    "spec change"
                 }
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Ok(r) = done {
                         self.finished(r);
                     }
+                    continue;
                 }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
+            };
+            // A pass only reads (specs, chains, libvirt) until it starts tasks, so it may be
+            // abandoned at any await: a signal is never kept waiting by a hung read.
+            self.shared
+                .pass_started_ms
+                .store(now_ms().max(1), Ordering::SeqCst);
+            let stop = tokio::select! {
+                _ = self.pass(why) => false,
+                _ = term.recv() => true,
+                _ = tokio::signal::ctrl_c() => true,
+            };
+            self.shared.pass_started_ms.store(0, Ordering::SeqCst);
+            if stop {
+                break;
             }
         }
         self.shutdown().await;
@@ -519,7 +585,14 @@ fn watch(
 > {
     use notify::RecursiveMode;
     let specs = dir.to_path_buf();
-    let mut d = notify_debouncer_full::new_debouncer(
+    // Symlinks are not followed: one that leaves the spec directory (to `/`, say) would otherwise
+    // put the whole tree it leads to under watch. Specs behind symlinks inside the directory are
+    // still re-read on every --resync.
+    let mut d = notify_debouncer_full::new_debouncer_opt::<
+        _,
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >(
         debounce,
         None,
         move |res: notify_debouncer_full::DebounceEventResult| {
@@ -536,6 +609,8 @@ fn watch(
                 let _ = tx.send(());
             }
         },
+        notify_debouncer_full::RecommendedCache::new(),
+        notify::Config::default().with_follow_symlinks(false),
     )?;
     d.watch(dir, RecursiveMode::Recursive)?;
     if let Some(parent) = dir.parent().filter(|p| p.exists()) {
