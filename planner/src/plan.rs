@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alloc::Allocation;
 use crate::error::PlanError;
-use crate::graph::{ImageGraph, Layer};
+use crate::graph::{Format, ImageGraph, Layer};
 use crate::search::evaluate;
 
 /// A point the spec keeps, already bound to the file that holds it now.
@@ -290,6 +290,16 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         .min()
         .unwrap_or(65536);
     let size = raw_allocs.iter().map(|a| a.virtual_size).max().unwrap_or(0);
+    // How many units wide each layer's clusters are (QEMU writes qcow2 files in whole clusters;
+    // a raw file is written in place).
+    let grain: Vec<u64> = chain
+        .iter()
+        .zip(&raw_allocs)
+        .map(|(l, a)| match l.format {
+            Format::Qcow2 => (a.unit / unit).max(1),
+            Format::Raw => 1,
+        })
+        .collect();
     // A layer's data past the size of every layer above it is read by no view: no step copies
     // it (a stream into a smaller point reads only up to the point's size).
     let mut limit = u64::MAX;
@@ -385,7 +395,8 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             continue;
         }
         let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
-        let costs = evaluate(&layers, unit, size, is_active && !req.live);
+        let grains: Vec<u64> = run.iter().map(|&i| grain[i]).collect();
+        let costs = evaluate(&layers, &grains, unit, size, is_active && !req.live);
         let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
         for (k, &h) in run.iter().enumerate().rev() {
             if is_active && h != u && (!req.live || live_mirror) {

@@ -323,11 +323,23 @@ impl Offline {
         let _ = std::fs::remove_file(&partial);
         let top_fmt = self.format(op, top)?;
         let old_base = backing_of(&self.roots, first)?;
+        // The copy keeps the point's cluster size (the planner costs the copy at it).
+        let cluster = match top_fmt {
+            Format::Qcow2 => std::fs::File::open(top)
+                .ok()
+                .and_then(|f| crate::observe::qcow2::read_header(&f, top).ok())
+                .map(|h| format!("cluster_size={}", h.cluster_size)),
+            Format::Raw => None,
+        };
         let mut written = 0;
         match (backing, old_base) {
             (Some(new_base), Some((old_base, old_fmt))) => {
                 let mut c = self.qemu_img();
-                c.args(["create", "-q", "-f", "qcow2", "-b"])
+                c.args(["create", "-q", "-f", "qcow2"]);
+                if let Some(o) = &cluster {
+                    c.args(["-o", o]);
+                }
+                c.arg("-b")
                     .arg(top)
                     .args(["-F", top_fmt.as_str()])
                     .arg(&partial);
@@ -349,6 +361,9 @@ impl Offline {
             (None, None) => {
                 let mut c = self.qemu_img();
                 c.args(["convert", "-p", "-f", top_fmt.as_str(), "-O", "qcow2"]);
+                if let Some(o) = &cluster {
+                    c.args(["-o", o]);
+                }
                 if let Some(r) = self.options.max_bytes_per_sec {
                     c.args(["-r", &r.to_string()]);
                 }

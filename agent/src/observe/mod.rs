@@ -6,6 +6,7 @@
 //! This stage reads only: it opens files read-only and never runs QEMU. What to do with what it
 //! sees is the planner's business.
 
+mod fiemap;
 mod lock;
 pub mod qcow2;
 pub mod raw;

@@ -517,6 +517,15 @@ pub fn read_allocation(file: &File, path: &Path, h: &Header) -> Result<Allocatio
     if l1_used > 0 {
         read_at(file, path, &mut l1, h.l1_offset)?;
     }
+    // A data cluster whose host range is a hole of the file (preallocation=metadata or falloc,
+    // a discard punched through) reads as zeros: it is a zero here, as QEMU's own block status
+    // and its copies see it. With an external data file the offsets are not this file's.
+    let extents = if h.incompatible & INCOMPAT_DATA_FILE == 0 {
+        super::fiemap::written_extents(file, file_len)
+            .or_else(|| super::raw::data_extents(file, path, file_len).ok())
+    } else {
+        None
+    };
     let mut data = Runs::new();
     let mut zero = Runs::new();
     let mut l2 = vec![0u8; h.cluster_size as usize];
@@ -541,7 +550,15 @@ pub fn read_allocation(file: &File, path: &Path, h: &Header) -> Result<Allocatio
             } else if h.version >= 3 && e & L2_ZERO != 0 {
                 zero.push(c);
             } else if e & OFFSET_MASK != 0 {
-                data.push(c);
+                let host = e & OFFSET_MASK;
+                let reads_zero = extents
+                    .as_deref()
+                    .is_some_and(|x| super::raw::is_hole(x, host, host + h.cluster_size));
+                if reads_zero {
+                    zero.push(c);
+                } else {
+                    data.push(c);
+                }
             }
         }
     }
