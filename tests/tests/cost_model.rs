@@ -231,3 +231,41 @@ fn a_raw_base_on_a_block_device_is_costed_at_its_size() {
     assert_close("stream of a block device", predicted, written, steps.len());
     assert_eq!(views(&env, &[&l1, &l2]), before);
 }
+
+/// F16: a qcow2 base on a block device (qcow2 on LVM, as oVirt lays it out) is read with the
+/// device's size and streamed like any other layer, every view as before.
+#[test]
+fn a_qcow2_base_on_a_block_device_is_read_and_streamed() {
+    let env = Env::new();
+    let img = env.dir.path().join("lv.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(80 * MIB)
+        .unwrap();
+    let dev = Loop::new(&img);
+    let devp = Path::new(&dev.0);
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(devp)
+        .arg("64M"));
+    io(devp, "qcow2", &["write -P 9 0 4M".into()]);
+    let top = env.img("top.qcow2");
+    create(&top, 0, Some((devp, "qcow2")), &[]);
+    io(&top, "qcow2", &["write -P 5 1M 64k".into()]);
+    let before = view_sha256(&top, "qcow2", env.dir.path());
+    let spec = env.spec("d.yaml", &spec_yaml("d", &top, &[], ""));
+    let (steps, predicted, written) = plan_and_apply(&env, &spec, "d", &["--allowed-root", "/dev"]);
+    assert!(ops(&steps).contains("stream"), "{}", ops(&steps));
+    assert!(
+        (3 * MIB..5 * MIB).contains(&predicted),
+        "the device's 4 MiB of data, less what top shadows: {predicted}"
+    );
+    assert_close(
+        "stream of a qcow2 on a block device",
+        predicted,
+        written,
+        steps.len(),
+    );
+    assert_eq!(view_sha256(&top, "qcow2", env.dir.path()), before);
+    assert_eq!(diskchain_tests::env::backing_chain(&top), vec![top.clone()]);
+}
