@@ -245,7 +245,11 @@ pub fn apply_loaded(
                             continue;
                         }
                         crate::resume::Verdict::Stuck { why } => {
-                            c.fail(spec, format!("{}: {why}", spec.origin()), ErrorKind::Failed);
+                            c.fail(
+                                spec,
+                                format!("{}: {why}", spec.origin()),
+                                ErrorKind::NeedsOperator,
+                            );
                             continue;
                         }
                     }

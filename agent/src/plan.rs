@@ -23,6 +23,9 @@ pub enum ErrorKind {
     Failed,
     /// Work stopped for a shutdown; it resumes on the next start.
     Stopped,
+    /// An unfinished plan that only the operator can resolve (the message says how): retrying
+    /// cannot help, so the agent waits until the spec or the journal changes.
+    NeedsOperator,
 }
 
 /// A disk that could not be planned (or applied).

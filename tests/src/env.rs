@@ -266,3 +266,53 @@ pub fn keep_base_and_top(name: &str, layers: &[PathBuf]) -> String {
         "",
     )
 }
+
+/// Starts `apply EXTRA... -f SPEC` in its own process group and SIGKILLs the whole group (QEMU
+/// tools included) once a step is running, then waits for the group to be gone. Returns true
+/// when the kill landed mid-plan (a journal is left).
+pub fn apply_killed_mid_step(env: &Env, spec: &Path, extra: &[&str]) -> bool {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    use std::time::Duration;
+    let mut child = env
+        .diskchain(&["apply"])
+        .args(extra)
+        .arg("-f")
+        .arg(spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("run diskchain");
+    let journal = env.state().join("journal");
+    for _ in 0..5000 {
+        let running = std::fs::read_dir(&journal).ok().is_some_and(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .contains("\"running\"")
+            })
+        });
+        if running || child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let killed = child.wait().expect("wait").code().is_none();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while pgrep -g {} >/dev/null; do sleep 0.02; done",
+            child.id()
+        ))
+        .status();
+    killed
+        && std::fs::read_dir(&journal)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+}

@@ -630,3 +630,94 @@ fn a_stuck_pass_turns_readyz_not_ready_and_sigterm_still_ends_the_agent() {
     );
     drop(held);
 }
+
+/// F13, item 2: a commit interrupted inside a file the spec now keeps as a point cannot be
+/// finished or set aside without the operator. `plan` and `apply` say so with the way out; the
+/// agent reports it once and stops retrying while the spec and journal stay as they are; after
+/// `diskchain set-aside` it carries on, with the points the commit did not touch intact.
+#[test]
+fn a_stuck_journal_is_reported_once_and_set_aside_by_the_operator() {
+    use diskchain_tests::env::apply_killed_mid_step;
+    let mut landed = false;
+    for _ in 0..4 {
+        let env = Env::new();
+        let specs = env.dir.path().join("specs");
+        let l: Vec<PathBuf> = ["golden", "mid", "top", "vm"]
+            .iter()
+            .map(|n| env.img(&format!("{n}.qcow2")))
+            .collect();
+        create(&l[0], 1 << 30, None, &[]);
+        io(&l[0], "qcow2", &["write -P 1 0 64M".into()]);
+        create(&l[1], 0, Some((&l[0], "qcow2")), &[]);
+        io(&l[1], "qcow2", &["write -P 2 100M 200M".into()]);
+        create(&l[2], 0, Some((&l[1], "qcow2")), &[]);
+        io(&l[2], "qcow2", &["write -P 3 400M 48M".into()]);
+        create(&l[3], 0, Some((&l[2], "qcow2")), &[]);
+        io(&l[3], "qcow2", &["write -P 4 500M 1M".into()]);
+        let v = views(&env, &l);
+        // Drop mid: committing top (48 MiB) into it is cheaper than streaming mid (200 MiB).
+        let keep = |names: &[usize]| -> Vec<(String, Option<PathBuf>)> {
+            names
+                .iter()
+                .map(|&i| (["golden", "mid", "top"][i].to_string(), Some(l[i].clone())))
+                .collect()
+        };
+        let v1 = env.spec("d.yaml", &spec_yaml("d", &l[3], &keep(&[0, 2]), ""));
+        if !apply_killed_mid_step(&env, &v1, &["--max-bytes-per-sec", "16000000"]) {
+            continue;
+        }
+        let journal = std::fs::read_to_string(env.state().join("journal/d.json")).unwrap();
+        if !journal.contains("\"running\"") || !journal.contains("commit") {
+            continue;
+        }
+        landed = true;
+        // Now the spec keeps mid too: the interrupted commit was writing into it.
+        let v2 = env.spec("d.yaml", &spec_yaml("d", &l[3], &keep(&[0, 1, 2]), ""));
+        let plan = env.diskchain(&["plan", "-f"]).arg(&v2).output().unwrap();
+        let text = String::from_utf8_lossy(&plan.stdout);
+        assert!(
+            text.contains("without you") && text.contains("set-aside --disk d"),
+            "plan names the way out: {text}"
+        );
+        let out = env.apply(&v2, &[]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("set-aside --disk d"));
+
+        let agent = Agent::start(&env, &specs, &[]);
+        wait_until(
+            Duration::from_secs(20),
+            "needs_operator in agent.json",
+            || {
+                std::fs::read_to_string(env.state().join("agent.json"))
+                    .unwrap_or_default()
+                    .contains("needs_operator")
+            },
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        let reported = agent.log().matches("the disk needs you").count();
+        assert_eq!(reported, 1, "reported once, not retried: {}", agent.log());
+
+        let out = env
+            .diskchain(&["set-aside", "--disk", "d"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_until(Duration::from_secs(30), "the agent to carry on", || {
+            let rec = std::fs::read_to_string(env.state().join("agent.json")).unwrap_or_default();
+            !rec.contains("needs_operator") && !env.state().join("journal/d.json").exists()
+        });
+        // golden, top and the active view never changed; mid is what the operator accepted.
+        assert_eq!(views(&env, &[l[0].clone()]), vec![v[0].clone()]);
+        let chain = backing_chain(&l[3]);
+        assert_eq!(chain.len(), 4, "{chain:?}");
+        assert_eq!(views(&env, &[chain[2].clone()]), vec![v[2].clone()]);
+        assert_eq!(views(&env, &[l[3].clone()]), vec![v[3].clone()]);
+        break;
+    }
+    assert!(landed, "no kill landed inside the commit");
+}

@@ -1,57 +1,12 @@
 //! An interrupted plan never contradicts the spec as it is now (F2, F13), and a closed stdout
 //! never stops a plan halfway (F18).
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
-use diskchain_tests::env::{Env, backing_chain, spec_yaml};
+use diskchain_tests::env::{Env, apply_killed_mid_step, backing_chain, spec_yaml};
 use diskchain_tests::qemu::{create, io, view_sha256};
-
-/// Starts `apply` in its own process group and SIGKILLs the group once a step is running.
-/// Returns true when the kill landed mid-plan (the journal is left).
-fn apply_killed_mid_step(env: &Env, spec: &Path) -> bool {
-    let mut child = env
-        .diskchain(&["apply", "-f"])
-        .arg(spec)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    let journal = env.state().join("journal");
-    for _ in 0..5000 {
-        let running = std::fs::read_dir(&journal).ok().is_some_and(|d| {
-            d.flatten().any(|e| {
-                std::fs::read_to_string(e.path())
-                    .unwrap_or_default()
-                    .contains("\"running\"")
-            })
-        });
-        if running || child.try_wait().ok().flatten().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{}", child.id())])
-        .stderr(Stdio::null())
-        .status();
-    let killed = child.wait().unwrap().code().is_none();
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "while pgrep -g {} >/dev/null; do sleep 0.02; done",
-            child.id()
-        ))
-        .status();
-    killed
-        && std::fs::read_dir(&journal)
-            .map(|d| d.count() > 0)
-            .unwrap_or(false)
-}
 
 /// `golden <- mid <- vm` with enough data that a stream takes a moment.
 fn three(env: &Env) -> Vec<PathBuf> {
@@ -83,7 +38,7 @@ fn a_resumed_plan_never_deletes_a_point_the_spec_now_keeps() {
             view_sha256(&l[2], "qcow2", env.dir.path()),
         );
         let v1 = env.spec("vm.yaml", &spec_yaml("vm", &l[2], &[], "  prune: true\n"));
-        if !apply_killed_mid_step(&env, &v1) {
+        if !apply_killed_mid_step(&env, &v1, &[]) {
             continue;
         }
         landed += 1;

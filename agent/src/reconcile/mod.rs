@@ -69,7 +69,8 @@ pub struct AgentOptions {
 pub struct DiskTrack {
     /// The disk.
     pub name: String,
-    /// `in_sync`, `ok`, `bad_input`, `in_use`, `failed`, `stopped`, `suspended` or `running`.
+    /// `in_sync`, `ok`, `bad_input`, `in_use`, `failed`, `stopped`, `needs_operator`,
+    /// `suspended` or `running`.
     pub result: String,
     /// The last error, if the last reconcile failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -80,6 +81,25 @@ pub struct DiskTrack {
     pub last_unix: u64,
     #[serde(skip)]
     next_attempt: Option<Instant>,
+    /// What the disk's journal and spec were when its last run started.
+    #[serde(skip)]
+    started_on: Option<String>,
+    /// Set when the disk needs the operator: the journal and spec it was stuck on. The agent
+    /// does not retry while both are unchanged.
+    #[serde(skip)]
+    parked_on: Option<String>,
+}
+
+/// The disk's journal (size and modification time) and spec, as one comparable string; `None`
+/// when there is no journal.
+fn park_key(state: &StateDir, spec: &LoadedSpec) -> Option<String> {
+    let meta = std::fs::metadata(state.journal_file(&spec.name)).ok()?;
+    Some(format!(
+        "{}:{:?}:{}",
+        meta.len(),
+        meta.modified().ok(),
+        serde_json::to_string(&spec.doc).unwrap_or_default()
+    ))
 }
 
 /// The agent's own record, `<state-dir>/agent.json`.
@@ -431,6 +451,14 @@ impl Agent {
             let Some(spec) = candidates.iter().find(|s| s.name == name).cloned() else {
                 continue;
             };
+            let key = park_key(&self.opts.state, &spec);
+            let t = self.track(&name);
+            if t.parked_on.is_some() && t.parked_on == key {
+                // Waiting for the operator (the error says what to do): not retried.
+                continue;
+            }
+            t.parked_on = None;
+            t.started_on = key;
             let sharing = d
                 .plan
                 .chain
@@ -522,6 +550,12 @@ impl Agent {
             Some(e) if result == "stopped" => {
                 t.error = Some(e);
             }
+            Some(e) if result == "needs_operator" => {
+                tracing::error!(disk = %name, error = %e, "the disk needs you: not retried until its spec or journal changes");
+                t.parked_on = t.started_on.take();
+                t.next_attempt = None;
+                t.error = Some(e);
+            }
             Some(e) => {
                 t.failures += 1;
                 let backoff =
@@ -567,6 +601,7 @@ fn kind_name(k: ErrorKind) -> &'static str {
         ErrorKind::InUse => "in_use",
         ErrorKind::Failed => "failed",
         ErrorKind::Stopped => "stopped",
+        ErrorKind::NeedsOperator => "needs_operator",
     }
 }
 
