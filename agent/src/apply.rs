@@ -245,6 +245,7 @@ pub fn apply_loaded(
                             continue;
                         }
                         crate::resume::Verdict::Stuck { why } => {
+                            Journal::set_needs_operator(state, &spec.name, &why);
                             c.fail(
                                 spec,
                                 format!("{}: {why}", spec.origin()),

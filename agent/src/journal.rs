@@ -89,8 +89,27 @@ impl Journal {
         )
     }
 
+    /// Why the unfinished plan of disk `name` needs the operator, when `apply` or the agent found
+    /// that it does (`journal/NAME.needs-operator`, beside the journal; `status` shows it).
+    pub fn needs_operator(state: &StateDir, name: &str) -> Option<String> {
+        std::fs::read_to_string(needs_operator_file(state, name)).ok()
+    }
+
+    /// Records why the plan needs the operator (written only when it changed).
+    pub fn set_needs_operator(state: &StateDir, name: &str, why: &str) {
+        if Self::needs_operator(state, name).as_deref() != Some(why) {
+            let _ = write_atomic(&needs_operator_file(state, name), why.as_bytes());
+        }
+    }
+
+    /// Forgets that note (the journal was finished or set aside).
+    pub fn clear_needs_operator(state: &StateDir, name: &str) {
+        let _ = std::fs::remove_file(needs_operator_file(state, name));
+    }
+
     /// Removes the journal once the plan is complete and recorded.
     pub fn remove(&self, state: &StateDir) -> Result<(), StateError> {
+        Self::clear_needs_operator(state, &self.disk);
         let path = state.journal_file(&self.disk);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -107,6 +126,12 @@ impl Journal {
     pub fn next(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.state != StepState::Done)
     }
+}
+
+fn needs_operator_file(state: &StateDir, name: &str) -> std::path::PathBuf {
+    state
+        .journal_file(name)
+        .with_file_name(format!("{name}.needs-operator"))
 }
 
 /// Seconds since the Unix epoch.

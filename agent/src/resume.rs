@@ -189,6 +189,7 @@ pub fn set_aside(
     state.save(&st).map_err(|e| e.to_string())?;
     let from = state.journal_file(&journal.disk);
     let to = from.with_file_name(format!("{}.set-aside-{}.json", journal.disk, now_unix()));
+    Journal::clear_needs_operator(state, &journal.disk);
     std::fs::rename(&from, &to).map_err(|e| {
         StateError::Io {
             action: "set aside",

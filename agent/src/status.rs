@@ -44,6 +44,9 @@ pub struct StatusDisk {
     /// A plan in flight: steps done of steps planned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<(usize, usize)>,
+    /// Why the plan in flight needs the operator, when apply or the agent found it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needs_operator: Option<String>,
     /// What the agent last did with this disk (`<state-dir>/agent.json`), when an agent runs or ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<serde_json::Value>,
@@ -92,7 +95,32 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
         .map(|(_, v)| v["disks"].clone())
         .unwrap_or_default();
     let mut out = Vec::new();
-    for st in state.all()? {
+    let mut states = state.all()?;
+    // A disk whose first plan was interrupted has a journal but no record yet.
+    if let Ok(entries) = std::fs::read_dir(state.path().join("journal")) {
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                (!n.contains(".set-aside-") && !n.starts_with('.')).then_some(n)
+            })
+            .filter(|n| !states.iter().any(|s| &s.name == n))
+            .collect();
+        names.sort();
+        for n in names {
+            if let Ok(Some(j)) = Journal::load(state, &n) {
+                states.push(crate::state::DiskState {
+                    name: n,
+                    active: j.active.clone(),
+                    bindings: Vec::new(),
+                    retired: Vec::new(),
+                    last_apply: None,
+                    last_revert: None,
+                });
+            }
+        }
+    }
+    for st in states {
         let (chain, error) = match roots.as_ref().map(|r| observe_chain(r, &st.active)) {
             Some(Ok(c)) => (
                 c.layers
@@ -132,6 +160,7 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
             error,
             retired: st.retired.clone(),
             last_apply: st.last_apply.clone(),
+            needs_operator: in_flight.and_then(|_| Journal::needs_operator(state, &st.name)),
             in_flight,
             agent: agent_disks
                 .as_array()
@@ -167,11 +196,20 @@ pub fn text(disks: &[StatusDisk]) -> String {
                 human_bytes(l.data_bytes)
             );
         }
-        if let Some((done, all)) = d.in_flight {
-            let _ = writeln!(
-                out,
-                "  a plan is in flight: {done} of {all} steps done (the next apply or agent start resumes it)"
-            );
+        match (d.in_flight, &d.needs_operator) {
+            (Some((done, all)), Some(why)) => {
+                let _ = writeln!(
+                    out,
+                    "  an unfinished plan ({done} of {all} steps done) needs you: {why}"
+                );
+            }
+            (Some((done, all)), None) => {
+                let _ = writeln!(
+                    out,
+                    "  a plan is in flight: {done} of {all} steps done (the next apply or agent start resumes it)"
+                );
+            }
+            _ => {}
         }
         if let Some(a) = &d.last_apply {
             let _ = writeln!(

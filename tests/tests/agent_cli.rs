@@ -682,6 +682,12 @@ fn a_stuck_journal_is_reported_once_and_set_aside_by_the_operator() {
         let out = env.apply(&v2, &[]);
         assert_eq!(out.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&out.stderr).contains("set-aside --disk d"));
+        let status = env.diskchain(&["status"]).output().unwrap();
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            text.contains("needs you") && text.contains("set-aside --disk d"),
+            "status names the way out: {text}"
+        );
 
         let agent = Agent::start(&env, &specs, &[]);
         wait_until(
@@ -711,6 +717,8 @@ fn a_stuck_journal_is_reported_once_and_set_aside_by_the_operator() {
             let rec = std::fs::read_to_string(env.state().join("agent.json")).unwrap_or_default();
             !rec.contains("needs_operator") && !env.state().join("journal/d.json").exists()
         });
+        let status = env.diskchain(&["status"]).output().unwrap();
+        assert!(!String::from_utf8_lossy(&status.stdout).contains("needs you"));
         // golden, top and the active view never changed; mid is what the operator accepted.
         assert_eq!(views(&env, &[l[0].clone()]), vec![v[0].clone()]);
         let chain = backing_chain(&l[3]);

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use diskchain_tests::env::{Env, backing_chain, spec_yaml};
+use diskchain_tests::env::{Env, backing_chain, check, spec_yaml};
 use diskchain_tests::qemu::{create, io, run, view_sha256};
 
 fn stderr(out: &std::process::Output) -> String {
@@ -281,4 +281,98 @@ fn a_disk_declared_raw_is_refused_and_its_content_never_read_as_a_header() {
     let plan = env.plan(&spec);
     assert_eq!(plan.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&plan.stdout).contains("tenant-b"));
+}
+
+/// F8 at random: chains whose layers have different virtual sizes (smaller and larger than
+/// their backing file), random kept points: after apply every kept point and the active layer
+/// read exactly as before, with their own virtual sizes, and every image checks clean.
+#[test]
+fn random_chains_of_mixed_sizes_keep_every_point_and_its_size() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xf8f8);
+    let mut applied = 0;
+    for case in 0..24 {
+        let env = Env::new();
+        let n = rng.random_range(2..=6);
+        let mut layers: Vec<PathBuf> = Vec::new();
+        let mut pattern = 0u32;
+        for i in 0..n {
+            let p = env.img(&format!("m-{i}.qcow2"));
+            let mib: u64 = [16, 24, 32][rng.random_range(0..3)];
+            let mut c = Command::new("qemu-img");
+            c.args(["create", "-q", "-f", "qcow2"]);
+            if let Some(b) = layers.last() {
+                c.arg("-b").arg(b).args(["-F", "qcow2"]);
+            }
+            run(c.arg(&p).arg(format!("{mib}M")));
+            let clusters = mib * 16;
+            let mut cmds = Vec::new();
+            // Lower layers hold more, so that commits into them (and their size) are in play.
+            let max_run = if i == 0 { clusters } else { 8 };
+            for _ in 0..rng.random_range(1..5) {
+                let start = rng.random_range(0..clusters);
+                let len = rng.random_range(1..=(clusters - start).min(max_run));
+                pattern += 1;
+                if rng.random_bool(0.25) {
+                    cmds.push(format!("write -z {}k {}k", start * 64, len * 64));
+                } else {
+                    cmds.push(format!(
+                        "write -P {} {}k {}k",
+                        pattern % 250 + 1,
+                        start * 64,
+                        len * 64
+                    ));
+                }
+            }
+            io(&p, "qcow2", &cmds);
+            layers.push(p);
+        }
+        let keep: Vec<usize> = (0..n - 1).filter(|_| rng.random_bool(0.5)).collect();
+        let points: Vec<(String, Option<PathBuf>)> = keep
+            .iter()
+            .map(|&k| (format!("p{k}"), Some(layers[k].clone())))
+            .collect();
+        let spec = env.spec("d.yaml", &spec_yaml("d", &layers[n - 1], &points, ""));
+        let mut expected: Vec<usize> = keep.clone();
+        expected.push(n - 1);
+        let views: Vec<String> = expected
+            .iter()
+            .map(|&i| view_sha256(&layers[i], "qcow2", env.dir.path()))
+            .collect();
+        let sizes: Vec<u64> = expected.iter().map(|&i| virtual_size(&layers[i])).collect();
+        let before = env.fingerprints();
+        let out = env.apply(&spec, &[]);
+        match out.status.code() {
+            Some(0) => {
+                applied += 1;
+                let chain = backing_chain(&layers[n - 1]);
+                assert_eq!(chain.len(), expected.len(), "case {case}: {chain:?}");
+                for (j, f) in chain.iter().enumerate() {
+                    assert_eq!(
+                        view_sha256(f, "qcow2", env.dir.path()),
+                        views[j],
+                        "case {case}: point {j} ({}) changed",
+                        f.display()
+                    );
+                    assert_eq!(virtual_size(f), sizes[j], "case {case}: point {j} size");
+                }
+                for f in env.images() {
+                    assert_eq!(check(&f), 0, "case {case}: qemu-img check {}", f.display());
+                }
+            }
+            other => {
+                assert_eq!(other, Some(2), "case {case}: {}", stderr(&out));
+                assert_eq!(env.fingerprints(), before, "case {case}: a refusal wrote");
+            }
+        }
+    }
+    assert!(applied >= 18, "only {applied} of 24 cases were applied");
+}
+
+fn virtual_size(p: &Path) -> u64 {
+    let out = run(Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(p));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["virtual-size"].as_u64().unwrap()
 }
