@@ -56,6 +56,11 @@ impl Domain {
 
     /// Defines (persistent) a domain named `name` whose disk is the qcow2 `active`; not started.
     pub fn define(name: &str, active: &Path) -> Domain {
+        Domain::define_with_driver(name, active, "qcow2")
+    }
+
+    /// Defines (persistent) a domain named `name` whose disk `active` has `<driver type=...>`.
+    pub fn define_with_driver(name: &str, active: &Path, driver: &str) -> Domain {
         require();
         let _ = Command::new("virsh")
             .args(["-c", URI, "destroy", name])
@@ -72,7 +77,7 @@ impl Domain {
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='{driver}'/>
       <source file='{}'/>
       <target dev='vda' bus='virtio'/>
     </disk>

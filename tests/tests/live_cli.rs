@@ -800,3 +800,43 @@ fn killing_diskchain_at_random_moments_of_a_live_plan_loses_nothing() {
         assert_eq!(dom.blockjob(), "", "round {round}: no job left");
     }
 }
+
+/// F6: a libvirt disk whose driver type is raw is never parsed as a qcow2 header, even when its
+/// content is one (a tenant wrote a header naming another tenant's image): plan and apply exit
+/// 2 naming the driver, and nothing changes.
+#[test]
+fn a_libvirt_disk_with_a_raw_driver_is_never_read_as_a_header() {
+    let env = Env::new();
+    open_up(env.dir.path());
+    let other = env.img("tenant-b.qcow2");
+    create(&other, 64 << 20, None, &[]);
+    io(&other, "qcow2", &["write -P 9 0 4M".into()]);
+    let evil = env.dir.path().join("evil.qcow2");
+    create(&evil, 0, Some((&other, "qcow2")), &[]);
+    // tenant-a's raw disk holds, as guest data, a qcow2 header backed by tenant-b's image.
+    let disk = env.img("tenant-a.img");
+    std::fs::write(&disk, std::fs::read(&evil).unwrap()).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dom = Domain::define_with_driver("dc-raw-driver", &disk, "raw");
+    let s = env.spec("a.yaml", &spec("tenant-a", &dom.name, &[], ""));
+    let before = env.fingerprints();
+    for cmd in [&["plan", "-f"][..], &["apply", "-f"][..]] {
+        let out = env.diskchain(cmd).arg(&s).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
+        assert!(
+            err.contains("driver type=\"raw\"") && err.contains("a.yaml"),
+            "{cmd:?}: {err}"
+        );
+        assert!(
+            !err.contains("tenant-b"),
+            "the raw content was parsed: {err}"
+        );
+    }
+    assert_eq!(env.fingerprints(), before, "bad input changed a file");
+}
