@@ -195,3 +195,42 @@ proptest! {
         read_all(&bytes);
     }
 }
+
+/// A header extension whose length reaches far past the header (into a large sparse file) is
+/// refused as QEMU refuses it, never read into memory.
+#[test]
+fn an_extension_longer_than_the_header_is_refused_unread() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "/dev/null",
+        "-u",
+        path.to_str().unwrap(),
+        "1G",
+    ]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut h = [0u8; 112];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let header_length = u32::from_be_bytes(h[100..104].try_into().unwrap()) as u64;
+    // The first extension (the backing format) claims 3.5 GiB; the file is made that long.
+    f.write_all_at(&0xE000_0000u32.to_be_bytes(), header_length + 4)
+        .unwrap();
+    f.set_len(4 << 30).unwrap();
+    LARGEST.store(0, Ordering::Relaxed);
+    assert!(read_header(&f, &path).is_err());
+    assert!(read_refs(&f, &path).is_err());
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(largest <= CAP, "a reader allocated {largest} bytes at once");
+}

@@ -291,30 +291,15 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
     // Header extensions: the backing format, and where the bitmaps are described.
     let mut backing_format = None;
     let mut bitmaps = None;
-    let mut off = header_length;
-    let ext_end = if backing_offset != 0 {
-        backing_offset.min(cluster_size)
-    } else {
-        cluster_size
-    };
-    while off + 8 <= ext_end.min(file_len) {
-        let mut eh = [0u8; 8];
-        read_at(file, path, &mut eh, off)?;
-        let (kind, len) = (be32(&eh, 0), u64::from(be32(&eh, 4)));
-        if kind == EXT_END {
-            break;
-        }
-        if off + 8 + len > file_len {
-            return Err(invalid("header extension out of bounds".into()));
-        }
+    for (kind, at, len) in extensions(file, path, header_length, backing_offset, cluster_size)? {
         if kind == EXT_BACKING_FORMAT {
             let mut f = vec![0u8; len as usize];
-            read_at(file, path, &mut f, off + 8)?;
+            read_at(file, path, &mut f, at)?;
             backing_format = Some(String::from_utf8_lossy(&f).into_owned());
         }
         if kind == EXT_BITMAPS && len >= 24 && autoclear & 1 != 0 {
             let mut b = [0u8; 24];
-            read_at(file, path, &mut b, off + 8)?;
+            read_at(file, path, &mut b, at)?;
             let ext = BitmapsExt {
                 count: be32(&b, 0),
                 directory_size: be64(&b, 8),
@@ -328,7 +313,6 @@ pub fn read_header(file: &File, path: &Path) -> Result<Header, Qcow2Error> {
             }
             bitmaps = Some(ext);
         }
-        off += 8 + len.div_ceil(8) * 8;
     }
 
     Ok(Header {
@@ -437,31 +421,55 @@ pub fn read_refs(file: &File, path: &Path) -> Result<RawRefs, Qcow2Error> {
         out.backing = Some(name);
     }
     if version >= 3 && n >= 104 {
-        let cluster_bits = be32(&h, 20).clamp(9, 21);
-        let header_length = u64::from(be32(&h, 100));
-        let ext_end = if backing_offset != 0 {
-            backing_offset.min(1 << cluster_bits)
-        } else {
-            1 << cluster_bits
-        };
-        let mut off = header_length.max(72);
-        while off + 8 <= ext_end.min(file_len) {
-            let mut eh = [0u8; 8];
-            read_at(file, path, &mut eh, off)?;
-            let (kind, len) = (be32(&eh, 0), u64::from(be32(&eh, 4)));
-            if kind == EXT_END {
-                break;
-            }
-            if off + 8 + len > file_len || len > 1 << 16 {
-                return Err(invalid("header extension out of bounds"));
-            }
+        let cluster_size = 1u64 << be32(&h, 20).clamp(9, 21);
+        let header_length = u64::from(be32(&h, 100)).max(72);
+        for (kind, at, len) in extensions(file, path, header_length, backing_offset, cluster_size)?
+        {
             if kind == EXT_DATA_FILE {
                 let mut f = vec![0u8; len as usize];
-                read_at(file, path, &mut f, off + 8)?;
+                read_at(file, path, &mut f, at)?;
                 out.data_file = Some(f);
             }
-            off += 8 + len.div_ceil(8) * 8;
         }
+    }
+    Ok(out)
+}
+
+/// The header extensions (kind, payload offset, payload length) of a v3 image, walked as QEMU
+/// walks them: from the end of the header to the end marker, all inside the first cluster (and
+/// before the backing file name). An extension reaching past that is refused, so no payload is
+/// longer than a cluster.
+fn extensions(
+    file: &File,
+    path: &Path,
+    header_length: u64,
+    backing_offset: u64,
+    cluster_size: u64,
+) -> Result<Vec<(u32, u64, u64)>, Qcow2Error> {
+    let file_len = file_len(file, path)?;
+    let end = if backing_offset != 0 {
+        backing_offset.min(cluster_size)
+    } else {
+        cluster_size
+    }
+    .min(file_len);
+    let mut out = Vec::new();
+    let mut off = header_length;
+    while off + 8 <= end {
+        let mut eh = [0u8; 8];
+        read_at(file, path, &mut eh, off)?;
+        let (kind, len) = (be32(&eh, 0), u64::from(be32(&eh, 4)));
+        if kind == EXT_END {
+            break;
+        }
+        if off + 8 + len > end {
+            return Err(Qcow2Error::Invalid {
+                path: path.to_path_buf(),
+                what: format!("header extension {kind:#x} at {off:#x} reaches past the header"),
+            });
+        }
+        out.push((kind, off + 8, len));
+        off += 8 + len.div_ceil(8) * 8;
     }
     Ok(out)
 }
