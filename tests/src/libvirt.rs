@@ -135,6 +135,28 @@ impl Domain {
         self.hmp(&format!("write -P {pattern} {offset} {len}"));
     }
 
+    /// Kills the domain's QEMU with SIGKILL (as a host OOM kill or crash would) and waits until
+    /// libvirt sees it shut off. Nothing is flushed.
+    pub fn crash(&self) {
+        let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", self.name))
+            .expect("the domain's QEMU pid file");
+        let ok = Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -9 {}", pid.trim());
+        for _ in 0..100 {
+            if virsh(&["domstate", &self.name]).trim() == "shut off" {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!(
+            "domain {} did not shut off after its QEMU was killed",
+            self.name
+        );
+    }
+
     /// Flushes the guest disk (QEMU's caches reach the files).
     pub fn flush(&self) {
         self.hmp("flush");

@@ -50,6 +50,17 @@ pub enum ExecError {
         /// What does not fit.
         what: String,
     },
+    /// Something outside the plan's control stands in the way for now (a block job someone else
+    /// started, a paused domain): nothing was done by this step; it runs once that has passed.
+    #[error("{op} on {} cannot run now: {what}", file.display())]
+    NotNow {
+        /// The step's operation.
+        op: &'static str,
+        /// The file concerned.
+        file: PathBuf,
+        /// What stands in the way and what to do.
+        what: String,
+    },
     /// An image the step would write fails `qemu-img check`.
     #[error(
         "refusing to run {op}: {} fails `qemu-img check` ({report}); writing into an image with damaged metadata can overwrite live data. Nothing was written. Inspect it with `qemu-img check {}` and repair a copy first",
@@ -88,7 +99,7 @@ pub enum ExecError {
     Live(#[from] crate::libvirt::LiveError),
     /// A live job did not catch up with the guest within its time budget and was cancelled.
     #[error(
-        "domain {domain} disk {disk}: the block job did not catch up with the guest's writes within {within} (spec.source.libvirt.converge.within) and was cancelled; the chain and every view in it are as they were (a layer this plan removes may already hold part of the committed data). Retry when the guest writes less, or set converge.then to wait or throttle"
+        "domain {domain} disk {disk}: the block job did not catch up with the guest's writes within {within} (spec.source.libvirt.converge.within) and was cancelled; the chain is as it was and every kept point reads as before, but the layer the commit wrote into (one this plan removes) may already hold part of the committed data. Retry when the guest writes less, or set converge.then to wait or throttle"
     )]
     NotConverged {
         /// The domain.

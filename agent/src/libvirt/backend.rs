@@ -618,7 +618,8 @@ impl Libvirt {
             ));
         }
         if d.disk.backing.first().map(PathBuf::as_path) == base {
-            return Ok(()); // pulled before
+            // Pulled before (an interrupted run): durable only once QEMU flushed.
+            return self.make_durable(op, into);
         }
         let start = |s: &Session| {
             if let Some(b) = base
@@ -643,7 +644,41 @@ impl Libvirt {
                 "the block pull ended but the chain below it did not change (the job failed; see the domain's log)",
             ));
         }
-        Ok(())
+        self.make_durable(op, into)
+    }
+
+    /// Makes what a finished block job wrote durable. QEMU's block pull rewrites the active
+    /// image's backing reference (synced at once) before the pulled clusters' L2 entries leave
+    /// its metadata cache: a crash of QEMU then would leave the guest reading through the new
+    /// backing file where the pulled data should be. Pausing the domain makes QEMU flush every
+    /// image (`vm_stop` flushes all block devices); it is resumed at once, a pause of a few
+    /// milliseconds. A domain paused by someone else is not resumed by diskchain, so a pull on it
+    /// cannot be made durable: the step is not reported done, and runs once it is resumed.
+    fn make_durable(&self, op: &'static str, file: &Path) -> Result<(), ExecError> {
+        use virt::domain::DomainState;
+        use virt::enumutil::Enum;
+        let s = open(&self.src)?;
+        let (state, _) = s
+            .dom
+            .state()
+            .map_err(self.live_err("reading the domain's state"))?;
+        match state {
+            Enum::Known(DomainState::Running) | Enum::Known(DomainState::Blocked) => {
+                s.dom
+                    .suspend()
+                    .map_err(self.live_err("pausing the domain to flush its images"))?;
+                let resumed = s.dom.resume();
+                resumed.map_err(self.live_err(
+                    "resuming the domain after flushing its images (it is paused: `virsh resume` it)",
+                ))?;
+                Ok(())
+            }
+            _ => Err(ExecError::NotNow {
+                op,
+                file: file.to_path_buf(),
+                what: "the domain is not running (paused?), so QEMU cannot be made to flush what the pull wrote; the step stays unfinished and completes once the domain runs again".into(),
+            }),
+        }
     }
 
     fn mirror(
