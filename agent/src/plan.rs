@@ -117,6 +117,69 @@ struct Observed<'a> {
     guest_agent: bool,
 }
 
+/// The other libvirt disks (of any domain, running or defined, on the URIs the libvirt specs
+/// name) that read one of `chain_files`: (the first such file in their chain, the disk as a
+/// user). Disks the specs manage are left out: their chains are in the graph already. When a
+/// URI's domains cannot be listed, the libvirt disks on it are refused: another domain could not
+/// be ruled out as a user of their layers.
+fn foreign_users(
+    observed: &mut Vec<Observed<'_>>,
+    chain_files: &[PathBuf],
+    report: &mut PlanReport,
+    fail: &dyn Fn(&LoadedSpec, String, bool) -> DiskError,
+) -> Vec<(PathBuf, PathBuf)> {
+    let libvirt = |o: &Observed<'_>| o.spec.spec().source.libvirt.clone();
+    let uris: std::collections::BTreeSet<String> = observed
+        .iter()
+        .filter_map(|o| libvirt(o).map(|l| l.uri))
+        .collect();
+    let managed: Vec<(String, String, String)> = observed
+        .iter()
+        .filter_map(libvirt)
+        .map(|l| (l.uri, l.domain, l.target))
+        .collect();
+    let mut users = Vec::new();
+    for uri in uris {
+        let disks = match crate::libvirt::domain_disks(&uri) {
+            Ok(d) => d,
+            Err(e) => {
+                let mut refused = Vec::new();
+                for o in observed.iter() {
+                    if libvirt(o).is_some_and(|l| l.uri == uri) {
+                        refused.push(o.spec.name.clone());
+                        report.errors.push(fail(
+                            o.spec,
+                            format!(
+                                "{}: spec.source.libvirt: cannot list the domains of {uri} to rule out another domain using this disk's layers: {e}. Nothing was done",
+                                o.spec.origin()
+                            ),
+                            false,
+                        ));
+                    }
+                }
+                observed.retain(|o| !refused.contains(&o.spec.name));
+                continue;
+            }
+        };
+        for d in disks {
+            if managed
+                .iter()
+                .any(|(u, dom, t)| *u == uri && *dom == d.domain && *t == d.target)
+            {
+                continue;
+            }
+            let first = d.files.iter().find_map(|f| {
+                let c = f.canonicalize().unwrap_or_else(|_| f.clone());
+                chain_files.contains(&c).then_some(c)
+            });
+            if let Some(f) = first {
+                users.push((f, d.label()));
+            }
+        }
+    }
+    users
+}
+
 /// Runs the plan stage for every spec under `specs`.
 pub fn run(specs: &Path, roots: &[PathBuf], state: &StateDir) -> Result<PlanReport, PlanRunError> {
     let loaded = diskchain_crd::load_path(specs).map_err(PlanRunError::Specs)?;
@@ -232,11 +295,14 @@ pub fn plan_loaded(
             }
             Err(e) => {
                 let bad = e.is_bad_input();
-                report.errors.push(fail(
-                    spec,
-                    format!("{}: spec.source.file: {e}", spec.origin()),
-                    bad,
-                ));
+                let field = if source.libvirt.is_some() {
+                    "spec.source.libvirt"
+                } else {
+                    "spec.source.file"
+                };
+                report
+                    .errors
+                    .push(fail(spec, format!("{}: {field}: {e}", spec.origin()), bad));
             }
         }
     }
@@ -281,13 +347,17 @@ pub fn plan_loaded(
         .collect();
     let input = scan_host(roots).graph_input(&chain_files, &retired);
     layers.extend(input.layers);
+    // The disks of every other domain libvirt knows (running or only defined, wherever their
+    // files are) use the first of our layers in their chains.
+    let foreign = foreign_users(&mut observed, &chain_files, &mut report, &fail);
     let graph = ImageGraph::build_with_retired(layers, &retired)
         .map_err(PlanRunError::Graph)?
         .with_users(
             input
                 .users
                 .into_iter()
-                .filter(|(_, user)| !retired.contains(user)),
+                .filter(|(_, user)| !retired.contains(user))
+                .chain(foreign),
         )
         .with_names(input.names);
 

@@ -891,3 +891,92 @@ fn a_qemu_crash_right_after_a_live_step_loses_nothing() {
         );
     }
 }
+
+/// Finding k_/j_/l_: a layer another libvirt domain's disk reads is shared, wherever that
+/// domain's overlay lives (here outside the allowed roots) and whether it runs or not: a plan
+/// that drops it routes around it (B's view never changes), and a revert of an active image
+/// another domain reads is refused naming that domain and disk.
+#[test]
+fn other_domains_layers_are_shared_even_outside_the_roots() {
+    for b_runs in [false, true] {
+        let tag = if b_runs { "shrun" } else { "shoff" };
+        let (env, l, original, dom) = running_chain(
+            tag,
+            &[
+                ("base", &[(1, 0, 4)]),
+                ("mid", &[(2, 4, 30)]),
+                ("top", &[(3, 40, 1)]),
+            ],
+        );
+        let outside = env.dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        open_up(&outside);
+        let top_b = outside.join("topB.qcow2");
+        create(&top_b, 0, Some((&l[1], "qcow2")), &[]);
+        io(&top_b, "qcow2", &["write -P 9 50M 1M".into()]);
+        let b_view = view_of(&top_b);
+        let b_name = format!("dc-{tag}b-{}", std::process::id());
+        let dom_b = if b_runs {
+            Domain::start(&b_name, &top_b)
+        } else {
+            Domain::define(&b_name, &top_b)
+        };
+        // A drops mid: committing A's small top into mid would be cheapest, but B reads mid.
+        let s = env.spec(
+            "a.yaml",
+            &spec("a", &dom.name, &[("golden", Some(&l[0]))], ""),
+        );
+        let plan = env.diskchain(&["plan", "-f"]).arg(&s).output().unwrap();
+        let text = String::from_utf8_lossy(&plan.stdout).into_owned();
+        assert!(
+            text.contains(&format!("libvirt domain {b_name} disk vda")),
+            "{tag}: the plan names B as mid's user: {text}"
+        );
+        apply_ok(&env, &s, &[]);
+        assert_eq!(view_of(&l[1]), original[1], "{tag}: mid was written");
+        if b_runs {
+            dom_b.flush();
+        }
+        assert_eq!(view_of(&top_b), b_view, "{tag}: domain B's view changed");
+        assert_eq!(
+            view_of(dom.chain().last().unwrap()),
+            original[2],
+            "{tag}: A's view"
+        );
+        drop(dom_b);
+    }
+
+    // A revert of an active image another (shut-off) domain reads is refused, naming it.
+    let (env, l, _, dom) = running_chain("shrev", &[("base", &[(1, 0, 4)]), ("top", &[(2, 4, 4)])]);
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    open_up(&outside);
+    let top_b = outside.join("topB.qcow2");
+    create(&top_b, 0, Some((&l[1], "qcow2")), &[]);
+    let b_view = view_of(&top_b);
+    let b_name = format!("dc-shrevb-{}", std::process::id());
+    let _dom_b = Domain::define(&b_name, &top_b);
+    let s = env.spec(
+        "r.yaml",
+        &spec(
+            "a",
+            &dom.name,
+            &[("golden", Some(&l[0]))],
+            "  revert: { to: golden, id: r1, restart: true, shutdownTimeout: 0s }\n",
+        ),
+    );
+    let before = env.fingerprints();
+    let out = env.apply(&s, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("libvirt domain {b_name} disk vda")),
+        "{err}"
+    );
+    assert!(
+        dom.running(),
+        "the domain was not shut down for a refused revert"
+    );
+    assert_eq!(env.fingerprints(), before);
+    assert_eq!(view_of(&top_b), b_view);
+}

@@ -101,6 +101,62 @@ pub(super) fn locate(src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
     })
 }
 
+pub(super) fn domain_disks(uri: &str) -> Result<Vec<super::DomainDisk>, LiveError> {
+    virt::error::clear_error_callback();
+    let conn = Connect::open(Some(uri)).map_err(|e| LiveError::Connect {
+        uri: uri.to_string(),
+        message: e.message().to_string(),
+    })?;
+    let doms = conn.list_all_domains(0).map_err(|e| LiveError::Connect {
+        uri: uri.to_string(),
+        message: format!("listing its domains: {}", e.message()),
+    })?;
+    let mut out = Vec::new();
+    for dom in doms {
+        let name = dom.name().unwrap_or_default();
+        let running = dom.is_active().unwrap_or(false);
+        let persistent = dom.is_persistent().unwrap_or(false);
+        let mut xmls = Vec::new();
+        if running {
+            xmls.push(dom.xml_desc(0));
+        }
+        if persistent {
+            xmls.push(dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE));
+        }
+        for x in xmls {
+            let x = x.map_err(|e| LiveError::Call {
+                domain: name.clone(),
+                what: "reading its XML".into(),
+                message: e.message().to_string(),
+            })?;
+            let disks = xml::disk_files(&x).map_err(|source| LiveError::Xml {
+                domain: name.clone(),
+                source,
+            })?;
+            for (target, mut files) in disks {
+                // Below what libvirt records, the image headers give the rest of the chain.
+                let mut cur = files.last().cloned();
+                while let Some(f) = cur {
+                    cur = crate::observe::header_backing(&f).filter(|b| !files.contains(b));
+                    if let Some(b) = &cur {
+                        files.push(b.clone());
+                    }
+                    if files.len() > 256 {
+                        break;
+                    }
+                }
+                out.push(super::DomainDisk {
+                    domain: name.clone(),
+                    target,
+                    running,
+                    files,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Runs steps on one libvirt disk.
 pub struct Libvirt {
     src: LibvirtSource,

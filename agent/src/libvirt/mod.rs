@@ -116,6 +116,49 @@ pub fn locate(_src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
     Err(LiveError::NotBuilt)
 }
 
+/// A disk of some libvirt domain, with the files it reads (top first): what libvirt records
+/// (the live XML of a running domain, the persistent definition of any) and, below its top, the
+/// chain the image headers give.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainDisk {
+    /// The domain.
+    pub domain: String,
+    /// The disk's target.
+    pub target: String,
+    /// The domain runs.
+    pub running: bool,
+    /// The files the disk reads, top first.
+    pub files: Vec<PathBuf>,
+}
+
+impl DomainDisk {
+    /// How the disk is named in messages and as a user of a layer.
+    pub fn label(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "libvirt domain {} disk {} ({}, {})",
+            self.domain,
+            self.target,
+            if self.running { "running" } else { "shut off" },
+            self.files
+                .first()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default()
+        ))
+    }
+}
+
+/// Every disk of every domain (running or defined) libvirt at `uri` knows.
+#[cfg(feature = "libvirt")]
+pub fn domain_disks(uri: &str) -> Result<Vec<DomainDisk>, LiveError> {
+    backend::domain_disks(uri)
+}
+
+/// Every disk of every domain (not in this build).
+#[cfg(not(feature = "libvirt"))]
+pub fn domain_disks(_uri: &str) -> Result<Vec<DomainDisk>, LiveError> {
+    Err(LiveError::NotBuilt)
+}
+
 /// The chain libvirt records for the disk, active first (symlinks resolved where they exist).
 /// A running domain's XML lists the whole chain; a persistent definition may list only its top
 /// (libvirt probes the rest from the image headers when it starts the domain).

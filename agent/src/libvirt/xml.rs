@@ -106,6 +106,33 @@ pub fn disk(xml: &str, target: &str) -> Result<DiskXml, XmlError> {
     })
 }
 
+/// Every disk of a domain with the files it reads: its source (`file=` or `dev=`) and the
+/// `<backingStore>` sources libvirt records, top first. Disks with no local source (network,
+/// empty drives) are left out.
+pub fn disk_files(xml: &str) -> Result<Vec<(String, Vec<PathBuf>)>, XmlError> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError::Parse(e.to_string()))?;
+    let source = |n: roxmltree::Node<'_, '_>| {
+        child(n, "source")
+            .and_then(|s| s.attribute("file").or_else(|| s.attribute("dev")))
+            .map(PathBuf::from)
+    };
+    Ok(disks(&doc)
+        .filter_map(|d| {
+            let target = target_of(d)?;
+            let mut files = vec![source(d)?];
+            let mut cur = child(d, "backingStore");
+            while let Some(b) = cur {
+                match source(b) {
+                    Some(f) => files.push(f),
+                    None => break,
+                }
+                cur = child(b, "backingStore");
+            }
+            Some((target, files))
+        })
+        .collect())
+}
+
 /// The targets of the domain's other disks (device `disk`), which a snapshot must leave alone.
 pub fn other_disks(xml: &str, target: &str) -> Result<Vec<String>, XmlError> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError::Parse(e.to_string()))?;

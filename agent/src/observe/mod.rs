@@ -338,6 +338,23 @@ pub fn backing_of(roots: &Roots, path: &Path) -> Result<Option<(PathBuf, Format)
     }
 }
 
+/// The backing file an image's header names, resolved as QEMU would (relative to the image's
+/// directory, symlinks resolved), without confining it to the roots: for following the chains of
+/// images diskchain does not manage (another domain's disk). `None` when there is none or it
+/// cannot be read.
+pub fn header_backing(path: &Path) -> Option<PathBuf> {
+    let file = open_image(path).ok()?;
+    if !qcow2::has_magic(&file) {
+        return None;
+    }
+    let refs = qcow2::read_refs(&file, path).ok()?;
+    let name = refs.backing?;
+    scan::reference_targets(path, &name)
+        .ok()?
+        .into_iter()
+        .find_map(|p| p.canonicalize().ok())
+}
+
 /// Opens an image read-only. Only regular files and block devices are opened: a FIFO or a
 /// character device at a layer's path would block or never end.
 pub fn open_image(path: &Path) -> Result<File, ObserveError> {
