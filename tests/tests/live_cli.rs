@@ -980,3 +980,85 @@ fn other_domains_layers_are_shared_even_outside_the_roots() {
     assert_eq!(env.fingerprints(), before);
     assert_eq!(view_of(&top_b), b_view);
 }
+
+/// Finding a_: a block job someone else started is never adopted or pivoted: a placement move
+/// while an operator's own `virsh blockcopy` runs, and a pull while their `virsh blockpull`
+/// runs, each exit 1 naming the foreign job, leave the domain on its chain (and its persistent
+/// definition as it was), and converge once the operator's job is gone.
+#[test]
+fn a_foreign_block_job_is_never_adopted() {
+    let (env, l, original, dom) = running_chain(
+        "foreign",
+        &[
+            ("base", &[(1, 0, 4)]),
+            ("mid", &[(2, 4, 4)]),
+            ("top", &[(3, 8, 4)]),
+        ],
+    );
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    open_up(&outside);
+    let moved = env.img("moved");
+    std::fs::create_dir(&moved).unwrap();
+    open_up(&moved);
+    let mine = outside.join("mine.qcow2");
+    virsh(&[
+        "blockcopy",
+        &dom.name,
+        "vda",
+        &mine.to_string_lossy(),
+        "--shallow",
+        "--transient-job",
+        "--bandwidth",
+        "1",
+    ]);
+    let place = env.spec(
+        "d.yaml",
+        &spec(
+            "d",
+            &dom.name,
+            &[("golden", Some(&l[0])), ("mid", Some(&l[1]))],
+            &format!("  placement:\n    directory: {}\n", moved.display()),
+        ),
+    );
+    let out = env.apply(&place, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not start"), "{err}");
+    assert_eq!(
+        canon(dom.chain().last().unwrap()),
+        canon(&l[2]),
+        "pivoted onto a foreign file"
+    );
+    assert_eq!(canon(&dom.persistent_source()), canon(&l[2]));
+    assert!(
+        !dom.blockjob().is_empty(),
+        "the operator's job was left alone"
+    );
+    virsh(&["blockjob", &dom.name, "vda", "--abort"]);
+    apply_ok(&env, &place, &[]);
+    let chain = dom.chain();
+    assert!(chain.iter().all(|f| f.starts_with(&moved)), "{chain:?}");
+    assert_eq!(view_of(chain.last().unwrap()), original[2]);
+
+    // A pull the operator started is not taken for this plan's pull either.
+    let active = chain.last().unwrap().clone();
+    virsh(&["blockpull", &dom.name, "vda", "--bandwidth", "1"]);
+    let drop_mid = env.spec(
+        "d.yaml",
+        &spec(
+            "d",
+            &dom.name,
+            &[("golden", Some(&chain[0]))],
+            &format!("  placement:\n    directory: {}\n", moved.display()),
+        ),
+    );
+    let out = env.apply(&drop_mid, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not start"), "{err}");
+    virsh(&["blockjob", &dom.name, "vda", "--abort"]);
+    apply_ok(&env, &drop_mid, &[]);
+    assert_eq!(view_of(&active), original[2]);
+    assert_eq!(dom.chain().len(), 2);
+}

@@ -169,6 +169,9 @@ pub struct Libvirt {
     formats: BTreeMap<PathBuf, Format>,
     /// Where a guest write limit set by `converge.then: throttle` is remembered until lifted.
     throttle_record: Option<PathBuf>,
+    /// The step being run was interrupted while running (a resumed journal): a block job of its
+    /// kind may be the one it started.
+    resuming: std::cell::Cell<bool>,
 }
 
 impl Libvirt {
@@ -198,6 +201,7 @@ impl Libvirt {
             revert,
             formats,
             throttle_record,
+            resuming: std::cell::Cell::new(false),
         }
     }
 
@@ -554,32 +558,55 @@ impl Libvirt {
         Ok(())
     }
 
-    /// Runs a block job of `kind` to its end: adopts the one already running on the disk (left by
-    /// an interrupted run), or starts one with `start` (which checks the step's preconditions
-    /// first); then waits for it, pivoting a mirror-style job (`pivot`).
+    /// Runs a block job of `kind` to its end: adopts the one already running on the disk when
+    /// it is this step's own (left by an interrupted run), or starts one with `start` (which
+    /// checks the step's preconditions first); then waits for it, pivoting a mirror-style job
+    /// (`pivot`). A job is the step's own when libvirt shows it writing to `dest` (a block copy,
+    /// an active commit), or, for jobs libvirt shows no destination of (a pull, an intermediate
+    /// commit), when this step was interrupted while running. Any other job was started by
+    /// someone else: it is never taken over or pivoted; the step waits for it (exit 1).
+    #[allow(clippy::too_many_arguments)]
     fn run_job(
         &self,
         op: &'static str,
         file: &Path,
         kind: JobKind,
         pivot: bool,
+        dest: Option<&Path>,
         start: impl FnOnce(&Session) -> Result<(), ExecError>,
         progress: &mut dyn FnMut(f64),
     ) -> Result<(), ExecError> {
         match self.job_now()? {
-            Some(j) if j.kind == kind => {
-                tracing::info!(domain = %self.src.domain, ?kind, "adopting the block job already running");
+            Some(j) if j.kind == kind && self.owns_job(dest)? => {
+                tracing::info!(domain = %self.src.domain, ?kind, "adopting this step's block job, left running by an interrupted run");
             }
             Some(j) => {
-                return Err(self.refuse(
+                let target = &self.src.target;
+                let domain = &self.src.domain;
+                return Err(ExecError::NotNow {
                     op,
-                    file,
-                    format!("a {:?} block job runs on the disk", j.kind),
-                ));
+                    file: file.to_path_buf(),
+                    what: format!(
+                        "a {:?} block job that diskchain did not start runs on disk {target} of domain {domain}; diskchain never takes over or pivots someone else's job. Wait for it to end, or cancel it (`virsh blockjob {domain} {target} --abort`), and run again",
+                        j.kind
+                    ),
+                });
             }
             None => start(&open(&self.src)?)?,
         }
         self.wait_job(kind, pivot, progress)
+    }
+
+    /// True when the block job on the disk is this step's own (see [`Libvirt::run_job`]).
+    fn owns_job(&self, dest: Option<&Path>) -> Result<bool, ExecError> {
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        match dest {
+            Some(dest) => {
+                let d = super::locate(&self.src)?;
+                Ok(d.disk.mirror.and_then(|(_, f)| f).map(|f| canon(&f)) == Some(canon(dest)))
+            }
+            None => Ok(self.resuming.get()),
+        }
     }
 
     fn commit(
@@ -614,7 +641,15 @@ impl Libvirt {
                 )
                 .map_err(self.live_err("starting an active block commit"))
             };
-            self.run_job(op, top, JobKind::ActiveCommit, true, start, progress)?;
+            self.run_job(
+                op,
+                top,
+                JobKind::ActiveCommit,
+                true,
+                Some(base),
+                start,
+                progress,
+            )?;
             let after = super::locate(&self.src)?;
             if after.disk.active != base {
                 return Err(self.refuse(
@@ -646,7 +681,7 @@ impl Libvirt {
             )
             .map_err(self.live_err("starting a block commit"))
         };
-        self.run_job(op, top, JobKind::Commit, false, start, progress)?;
+        self.run_job(op, top, JobKind::Commit, false, None, start, progress)?;
         let after = super::locate(&self.src)?;
         if after.disk.backing.iter().any(|b| b == top) {
             return Err(self.refuse(
@@ -691,7 +726,7 @@ impl Libvirt {
             )
             .map_err(self.live_err("starting a block pull"))
         };
-        self.run_job(op, into, JobKind::Pull, false, start, progress)?;
+        self.run_job(op, into, JobKind::Pull, false, None, start, progress)?;
         let after = super::locate(&self.src)?;
         if after.disk.backing.first().map(PathBuf::as_path) != base {
             return Err(self.refuse(
@@ -768,7 +803,7 @@ impl Libvirt {
             )
             .map_err(self.live_err("starting a block copy"))
         };
-        self.run_job(op, from, JobKind::Copy, true, start, progress)?;
+        self.run_job(op, from, JobKind::Copy, true, Some(to), start, progress)?;
         let after = super::locate(&self.src)?;
         if after.disk.active != to {
             return Err(self.refuse(op, to, "the block copy ended without a pivot to it"));
@@ -897,6 +932,7 @@ impl Libvirt {
 
 impl Executor for Libvirt {
     fn prepare_resume(&self, step: &StepAction) -> Result<(), ExecError> {
+        self.resuming.set(true);
         let d = super::locate(&self.src)?;
         if d.running {
             // libvirt's own job state tells what an interrupted live step left; `run` adopts it.
@@ -911,6 +947,14 @@ impl Executor for Libvirt {
         progress: &mut dyn FnMut(f64),
     ) -> Result<StepReport, ExecError> {
         let t = Instant::now();
+        // Only the step run right after `prepare_resume` may adopt a job it did not see start.
+        struct Reset<'a>(&'a std::cell::Cell<bool>);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let _reset = Reset(&self.resuming);
         let d = super::locate(&self.src)?;
         // Block jobs are counted by the domain QEMU's own byte counter (guest writes included);
         // everything else by the qemu-img processes it runs.

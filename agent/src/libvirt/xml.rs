@@ -14,6 +14,9 @@ pub struct DiskXml {
     /// The backing chain libvirt reports (`<backingStore>` elements), top first, without the
     /// active image. Empty when the XML carries none (an inactive definition usually does not).
     pub backing: Vec<PathBuf>,
+    /// The block job with a destination running on the disk (`<mirror>`: a block copy, an
+    /// active commit): its kind (`job=`) and destination file.
+    pub mirror: Option<(String, Option<PathBuf>)>,
 }
 
 /// Why a domain's XML does not give the disk.
@@ -99,10 +102,18 @@ pub fn disk(xml: &str, target: &str) -> Result<DiskXml, XmlError> {
         backing.push(PathBuf::from(f));
         cur = child(b, "backingStore");
     }
+    let mirror = child(d, "mirror").map(|m| {
+        let file = m
+            .attribute("file")
+            .or_else(|| child(m, "source").and_then(|s| s.attribute("file")))
+            .map(PathBuf::from);
+        (m.attribute("job").unwrap_or("copy").to_string(), file)
+    });
     Ok(DiskXml {
         active: PathBuf::from(active),
         format,
         backing,
+        mirror,
     })
 }
 
