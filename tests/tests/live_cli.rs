@@ -412,7 +412,18 @@ fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_th
     );
     assert!(!wrote.is_empty());
 
-    // Throttle instead: the guest is limited until the pivot, then the limit is lifted.
+    // Throttle instead: the guest is limited until the pivot, then the disk's I/O tuning is
+    // put back as it was, every field of it (finding b_: only the write limit was kept).
+    virsh(&[
+        "blkdeviotune",
+        &name,
+        "vda",
+        "--read-bytes-sec",
+        "52428800",
+        "--write-iops-sec",
+        "4000",
+        "--live",
+    ]);
     let s = env.spec("c.yaml", &yaml("throttle"));
     let w = Writer::start(&name, 120);
     apply_ok(&env, &s, &["--max-bytes-per-sec", "4194304"]);
@@ -425,6 +436,13 @@ fn an_active_commit_that_cannot_catch_up_is_cancelled_cleanly_or_throttled_to_th
             .any(|l| l.starts_with("write_bytes_sec") && l.trim_end().ends_with(": 0")),
         "the guest write limit is lifted after the pivot:\n{tune}"
     );
+    for (field, value) in [("read_bytes_sec", "52428800"), ("write_iops_sec", "4000")] {
+        assert!(
+            tune.lines()
+                .any(|l| l.starts_with(field) && l.trim_end().ends_with(&format!(": {value}"))),
+            "{field} is as it was before the throttle:\n{tune}"
+        );
+    }
     let chain = dom.chain();
     assert_eq!(chain.len(), 2, "golden <- active: {chain:?}");
     assert_eq!(view_of(&chain[0]), original[0]);

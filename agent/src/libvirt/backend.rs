@@ -314,7 +314,7 @@ impl Libvirt {
             .unwrap_or(Duration::from_secs(600));
         let mut acted = false;
         // A throttle an interrupted run set is lifted when this job ends.
-        let mut throttled: Option<u64> = self.throttle_record_read();
+        let mut throttled: Option<sys::IoTune> = self.throttle_record_read();
         if throttled.is_some() {
             acted = true;
         }
@@ -389,16 +389,17 @@ impl Libvirt {
                         tracing::warn!(domain = %self.src.domain, disk = %target, seconds = t0.elapsed().as_secs(), "the job has not caught up with the guest's writes; waiting on (converge.then: wait)");
                     }
                     ConvergeAction::Throttle => {
-                        let before = sys::write_limit(&s.dom, &target)
+                        let before = sys::io_tune(&s.dom, &target)
                             .map_err(self.live_err("reading the disk's I/O limits"))?;
-                        sys::set_write_limit(
-                            &s.dom,
-                            &target,
+                        // Recorded before it is changed: a run killed in between restores it.
+                        self.throttle_record_write(&before);
+                        let limited = sys::with_write_limit(
+                            &before,
                             self.src.converge.throttle_bytes_per_sec,
-                        )
-                        .map_err(self.live_err("limiting the guest's writes"))?;
+                        );
+                        sys::set_io_tune(&s.dom, &target, &limited)
+                            .map_err(self.live_err("limiting the guest's writes"))?;
                         throttled = Some(before);
-                        self.throttle_record_write(before);
                         tracing::warn!(domain = %self.src.domain, disk = %target, limit = self.src.converge.throttle_bytes_per_sec, "the job has not caught up; guest writes limited until the pivot (converge.then: throttle)");
                     }
                     ConvergeAction::Abort => {
@@ -457,10 +458,10 @@ impl Libvirt {
         };
         drop(events);
         if let Some(before) = throttled {
-            // Lift the limit again, whatever happened to the job.
+            // Put the disk's I/O tuning back as it was, whatever happened to the job.
             match open(&self.src).and_then(|s| {
-                sys::set_write_limit(&s.dom, &target, before)
-                    .map_err(call(&self.src, "lifting the guest write limit"))
+                sys::set_io_tune(&s.dom, &target, &before)
+                    .map_err(call(&self.src, "restoring the disk's I/O tuning"))
             }) {
                 Ok(()) => self.throttle_record_clear(),
                 Err(e) => {
@@ -471,19 +472,24 @@ impl Libvirt {
         result
     }
 
-    /// The guest write limit in force before this disk was throttled, when a run throttled it
-    /// and did not get to lift the limit (it was killed).
-    fn throttle_record_read(&self) -> Option<u64> {
+    /// The disk's I/O tuning before it was throttled, when a run throttled it and did not get
+    /// to restore it (it was killed). Older records hold only the write limit.
+    fn throttle_record_read(&self) -> Option<sys::IoTune> {
         let p = self.throttle_record.as_ref()?;
-        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+        let text = std::fs::read_to_string(p).ok()?;
+        if let Ok(n) = text.trim().parse::<u64>() {
+            return Some(sys::IoTune::from([("write_bytes_sec".to_string(), n)]));
+        }
+        serde_json::from_str(&text).ok()
     }
 
-    fn throttle_record_write(&self, before: u64) {
+    fn throttle_record_write(&self, before: &sys::IoTune) {
         if let Some(p) = &self.throttle_record {
             if let Some(d) = p.parent() {
                 let _ = std::fs::create_dir_all(d);
             }
-            if let Err(e) = std::fs::write(p, before.to_string()) {
+            let text = serde_json::to_string(before).unwrap_or_default();
+            if let Err(e) = crate::state::write_atomic(p, text.as_bytes()) {
                 tracing::warn!(file = %p.display(), error = %e, "could not record the throttle; a killed run would leave the guest limited");
             }
         }
@@ -504,8 +510,9 @@ impl Libvirt {
             return Ok(()); // the step waiting for that job lifts it
         }
         let s = open(&self.src)?;
-        sys::set_write_limit(&s.dom, &self.src.target, before)
-            .map_err(self.live_err("lifting the guest write limit an interrupted run left"))?;
+        sys::set_io_tune(&s.dom, &self.src.target, &before).map_err(
+            self.live_err("restoring the disk's I/O tuning an interrupted run left throttled"),
+        )?;
         self.throttle_record_clear();
         Ok(())
     }

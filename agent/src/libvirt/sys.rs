@@ -231,18 +231,22 @@ pub fn job_abort(dom: &Domain, disk: &str, pivot: bool) -> Result<(), Error> {
     Ok(())
 }
 
-const WRITE_BYTES_SEC: &str = "write_bytes_sec";
+/// A disk's block I/O tuning: every numeric field `virDomainGetBlockIoTune` reports
+/// (`total_bytes_sec`, `read_bytes_sec`, `write_bytes_sec`, their `_max` and `_max_length`
+/// variants, the same for IOPS, `size_iops_sec`), 0 meaning no limit.
+pub type IoTune = std::collections::BTreeMap<String, u64>;
 
-/// The guest's write limit on the disk in bytes per second (0: none).
-pub fn write_limit(dom: &Domain, disk: &str) -> Result<u64, Error> {
+/// The disk's block I/O tuning on the running domain.
+pub fn io_tune(dom: &Domain, disk: &str) -> Result<IoTune, Error> {
     let d = cstr(disk)?;
     let mut n: c_int = 0;
     // SAFETY: with a null array libvirt only stores the number of parameters in `n`.
     check(unsafe {
         sys::virDomainGetBlockIoTune(dom.as_ptr(), d.as_ptr(), std::ptr::null_mut(), &mut n, 0)
     })?;
+    let mut out = IoTune::new();
     if n <= 0 {
-        return Ok(0);
+        return Ok(out);
     }
     // SAFETY: an all-zero virTypedParameter is a valid value (empty name, zero union).
     let mut params: Vec<sys::virTypedParameter> = vec![unsafe { std::mem::zeroed() }; n as usize];
@@ -250,38 +254,54 @@ pub fn write_limit(dom: &Domain, disk: &str) -> Result<u64, Error> {
     check(unsafe {
         sys::virDomainGetBlockIoTune(dom.as_ptr(), d.as_ptr(), params.as_mut_ptr(), &mut n, 0)
     })?;
-    let mut out = 0;
     for p in &params[..n.max(0) as usize] {
         // SAFETY: libvirt NUL-terminates field names within their 80 bytes.
         let name = unsafe { std::ffi::CStr::from_ptr(p.field.as_ptr()) };
-        if name.to_bytes() == WRITE_BYTES_SEC.as_bytes()
-            && p.type_ as u32 == sys::VIR_TYPED_PARAM_ULLONG
-        {
+        if p.type_ as u32 == sys::VIR_TYPED_PARAM_ULLONG {
             // SAFETY: the parameter's type says the union holds an unsigned long long.
-            out = unsafe { p.value.ul };
+            out.insert(name.to_string_lossy().into_owned(), unsafe { p.value.ul });
         }
     }
-    // SAFETY: frees only the strings libvirt may have allocated inside the parameters; the
-    // array itself is ours and is freed by Vec (virTypedParamsClear leaves it alone).
+    // SAFETY: frees only the strings libvirt may have allocated inside the parameters (the
+    // group name); the array itself is ours and is freed by Vec.
     unsafe { sys::virTypedParamsClear(params.as_mut_ptr(), n) };
     Ok(out)
 }
 
-/// Sets the guest's write limit on the disk (0: none) on the running domain.
-pub fn set_write_limit(dom: &Domain, disk: &str, bytes_per_sec: u64) -> Result<(), Error> {
+/// Sets the disk's block I/O tuning on the running domain: every field of `tune` at once (as
+/// read by [`io_tune`], so the groups libvirt checks together stay consistent).
+pub fn set_io_tune(dom: &Domain, disk: &str, tune: &IoTune) -> Result<(), Error> {
     let d = cstr(disk)?;
-    let mut p = ullong_param(WRITE_BYTES_SEC.as_bytes(), bytes_per_sec);
-    // SAFETY: one parameter libvirt only reads.
+    let mut params: Vec<sys::virTypedParameter> = tune
+        .iter()
+        .map(|(k, v)| ullong_param(k.as_bytes(), *v))
+        .collect();
+    // SAFETY: `params.len()` parameters libvirt only reads.
     check(unsafe {
         sys::virDomainSetBlockIoTune(
             dom.as_ptr(),
             d.as_ptr(),
-            &mut p,
-            1,
+            params.as_mut_ptr(),
+            params.len() as c_int,
             sys::VIR_DOMAIN_AFFECT_LIVE,
         )
     })?;
     Ok(())
+}
+
+/// `tune` with guest writes limited to `limit` bytes per second: through the total limit when
+/// one is set (libvirt refuses a total beside a write limit), else the write limit; an existing
+/// lower limit stays.
+pub fn with_write_limit(tune: &IoTune, limit: u64) -> IoTune {
+    let mut t = tune.clone();
+    let key = if t.get("total_bytes_sec").copied().unwrap_or(0) > 0 {
+        "total_bytes_sec"
+    } else {
+        "write_bytes_sec"
+    };
+    let now = t.get(key).copied().unwrap_or(0);
+    t.insert(key.into(), if now > 0 { now.min(limit) } else { limit });
+    t
 }
 
 /// How a block job ended, or that it is ready to pivot (libvirt's `BLOCK_JOB_2` event).
