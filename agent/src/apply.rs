@@ -163,6 +163,10 @@ impl ApplyError {
             ApplyError::Step { source, .. } if source.is_bad_input() => ErrorKind::BadInput,
             ApplyError::Mismatch { .. } => ErrorKind::Failed,
             ApplyError::Stopped { .. } => ErrorKind::Stopped,
+            ApplyError::Step {
+                source: ExecError::Abandoned { .. },
+                ..
+            } => ErrorKind::Stopped,
             _ => ErrorKind::Failed,
         }
     }

@@ -1080,3 +1080,91 @@ fn a_foreign_block_job_is_never_adopted() {
     assert_eq!(view_of(&active), original[2]);
     assert_eq!(dom.chain().len(), 2);
 }
+
+/// Finding t_/s_: SIGTERM ends the agent within its grace period even while a live job cannot
+/// converge (the guest keeps writing, `converge.then: wait`): the job is left to QEMU with the
+/// step journaled, the agent exits 0, and the next start adopts the job and finishes the plan
+/// with nothing lost.
+#[test]
+fn sigterm_ends_the_agent_within_its_grace_during_a_live_job() {
+    let (env, l, original, dom) = running_chain(
+        "grace",
+        &[
+            ("base", &[(1, 0, 4)]),
+            ("mid", &[(2, 0, 24)]),
+            ("top", &[(3, 30, 6)]),
+        ],
+    );
+    let name = dom.name.clone();
+    let original_top = live_view(&l[2]);
+    let specs = env.dir.path().join("specs");
+    env.spec(
+        "g.yaml",
+        &spec_with(
+            "g",
+            &name,
+            ", converge: { within: 1s, then: wait }",
+            &[("golden", Some(&l[0]))],
+            "",
+        ),
+    );
+    let agent = |log: &str| {
+        env.diskchain(&[
+            "agent",
+            "--resync",
+            "1s",
+            "--grace",
+            "1s",
+            "--max-bytes-per-sec",
+            "1048576",
+            "--specs",
+        ])
+        .arg(&specs)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(env.dir.path().join(log)).unwrap())
+        .spawn()
+        .unwrap()
+    };
+    let w = Writer::start(&name, 60);
+    let mut a = agent("agent1.log");
+    let journal = env.state().join("journal/g.json");
+    let t = std::time::Instant::now();
+    while !dom.blockjob().contains("Commit") && t.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(journal.exists(), "a live step runs");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    run(std::process::Command::new("kill").args(["-TERM", &a.id().to_string()]));
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = a.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(8) {
+            let _ = a.kill();
+            panic!("the agent still runs 8 s after SIGTERM with --grace 1s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(journal.exists(), "the interrupted step stays journaled");
+    let wrote = w.finish();
+    dom.flush();
+    // The next start adopts the job and completes the plan.
+    let mut a = agent("agent2.log");
+    let t = std::time::Instant::now();
+    while (journal.exists() || dom.chain().len() != 2)
+        && t.elapsed() < std::time::Duration::from_secs(120)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = a.kill();
+    let _ = a.wait();
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 2, "golden <- active: {chain:?}");
+    assert_eq!(view_of(&chain[0]), original[0]);
+    let mut expected = original_top;
+    apply_writes(&mut expected, &wrote);
+    dom.flush();
+    assert_eq!(sha(&live_view(&chain[1])), sha(&expected), "the guest view");
+}

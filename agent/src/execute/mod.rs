@@ -61,6 +61,14 @@ pub enum ExecError {
         /// What stands in the way and what to do.
         what: String,
     },
+    /// The shutdown's grace period ran out while the step waited on a libvirt block job.
+    #[error(
+        "the grace period of a shutdown ran out while {op} waited on its block job; the job runs on in QEMU, the step stays journaled, and the next start adopts the job"
+    )]
+    Abandoned {
+        /// The step's operation.
+        op: &'static str,
+    },
     /// An image the step would write fails `qemu-img check`.
     #[error(
         "refusing to run {op}: {} fails `qemu-img check` ({report}); writing into an image with damaged metadata can overwrite live data. Nothing was written. Inspect it with `qemu-img check {}` and repair a copy first",

@@ -16,6 +16,7 @@ static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 /// out). Each step is idempotent, so the journal runs the interrupted step again on the next
 /// start.
 pub fn terminate_running() -> usize {
+    ABANDON.store(true, std::sync::atomic::Ordering::SeqCst);
     let pids = RUNNING.lock().map(|v| v.clone()).unwrap_or_default();
     for &pid in &pids {
         let _ = nix::sys::signal::kill(
@@ -24,6 +25,15 @@ pub fn terminate_running() -> usize {
         );
     }
     pids.len()
+}
+
+/// Set when a shutdown's grace period ran out: steps waiting on a libvirt block job stop waiting
+/// (the job runs on in QEMU, the journal keeps the step, and the next start adopts the job).
+static ABANDON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once the grace period of a shutdown is over (see [`terminate_running`]).
+pub(crate) fn abandoning() -> bool {
+    ABANDON.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The `wchar` line of `/proc/PID/io`.

@@ -323,6 +323,10 @@ impl Libvirt {
         let mut unreachable_since: Option<Instant> = None;
         let target = self.src.target.clone();
         let result = loop {
+            if crate::execute::process::abandoning() {
+                // A shutdown's grace is over: leave the job to QEMU; the journal keeps the step.
+                break Err(ExecError::Abandoned { op: kind.op() });
+            }
             if session.is_none() {
                 match open(&self.src) {
                     Ok(s) => {

@@ -41,6 +41,18 @@ pub enum JobKind {
     Other,
 }
 
+impl JobKind {
+    /// The step operation this kind of job carries out.
+    pub fn op(self) -> &'static str {
+        match self {
+            JobKind::Pull => "stream",
+            JobKind::Copy => "mirror",
+            JobKind::Commit | JobKind::ActiveCommit => "commit",
+            JobKind::Other => "block job",
+        }
+    }
+}
+
 /// A block job's progress.
 #[derive(Clone, Copy, Debug)]
 pub struct JobInfo {
