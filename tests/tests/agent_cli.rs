@@ -729,3 +729,78 @@ fn a_stuck_journal_is_reported_once_and_set_aside_by_the_operator() {
     }
     assert!(landed, "no kill landed inside the commit");
 }
+
+/// Finding o_: the agent resumes what `apply` would resume. A placement plan whose snapshot
+/// step failed (the image directory was immutable) after its stream had moved the chain leaves
+/// the spec's `file:` binding pointing at the old place, so planning again fails; the agent
+/// must still finish the journaled plan, as `apply` does.
+#[test]
+fn the_agent_resumes_a_journal_whose_moves_outdated_the_spec_bindings() {
+    /// `chattr +i` on a directory, undone when dropped.
+    struct Immutable(PathBuf);
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let l: Vec<PathBuf> = ["base", "l1", "top"]
+        .iter()
+        .map(|n| env.img(&format!("{n}.qcow2")))
+        .collect();
+    create(&l[0], 64 << 20, None, &[]);
+    io(&l[0], "qcow2", &["write -P 1 0 6M".into()]);
+    create(&l[1], 0, Some((&l[0], "qcow2")), &[]);
+    io(&l[1], "qcow2", &["write -P 2 8M 6M".into()]);
+    create(&l[2], 0, Some((&l[1], "qcow2")), &[]);
+    io(&l[2], "qcow2", &["write -P 3 20M 1M".into()]);
+    let v = views(&env, &l);
+    let moved = env.img("moved");
+    std::fs::create_dir(&moved).unwrap();
+    let spec = env.spec(
+        "d.yaml",
+        &spec_yaml(
+            "d",
+            &l[2],
+            &[("golden".into(), Some(l[0].clone())), ("snap".into(), None)],
+            &format!("  placement:\n    directory: {}\n", moved.display()),
+        ),
+    );
+    {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(env.root())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "chattr +i");
+        let _guard = Immutable(env.root());
+        let out = env.apply(&spec, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(env.state().join("journal/d.json").exists());
+    let plan = env.plan(&spec);
+    assert_eq!(
+        plan.status.code(),
+        Some(2),
+        "planning again fails on the binding"
+    );
+    let _agent = Agent::start(&env, &specs, &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the agent to finish the plan",
+        || !env.state().join("journal/d.json").exists(),
+    );
+    let chain = backing_chain(&l[2]);
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    assert!(chain[0].starts_with(&moved), "{chain:?}");
+    assert_eq!(
+        views(&env, &chain),
+        vec![v[0].clone(), v[2].clone(), v[2].clone()]
+    );
+}

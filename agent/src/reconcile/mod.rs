@@ -417,6 +417,34 @@ impl Agent {
             }
         }
         let mut started_work = 0;
+        // A disk with an unfinished plan is resumed as `apply` would resume it, even when
+        // planning it again fails: the plan's finished steps may have moved the files the spec
+        // names (a point bound by `file:` now lives in the placement directory), and only the
+        // journal's remaining steps bring the chain to where the spec's bindings fit again.
+        for e in &report.errors {
+            if self.running.contains(&e.name)
+                || !matches!(Journal::load(&self.opts.state, &e.name), Ok(Some(_)))
+            {
+                continue;
+            }
+            let Some(spec) = candidates.iter().find(|s| s.name == e.name).cloned() else {
+                continue;
+            };
+            let key = park_key(&self.opts.state, &spec);
+            let t = self.track(&e.name);
+            if t.next_attempt.is_some_and(|at| at > now)
+                || (t.parked_on.is_some() && t.parked_on == key)
+            {
+                continue;
+            }
+            t.parked_on = None;
+            t.started_on = key;
+            t.result = "running".into();
+            tracing::info!(disk = %e.name, trigger = why, "resuming the unfinished plan in the journal before planning again");
+            // Its chain is unknown here: run it under the host-wide lock.
+            self.start(spec, true);
+            started_work += 1;
+        }
         for d in report.disks {
             let name = d.plan.name.clone();
             let labels = metrics::DiskLabels { disk: name.clone() };
