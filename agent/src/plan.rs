@@ -180,6 +180,24 @@ fn foreign_users(
     users
 }
 
+fn l_domain(spec: &LoadedSpec) -> String {
+    spec.spec()
+        .source
+        .libvirt
+        .as_ref()
+        .map(|l| l.domain.clone())
+        .unwrap_or_default()
+}
+
+fn l_target(spec: &LoadedSpec) -> String {
+    spec.spec()
+        .source
+        .libvirt
+        .as_ref()
+        .map(|l| l.target.clone())
+        .unwrap_or_default()
+}
+
 /// Runs the plan stage for every spec under `specs`.
 pub fn run(specs: &Path, roots: &[PathBuf], state: &StateDir) -> Result<PlanReport, PlanRunError> {
     let loaded = diskchain_crd::load_path(specs).map_err(PlanRunError::Specs)?;
@@ -263,6 +281,21 @@ pub fn plan_loaded(
                     }
                     let files: Vec<PathBuf> =
                         chain.layers.iter().map(|l| l.layer.path.clone()).collect();
+                    if d.disk.no_backing && files.len() > 1 {
+                        report.errors.push(fail(
+                            spec,
+                            format!(
+                                "{}: spec.source.libvirt: domain {} disk {} declares an empty <backingStore/>, so QEMU runs {} without the backing file its header names ({}); diskchain will not plan a chain QEMU does not read. Remove the <backingStore/> element from the domain's definition (virsh edit), or leave the disk out of the specs. Nothing was done",
+                                spec.origin(),
+                                l_domain(spec),
+                                l_target(spec),
+                                d.disk.active.display(),
+                                files[files.len() - 2].display()
+                            ),
+                            true,
+                        ));
+                        continue;
+                    }
                     if !crate::libvirt::chain_agrees(d, &files) {
                         let mut recorded = crate::libvirt::recorded_chain(d);
                         recorded.reverse();

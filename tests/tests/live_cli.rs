@@ -1168,3 +1168,103 @@ fn sigterm_ends_the_agent_within_its_grace_during_a_live_job() {
     dom.flush();
     assert_eq!(sha(&live_view(&chain[1])), sha(&expected), "the guest view");
 }
+
+/// Defines and starts a domain from `devices` XML (beside the usual VNC display); destroyed
+/// and undefined when the returned handle drops.
+fn start_with_devices(name: &str, devices: &str) -> Domain {
+    diskchain_tests::libvirt::require();
+    let _ = std::process::Command::new("virsh")
+        .args(["-c", URI, "destroy", name])
+        .output();
+    let _ = std::process::Command::new("virsh")
+        .args(["-c", URI, "undefine", name])
+        .output();
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><devices>\
+         <emulator>/usr/bin/qemu-system-x86_64</emulator>{devices}\
+         <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/></devices></domain>"
+    );
+    let file = std::env::temp_dir().join(format!("{name}.xml"));
+    std::fs::write(&file, xml).unwrap();
+    virsh(&["define", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    let d = Domain {
+        name: name.to_string(),
+    };
+    virsh(&["start", name]);
+    d
+}
+
+/// Finding i_/r_: a snapshot leaves every other device of the domain alone (a writable floppy,
+/// a CD-ROM), and an empty `<backingStore/>` (QEMU runs the image without its backing file) is
+/// bad input, exit 2, naming it.
+#[test]
+fn odd_devices_are_left_alone_and_an_empty_backing_store_is_bad_input() {
+    let env = Env::new();
+    let l = build(&env, &[("base", &[(1, 0, 4)]), ("top", &[(2, 4, 4)])]);
+    let other = env.dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    open_up(&other);
+    let floppy = other.join("floppy.img");
+    std::fs::File::create(&floppy)
+        .unwrap()
+        .set_len(1440 << 10)
+        .unwrap();
+    open_up(&floppy);
+    let name = format!("dc-odd-{}", std::process::id());
+    let dom = start_with_devices(
+        &name,
+        &format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             <disk type='file' device='floppy'><driver name='qemu' type='raw'/><source file='{}'/><target dev='fda' bus='fdc'/></disk>\
+             <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='sda' bus='sata'/><readonly/></disk>",
+            l[1].display(),
+            floppy.display()
+        ),
+    );
+    let s = env.spec(
+        "d.yaml",
+        &spec("d", &name, &[("golden", Some(&l[0])), ("snap", None)], ""),
+    );
+    apply_ok(&env, &s, &[]);
+    let vda: Vec<PathBuf> = dom
+        .chain()
+        .into_iter()
+        .filter(|p| p.starts_with(env.root()))
+        .collect();
+    assert_eq!(vda.len(), 3, "golden <- snap <- active: {vda:?}");
+    let files: Vec<_> = std::fs::read_dir(&other)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "nothing was created beside the floppy: {files:?}"
+    );
+    let blk = virsh(&["domblklist", &name]);
+    assert!(blk.contains(&floppy.display().to_string()), "{blk}");
+    drop(dom);
+
+    // An empty <backingStore/>: QEMU reads top alone.
+    let name = format!("dc-nobs-{}", std::process::id());
+    let _dom = start_with_devices(
+        &name,
+        &format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><backingStore/><target dev='vda' bus='virtio'/></disk>",
+            l[1].display()
+        ),
+    );
+    let s = env.spec("e.yaml", &spec("e", &name, &[("snap2", None)], ""));
+    let before = env.fingerprints();
+    let out = env.apply(&s, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("empty <backingStore/>") && err.contains("spec.source.libvirt"),
+        "{err}"
+    );
+    assert_eq!(env.fingerprints(), before);
+}

@@ -14,6 +14,9 @@ pub struct DiskXml {
     /// The backing chain libvirt reports (`<backingStore>` elements), top first, without the
     /// active image. Empty when the XML carries none (an inactive definition usually does not).
     pub backing: Vec<PathBuf>,
+    /// The XML declares an empty `<backingStore/>` for the active image: QEMU runs it without
+    /// any backing file, whatever its header names.
+    pub no_backing: bool,
     /// The block job with a destination running on the disk (`<mirror>`: a block copy, an
     /// active commit): its kind (`job=`) and destination file.
     pub mirror: Option<(String, Option<PathBuf>)>,
@@ -93,6 +96,8 @@ pub fn disk(xml: &str, target: &str) -> Result<DiskXml, XmlError> {
         .and_then(|s| s.attribute("type"))
         .unwrap_or("raw")
         .to_string();
+    let no_backing = child(d, "backingStore")
+        .is_some_and(|b| b.attribute("type").is_none() && child(b, "source").is_none());
     let mut backing = Vec::new();
     let mut cur = child(d, "backingStore");
     while let Some(b) = cur {
@@ -113,6 +118,7 @@ pub fn disk(xml: &str, target: &str) -> Result<DiskXml, XmlError> {
         active: PathBuf::from(active),
         format,
         backing,
+        no_backing,
         mirror,
     })
 }
@@ -144,11 +150,11 @@ pub fn disk_files(xml: &str) -> Result<Vec<(String, Vec<PathBuf>)>, XmlError> {
         .collect())
 }
 
-/// The targets of the domain's other disks (device `disk`), which a snapshot must leave alone.
+/// The targets of the domain's other disks, of every device kind (disks, floppies, CD-ROMs,
+/// LUNs), which a snapshot must leave alone: each is named with `snapshot='no'`.
 pub fn other_disks(xml: &str, target: &str) -> Result<Vec<String>, XmlError> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| XmlError::Parse(e.to_string()))?;
     Ok(disks(&doc)
-        .filter(|d| d.attribute("device").unwrap_or("disk") == "disk")
         .filter_map(target_of)
         .filter(|t| t != target)
         .collect())
@@ -259,7 +265,10 @@ mod tests {
                 PathBuf::from("/v/base.qcow2")
             ]
         );
-        assert_eq!(other_disks(LIVE, "vda").unwrap(), vec!["vdb".to_string()]);
+        assert_eq!(
+            other_disks(LIVE, "vda").unwrap(),
+            vec!["vdb".to_string(), "sda".to_string()]
+        );
         assert!(!has_guest_agent(LIVE).unwrap());
         let with_agent = LIVE.replace(
             "</devices>",
