@@ -351,7 +351,7 @@ fn metrics_parse_and_healthz_answers_during_a_long_step() {
     converges(&env, &act, &v, "the throttled plan");
     // Gauges are "as last observed": the pass after the reconcile sees the new chain.
     wait_until(
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         "the reconcile to be counted and the chain re-observed",
         || {
             agent.get("/metrics").is_some_and(|(_, m)| {

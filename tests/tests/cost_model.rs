@@ -62,8 +62,8 @@ fn ops(steps: &[Value]) -> String {
     serde_json::to_string(steps).unwrap()
 }
 
-/// `b` (1 GiB of data) <- `h` (2 MiB clusters, `h_mib` of data) <- `t` (4 KiB clusters, `writes`
-/// 4 KiB writes each in its own 2 MiB cluster past h's data) <- `a` (active, empty). The spec
+/// `b` (320 MiB of data) <- `h` (2 MiB clusters, `h_mib` of data) <- `t` (4 KiB clusters,
+/// `writes` 4 KiB writes each in its own 2 MiB cluster past h's data) <- `a` (active, empty). The spec
 /// keeps b and t: h goes, either committed into (t's writes, whole 2 MiB clusters each) or
 /// streamed into t (h's data).
 fn coarse_holder(env: &Env, h_mib: u64, writes: u64) -> (Vec<PathBuf>, PathBuf) {
@@ -71,13 +71,13 @@ fn coarse_holder(env: &Env, h_mib: u64, writes: u64) -> (Vec<PathBuf>, PathBuf) 
     let h = env.img("h.qcow2");
     let t = env.img("t.qcow2");
     let a = env.img("a.qcow2");
-    create(&b, 1 << 30, None, &[]);
-    io(&b, "qcow2", &["write -P 1 0 1G".into()]);
+    create(&b, 320 << 20, None, &[]);
+    io(&b, "qcow2", &["write -P 1 0 320M".into()]);
     create(&h, 0, Some((&b, "qcow2")), &["-o", "cluster_size=2M"]);
     io(&h, "qcow2", &[format!("write -P 2 0 {h_mib}M")]);
     create(&t, 0, Some((&h, "qcow2")), &["-o", "cluster_size=4096"]);
     let cmds: Vec<String> = (0..writes)
-        .map(|i| format!("write -P 3 {} 4k", (300 + i * 8) * MIB))
+        .map(|i| format!("write -P 3 {} 4k", (h_mib + 8 + i * 2) * MIB))
         .collect();
     io(&t, "qcow2", &cmds);
     create(&a, 0, Some((&t, "qcow2")), &[]);

@@ -1268,3 +1268,74 @@ fn odd_devices_are_left_alone_and_an_empty_backing_store_is_bad_input() {
     );
     assert_eq!(env.fingerprints(), before);
 }
+
+/// Finding g_, where it already happened: diskchain is killed during a live pull, QEMU finishes
+/// the job on its own and then crashes before anything flushed, so the active image names the
+/// new base while the pulled clusters never reached it. The next run finds it: with the domain
+/// running it refuses to call the step done (exit 1, saying to shut the domain down); with the
+/// domain off it points the image back at the layers it pulled from, so the guest reads what it
+/// read; once the domain runs again the pull is redone and made durable.
+#[test]
+fn a_pull_lost_in_a_crash_before_this_fix_is_found_and_repaired() {
+    let (env, l, original, dom) = running_chain(
+        "lostpull",
+        &[
+            ("base", &[(1, 0, 6)]),
+            ("l3", &[(4, 14, 6)]),
+            ("top", &[(5, 2, 4), (6, 30, 20)]),
+        ],
+    );
+    let s = env.spec(
+        "d.yaml",
+        &spec("d", &dom.name, &[("golden", Some(&l[0]))], ""),
+    );
+    let mut landed = false;
+    for _ in 0..3 {
+        if !diskchain_tests::env::apply_killed_mid_step(
+            &env,
+            &s,
+            &["--max-bytes-per-sec", "2097152"],
+        ) {
+            continue;
+        }
+        landed = true;
+        break;
+    }
+    assert!(landed, "no kill landed inside the pull");
+    // QEMU finishes the pull on its own, then dies before any flush.
+    let t = std::time::Instant::now();
+    while !dom.blockjob().is_empty() && t.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    dom.crash();
+    assert_ne!(
+        view_of(&l[2]),
+        original[2],
+        "the scenario: QEMU's pull lost its data in the crash"
+    );
+    // Started again by the operator: the loss is found, not called done.
+    virsh(&["start", &dom.name]);
+    let out = env.apply(&s, &[]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Shut the domain down"), "{err}");
+    // Shut down: the image is pointed back at l3 and reads as before.
+    virsh(&["destroy", &dom.name]);
+    let out = env.apply(&s, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(view_of(&l[2]), original[2], "the guest view is repaired");
+    virsh(&["start", &dom.name]);
+    apply_ok(&env, &s, &[]);
+    dom.crash();
+    assert_eq!(
+        view_of(&l[2]),
+        original[2],
+        "after the redone pull and another crash"
+    );
+    assert_eq!(view_of(&l[0]), original[0], "golden");
+}

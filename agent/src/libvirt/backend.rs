@@ -704,11 +704,45 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Bytes of the pulled `layers` that `into` does not hold although its header already names
+    /// `base` as its backing: what a crash of QEMU between the pull's end and a flush lost (the
+    /// guest reads `base` there). 0 when the pull has not rewritten the backing reference yet.
+    fn lost_by_pull(
+        &self,
+        into: &Path,
+        base: Option<&Path>,
+        layers: &[PathBuf],
+    ) -> Result<u64, ExecError> {
+        let now = crate::observe::header_backing(into);
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        if now != base.map(canon) || layers.iter().any(|l| !l.exists()) {
+            return Ok(0);
+        }
+        let top = crate::observe::allocation_of(into)?;
+        let below: Vec<_> = layers
+            .iter()
+            .map(|l| crate::observe::allocation_of(l))
+            .collect::<Result<_, _>>()?;
+        let unit = below
+            .iter()
+            .map(|a| a.unit)
+            .chain([top.unit])
+            .min()
+            .unwrap_or(65536);
+        let mut pulled = roaring::RoaringTreemap::new();
+        for a in &below {
+            pulled |= a.rescaled(unit).clipped(top.virtual_size).allocated();
+        }
+        let missing = &pulled - &top.rescaled(unit).allocated();
+        Ok(missing.len() * unit)
+    }
+
     fn pull(
         &self,
         d: &LiveDisk,
         into: &Path,
         base: Option<&Path>,
+        layers: &[PathBuf],
         progress: &mut dyn FnMut(f64),
     ) -> Result<(), ExecError> {
         let op = "stream";
@@ -720,8 +754,21 @@ impl Libvirt {
             ));
         }
         if d.disk.backing.first().map(PathBuf::as_path) == base {
-            // Pulled before (an interrupted run): durable only once QEMU flushed.
-            return self.make_durable(op, into);
+            // Pulled before (an interrupted run): durable only once QEMU flushed, and only if
+            // QEMU did not die before that since.
+            self.make_durable(op, into)?;
+            let lost = self.lost_by_pull(into, base, layers)?;
+            if lost > 0 {
+                return Err(ExecError::NotNow {
+                    op,
+                    file: into.to_path_buf(),
+                    what: format!(
+                        "the domain's QEMU stopped before {lost} bytes this pull copied reached the file, so the guest reads the layer below there. Shut the domain down and run again: diskchain points {} back at the layers it pulled from (they are still there) and pulls again once the domain runs",
+                        into.display()
+                    ),
+                });
+            }
+            return Ok(());
         }
         let start = |s: &Session| {
             if let Some(b) = base
@@ -1002,6 +1049,8 @@ impl Executor for Libvirt {
             }
             _ if !d.running => {
                 if self.live_plan {
+                    // (An interrupted pull was pointed back at the layers it pulled from by
+                    // `prepare_resume`, which undoes what a crash of QEMU may have lost.)
                     return Err(changed_state(true));
                 }
                 written += self.offline.run(step, progress)?.written_bytes;
@@ -1011,8 +1060,8 @@ impl Executor for Libvirt {
             StepAction::Commit { base, top, layers } => {
                 self.commit(&d, base, top, layers, progress)?
             }
-            StepAction::Stream { into, base, .. } => {
-                self.pull(&d, into, base.as_deref(), progress)?
+            StepAction::Stream { into, base, layers } => {
+                self.pull(&d, into, base.as_deref(), layers, progress)?
             }
             StepAction::Mirror { from, to, backing } => {
                 self.mirror(&d, from, to, backing.as_deref(), progress)?

@@ -355,6 +355,17 @@ pub fn header_backing(path: &Path) -> Option<PathBuf> {
         .find_map(|p| p.canonicalize().ok())
 }
 
+/// The allocation of one image file on its own (qcow2 from its tables, raw from its holes).
+pub fn allocation_of(path: &Path) -> Result<diskchain_planner::Allocation, ObserveError> {
+    let file = open_image(path)?;
+    if qcow2::has_magic(&file) {
+        let h = qcow2::read_header(&file, path)?;
+        Ok(qcow2::read_allocation(&file, path, &h)?)
+    } else {
+        raw::read_allocation(&file, path).map_err(io(path))
+    }
+}
+
 /// Opens an image read-only. Only regular files and block devices are opened: a FIFO or a
 /// character device at a layer's path would block or never end.
 pub fn open_image(path: &Path) -> Result<File, ObserveError> {
