@@ -598,7 +598,7 @@ impl Libvirt {
                     op,
                     file: file.to_path_buf(),
                     what: format!(
-                        "a {:?} block job that diskchain did not start runs on disk {target} of domain {domain}; diskchain never takes over or pivots someone else's job. Wait for it to end, or cancel it (`virsh blockjob {domain} {target} --abort`), and run again",
+                        "a {:?} block job that this step did not start runs on disk {target} of domain {domain} (an operator's, or one left running by an earlier plan that was set aside); diskchain never takes over or pivots a job that is not the step's own. Wait for it to end, or cancel it (`virsh blockjob {domain} {target} --abort`), and run again",
                         j.kind
                     ),
                 });
