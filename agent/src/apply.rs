@@ -225,8 +225,29 @@ pub fn apply_loaded(
                 Ok(Some(mut journal)) => {
                     match crate::resume::check(&journal, spec, roots, state) {
                         crate::resume::Verdict::Resume => {}
-                        crate::resume::Verdict::SetAside { why } => {
+                        crate::resume::Verdict::SetAside { why, first } => {
                             tracing::warn!(disk = %spec.name, why, "the plan an earlier run left contradicts the spec as it is now: setting it aside and planning again");
+                            // A live block job of the interrupted step runs on in QEMU: when the
+                            // spec still agrees with that step, it is finished (and recorded)
+                            // first, so the chain is whole and its points known when the rest
+                            // of the plan is set aside.
+                            if let Some(r) = journal.next()
+                                && journal.live
+                                && journal.steps[r].state == StepState::Running
+                                && first.is_some_and(|f| f > r)
+                                && let Err(e) = finish_step(&mut journal, r, roots, state, &options)
+                            {
+                                c.fail(
+                                    spec,
+                                    format!(
+                                        "{}: the unfinished earlier plan contradicts the spec ({why}); its interrupted step {} is still running in QEMU and could not be finished first: {e}; nothing more was done",
+                                        spec.origin(),
+                                        r + 1
+                                    ),
+                                    ErrorKind::Failed,
+                                );
+                                continue;
+                            }
                             match set_aside(&journal, roots, state, &options) {
                                 Ok(to) => {
                                     if options.progress != ProgressMode::Quiet {
@@ -679,6 +700,24 @@ fn finish(
 }
 
 /// Sets `journal` aside (see [`crate::resume::set_aside`]) with the disk's backend.
+/// Runs the interrupted step `r` of `journal` to its end (adopting its block job) and records it
+/// done.
+fn finish_step(
+    journal: &mut Journal,
+    r: usize,
+    roots: &Roots,
+    state: &StateDir,
+    options: &ApplyOptions,
+) -> Result<(), String> {
+    let exec =
+        executor(journal, roots, state, HashSet::new(), options).map_err(|e| e.to_string())?;
+    let action = journal.steps[r].step.action.clone();
+    exec.prepare_resume(&action).map_err(|e| e.to_string())?;
+    exec.run(&action, &mut |_| {}).map_err(|e| e.to_string())?;
+    journal.steps[r].state = StepState::Done;
+    journal.save(state).map_err(|e| e.to_string())
+}
+
 pub(crate) fn set_aside(
     journal: &Journal,
     roots: &Roots,

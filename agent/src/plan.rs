@@ -501,7 +501,7 @@ pub fn plan_loaded(
                                 "an earlier plan is in flight ({done} of {} steps done): apply or the agent finishes it before planning again",
                                 j.steps.len()
                             ),
-                            crate::resume::Verdict::SetAside { why } => format!(
+                            crate::resume::Verdict::SetAside { why, .. } => format!(
                                 "an earlier unfinished plan ({done} of {} steps done) contradicts the spec as it is now ({why}): apply or the agent sets it aside and plans again from the chain as it is",
                                 j.steps.len()
                             ),

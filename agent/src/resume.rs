@@ -32,6 +32,9 @@ pub enum Verdict {
     SetAside {
         /// Why, in words.
         why: String,
+        /// The first remaining step that contradicts the spec (0-based), when one does (rather
+        /// than the plan as a whole): the steps before it may still run.
+        first: Option<usize>,
     },
     /// It cannot be explained without the operator: report, do not run.
     Stuck {
@@ -74,10 +77,12 @@ pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateD
             .filter(|name| planned.get(name.as_str()) != Some(&f))
     };
     let mut reasons = Vec::new();
+    let mut first = None;
     for (i, s) in journal.steps.iter().enumerate() {
         if s.state == StepState::Done {
             continue;
         }
+        let before = reasons.len();
         let n = i + 1;
         match &s.step.action {
             StepAction::Commit { base, .. } => {
@@ -131,6 +136,9 @@ pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateD
             | StepAction::Copy { .. }
             | StepAction::Rebase { .. } => {}
         }
+        if first.is_none() && reasons.len() > before {
+            first = Some(i);
+        }
     }
     // A point the spec now keeps that the plan removes from the chain (and that no step above
     // writes): whatever the remaining steps do to it, re-planning keeps it.
@@ -151,6 +159,7 @@ pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateD
         reasons.dedup();
         Verdict::SetAside {
             why: reasons.join("; "),
+            first,
         }
     }
 }

@@ -1339,3 +1339,93 @@ fn a_pull_lost_in_a_crash_before_this_fix_is_found_and_repaired() {
     );
     assert_eq!(view_of(&l[0]), original[0], "golden");
 }
+
+/// Finding d_: a live plan killed during its first step (a block commit, left running in QEMU)
+/// and resumed after the spec started keeping a layer a later step would commit into: the later
+/// step never runs (the kept point's view is unchanged), the interrupted step, which the spec
+/// still agrees with, is finished first, and the disk ends as the new spec says.
+#[test]
+fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
+    let (env, l, original, dom) = running_chain(
+        "stale",
+        &[
+            ("base", &[(1, 0, 4)]),
+            ("a", &[(2, 4, 4)]),
+            ("b", &[(3, 8, 16)]),
+            ("c", &[(4, 30, 4)]),
+            ("top", &[(5, 40, 1)]),
+        ],
+    );
+    let v1 = env.spec(
+        "d.yaml",
+        &spec(
+            "d",
+            &dom.name,
+            &[("golden", Some(&l[0])), ("bee", Some(&l[2]))],
+            "",
+        ),
+    );
+    let plan = env.plan_json(&v1);
+    let ops: Vec<&str> = plan["disks"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops.first(), Some(&"commit"), "{plan}");
+    let mut landed = false;
+    for _ in 0..3 {
+        if diskchain_tests::env::apply_killed_mid_step(
+            &env,
+            &v1,
+            &["--max-bytes-per-sec", "2097152"],
+        ) && std::fs::read_to_string(env.state().join("journal/d.json"))
+            .unwrap_or_default()
+            .contains("\"running\"")
+        {
+            landed = true;
+            break;
+        }
+    }
+    assert!(landed, "no kill landed inside the first step");
+    let v2 = env.spec(
+        "d.yaml",
+        &spec(
+            "d",
+            &dom.name,
+            &[
+                ("golden", Some(&l[0])),
+                ("bee", Some(&l[2])),
+                ("cee", Some(&l[3])),
+            ],
+            "",
+        ),
+    );
+    let out = env.apply(&v2, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(view_of(&l[3]), original[3], "point cee's view");
+    assert_eq!(view_of(&l[0]), original[0], "golden");
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 4, "golden <- bee <- cee <- active: {chain:?}");
+    assert_eq!(view_of(&chain[1]), original[2], "bee's view");
+    assert_eq!(canon(&chain[2]), canon(&l[3]), "cee stays where it was");
+    assert_eq!(
+        canon(&chain[3]),
+        canon(&l[4]),
+        "the guest stays on its active image"
+    );
+    dom.flush();
+    assert_eq!(view_of(&l[4]), original[4], "the guest view");
+    assert!(
+        env.plan_json(&v2)["disks"][0]["steps"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
