@@ -1388,6 +1388,30 @@ fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
         }
     }
     assert!(landed, "no kill landed inside the first step");
+    // Finding w_: with `suspend: true`, apply leaves the journal alone: no step of it runs.
+    let journal = env.state().join("journal/d.json");
+    let recorded = std::fs::read_to_string(&journal).unwrap();
+    let suspended = env.spec(
+        "d.yaml",
+        &spec(
+            "d",
+            &dom.name,
+            &[
+                ("golden", Some(&l[0])),
+                ("bee", Some(&l[2])),
+                ("cee", Some(&l[3])),
+            ],
+            "  suspend: true\n",
+        ),
+    );
+    let out = env.apply(&suspended, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&journal).unwrap(), recorded);
     let v2 = env.spec(
         "d.yaml",
         &spec(
