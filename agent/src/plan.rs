@@ -494,6 +494,20 @@ pub fn plan_loaded(
             }
             Ok(mut plan) => report.disks.push(DiskReport {
                 plan: {
+                    // The chain's persistent dirty bitmaps, and which cannot be trusted.
+                    // A running domain's QEMU has its active image open read-write (its
+                    // bitmaps are loaded and marked in use); backing layers only read.
+                    let active = &o.chain.active().layer.path;
+                    for l in &o.chain.layers {
+                        let open = l.in_use.is_some() || (o.running && &l.layer.path == active);
+                        for b in &l.extras.bitmaps {
+                            plan.notes.push(format!(
+                                "{} holds bitmap {}",
+                                l.layer.path.display(),
+                                b.describe(open)
+                            ));
+                        }
+                    }
                     if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.name) {
                         let done = j.steps.iter().filter(|s| s.state == crate::journal::StepState::Done).count();
                         plan.notes.push(match crate::resume::check(&j, o.spec, roots, state) {
@@ -557,7 +571,7 @@ fn drops_extras(chain: &ObservedChain, plan: &DiskPlan, live: bool) -> Option<St
             what.push(format!("internal snapshots {:?}", e.snapshots));
         }
         if !e.bitmaps.is_empty() {
-            let names: Vec<&str> = e.bitmaps.iter().map(|(n, _)| n.as_str()).collect();
+            let names: Vec<&str> = e.bitmaps.iter().map(|b| b.name.as_str()).collect();
             what.push(format!("persistent dirty bitmaps {names:?}"));
         }
         problems.push(format!(

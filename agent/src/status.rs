@@ -23,6 +23,23 @@ pub struct StatusLayer {
     pub file_bytes: u64,
     /// Data it holds itself.
     pub data_bytes: u64,
+    /// Its persistent dirty bitmaps: name, granularity, flags, and `state` (`recording`,
+    /// `disabled`, or `inconsistent`: marked in use while no process has the image open).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<StatusBitmap>,
+}
+
+/// A persistent dirty bitmap as `status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusBitmap {
+    /// The bitmap as recorded.
+    #[serde(flatten)]
+    pub bitmap: crate::observe::qcow2::Bitmap,
+    /// `recording`, `disabled` or `inconsistent`.
+    pub state: &'static str,
+    /// One line for people.
+    #[serde(skip)]
+    pub line: String,
 }
 
 /// One disk as `status` shows it.
@@ -134,6 +151,16 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
                         file: l.layer.path.clone(),
                         file_bytes: l.file_size,
                         data_bytes: l.layer.alloc.as_ref().map_or(0, |a| a.data_bytes()),
+                        bitmaps: l
+                            .extras
+                            .bitmaps
+                            .iter()
+                            .map(|b| StatusBitmap {
+                                bitmap: b.clone(),
+                                state: b.state(l.in_use.is_some()),
+                                line: b.describe(l.in_use.is_some()),
+                            })
+                            .collect(),
                     })
                     .collect(),
                 None,
@@ -195,6 +222,9 @@ pub fn text(disks: &[StatusDisk]) -> String {
                 human_bytes(l.file_bytes),
                 human_bytes(l.data_bytes)
             );
+            for b in &l.bitmaps {
+                let _ = writeln!(out, "       bitmap {}", b.line);
+            }
         }
         match (d.in_flight, &d.needs_operator) {
             (Some((done, all)), Some(why)) => {

@@ -129,8 +129,49 @@ pub struct BitmapsExt {
 pub struct Extras {
     /// Names of internal snapshots.
     pub snapshots: Vec<String>,
-    /// Persistent dirty bitmaps: name, and whether it is marked in use (not stored cleanly).
-    pub bitmaps: Vec<(String, bool)>,
+    /// Persistent dirty bitmaps.
+    pub bitmaps: Vec<Bitmap>,
+}
+
+impl Bitmap {
+    /// What the bitmap can be trusted for, given whether a process has the image open (a
+    /// running QEMU sets `in_use` on the bitmaps it loaded).
+    pub fn state(&self, image_open: bool) -> &'static str {
+        match (self.in_use, image_open, self.auto) {
+            (true, false, _) => "inconsistent",
+            (_, _, true) => "recording",
+            (_, _, false) => "disabled",
+        }
+    }
+
+    /// One line for `plan` and `status`: name, granularity and state.
+    pub fn describe(&self, image_open: bool) -> String {
+        let state = match self.state(image_open) {
+            "inconsistent" => {
+                "INCONSISTENT: its in-use flag was left by a QEMU that did not close the image, so it may miss writes; a backup tool must not trust it (remove it with `qemu-img bitmap --remove`, or delete its libvirt checkpoint, and take a full backup)"
+            }
+            s => s,
+        };
+        format!(
+            "{} ({} granularity, {state})",
+            self.name,
+            crate::units::human_bytes(self.granularity)
+        )
+    }
+}
+
+/// A persistent dirty bitmap as the image's bitmap directory records it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Bitmap {
+    /// Its name (a libvirt checkpoint's bitmap is named after the checkpoint).
+    pub name: String,
+    /// Bytes of guest data per bit.
+    pub granularity: u64,
+    /// Flag `in_use`: a QEMU has the image open with the bitmap loaded, or had and did not
+    /// store it (it crashed): then the bitmap is inconsistent and must not be trusted.
+    pub in_use: bool,
+    /// Flag `auto`: the bitmap is enabled, recording every guest write.
+    pub auto: bool,
 }
 
 impl Extras {
@@ -367,16 +408,19 @@ pub fn read_extras(file: &File, path: &Path, h: &Header) -> Result<Extras, Qcow2
                 return Err(invalid("bitmap directory truncated"));
             }
             let flags = be32(&dir, at + 12);
+            let granularity_bits = u32::from(dir[at + 17]).min(63);
             let name_len = usize::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
             let extra = be32(&dir, at + 20) as usize;
             let name_at = at + 24 + extra;
             if name_at + name_len > dir.len() {
                 return Err(invalid("bitmap directory truncated"));
             }
-            out.bitmaps.push((
-                String::from_utf8_lossy(&dir[name_at..name_at + name_len]).into_owned(),
-                flags & 1 != 0,
-            ));
+            out.bitmaps.push(Bitmap {
+                name: String::from_utf8_lossy(&dir[name_at..name_at + name_len]).into_owned(),
+                granularity: 1u64 << granularity_bits,
+                in_use: flags & 1 != 0,
+                auto: flags & 2 != 0,
+            });
             at = (name_at + name_len).div_ceil(8) * 8;
         }
     }
