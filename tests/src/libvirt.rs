@@ -24,7 +24,7 @@ pub fn require() {
         .is_ok_and(|o| o.status.success());
     assert!(
         ok,
-        "live tests need a running libvirtd with QEMU: run `sudo scripts/setup.sh --live` (installs qemu-system-x86 and libvirt from bookworm-backports and starts virtlogd and libvirtd)"
+        "live tests need a running libvirtd with QEMU: run `scripts/setup.sh --live` as root (it installs qemu-system-x86 and libvirt from bookworm-backports and starts virtlogd and libvirtd)"
     );
 }
 
