@@ -816,7 +816,23 @@ impl Libvirt {
                 s.dom
                     .suspend()
                     .map_err(self.live_err("pausing the domain to flush its images"))?;
-                let resumed = s.dom.resume();
+                // The guest must not stay paused: a failed resume (libvirtd restarting, say) is
+                // tried again on a fresh connection before it is reported.
+                let mut resumed = s.dom.resume();
+                for _ in 0..5 {
+                    if resumed.is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                    let Ok(s2) = open(&self.src) else {
+                        continue;
+                    };
+                    if matches!(s2.dom.state(), Ok((Enum::Known(DomainState::Running), _))) {
+                        resumed = Ok(());
+                        break;
+                    }
+                    resumed = s2.dom.resume();
+                }
                 resumed.map_err(self.live_err(
                     "resuming the domain after flushing its images (it is paused: `virsh resume` it)",
                 ))?;
