@@ -553,7 +553,14 @@ fn drops_extras(chain: &ObservedChain, plan: &DiskPlan, live: bool) -> Option<St
         if e.is_empty() {
             continue;
         }
-        let leaves = !kept.contains(&&l.layer.path);
+        // A layer that takes the active image's path replaces the active file: what the old
+        // one held beside its data goes with it.
+        let taker = plan.steps.iter().find_map(|s| match &s.action {
+            diskchain_planner::StepAction::TakeOver { holder, .. } => Some(holder),
+            _ => None,
+        });
+        let replaced = taker.is_some() && l.layer.path == chain.active().layer.path;
+        let leaves = (!kept.contains(&&l.layer.path) && taker != Some(&l.layer.path)) || replaced;
         // Offline, a new snapshot's top starts without the active layer's bitmaps: the next
         // incremental backup would be refused or wrong.
         let snapshot_top = !live

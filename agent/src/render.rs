@@ -114,6 +114,9 @@ pub fn text(report: &PlanReport) -> String {
                         format!("{} onto {}", short(overlay), short(backing))
                     }
                     StepAction::Delete { file } => short(file),
+                    StepAction::TakeOver { holder, active } => {
+                        format!("{} becomes {}", short(holder), short(active))
+                    }
                 };
                 t.add_row(vec![
                     (i + 1).to_string(),

@@ -123,6 +123,14 @@ pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateD
                     ));
                 }
             }
+            StepAction::TakeOver { holder, .. } => {
+                if let Some(name) = kept.get(holder) {
+                    reasons.push(format!(
+                        "step {n} would rename {} over the active image, and it holds point {name:?}",
+                        holder.display()
+                    ));
+                }
+            }
             StepAction::Revert { .. } => {
                 let now = spec.spec().revert.as_ref().map(|r| &r.id);
                 if now != journal.revert.as_ref().map(|r| &r.id) {

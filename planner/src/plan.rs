@@ -142,6 +142,17 @@ pub enum StepAction {
         /// Its new backing file.
         backing: PathBuf,
     },
+    /// Offline: `holder`, which now reads exactly as the active image (the active layer was
+    /// committed into it), takes the active image's path: it is given the active file's owner,
+    /// mode and extended attributes, then renamed over it, and the directory is synced. The old
+    /// active file's own data is in `holder`; its inode goes.
+    #[serde(rename = "take-over")]
+    TakeOver {
+        /// The file that becomes the active image.
+        holder: PathBuf,
+        /// The active image's path.
+        active: PathBuf,
+    },
     /// Remove a file no chain uses any more.
     Delete {
         /// The file.
@@ -159,6 +170,7 @@ impl StepAction {
             StepAction::Copy { .. } => "copy",
             StepAction::Rebase { .. } => "rebase",
             StepAction::Delete { .. } => "delete",
+            StepAction::TakeOver { .. } => "take-over",
             StepAction::Mirror { .. } => "mirror",
             StepAction::Revert { .. } => "revert",
         }
@@ -351,6 +363,8 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     // file there until the active layer is mirrored onto the copies), and the active image.
     let mut chain_below: Option<PathBuf> = None;
     let mut cur_active = paths[active].clone();
+    // The layer that took the active image's path (offline), if one did.
+    let mut taken_over: Option<PathBuf> = None;
 
     for (u, point) in tops {
         let lo = prev.map_or(0, |p| p + 1);
@@ -396,10 +410,21 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         }
         let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
         let grains: Vec<u64> = run.iter().map(|&i| grain[i]).collect();
-        let costs = evaluate(&layers, &grains, unit, size, is_active && !req.live);
+        let costs = evaluate(&layers, &grains, unit, size, false);
         let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
         for (k, &h) in run.iter().enumerate().rev() {
-            if is_active && h != u && (!req.live || live_mirror) {
+            // Offline, the layer right below the active one may hold the active run and then
+            // take the active image's path (a rename: same directory, so the same file system
+            // and the same meaning of a relative backing name), when the active file has no
+            // other user. Only the layer right below: a layer between would be left recording
+            // a backing file that no longer exists.
+            let takes_over = is_active
+                && h + 1 == u
+                && !req.live
+                && chain[h].format == Format::Qcow2
+                && paths[h].parent() == paths[u].parent()
+                && shared[u].is_none();
+            if is_active && h != u && (live_mirror || (!req.live && !takes_over)) {
                 continue;
             }
             let c = &costs.holders[k];
@@ -409,6 +434,16 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 } else {
                     format!("stream into {point}")
                 }
+            } else if takes_over && k == 0 {
+                format!(
+                    "commit the active layer into {}, which then takes the active image's path",
+                    name_of(h)
+                )
+            } else if takes_over {
+                format!(
+                    "commit the active layer into {}, stream below it, then it takes the active image's path",
+                    name_of(h)
+                )
             } else if is_active && k == 0 {
                 format!(
                     "commit the active layer into {} and pivot to it",
@@ -624,11 +659,33 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 // Offline, the layer above `u` still records `u` until re-pointed; a live
                 // commit re-points it when the job completes.
                 stale = h != u && !req.live;
-                if is_active {
-                    cur_active = paths[h].clone();
+                if is_active && h != u && !req.live {
+                    // The holder takes the active image's path: nothing above records it.
+                    steps.push(Step {
+                        action: StepAction::TakeOver {
+                            holder: paths[h].clone(),
+                            active: paths[u].clone(),
+                        },
+                        bytes: 0,
+                        zero_bytes: 0,
+                        reason: format!(
+                            "{} reads as the active image and takes its path ({} with the old active file's owner, mode and attributes): committing {} wrote less than streaming into the active layer",
+                            paths[h].display(),
+                            paths[u].display(),
+                            paths[u].display()
+                        ),
+                    });
+                    taken_over = Some(paths[h].clone());
+                    stale = false;
+                    chain_below = Some(paths[u].clone());
+                    paths[u].clone()
+                } else {
+                    if is_active {
+                        cur_active = paths[h].clone();
+                    }
+                    chain_below = Some(paths[h].clone());
+                    paths[h].clone()
                 }
-                chain_below = Some(paths[h].clone());
-                paths[h].clone()
             }
             Choice::Mirror(to) => {
                 if let (Some(_), false) = (&base, removes.is_empty()) {
@@ -778,7 +835,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     let kept_files: Vec<&PathBuf> = result.iter().map(|f| &f.file).collect();
     let mut leaving = Vec::new();
     for (i, p) in paths.iter().enumerate() {
-        if kept_files.contains(&p) {
+        if kept_files.contains(&p) || taken_over.as_ref() == Some(p) {
             continue;
         }
         if shared[i].is_none() {

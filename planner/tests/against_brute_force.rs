@@ -200,6 +200,24 @@ fn replay(
                 s.files.splice(first..=last, [(new_id, cells)]);
                 cost
             }
+            StepAction::TakeOver { holder, active } => {
+                prop_assert!(
+                    !shared(id(holder, &copies)),
+                    "took over with shared {holder:?}"
+                );
+                let h = s.pos(id(holder, &copies)).unwrap();
+                prop_assert_eq!(
+                    h,
+                    s.files.len() - 1,
+                    "the holder is the top after its commit"
+                );
+                prop_assert!(
+                    s.pos(id(active, &copies)).is_none(),
+                    "the active was committed"
+                );
+                s.files[h].0 = id(active, &copies);
+                0
+            }
             StepAction::Rebase { overlay, backing } => {
                 prop_assert!(!shared(id(overlay, &copies)), "rebased shared {overlay:?}");
                 let (b, o) = (

@@ -118,6 +118,16 @@ impl State {
         cost
     }
 
+    /// Offline: commits the active layer into `base`, the layer right below it, which then takes
+    /// the active image's place (a rename): the chain ends at `base`, now the active file.
+    pub fn take_over(&mut self, base: usize) -> u64 {
+        let top = self.files.len() - 1;
+        let active = self.files[top].0;
+        let cost = self.commit(base, top);
+        self.files[base].0 = active;
+        cost
+    }
+
     /// Position of original layer `orig`, if still in the chain.
     pub fn pos(&self, orig: usize) -> Option<usize> {
         self.files.iter().position(|f| f.0 == orig)
@@ -181,6 +191,13 @@ pub fn min_cost(p: &Problem) -> Option<u64> {
                 let mut t = s.clone();
                 let c = t.commit_active(base);
                 next.push((c, t));
+                // Only the layer originally right below the active one: any layer between
+                // would be left recording a backing file that no longer exists.
+                if base + 2 == n && s.files[base].0 + 1 == s.files[n - 1].0 {
+                    let mut t = s.clone();
+                    let c = t.take_over(base);
+                    next.push((c, t));
+                }
             }
         }
         for (c, t) in next {

@@ -164,7 +164,7 @@ fn preallocated_layers_cost_what_they_hold() {
         assert_eq!(view_sha256(&top, "qcow2", env.dir.path()), before);
     }
     // preallocation=full writes its zeros: nothing but reading them tells them from data, so
-    // the prediction is an upper bound there (QEMU skips what reads the same).
+    // the prediction is an upper bound there (QEMU skips what reads the same), metadata aside.
     let env = Env::new();
     let base = env.img("base.qcow2");
     let top = env.img("top.qcow2");
@@ -172,10 +172,10 @@ fn preallocated_layers_cost_what_they_hold() {
     create(&top, 0, Some((&base, "qcow2")), &[]);
     io(&top, "qcow2", &["write -P 5 0 64k".into()]);
     let spec = env.spec("d.yaml", &spec_yaml("d", &top, &[], ""));
-    let (_, predicted, written) = plan_and_apply(&env, &spec, "d", &[]);
+    let (steps, predicted, written) = plan_and_apply(&env, &spec, "d", &[]);
     assert!(
-        written <= predicted,
-        "full: predicted {predicted}, wrote {written}"
+        written <= predicted + steps.len() as u64 * MIB,
+        "full: predicted {predicted}, wrote {written} (plus metadata)"
     );
 }
 

@@ -136,13 +136,9 @@ fn a_plan_that_would_drop_internal_snapshots_or_bitmaps_is_refused_naming_them()
         "  placement:\n    directory: {}\n  prune: true\n",
         fast.display()
     );
-    for (what, spec) in [
-        ("placement", spec_yaml("d", &l[2], &points, &moved)),
-        (
-            "merge",
-            spec_yaml("d", &l[2], &points[..1], "  prune: true\n"),
-        ),
-    ] {
+    // (Dropping p1 no longer merges l1 away: l1, right below the active layer, takes the
+    // active image's path with its snapshot and bitmap; see the end of this test.)
+    for (what, spec) in [("placement", spec_yaml("d", &l[2], &points, &moved))] {
         let spec = env.spec("d.yaml", &spec);
         let out = env.apply(&spec, &[]);
         let err = stderr(&out);
@@ -157,6 +153,18 @@ fn a_plan_that_would_drop_internal_snapshots_or_bitmaps_is_refused_naming_them()
     let spec = env.spec("d.yaml", &spec_yaml("d", &l[2], &points, ""));
     let out = env.apply(&spec, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Dropping p1: l1 takes the active path, and its snapshot and bitmap with it.
+    let spec = env.spec("d.yaml", &spec_yaml("d", &l[2], &points[..1], ""));
+    let out = env.apply(&spec, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!l[1].exists(), "l1 took the active path");
+    let info = run(Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&l[2]));
+    assert!(
+        info.contains("before-upgrade") && info.contains("inc0"),
+        "the active image holds l1's snapshot and bitmap: {info}"
+    );
 }
 
 /// F8: a kept point keeps its virtual size: it is never moved into a larger base.

@@ -100,9 +100,17 @@ fn plan_reports_exactly_the_minimum_on_random_real_chains() {
                     let op = s["op"].as_str().unwrap();
                     assert!(
                         [
-                            "snapshot", "stream", "commit", "copy", "mirror", "rebase", "delete"
+                            "snapshot",
+                            "stream",
+                            "commit",
+                            "copy",
+                            "mirror",
+                            "rebase",
+                            "delete",
+                            "take-over"
                         ]
-                        .contains(&op)
+                        .contains(&op),
+                        "{op}"
                     );
                 }
                 planned += 1;

@@ -8,6 +8,8 @@
 
 pub mod offline;
 pub(crate) mod process;
+#[allow(unsafe_code)]
+mod xattr;
 
 pub use process::terminate_running;
 

@@ -191,7 +191,12 @@ impl Offline {
         if let Some(r) = self.options.max_bytes_per_sec {
             c.args(["-r", &r.to_string()]);
         }
-        c.arg("-b").arg(&base).arg(top);
+        // `-b` finds the base by the name the chain records; a base the top names directly
+        // needs none (and may be recorded as `file:...` or relative).
+        if layers.len() > 1 || backing_of(&self.roots, top)?.map(|(b, _)| b) != Some(base.clone()) {
+            c.arg("-b").arg(&base);
+        }
+        c.arg(top);
         process::run(c, progress)
     }
 
@@ -480,6 +485,61 @@ impl Offline {
         Ok(written)
     }
 
+    /// `holder` takes the active image's path (see [`StepAction::TakeOver`]). Done before when
+    /// `holder` is gone and the active path is there (the rename is atomic).
+    fn take_over(&self, holder: &Path, active: &Path) -> Result<u64, ExecError> {
+        let op = "take-over";
+        if std::fs::symlink_metadata(holder).is_err() {
+            if active.exists() {
+                return Ok(0);
+            }
+            return Err(ExecError::Precondition {
+                op,
+                file: active.to_path_buf(),
+                what: format!("neither it nor {} exists", holder.display()),
+            });
+        }
+        let active_c = self.writable(op, active)?;
+        let holder_c = self.writable(op, holder)?;
+        if holder_c.parent() != active_c.parent() || !self.in_chain(&active_c, &holder_c)? {
+            return Err(ExecError::Precondition {
+                op,
+                file: holder_c,
+                what: format!(
+                    "it is not a layer below {} in the same directory",
+                    active_c.display()
+                ),
+            });
+        }
+        let io = |action: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ExecError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        // The active file's owner, mode and extended attributes (SELinux label, ACLs) go with
+        // its path.
+        let m = std::fs::metadata(&active_c).map_err(io("read the metadata of", &active_c))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::chown(&holder_c, Some(m.uid()), Some(m.gid()))
+                .map_err(io("change the owner of", &holder_c))?;
+        }
+        std::fs::set_permissions(&holder_c, m.permissions())
+            .map_err(io("change the mode of", &holder_c))?;
+        super::xattr::copy_all(&active_c, &holder_c)
+            .map_err(io("copy the extended attributes to", &holder_c))?;
+        sync_file(&holder_c)?;
+        std::fs::rename(&holder_c, &active_c)
+            .map_err(io("rename onto the active image", &holder_c))?;
+        if let Some(dir) = active_c.parent() {
+            sync_file(dir)?;
+        }
+        Ok(0)
+    }
+
     fn delete(&self, file: &Path) -> Result<u64, ExecError> {
         let op = "delete";
         if !file.exists() {
@@ -530,6 +590,7 @@ impl Executor for Offline {
             StepAction::Snapshot { .. }
             | StepAction::Copy { .. }
             | StepAction::Delete { .. }
+            | StepAction::TakeOver { .. }
             | StepAction::Mirror { .. }
             | StepAction::Revert { .. } => vec![],
         };
@@ -605,6 +666,7 @@ impl Executor for Offline {
                 backing,
             } => self.copy(layers, to, backing.as_deref(), progress)?,
             StepAction::Delete { file } => self.delete(file)?,
+            StepAction::TakeOver { holder, active } => self.take_over(holder, active)?,
             StepAction::Revert {
                 to,
                 active,

@@ -1089,6 +1089,13 @@ impl Executor for Libvirt {
                     "a running domain's backing layer is never re-pointed in place",
                 ));
             }
+            StepAction::TakeOver { active, .. } => {
+                return Err(self.refuse(
+                    "take-over",
+                    active,
+                    "a running domain's active image is never replaced by a rename",
+                ));
+            }
         }
         if let (Some(p), Some(b)) = (pid, before)
             && let Some(a) = crate::execute::process::wchar(p)
