@@ -138,8 +138,9 @@ fn a_plan_that_would_drop_internal_snapshots_or_bitmaps_is_refused_naming_them()
     );
     // (Dropping p1 no longer merges l1 away: l1, right below the active layer, takes the
     // active image's path with its snapshot and bitmap; see the end of this test.)
-    for (what, spec) in [("placement", spec_yaml("d", &l[2], &points, &moved))] {
-        let spec = env.spec("d.yaml", &spec);
+    {
+        let what = "placement";
+        let spec = env.spec("d.yaml", &spec_yaml("d", &l[2], &points, &moved));
         let out = env.apply(&spec, &[]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{what}: {err}");
