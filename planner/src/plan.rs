@@ -592,10 +592,12 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 _ => None,
             };
         };
+        // Committing down (libvirt's `blockcommit --active --pivot`, or offline the layer right
+        // below taking over the active path) where that is possible; else streaming.
         add(
             &mut baselines.always_commit,
             if is_active {
-                top_ok
+                lowest_ok.or(top_ok)
             } else {
                 lowest_ok.or(fallback_copy)
             },
