@@ -427,19 +427,9 @@ impl Agent {
             {
                 continue;
             }
-            let Some(spec) = candidates.iter().find(|s| s.name == e.name).cloned() else {
+            let Some(spec) = self.may_start(&e.name, &candidates, now) else {
                 continue;
             };
-            let key = park_key(&self.opts.state, &spec);
-            let t = self.track(&e.name);
-            if t.next_attempt.is_some_and(|at| at > now)
-                || (t.parked_on.is_some() && t.parked_on == key)
-            {
-                continue;
-            }
-            t.parked_on = None;
-            t.started_on = key;
-            t.result = "running".into();
             tracing::info!(disk = %e.name, trigger = why, "resuming the unfinished plan in the journal before planning again");
             // Its chain is unknown here: run it under the host-wide lock.
             self.start(spec, true);
@@ -472,28 +462,15 @@ impl Agent {
                 t.last_unix = now_unix();
                 continue;
             }
-            let t = self.track(&name);
-            if t.next_attempt.is_some_and(|at| at > now) {
-                continue;
-            }
-            let Some(spec) = candidates.iter().find(|s| s.name == name).cloned() else {
+            let Some(spec) = self.may_start(&name, &candidates, now) else {
                 continue;
             };
-            let key = park_key(&self.opts.state, &spec);
-            let t = self.track(&name);
-            if t.parked_on.is_some() && t.parked_on == key {
-                // Waiting for the operator (the error says what to do): not retried.
-                continue;
-            }
-            t.parked_on = None;
-            t.started_on = key;
             let sharing = d
                 .plan
                 .chain
                 .iter()
                 .any(|f| users.get(f).copied().unwrap_or(0) > 1);
             tracing::info!(disk = %name, steps = d.plan.steps.len(), bytes = d.plan.total_bytes, sharing, trigger = why, "reconciling");
-            self.track(&name).result = "running".into();
             self.start(spec, sharing);
             started_work += 1;
         }
@@ -505,6 +482,29 @@ impl Agent {
             seconds = started.elapsed().as_secs_f64(),
             "pass done"
         );
+    }
+
+    /// The spec of disk `name` when the disk may start now: it is not backing off after a
+    /// failure, nor waiting for the operator on the same spec and journal (the error said what
+    /// to do; it is not retried). Records what it starts on and marks it running.
+    fn may_start(
+        &mut self,
+        name: &str,
+        candidates: &[LoadedSpec],
+        now: Instant,
+    ) -> Option<LoadedSpec> {
+        let spec = candidates.iter().find(|s| s.name == name).cloned()?;
+        let key = park_key(&self.opts.state, &spec);
+        let t = self.track(name);
+        if t.next_attempt.is_some_and(|at| at > now)
+            || (t.parked_on.is_some() && t.parked_on == key)
+        {
+            return None;
+        }
+        t.parked_on = None;
+        t.started_on = key;
+        t.result = "running".into();
+        Some(spec)
     }
 
     fn start(&mut self, spec: LoadedSpec, sharing: bool) {
