@@ -180,24 +180,6 @@ fn foreign_users(
     users
 }
 
-fn l_domain(spec: &LoadedSpec) -> String {
-    spec.spec()
-        .source
-        .libvirt
-        .as_ref()
-        .map(|l| l.domain.clone())
-        .unwrap_or_default()
-}
-
-fn l_target(spec: &LoadedSpec) -> String {
-    spec.spec()
-        .source
-        .libvirt
-        .as_ref()
-        .map(|l| l.target.clone())
-        .unwrap_or_default()
-}
-
 /// Runs the plan stage for every spec under `specs`.
 pub fn run(specs: &Path, roots: &[PathBuf], state: &StateDir) -> Result<PlanReport, PlanRunError> {
     let loaded = diskchain_crd::load_path(specs).map_err(PlanRunError::Specs)?;
@@ -287,8 +269,8 @@ pub fn plan_loaded(
                             format!(
                                 "{}: spec.source.libvirt: domain {} disk {} declares an empty <backingStore/>, so QEMU runs {} without the backing file its header names ({}); diskchain will not plan a chain QEMU does not read. Remove the <backingStore/> element from the domain's definition (virsh edit), or leave the disk out of the specs. Nothing was done",
                                 spec.origin(),
-                                l_domain(spec),
-                                l_target(spec),
+                                source.libvirt.as_ref().map_or("", |l| l.domain.as_str()),
+                                source.libvirt.as_ref().map_or("", |l| l.target.as_str()),
                                 d.disk.active.display(),
                                 files[files.len() - 2].display()
                             ),

@@ -129,10 +129,7 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
                 states.push(crate::state::DiskState {
                     name: n,
                     active: j.active.clone(),
-                    bindings: Vec::new(),
-                    retired: Vec::new(),
-                    last_apply: None,
-                    last_revert: None,
+                    ..Default::default()
                 });
             }
         }
