@@ -718,11 +718,12 @@ impl Libvirt {
         if now != base.map(canon) || layers.iter().any(|l| !l.exists()) {
             return Ok(0);
         }
-        let top = crate::observe::allocation_of(into)?;
-        let below: Vec<_> = layers
-            .iter()
-            .map(|l| crate::observe::allocation_of(l))
-            .collect::<Result<_, _>>()?;
+        let op = "stream";
+        let top = crate::observe::allocation_of(into, self.format(op, into)?)?;
+        let mut below = Vec::with_capacity(layers.len());
+        for l in layers {
+            below.push(crate::observe::allocation_of(l, self.format(op, l)?)?);
+        }
         let unit = below
             .iter()
             .map(|a| a.unit)

@@ -355,14 +355,19 @@ pub fn header_backing(path: &Path) -> Option<PathBuf> {
         .find_map(|p| p.canonicalize().ok())
 }
 
-/// The allocation of one image file on its own (qcow2 from its tables, raw from its holes).
-pub fn allocation_of(path: &Path) -> Result<diskchain_planner::Allocation, ObserveError> {
+/// The allocation of one image file of a known format on its own (qcow2 from its tables, raw
+/// from its holes).
+pub fn allocation_of(
+    path: &Path,
+    format: Format,
+) -> Result<diskchain_planner::Allocation, ObserveError> {
     let file = open_image(path)?;
-    if qcow2::has_magic(&file) {
-        let h = qcow2::read_header(&file, path)?;
-        Ok(qcow2::read_allocation(&file, path, &h)?)
-    } else {
-        raw::read_allocation(&file, path).map_err(io(path))
+    match format {
+        Format::Qcow2 => {
+            let h = qcow2::read_header(&file, path)?;
+            Ok(qcow2::read_allocation(&file, path, &h)?)
+        }
+        Format::Raw => raw::read_allocation(&file, path).map_err(io(path)),
     }
 }
 
