@@ -7,36 +7,15 @@
 //!
 //! `PROPTEST_CASES=N` runs more cases (CI runs the default, a few seconds).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diskchain::observe::qcow2::{read_allocation, read_extras, read_header, read_refs};
+use diskchain_tests::alloc::{self, Largest};
 use proptest::prelude::*;
 
 /// Records the largest single allocation.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator, only recording sizes.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
 static GLOBAL: Largest = Largest;
 
@@ -133,13 +112,13 @@ fn read_all(bytes: &[u8]) {
     let path = dir.path().join("x.qcow2");
     std::fs::write(&path, bytes).expect("write");
     let file = std::fs::File::open(&path).expect("open");
-    LARGEST.store(0, Ordering::Relaxed);
+    alloc::reset();
     let _ = read_refs(&file, &path);
     if let Ok(h) = read_header(&file, &path) {
         let _ = read_extras(&file, &path, &h);
         let _ = read_allocation(&file, &path, &h);
     }
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = alloc::largest();
     assert!(largest <= CAP, "a reader allocated {largest} bytes at once");
 }
 
@@ -228,9 +207,9 @@ fn an_extension_longer_than_the_header_is_refused_unread() {
     f.write_all_at(&0xE000_0000u32.to_be_bytes(), header_length + 4)
         .unwrap();
     f.set_len(4 << 30).unwrap();
-    LARGEST.store(0, Ordering::Relaxed);
+    alloc::reset();
     assert!(read_header(&f, &path).is_err());
     assert!(read_refs(&f, &path).is_err());
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = alloc::largest();
     assert!(largest <= CAP, "a reader allocated {largest} bytes at once");
 }

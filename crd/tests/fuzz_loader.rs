@@ -4,32 +4,11 @@
 //! that name the file, never panic, never abort, and never allocate past a bound however the
 //! YAML nests or aliases. `PROPTEST_CASES=N` runs more cases.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use diskchain_crd::{load_path, load_str};
+use diskchain_tests::alloc::{self, Largest};
 use proptest::prelude::*;
-
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator, only recording sizes.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Largest = Largest;
@@ -97,14 +76,14 @@ const TOKENS: [&str; 24] = [
 ];
 
 fn check(file: &Path, text: &str) {
-    LARGEST.store(0, Ordering::Relaxed);
+    alloc::reset();
     if let Err(errors) = load_str(file, text) {
         assert!(!errors.0.is_empty());
         for e in &errors.0 {
             assert_eq!(e.file, file, "an error names its file: {e}");
         }
     }
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = alloc::largest();
     assert!(largest <= CAP, "loading allocated {largest} bytes at once");
 }
 
