@@ -98,6 +98,18 @@ impl Env {
             .expect("run diskchain")
     }
 
+    /// `apply -f PATH EXTRA...`, which must exit 0 (the test fails showing stderr otherwise).
+    pub fn apply_ok(&self, path: &Path, extra: &[&str]) -> Output {
+        let out = self.apply(path, extra);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// SHA-256 and mtime of every file under the root (recursively).
     pub fn fingerprints(&self) -> BTreeMap<PathBuf, (String, std::time::SystemTime)> {
         let mut out = BTreeMap::new();

@@ -190,13 +190,7 @@ fn removing_points_of_one_disk_never_touches_a_base_it_shares() {
         .into_iter()
         .filter(|(p, _)| p == &golden || p == &b1 || p == &b2)
         .collect();
-    let out = env.apply(&env.dir.path().join("specs"), &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.apply_ok(&env.dir.path().join("specs"), &[]);
     let after = env.fingerprints();
     for (p, fp) in &shared_before {
         assert_eq!(&after[p], fp, "{} changed", p.display());
@@ -534,13 +528,7 @@ fn placement_moves_every_point_and_prune_deletes_the_old_files() {
             ),
         ),
     );
-    let out = env.apply(&spec, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.apply_ok(&spec, &[]);
     let chain = backing_chain(&l[4]);
     assert_eq!(
         views(&env, &chain),
@@ -614,13 +602,7 @@ fn turning_prune_on_deletes_files_an_earlier_plan_left_even_when_they_reference_
     let vs = views(&env, &l);
     let points = [("golden".to_string(), Some(l[0].clone()))];
     let spec = env.spec("p.yaml", &spec_yaml("p", &l[3], &points, ""));
-    let out = env.apply(&spec, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.apply_ok(&spec, &[]);
     assert!(
         l[1].exists() && l[2].exists(),
         "without prune the old layers stay"

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use diskchain_tests::env::{Env, spec_yaml, spec_yaml_source};
+use diskchain_tests::env::{Env, spec_yaml};
 use diskchain_tests::qemu::{create, io, run, view_sha256};
 use serde_json::Value;
 
@@ -183,9 +183,18 @@ fn preallocated_layers_cost_what_they_hold() {
 struct Loop(String);
 
 impl Loop {
-    fn new(file: &Path) -> Loop {
+    /// A loop device over a new sparse file of `size` bytes at `file`.
+    fn new(file: &Path, size: u64) -> Loop {
+        std::fs::File::create(file)
+            .expect("create the backing file")
+            .set_len(size)
+            .expect("size the backing file");
         let out = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
         Loop(out.trim().to_string())
+    }
+
+    fn path(&self) -> &Path {
+        Path::new(&self.0)
     }
 }
 
@@ -200,27 +209,17 @@ impl Drop for Loop {
 #[test]
 fn a_raw_base_on_a_block_device_is_costed_at_its_size() {
     let env = Env::new();
-    let img = env.dir.path().join("raw.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
-    let dev = Loop::new(&img);
+    let dev = Loop::new(&env.dir.path().join("raw.img"), 64 * MIB);
     // Data across the whole device, as an LVM base holds.
-    io(Path::new(&dev.0), "raw", &["write -P 5 0 64M".into()]);
+    io(dev.path(), "raw", &["write -P 5 0 64M".into()]);
     let l1 = env.img("l1.qcow2");
     let l2 = env.img("l2.qcow2");
-    create(&l1, 0, Some((Path::new(&dev.0), "raw")), &[]);
+    create(&l1, 0, Some((dev.path(), "raw")), &[]);
     io(&l1, "qcow2", &["write -P 6 0 1M".into()]);
     create(&l2, 0, Some((&l1, "qcow2")), &[]);
     let spec = env.spec(
         "d.yaml",
-        &spec_yaml_source(
-            "d",
-            &format!("file: {}", l2.display()),
-            &[("p1", Some(&l1))],
-            "",
-        ),
+        &spec_yaml("d", &l2, &[("p1".into(), Some(l1.clone()))], ""),
     );
     let before = views(&env, &[&l1, &l2]);
     let (steps, predicted, written) = plan_and_apply(&env, &spec, "d", &["--allowed-root", "/dev"]);
@@ -237,13 +236,8 @@ fn a_raw_base_on_a_block_device_is_costed_at_its_size() {
 #[test]
 fn a_qcow2_base_on_a_block_device_is_read_and_streamed() {
     let env = Env::new();
-    let img = env.dir.path().join("lv.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(80 * MIB)
-        .unwrap();
-    let dev = Loop::new(&img);
-    let devp = Path::new(&dev.0);
+    let dev = Loop::new(&env.dir.path().join("lv.img"), 80 * MIB);
+    let devp = dev.path();
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(devp)

@@ -1391,9 +1391,8 @@ fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
     // Finding w_: with `suspend: true`, apply leaves the journal alone: no step of it runs.
     let journal = env.state().join("journal/d.json");
     let recorded = std::fs::read_to_string(&journal).unwrap();
-    let suspended = env.spec(
-        "d.yaml",
-        &spec(
+    let keeping_cee = |extra: &str| {
+        spec(
             "d",
             &dom.name,
             &[
@@ -1401,9 +1400,10 @@ fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
                 ("bee", Some(&l[2])),
                 ("cee", Some(&l[3])),
             ],
-            "  suspend: true\n",
-        ),
-    );
+            extra,
+        )
+    };
+    let suspended = env.spec("d.yaml", &keeping_cee("  suspend: true\n"));
     let out = env.apply(&suspended, &[]);
     assert_eq!(
         out.status.code(),
@@ -1412,19 +1412,7 @@ fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(std::fs::read_to_string(&journal).unwrap(), recorded);
-    let v2 = env.spec(
-        "d.yaml",
-        &spec(
-            "d",
-            &dom.name,
-            &[
-                ("golden", Some(&l[0])),
-                ("bee", Some(&l[2])),
-                ("cee", Some(&l[3])),
-            ],
-            "",
-        ),
-    );
+    let v2 = env.spec("d.yaml", &keeping_cee(""));
     let out = env.apply(&v2, &[]);
     assert_eq!(
         out.status.code(),

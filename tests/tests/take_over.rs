@@ -96,13 +96,7 @@ fn flattening_commits_into_the_base_which_takes_the_active_path() {
             .any(|r| r["bytes"].as_u64() == Some(94 * MIB)),
         "streaming the base's 94 MiB is the rejected alternative: {plan}"
     );
-    let out = env.apply(&spec, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.apply_ok(&spec, &[]);
     assert_eq!(
         backing_chain(&vm),
         vec![vm.clone()],
