@@ -490,6 +490,7 @@ pub fn plan_loaded(
                             ));
                         }
                     }
+                    plan.notes.extend(bitmap_notes(&o.chain, &plan, o.running));
                     if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.name) {
                         let done = j.steps.iter().filter(|s| s.state == crate::journal::StepState::Done).count();
                         plan.notes.push(match crate::resume::check(&j, o.spec, roots, state) {
@@ -523,56 +524,120 @@ pub fn plan_loaded(
     Ok(report)
 }
 
-/// Why `plan` would drop something a layer holds beside its guest data: internal snapshots and
-/// persistent dirty bitmaps live in the file, so a layer that leaves the chain (merged away,
-/// deleted, or replaced by a copy) takes them along, and backup tools that rely on the bitmaps
-/// would be silently wrong. Until diskchain carries them across, such a plan is refused.
+/// What the plan's steps do with the chain's persistent dirty bitmaps, in words.
+fn bitmap_notes(chain: &ObservedChain, plan: &DiskPlan, running: bool) -> Vec<String> {
+    use diskchain_planner::StepAction;
+    let mut notes = Vec::new();
+    // Each bitmap with whether it is inconsistent (see `Bitmap::state`).
+    let bitmaps_of = |p: &Path| {
+        chain
+            .layers
+            .iter()
+            .find(|l| l.layer.path == p)
+            .map(|l| {
+                let open =
+                    l.in_use.is_some() || (running && l.layer.path == chain.active().layer.path);
+                l.extras
+                    .bitmaps
+                    .iter()
+                    .map(|b| (b.clone(), b.state(open) == "inconsistent"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    for s in &plan.steps {
+        let (target, sources): (&Path, &[PathBuf]) = match &s.action {
+            StepAction::Commit { base, layers, .. } => (base, layers),
+            StepAction::Stream { into, layers, .. } => (into, layers),
+            StepAction::Copy { to, layers, .. } => (to, layers),
+            StepAction::Revert {
+                to, active, point, ..
+            } => {
+                let there = bitmaps_of(to);
+                for (b, _) in bitmaps_of(active) {
+                    if b.auto && !there.iter().any(|(t, _)| t.name == b.name) {
+                        notes.push(format!(
+                            "bitmap {} did not exist at point {point}: the revert does not carry it, so backup tools find no bitmap of that name and take a full backup",
+                            b.name
+                        ));
+                    }
+                }
+                continue;
+            }
+            StepAction::Snapshot { .. }
+            | StepAction::Mirror { .. }
+            | StepAction::Rebase { .. }
+            | StepAction::TakeOver { .. }
+            | StepAction::Delete { .. } => continue,
+        };
+        let mut merged = std::collections::BTreeSet::new();
+        for l in sources.iter().chain(std::iter::once(&target.to_path_buf())) {
+            for (b, inconsistent) in bitmaps_of(l) {
+                if inconsistent {
+                    notes.push(format!(
+                        "bitmap {} of {} is inconsistent: {} step leaves it out of {} instead of carrying it, so backup tools take a full backup",
+                        b.name,
+                        l.display(),
+                        s.action.op(),
+                        target.display()
+                    ));
+                } else if l != target {
+                    merged.insert(b.name);
+                }
+            }
+        }
+        if !merged.is_empty() {
+            notes.push(format!(
+                "the {} into {} carries bitmaps {:?} of the layers it reads (merged, exact)",
+                s.action.op(),
+                target.display(),
+                merged
+            ));
+        }
+    }
+    notes
+}
+
+/// Why `plan` would drop something a layer holds beside its guest data. Internal snapshots live
+/// in the file, so a layer that leaves the chain (merged away, deleted, or replaced by a copy)
+/// takes them along: such a plan is refused. Persistent dirty bitmaps are carried by every step
+/// (merged into the layer that takes over the data, added to a new top, copied with a copy),
+/// except by a full live block copy, whose handling of the lower layers' bitmaps diskchain has
+/// not verified: that plan is refused when the chain holds bitmaps.
 fn drops_extras(chain: &ObservedChain, plan: &DiskPlan, live: bool) -> Option<String> {
     let kept: Vec<&PathBuf> = plan.result.iter().map(|r| &r.file).collect();
+    // A layer that takes the active image's path replaces the active file: what the old one
+    // held beside its data goes with it (its bitmaps were merged into the holder).
+    let taker = plan.steps.iter().find_map(|s| match &s.action {
+        diskchain_planner::StepAction::TakeOver { holder, .. } => Some(holder),
+        _ => None,
+    });
+    let full_copy = live
+        && plan.steps.iter().any(|s| {
+            matches!(
+                s.action,
+                diskchain_planner::StepAction::Mirror { backing: None, .. }
+            )
+        });
     let mut problems = Vec::new();
     for l in &chain.layers {
         let e = &l.extras;
-        if e.is_empty() {
-            continue;
-        }
-        // A layer that takes the active image's path replaces the active file: what the old
-        // one held beside its data goes with it.
-        let taker = plan.steps.iter().find_map(|s| match &s.action {
-            diskchain_planner::StepAction::TakeOver { holder, .. } => Some(holder),
-            _ => None,
-        });
         let replaced = taker.is_some() && l.layer.path == chain.active().layer.path;
         let leaves = (!kept.contains(&&l.layer.path) && taker != Some(&l.layer.path)) || replaced;
-        // Offline, a new snapshot's top starts without the active layer's bitmaps: the next
-        // incremental backup would be refused or wrong.
-        let snapshot_top = !live
-            && l.layer.path == chain.active().layer.path
-            && !e.bitmaps.is_empty()
-            && plan
-                .steps
-                .iter()
-                .any(|s| matches!(s.action, diskchain_planner::StepAction::Snapshot { .. }));
-        if !(leaves || snapshot_top) {
-            continue;
+        if leaves && !e.snapshots.is_empty() {
+            problems.push(format!(
+                "{} holds internal snapshots {:?}, which would be lost when the layer leaves the chain",
+                l.layer.path.display(),
+                e.snapshots
+            ));
         }
-        let mut what = Vec::new();
-        if !e.snapshots.is_empty() {
-            what.push(format!("internal snapshots {:?}", e.snapshots));
-        }
-        if !e.bitmaps.is_empty() {
+        if full_copy && !e.bitmaps.is_empty() {
             let names: Vec<&str> = e.bitmaps.iter().map(|b| b.name.as_str()).collect();
-            what.push(format!("persistent dirty bitmaps {names:?}"));
+            problems.push(format!(
+                "{} holds persistent dirty bitmaps {names:?}, and the plan copies the whole chain of the running domain (a full block copy), whose handling of the lower layers' bitmaps is not verified",
+                l.layer.path.display()
+            ));
         }
-        problems.push(format!(
-            "{} holds {}, which {}",
-            l.layer.path.display(),
-            what.join(" and "),
-            if leaves {
-                "would be lost when the layer leaves the chain"
-            } else {
-                "a new offline snapshot does not carry over"
-            }
-        ));
     }
     (!problems.is_empty()).then(|| {
         format!(

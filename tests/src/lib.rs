@@ -5,6 +5,7 @@
 //! The end-to-end tests themselves live in `tests/tests/` and drive the built `diskchain` binary.
 
 pub mod alloc;
+pub mod bitmap;
 pub mod env;
 pub mod libvirt;
 pub mod oracle;

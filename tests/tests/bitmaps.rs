@@ -98,3 +98,135 @@ fn plan_and_status_show_bitmaps_and_report_an_inconsistent_one() {
         "{text}"
     );
 }
+
+/// Issue 10, item 3: a persistent bitmap started before some writes, in every layer as libvirt
+/// keeps it; diskchain removes a point (a stream), adds one (a snapshot), moves the chain to
+/// another directory (copies) and flattens it (a commit that takes over the active path). After
+/// each, the union of the bitmap over the chain is exactly the set of clusters written since it
+/// was started (not fewer: an incremental backup would miss them; not more: it would copy data
+/// that did not change), the top records, and every layer passes `qemu-img check`.
+#[test]
+fn every_offline_step_keeps_the_bitmap_exact() {
+    use diskchain_tests::bitmap::{bitmaps, union_over_chain};
+    use diskchain_tests::env::{backing_chain, check};
+    const M: u64 = 1 << 20;
+    let env = Env::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let (base, mid, top) = (env.img("base.qcow2"), env.img("mid.qcow2"), env.img("top.qcow2"));
+    let add = |f: &std::path::Path| {
+        run(Command::new("qemu-img")
+            .args(["bitmap", "--add", "-g", "64K"])
+            .arg(f)
+            .arg("ck1"));
+    };
+    let w = |f: &std::path::Path, pattern: u8, at: u64, len: u64| {
+        io(f, "qcow2", &[format!("write -P {pattern} {at} {len}")]);
+    };
+    create(&base, 64 * M, None, &[]);
+    w(&base, 9, 8 * M, 8 * M); // before the checkpoint: never dirty
+    add(&base);
+    let mut written = vec![(0, M)];
+    w(&base, 1, 0, M);
+    create(&mid, 0, Some((&base, "qcow2")), &[]);
+    add(&mid);
+    w(&mid, 2, 2 * M, 4 * M);
+    written.push((2 * M, 4 * M));
+    create(&top, 0, Some((&mid, "qcow2")), &[]);
+    add(&top);
+    w(&top, 3, 2 * M, 3 * M);
+    w(&top, 4, 20 * M, M);
+    written.push((20 * M, M));
+    let expect = |extra: &[(u64, u64)]| {
+        let mut all: Vec<(u64, u64)> = written.iter().chain(extra).copied().collect();
+        all.sort();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, l) in all {
+            match merged.last_mut() {
+                Some(m) if m.0 + m.1 >= s => m.1 = m.1.max(s + l - m.0),
+                _ => merged.push((s, l)),
+            }
+        }
+        merged
+    };
+    let verify = |env: &Env, what: &str, extra: &[(u64, u64)]| {
+        let chain = backing_chain(&top);
+        for f in &chain {
+            assert_eq!(check(f), 0, "{what}: {} fails qemu-img check", f.display());
+        }
+        assert_eq!(
+            bitmaps(&top),
+            vec![("ck1".to_string(), true)],
+            "{what}: the active image must record ck1"
+        );
+        assert_eq!(
+            union_over_chain(&top, "ck1", 64 * M, scratch.path()),
+            expect(extra),
+            "{what}: the bitmap over {chain:?} is not the set of writes since it started"
+        );
+        let _ = env;
+    };
+    verify(&env, "before", &[]);
+
+    let ops = |env: &Env, spec: &std::path::Path| -> Vec<String> {
+        env.plan_json(spec)["disks"][0]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["op"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let spec_with = |points: &[(&str, Option<&std::path::Path>)], extra: &str| {
+        env.spec(
+            "d.yaml",
+            &diskchain_tests::env::spec_yaml_source(
+                "d",
+                &format!("file: {}", top.display()),
+                points,
+                extra,
+            ),
+        )
+    };
+
+    // Removing mid: most of it is hidden by top, so its rest is streamed into top.
+    let spec = spec_with(&[("p0", Some(&base))], "");
+    let o = ops(&env, &spec);
+    assert!(o.contains(&"stream".to_string()), "{o:?}");
+    env.apply_ok(&spec, &[]);
+    verify(&env, "after removing a point", &[]);
+
+    // A new point: the new top records from now on.
+    let spec = spec_with(&[("p0", Some(&base)), ("p2", None)], "");
+    assert!(ops(&env, &spec).contains(&"snapshot".to_string()));
+    env.apply_ok(&spec, &[]);
+    w(&top, 5, 30 * M, M);
+    verify(&env, "after adding a point and writing", &[(30 * M, M)]);
+
+    // Flattening: the layer below takes over the active path after a commit into it.
+    let spec = spec_with(&[], "");
+    let o = ops(&env, &spec);
+    assert!(o.contains(&"take-over".to_string()), "{o:?}");
+    env.apply_ok(&spec, &[]);
+    assert_eq!(backing_chain(&top), vec![top.clone()]);
+    verify(&env, "after flattening", &[(30 * M, M)]);
+    // A new point, then moved to another directory: the copy carries the bitmap.
+    let spec = spec_with(&[("p3", None)], "");
+    env.apply_ok(&spec, &[]);
+    w(&top, 6, 40 * M, M);
+    verify(&env, "after a new point and a write", &[(30 * M, M), (40 * M, M)]);
+    let moved = env.root().join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    let spec = spec_with(
+        &[("p3", None)],
+        &format!("  placement:\n    directory: {}\n", moved.display()),
+    );
+    let o = ops(&env, &spec);
+    assert!(o.contains(&"copy".to_string()), "{o:?}");
+    env.apply_ok(&spec, &[]);
+    assert!(
+        backing_chain(&top)[..1].iter().all(|f| f.starts_with(&moved)),
+        "{:?}",
+        backing_chain(&top)
+    );
+    verify(&env, "after moving the point", &[(30 * M, M), (40 * M, M)]);
+
+}

@@ -6,6 +6,7 @@
 //! `crate::libvirt::Libvirt` (feature `libvirt`) drives libvirt's block jobs on the disks of
 //! running VMs.
 
+mod bitmaps;
 pub mod offline;
 pub(crate) mod process;
 #[allow(unsafe_code)]

@@ -197,13 +197,56 @@ impl Offline {
             c.arg("-b").arg(&base);
         }
         c.arg(top);
-        process::run(c, progress)
+        let sources = self.with_formats(op, layers)?;
+        self.carrying_bitmaps(op, &base, &sources, || process::run(c, progress))
+    }
+
+    /// The layers `paths` with their formats.
+    fn with_formats(
+        &self,
+        op: &'static str,
+        paths: &[PathBuf],
+    ) -> Result<Vec<(PathBuf, Format)>, ExecError> {
+        paths
+            .iter()
+            .map(|p| Ok((p.clone(), self.format(op, p)?)))
+            .collect()
+    }
+
+    /// Runs `write`, which moves the data of `sources` into `target`, carrying their persistent
+    /// dirty bitmaps into it (see [`super::bitmaps`]). A raw target cannot hold bitmaps: the step
+    /// is refused before anything is written when a source has one.
+    fn carrying_bitmaps(
+        &self,
+        op: &'static str,
+        target: &Path,
+        sources: &[(PathBuf, Format)],
+        write: impl FnOnce() -> Result<u64, ExecError>,
+    ) -> Result<u64, ExecError> {
+        if self.formats.get(target) == Some(&Format::Raw) {
+            for (s, _) in sources {
+                if let Some(b) = super::bitmaps::of(s)?.first() {
+                    return Err(ExecError::Precondition {
+                        op,
+                        file: s.clone(),
+                        what: format!(
+                            "it holds the persistent dirty bitmap {}, and the raw file {} its data would go into cannot hold bitmaps; remove the bitmap (or its libvirt checkpoint) first, and take a full backup after",
+                            b.name,
+                            target.display()
+                        ),
+                    });
+                }
+            }
+            return write();
+        }
+        super::bitmaps::carrying(target, sources, write)
     }
 
     fn stream(
         &self,
         into: &Path,
         base: Option<&Path>,
+        layers: &[PathBuf],
         progress: &mut dyn FnMut(f64),
     ) -> Result<u64, ExecError> {
         let op = "stream";
@@ -233,7 +276,8 @@ impl Offline {
             }
         }
         c.arg(&into);
-        process::run(c, progress)
+        let sources = self.with_formats(op, layers)?;
+        self.carrying_bitmaps(op, &into, &sources, || process::run(c, progress))
     }
 
     fn rebase(
@@ -383,6 +427,9 @@ impl Offline {
                 });
             }
         }
+        // The copy carries every copied layer's bitmaps before anything can point at it.
+        let sources = self.with_formats(op, layers)?;
+        written += super::bitmaps::carrying(&partial, &sources, || Ok(0))?;
         sync_file(&partial)?;
         std::fs::rename(&partial, &to).map_err(|source| ExecError::Io {
             action: "rename into",
@@ -474,7 +521,14 @@ impl Offline {
             .arg(backing)
             .args(["-F", fmt.as_str()])
             .arg(&tmp);
-        let written = process::run(c, &mut |_| {})?;
+        let mut written = process::run(c, &mut |_| {})?;
+        // The guest's next writes are recorded in the new top, as libvirt does on a live
+        // snapshot; a revert keeps only the bitmaps that existed at the point reverted to.
+        written += super::bitmaps::continue_on(
+            &tmp,
+            active,
+            (op == "revert").then_some(backing),
+        )?;
         sync_file(&tmp)?;
         std::fs::rename(&tmp, active).map_err(|source| ExecError::Io {
             action: "rename into",
@@ -569,7 +623,7 @@ impl Offline {
     }
 }
 
-fn sync_file(p: &Path) -> Result<(), ExecError> {
+pub(crate) fn sync_file(p: &Path) -> Result<(), ExecError> {
     std::fs::File::open(p)
         .and_then(|f| f.sync_all())
         .map_err(|source| ExecError::Io {
@@ -656,8 +710,8 @@ impl Executor for Offline {
         let written_bytes = match step {
             StepAction::Snapshot { file, active, .. } => self.snapshot(file, active)?,
             StepAction::Commit { base, top, layers } => self.commit(base, top, layers, progress)?,
-            StepAction::Stream { into, base, .. } => {
-                self.stream(into, base.as_deref(), progress)?
+            StepAction::Stream { into, base, layers } => {
+                self.stream(into, base.as_deref(), layers, progress)?
             }
             StepAction::Rebase { overlay, backing } => self.rebase(overlay, backing, progress)?,
             StepAction::Copy {
