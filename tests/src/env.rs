@@ -283,6 +283,16 @@ pub fn keep_base_and_top(name: &str, layers: &[PathBuf]) -> String {
 /// tools included) once a step is running, then waits for the group to be gone. Returns true
 /// when the kill landed mid-plan (a journal is left).
 pub fn apply_killed_mid_step(env: &Env, spec: &Path, extra: &[&str]) -> bool {
+    apply_killed_after(env, spec, extra, std::time::Duration::from_millis(20))
+}
+
+/// [`apply_killed_mid_step`], killing `delay` after a step started running.
+pub fn apply_killed_after(
+    env: &Env,
+    spec: &Path,
+    extra: &[&str],
+    delay: std::time::Duration,
+) -> bool {
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
     use std::time::Duration;
@@ -310,7 +320,7 @@ pub fn apply_killed_mid_step(env: &Env, spec: &Path, extra: &[&str]) -> bool {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    std::thread::sleep(Duration::from_millis(20));
+    std::thread::sleep(delay);
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{}", child.id())])
         .stderr(Stdio::null())

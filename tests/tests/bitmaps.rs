@@ -112,7 +112,11 @@ fn every_offline_step_keeps_the_bitmap_exact() {
     const M: u64 = 1 << 20;
     let env = Env::new();
     let scratch = tempfile::tempdir().unwrap();
-    let (base, mid, top) = (env.img("base.qcow2"), env.img("mid.qcow2"), env.img("top.qcow2"));
+    let (base, mid, top) = (
+        env.img("base.qcow2"),
+        env.img("mid.qcow2"),
+        env.img("top.qcow2"),
+    );
     let add = |f: &std::path::Path| {
         run(Command::new("qemu-img")
             .args(["bitmap", "--add", "-g", "64K"])
@@ -212,7 +216,11 @@ fn every_offline_step_keeps_the_bitmap_exact() {
     let spec = spec_with(&[("p3", None)], "");
     env.apply_ok(&spec, &[]);
     w(&top, 6, 40 * M, M);
-    verify(&env, "after a new point and a write", &[(30 * M, M), (40 * M, M)]);
+    verify(
+        &env,
+        "after a new point and a write",
+        &[(30 * M, M), (40 * M, M)],
+    );
     let moved = env.root().join("moved");
     std::fs::create_dir_all(&moved).unwrap();
     let spec = spec_with(
@@ -223,10 +231,84 @@ fn every_offline_step_keeps_the_bitmap_exact() {
     assert!(o.contains(&"copy".to_string()), "{o:?}");
     env.apply_ok(&spec, &[]);
     assert!(
-        backing_chain(&top)[..1].iter().all(|f| f.starts_with(&moved)),
+        backing_chain(&top)[..1]
+            .iter()
+            .all(|f| f.starts_with(&moved)),
         "{:?}",
         backing_chain(&top)
     );
     verify(&env, "after moving the point", &[(30 * M, M), (40 * M, M)]);
+}
 
+/// SIGKILL at spread-out moments of a flatten whose layers carry a bitmap (a commit into the
+/// layer below, whose bitmaps are disabled while it is written, a stream, the take-over): the
+/// rerun converges, the guest view is unchanged, and the bitmap over the chain is still exactly
+/// the writes since it started, recording on top.
+#[test]
+fn a_killed_bitmap_carrying_plan_converges_exactly() {
+    use diskchain_tests::bitmap::{bitmaps, union_over_chain};
+    use diskchain_tests::env::{apply_killed_after, backing_chain, check};
+    use diskchain_tests::qemu::view_sha256;
+    const M: u64 = 1 << 20;
+    let mut landed = 0;
+    for delay_ms in [0u64, 3, 8, 15, 25, 40, 60, 90, 130, 200] {
+        let env = Env::new();
+        let scratch = tempfile::tempdir().unwrap();
+        let (base, mid, top) = (
+            env.img("base.qcow2"),
+            env.img("mid.qcow2"),
+            env.img("top.qcow2"),
+        );
+        let add = |f: &std::path::Path| {
+            run(Command::new("qemu-img")
+                .args(["bitmap", "--add", "-g", "64K"])
+                .arg(f)
+                .arg("ck"));
+        };
+        create(&base, 256 * M, None, &[]);
+        io(&base, "qcow2", &["write -P 9 0 48M".into()]);
+        add(&base);
+        io(&base, "qcow2", &["write -P 1 64M 2M".into()]);
+        create(&mid, 0, Some((&base, "qcow2")), &[]);
+        add(&mid);
+        io(&mid, "qcow2", &["write -P 2 100M 24M".into()]);
+        create(&top, 0, Some((&mid, "qcow2")), &[]);
+        add(&top);
+        io(&top, "qcow2", &["write -P 3 200M 1M".into()]);
+        let want = vec![(64 * M, 2 * M), (100 * M, 24 * M), (200 * M, M)];
+        let view = view_sha256(&top, "qcow2", scratch.path());
+        let spec = env.spec("d.yaml", &spec_yaml("d", &top, &[], ""));
+        if apply_killed_after(&env, &spec, &[], std::time::Duration::from_millis(delay_ms)) {
+            landed += 1;
+        }
+        env.apply_ok(&spec, &[]);
+        assert_eq!(
+            backing_chain(&top),
+            vec![top.clone()],
+            "delay {delay_ms} ms"
+        );
+        assert_eq!(check(&top), 0, "delay {delay_ms} ms");
+        assert_eq!(
+            view_sha256(&top, "qcow2", scratch.path()),
+            view,
+            "delay {delay_ms} ms"
+        );
+        assert_eq!(
+            bitmaps(&top),
+            vec![("ck".to_string(), true)],
+            "delay {delay_ms} ms"
+        );
+        assert_eq!(
+            union_over_chain(&top, "ck", 256 * M, scratch.path()),
+            want,
+            "delay {delay_ms} ms"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(env.root())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".bitmaps"))
+            .collect();
+        assert!(leftovers.is_empty(), "delay {delay_ms} ms: {leftovers:?}");
+    }
+    assert!(landed >= 3, "only {landed} kills landed mid-plan");
 }

@@ -7,13 +7,13 @@
 //! per call, and marks every cluster it writes in the target's *enabled* bitmaps (which would
 //! over-count a commit or a stream); so a step that moves data:
 //!
-//! 1. records which of the target's bitmaps end up enabled (in a small file beside it, so that a
-//!    rerun after a crash knows which ones it disabled),
-//! 2. disables them, runs the copy, merges every source layer's bitmap of each name into the
-//!    target (adding it with the source's granularity where missing),
-//! 3. enables them again and removes the record.
+//! 1. records, for each bitmap name, the union of the target's and the sources' bitmaps in a
+//!    small qcow2 image beside the target (no data, only bitmaps),
+//! 2. runs the copy,
+//! 3. replaces the target's bitmaps by the recorded ones (enabled where any copy was) and
+//!    removes the record.
 //!
-//! Every part is idempotent: a merge is a union, and a rerun finds the record.
+//! Every part is idempotent, and a rerun after a crash finds the record.
 //!
 //! A bitmap QEMU left marked in use (it died with the image open) is inconsistent: it may miss
 //! writes. It is never carried as if sound: the step leaves it out of the target (removing it
@@ -45,15 +45,19 @@ pub(crate) fn of(p: &Path) -> Result<Vec<Bitmap>, ExecError> {
 /// `qemu-img bitmap` on the qcow2 `file`: `ops` then the bitmap's name.
 fn bitmap(file: &Path, ops: &[&str], name: &str) -> Result<u64, ExecError> {
     let mut c = Command::new("qemu-img");
-    c.args(["bitmap", "-f", "qcow2"]).args(ops).arg(file).arg(name);
+    c.args(["bitmap", "-f", "qcow2"])
+        .args(ops)
+        .arg(file)
+        .arg(name);
     process::run(c, &mut |_| {})
 }
 
-/// Where the names of the bitmaps to enable again are recorded while `target` is written.
+/// Where a step keeps the bitmaps it carries while it writes `target`: a small qcow2 image with
+/// no data beside the target.
 fn record_path(target: &Path) -> PathBuf {
     let dir = target.parent().unwrap_or(Path::new("/"));
     dir.join(format!(
-        ".{}.bitmaps",
+        ".{}.bitmaps.qcow2",
         target.file_name().unwrap_or_default().to_string_lossy()
     ))
 }
@@ -61,95 +65,111 @@ fn record_path(target: &Path) -> PathBuf {
 /// Runs `write` (which copies the data of `sources` into the qcow2 `target`), keeping the
 /// bitmaps exact: see the module documentation. Returns what `write` returned plus the bytes
 /// the bitmap operations wrote.
+///
+/// Before anything is written, the union of each sound bitmap over the target and the sources
+/// is recorded in a small qcow2 image beside the target (built aside, synced, renamed into
+/// place), each recorded bitmap enabled when it is to record after the step. After the write,
+/// the target's bitmaps are rebuilt from the record alone: a `qemu-img` killed during the step
+/// leaves the in-use flag on the bitmaps of the images it had open read-write, and those must
+/// not be taken for a crashed VM's, nor merged from. A rerun finds the record and rebuilds
+/// from it.
 pub(crate) fn carrying(
     target: &Path,
     sources: &[(PathBuf, Format)],
     write: impl FnOnce() -> Result<u64, ExecError>,
 ) -> Result<u64, ExecError> {
-    let mut from: Vec<(&Path, Vec<Bitmap>)> = Vec::new();
-    for (s, fmt) in sources {
-        if *fmt == Format::Qcow2 {
-            from.push((s, of(s)?));
-        }
-    }
-    let here = of(target)?;
     let record = record_path(target);
-    let recorded: Option<BTreeSet<String>> = match std::fs::read(&record) {
-        Ok(b) => serde_json::from_slice(&b).ok(),
-        Err(_) => None,
-    };
-    if here.is_empty() && from.iter().all(|(_, b)| b.is_empty()) && recorded.is_none() {
-        return write();
-    }
-    // Names with an inconsistent copy anywhere in the step are not carried.
-    let unsound: BTreeSet<&str> = here
-        .iter()
-        .chain(from.iter().flat_map(|(_, b)| b.iter()))
-        .filter(|b| b.in_use)
-        .map(|b| b.name.as_str())
-        .collect();
-    let enable: BTreeSet<String> = match recorded {
-        Some(r) => r,
-        None => {
-            let e: BTreeSet<String> = here
-                .iter()
-                .chain(from.iter().flat_map(|(_, b)| b.iter()))
-                .filter(|b| b.auto && !unsound.contains(b.name.as_str()))
-                .map(|b| b.name.clone())
-                .collect();
-            let tmp = record.with_extension("bitmaps.tmp");
-            let io = |action: &'static str, path: &Path| {
-                let path = path.to_path_buf();
-                move |source| ExecError::Io {
-                    action,
-                    path,
-                    source,
-                }
-            };
-            std::fs::write(&tmp, serde_json::to_vec(&e).unwrap_or_default())
-                .map_err(io("write", &tmp))?;
-            super::offline::sync_file(&tmp)?;
-            std::fs::rename(&tmp, &record).map_err(io("rename into", &record))?;
-            if let Some(dir) = record.parent() {
-                super::offline::sync_file(dir)?;
-            }
-            e
-        }
-    };
     let mut written = 0;
-    for b in &here {
-        if b.auto && !b.in_use {
-            written += bitmap(target, &["--disable"], &b.name)?;
+    if !record.exists() {
+        let mut from: Vec<(&Path, Vec<Bitmap>)> = vec![(target, of(target)?)];
+        for (s, fmt) in sources {
+            if *fmt == Format::Qcow2 {
+                from.push((s, of(s)?));
+            }
+        }
+        if from.iter().all(|(_, b)| b.is_empty()) {
+            return write();
+        }
+        // Names with an inconsistent copy anywhere in the step are not carried.
+        let unsound: BTreeSet<&str> = from
+            .iter()
+            .flat_map(|(_, b)| b.iter())
+            .filter(|b| b.in_use)
+            .map(|b| b.name.as_str())
+            .collect();
+        let size = {
+            let f = std::fs::File::open(target).map_err(|source| ExecError::Io {
+                action: "open",
+                path: target.to_path_buf(),
+                source,
+            })?;
+            qcow2::read_header(&f, target)
+                .map_err(|e| ExecError::Observe(e.into()))?
+                .virtual_size
+        };
+        let tmp = record.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2"])
+            .arg(&tmp)
+            .arg(size.to_string());
+        written += process::run(c, &mut |_| {})?;
+        let mut added: BTreeSet<&str> = BTreeSet::new();
+        for (file, maps) in &from {
+            for b in maps.iter().filter(|b| !unsound.contains(b.name.as_str())) {
+                if added.insert(&b.name) {
+                    let enabled = from
+                        .iter()
+                        .flat_map(|(_, m)| m.iter())
+                        .any(|x| x.name == b.name && x.auto);
+                    let g = b.granularity.to_string();
+                    let mut ops = vec!["--add", "-g", &g];
+                    if !enabled {
+                        ops.push("--disable");
+                    }
+                    written += bitmap(&tmp, &ops, &b.name)?;
+                }
+                let src = file.to_string_lossy();
+                written += bitmap(
+                    &tmp,
+                    &["--merge", &b.name, "-b", &src, "-F", "qcow2"],
+                    &b.name,
+                )?;
+            }
+        }
+        super::offline::sync_file(&tmp)?;
+        std::fs::rename(&tmp, &record).map_err(|source| ExecError::Io {
+            action: "rename into",
+            path: record.clone(),
+            source,
+        })?;
+        if let Some(dir) = record.parent() {
+            super::offline::sync_file(dir)?;
         }
     }
     written += write()?;
-    // What the target holds now (a rerun may find bitmaps it added before).
-    let here = of(target)?;
-    for name in &unsound {
-        if here.iter().any(|b| &b.name == name) {
-            tracing::warn!(file = %target.display(), bitmap = name, "removing an inconsistent bitmap: a backup tool must take a full backup");
-            written += bitmap(target, &["--remove"], name)?;
-        }
-    }
-    for (src, maps) in &from {
-        for b in maps.iter().filter(|b| !unsound.contains(b.name.as_str())) {
-            if !of(target)?.iter().any(|t| t.name == b.name) {
-                let g = b.granularity.to_string();
-                written += bitmap(target, &["--add", "--disable", "-g", &g], &b.name)?;
-            }
-            let src = src.to_string_lossy();
-            written += bitmap(
-                target,
-                &["--merge", &b.name, "-b", &src, "-F", "qcow2"],
-                &b.name,
-            )?;
-        }
-    }
+    let kept = of(&record)?;
     for b in of(target)? {
-        if enable.contains(&b.name) && !b.auto {
-            written += bitmap(target, &["--enable"], &b.name)?;
+        if !kept.iter().any(|k| k.name == b.name) {
+            tracing::warn!(file = %target.display(), bitmap = %b.name, "removing an inconsistent bitmap: a backup tool must take a full backup");
         }
+        written += bitmap(target, &["--remove"], &b.name)?;
     }
+    let rec = record.to_string_lossy();
+    for k in &kept {
+        let g = k.granularity.to_string();
+        let mut ops = vec!["--add", "-g", &g];
+        if !k.auto {
+            ops.push("--disable");
+        }
+        written += bitmap(target, &ops, &k.name)?;
+        written += bitmap(
+            target,
+            &["--merge", &k.name, "-b", &rec, "-F", "qcow2"],
+            &k.name,
+        )?;
+    }
+    super::offline::sync_file(target)?;
     let _ = std::fs::remove_file(&record);
     if let Some(dir) = record.parent() {
         super::offline::sync_file(dir)?;

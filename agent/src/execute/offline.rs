@@ -524,11 +524,7 @@ impl Offline {
         let mut written = process::run(c, &mut |_| {})?;
         // The guest's next writes are recorded in the new top, as libvirt does on a live
         // snapshot; a revert keeps only the bitmaps that existed at the point reverted to.
-        written += super::bitmaps::continue_on(
-            &tmp,
-            active,
-            (op == "revert").then_some(backing),
-        )?;
+        written += super::bitmaps::continue_on(&tmp, active, (op == "revert").then_some(backing))?;
         sync_file(&tmp)?;
         std::fs::rename(&tmp, active).map_err(|source| ExecError::Io {
             action: "rename into",
