@@ -107,10 +107,11 @@ fn a_layer_that_fails_qemu_img_check_is_never_written() {
     assert_eq!(env.fingerprints(), before, "nothing was written");
 }
 
-/// F7: internal snapshots and persistent bitmaps are never dropped silently: a plan that would
-/// move or merge away the layer holding them is refused, naming them.
+/// F7: internal snapshots are never dropped silently: a plan that would move or merge away the
+/// layer holding them is refused, naming them. (Persistent bitmaps are carried by every step
+/// since issue 10: see `bitmaps.rs`.)
 #[test]
-fn a_plan_that_would_drop_internal_snapshots_or_bitmaps_is_refused_naming_them() {
+fn a_plan_that_would_drop_internal_snapshots_is_refused_naming_them() {
     let env = Env::new();
     let fast = env.img("fast");
     std::fs::create_dir(&fast).unwrap();
@@ -145,7 +146,7 @@ fn a_plan_that_would_drop_internal_snapshots_or_bitmaps_is_refused_naming_them()
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{what}: {err}");
         assert!(
-            err.contains("before-upgrade") && err.contains("inc0") && err.contains("l1.qcow2"),
+            err.contains("before-upgrade") && err.contains("l1.qcow2"),
             "{what}: {err}"
         );
         assert_eq!(env.fingerprints(), before, "{what}: nothing changed");
