@@ -10,6 +10,8 @@ mod bitmaps;
 pub mod offline;
 pub(crate) mod process;
 #[allow(unsafe_code)]
+mod qsd;
+#[allow(unsafe_code)]
 mod xattr;
 
 pub use process::terminate_running;

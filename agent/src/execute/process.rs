@@ -36,6 +36,20 @@ pub(crate) fn abandoning() -> bool {
     ABANDON.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// Counts `pid` among the QEMU processes a shutdown stops (see [`terminate_running`]).
+pub(crate) fn remember(pid: u32) {
+    if let Ok(mut r) = RUNNING.lock() {
+        r.push(pid);
+    }
+}
+
+/// Stops counting `pid` (it has exited).
+pub(crate) fn forget(pid: u32) {
+    if let Ok(mut r) = RUNNING.lock() {
+        r.retain(|&p| p != pid);
+    }
+}
+
 /// The `wchar` line of `/proc/PID/io`.
 pub(crate) fn wchar(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
@@ -57,9 +71,7 @@ pub(crate) fn run(mut cmd: Command, progress: &mut dyn FnMut(f64)) -> Result<u64
         source,
     })?;
     let pid = child.id();
-    if let Ok(mut r) = RUNNING.lock() {
-        r.push(pid);
-    }
+    remember(pid);
     let mut stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -98,9 +110,7 @@ pub(crate) fn run(mut cmd: Command, progress: &mut dyn FnMut(f64)) -> Result<u64
         WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
     );
     let written = wchar(pid).unwrap_or(0);
-    if let Ok(mut r) = RUNNING.lock() {
-        r.retain(|&p| p != pid);
-    }
+    forget(pid);
     let status = child.wait().map_err(|source| ExecError::Io {
         action: "wait for",
         path: PathBuf::from(&shown),

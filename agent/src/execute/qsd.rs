@@ -1,0 +1,270 @@
+//! An offline stream as QEMU's own `block-stream` job in a `qemu-storage-daemon`, driven over
+//! QMP: the engine libvirt drives live, with QEMU's rate limit (`speed`) and QEMU's progress.
+//! Used when a rate limit is asked for (`qemu-img rebase` has none).
+//!
+//! Each layer is its own `--blockdev` node linked to the one below it (`backing=`), so that the
+//! job's base is a node name; the layers read are opened read-only, only the layer written is
+//! read-write. On success the job has written the new backing reference; the daemon is told to
+//! `quit`, which flushes and closes every image. A SIGTERM to the daemon (a shutdown) cancels
+//! the job and closes the images; the journal runs the step again.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diskchain_planner::Format;
+use serde_json::{Value, json};
+
+use super::{ExecError, process};
+
+/// A QMP connection.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    what: String,
+}
+
+impl Qmp {
+    fn error(&self, stderr: String) -> ExecError {
+        ExecError::Qemu {
+            command: self.what.clone(),
+            status: "QMP error".into(),
+            stderr,
+        }
+    }
+
+    /// Sends `execute` with `arguments`; returns its `return` value (events are skipped).
+    fn call(&mut self, execute: &str, arguments: Value) -> Result<Value, ExecError> {
+        let msg = json!({ "execute": execute, "arguments": arguments });
+        writeln!(self.writer, "{msg}").map_err(|e| self.error(format!("{execute}: {e}")))?;
+        loop {
+            let mut line = String::new();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| self.error(format!("{execute}: {e}")))?;
+            if n == 0 {
+                return Err(self.error(format!("{execute}: the daemon closed its monitor")));
+            }
+            let v: Value = serde_json::from_str(&line)
+                .map_err(|e| self.error(format!("{execute}: unreadable reply {line:?}: {e}")))?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                return Err(self.error(format!("{execute}: {}", e["desc"])));
+            }
+            return Ok(v.get("return").cloned().unwrap_or(Value::Null));
+        }
+    }
+}
+
+/// The daemon, killed if still running when dropped (an error path).
+struct Daemon {
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        process::forget(self.child.id());
+    }
+}
+
+/// One `--blockdev` pair (protocol and format node) for `file`, named `n{i}`.
+fn blockdev(
+    i: usize,
+    file: &Path,
+    fmt: Format,
+    backing: Option<&str>,
+    read_only: bool,
+) -> [String; 4] {
+    let ro = if read_only { ",read-only=on" } else { "" };
+    // Commas in a path are doubled in QEMU's option syntax.
+    let name = file.to_string_lossy().replace(',', ",,");
+    let backing = backing.map(|b| format!(",backing={b}")).unwrap_or_default();
+    [
+        "--blockdev".into(),
+        format!("driver=file,filename={name},node-name=f{i}{ro}"),
+        "--blockdev".into(),
+        format!(
+            "driver={},file=f{i},node-name=n{i}{backing}{ro}",
+            fmt.as_str()
+        ),
+    ]
+}
+
+/// Streams the data of `layers` (base first) into `into`, which then reads through `base`
+/// (`None`: through nothing), at most `speed` bytes per second. Returns the bytes the daemon
+/// wrote.
+pub(crate) fn stream(
+    into: &Path,
+    layers: &[(PathBuf, Format)],
+    base: Option<(&Path, Format)>,
+    speed: u64,
+    progress: &mut dyn FnMut(f64),
+) -> Result<u64, ExecError> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let sock = std::env::temp_dir().join(format!(
+        "diskchain-qsd-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_file(&sock);
+    let mut c = Command::new("qemu-storage-daemon");
+    c.arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qmp",
+            sock.to_string_lossy().replace(',', ",,")
+        ))
+        .args(["--monitor", "chardev=qmp"]);
+    let mut below: Option<String> = None;
+    let mut i = 0;
+    if let Some((b, fmt)) = base {
+        c.args(blockdev(i, b, fmt, None, true));
+        below = Some(format!("n{i}"));
+        i += 1;
+    }
+    let base_node = below.clone();
+    for (l, fmt) in layers {
+        c.args(blockdev(i, l, *fmt, below.as_deref(), true));
+        below = Some(format!("n{i}"));
+        i += 1;
+    }
+    c.args(blockdev(i, into, Format::Qcow2, below.as_deref(), false));
+    let top = format!("n{i}");
+    let what = format!("qemu-storage-daemon block-stream into {}", into.display());
+    tracing::debug!(command = ?c, "running");
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // The daemon must not outlive diskchain: one left behind would hold the images' locks (and
+    // never quit). SIGTERM on the parent's death makes it cancel the job and close the images.
+    // SAFETY: `pre_exec` runs in the forked child before exec; `prctl(PR_SET_PDEATHSIG)` is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = c.spawn().map_err(|source| ExecError::Io {
+        action: "start",
+        path: PathBuf::from("qemu-storage-daemon"),
+        source,
+    })?;
+    let pid = child.id();
+    process::remember(pid);
+    let mut daemon = Daemon { child };
+    let failed = |daemon: &mut Daemon, why: String| {
+        let _ = daemon.child.kill();
+        let out = daemon.child.wait_with_output_stderr().unwrap_or_default();
+        ExecError::Qemu {
+            command: what.clone(),
+            status: why,
+            stderr: out,
+        }
+    };
+    let started = Instant::now();
+    let stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                if let Ok(Some(st)) = daemon.child.try_wait() {
+                    return Err(failed(&mut daemon, st.to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(failed(&mut daemon, format!("no QMP socket: {e}"))),
+        }
+    };
+    let _ = std::fs::remove_file(&sock);
+    let writer = stream.try_clone().map_err(|source| ExecError::Io {
+        action: "connect to",
+        path: sock.clone(),
+        source,
+    })?;
+    let mut qmp = Qmp {
+        reader: BufReader::new(stream),
+        writer,
+        what: what.clone(),
+    };
+    let mut greeting = String::new();
+    let _ = qmp.reader.read_line(&mut greeting);
+    let run = |qmp: &mut Qmp, progress: &mut dyn FnMut(f64)| -> Result<(), ExecError> {
+        qmp.call("qmp_capabilities", json!({}))?;
+        let mut args = json!({
+            "job-id": "stream",
+            "device": top,
+            "speed": speed,
+            "auto-dismiss": false,
+        });
+        if let Some(b) = &base_node {
+            args["base-node"] = json!(b);
+        }
+        qmp.call("block-stream", args)?;
+        loop {
+            let jobs = qmp.call("query-jobs", json!({}))?;
+            let job = jobs
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j["id"] == "stream"))
+                .cloned()
+                .ok_or_else(|| qmp.error("the stream job vanished".into()))?;
+            let (cur, total) = (
+                job["current-progress"].as_f64().unwrap_or(0.0),
+                job["total-progress"].as_f64().unwrap_or(0.0),
+            );
+            if total > 0.0 {
+                progress((cur / total).clamp(0.0, 1.0));
+            }
+            if job["status"] == "concluded" {
+                qmp.call("job-dismiss", json!({ "id": "stream" }))?;
+                if let Some(e) = job.get("error") {
+                    return Err(qmp.error(format!("the stream job failed: {e}")));
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    if let Err(e) = run(&mut qmp, progress) {
+        let _ = failed(&mut daemon, String::new());
+        return Err(e);
+    }
+    let written = process::wchar(pid).unwrap_or(0);
+    // `quit` flushes and closes every image before the daemon exits.
+    let _ = qmp.call("quit", json!({}));
+    let status = daemon.child.wait().map_err(|source| ExecError::Io {
+        action: "wait for",
+        path: PathBuf::from("qemu-storage-daemon"),
+        source,
+    })?;
+    if !status.success() {
+        return Err(failed(&mut daemon, status.to_string()));
+    }
+    progress(1.0);
+    Ok(written)
+}
+
+trait StderrOf {
+    fn wait_with_output_stderr(&mut self) -> std::io::Result<String>;
+}
+
+impl StderrOf for Child {
+    /// What the child printed on stderr, once it has exited.
+    fn wait_with_output_stderr(&mut self) -> std::io::Result<String> {
+        let _ = self.wait()?;
+        let mut s = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut s);
+        }
+        Ok(s.trim().to_string())
+    }
+}
