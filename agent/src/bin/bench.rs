@@ -18,6 +18,13 @@
 //! and seconds, side by side on fresh copies; and the disk's own sequential write speed measured
 //! in the same run (the physical limit).
 //!
+//! `bytes` (`bench-results/bytes.json`): bytes planned, no apply. The flatten case (a private
+//! base holding 254 MiB under an active layer holding 2 MiB, `snapshots: []`) and a mix of random
+//! chains (2-8 layers, random whole-cluster writes, random kept points): diskchain's plan against
+//! libvirt's commit-down (every removed run committed into the layer below it, the active run
+//! too, as `blockcommit --active --pivot`) and against always-stream (every removed run pulled
+//! into the layer above), both as the plan reports them (`baselines`).
+//!
 //! `live` (`bench-results/live.json`; needs a running libvirtd, see `scripts/setup.sh --live`):
 //! removing four points of a running TCG domain's chain with `diskchain apply` (libvirt block
 //! jobs) against one `virsh blockcommit` per point (each removed point takes its overlay's
@@ -38,7 +45,7 @@ use serde_json::json;
 /// Benchmarks of the observer, the planner and apply.
 #[derive(Parser)]
 struct Args {
-    /// Which benchmark: `plan`, `apply`, `agent` or `live`.
+    /// Which benchmark: `plan`, `apply`, `agent`, `live` or `bytes`.
     #[arg(default_value = "plan")]
     which: String,
     /// Where to write the figures (default: `bench-results/<which>.json`).
@@ -302,8 +309,9 @@ fn main() {
         "apply" => apply_bench(&args),
         "agent" => agent_bench(&args),
         "live" => live_bench(&args),
+        "bytes" => bytes_bench(&args),
         other => {
-            eprintln!("unknown benchmark {other:?}: use plan, apply, agent or live");
+            eprintln!("unknown benchmark {other:?}: use plan, apply, agent, live or bytes");
             std::process::exit(2);
         }
     };
@@ -557,9 +565,25 @@ fn apply_bench(args: &Args) -> serde_json::Value {
         (vec![], vec![], vec![], vec![], vec![]);
     let mut predicted = 0;
     let state = work.join("state");
+    // `qemu-img convert` writing the bytes the plan writes: a source holding that much data in
+    // the chain's own 64 MiB runs, built once the plan is known (run 0), converted cold.
+    let convert_src = work.join("convert-src.qcow2");
+    let mut convert_s = vec![];
     for run in 0..args.runs {
         settle();
         speeds.push(disk_write_speed(&work));
+        if run > 0 {
+            let dst = work.join("convert-dst.qcow2");
+            let _ = std::fs::remove_file(&dst);
+            settle();
+            let mut c = Command::new("qemu-img");
+            c.args(["convert", "-f", "qcow2", "-O", "qcow2"])
+                .arg(&convert_src)
+                .arg(&dst);
+            let (secs, _) = run_counted(c);
+            let _ = std::fs::remove_file(&dst);
+            convert_s.push(secs);
+        }
         // Alternate which side runs first, so drift in the machine's load hits both alike.
         for side in if run % 2 == 0 {
             ["diskchain", "naive"]
@@ -603,6 +627,18 @@ fn apply_bench(args: &Args) -> serde_json::Value {
             let plan = dc(&["plan", "-o", "json", "-f"]).output().unwrap();
             let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
             predicted = v["disks"][0]["total_bytes"].as_u64().unwrap();
+            if !convert_src.exists() {
+                let _ = Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&convert_src)
+                    .arg((8u64 << 30).to_string())
+                    .status();
+                let chunk = 64u64 << 20;
+                let runs: Vec<(u64, u64)> = (0..predicted.div_ceil(chunk))
+                    .map(|k| ((k * 96) << 20, chunk.min(predicted - k * chunk)))
+                    .collect();
+                write_runs(&convert_src, &runs, 7);
+            }
             settle();
             let t = Instant::now();
             assert!(
@@ -641,11 +677,12 @@ fn apply_bench(args: &Args) -> serde_json::Value {
             }
         }
         println!(
-            "run {run}: diskchain {:.2} s {} MiB, naive {:.2} s {} MiB, disk {:.0} MiB/s",
+            "run {run}: diskchain {:.2} s {} MiB, naive {:.2} s {} MiB, convert {:?} s, disk {:.0} MiB/s",
             planned_s[run],
             planned_b[run] >> 20,
             naive_s[run],
             naive_b[run] >> 20,
+            convert_s.last(),
             speeds[run] / 1048576.0
         );
     }
@@ -656,6 +693,18 @@ fn apply_bench(args: &Args) -> serde_json::Value {
     let (ns, nb) = (median(naive_s.clone()), medb(&naive_b));
     let sp = median(speeds.clone());
     let limit = predicted as f64 / sp;
+    let _ = std::fs::remove_file(&convert_src);
+    // Run 0 built the convert source, so convert has one run fewer.
+    let cs = if convert_s.is_empty() {
+        f64::NAN
+    } else {
+        median(convert_s.clone())
+    };
+    println!(
+        "qemu-img convert of the same {:.0} MiB: {cs:.2} s; diskchain apply takes {:.2}x that",
+        predicted as f64 / 1048576.0,
+        ps / cs
+    );
     println!(
         "apply: diskchain {ps:.1} s / {:.0} MiB, naive {ns:.1} s / {:.0} MiB: naive writes {:.2}x the bytes and takes {:.2}x the time; the disk writes {:.0} MiB/s, so {limit:.1} s is the limit for the planned bytes (diskchain takes {:.2}x that)",
         pb / 1048576.0,
@@ -674,7 +723,171 @@ fn apply_bench(args: &Args) -> serde_json::Value {
         "diskchain": {"seconds": planned_s, "written_bytes": planned_b, "median_seconds": ps, "median_written_bytes": pb},
         "naive_commit_per_point": {"seconds": naive_s, "written_bytes": naive_b, "median_seconds": ns, "median_written_bytes": nb},
         "disk_sequential_write_bytes_per_sec": {"runs": speeds, "median": sp},
-        "ratios": {"naive_over_diskchain_bytes": nb / pb, "naive_over_diskchain_seconds": ns / ps, "diskchain_seconds_over_disk_limit": ps / limit},
+        "qemu_img_convert_of_the_planned_bytes": {"seconds": convert_s, "median_seconds": cs},
+        "ratios": {"naive_over_diskchain_bytes": nb / pb, "naive_over_diskchain_seconds": ns / ps, "diskchain_seconds_over_disk_limit": ps / limit, "diskchain_seconds_over_convert": ps / cs},
+    })
+}
+
+/// Writes `runs` of `(offset, length)` bytes of a pattern into the qcow2 `file` with qemu-io.
+fn write_runs(file: &Path, runs: &[(u64, u64)], pattern: u64) {
+    let mut child = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        let mut w = std::io::BufWriter::new(child.stdin.take().unwrap());
+        for (off, len) in runs {
+            writeln!(w, "write -P {} {off} {len}", pattern % 250 + 1).unwrap();
+        }
+        writeln!(w, "quit").unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+}
+
+/// `diskchain plan -o json` of one spec: (total bytes, always-commit, always-stream, ops).
+fn planned_bytes(bin: &Path, root: &Path, spec: &Path) -> (u64, u64, u64, Vec<String>) {
+    let out = Command::new(bin)
+        .arg("--allowed-root")
+        .arg(root)
+        .arg("--state-dir")
+        .arg(root.join("state"))
+        .args(["plan", "-o", "json", "-f"])
+        .arg(spec)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &v["disks"][0];
+    assert!(
+        d.is_object(),
+        "plan failed: {v} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ops = d["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["op"].as_str().unwrap().to_string())
+        .collect();
+    (
+        d["total_bytes"].as_u64().unwrap(),
+        d["baselines"]["always_commit"].as_u64().unwrap(),
+        d["baselines"]["always_stream"].as_u64().unwrap(),
+        ops,
+    )
+}
+
+fn bytes_bench(args: &Args) -> serde_json::Value {
+    let work = args.workdir.join("bytes");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let work = work.canonicalize().unwrap();
+    let bin = std::env::current_exe().unwrap().with_file_name("diskchain");
+    let create = |p: &Path, backing: Option<&Path>, size: u64| {
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            c.arg("-b").arg(b).args(["-F", "qcow2"]);
+        }
+        c.arg(p).arg(size.to_string());
+        assert!(c.status().unwrap().success());
+    };
+    let spec = |dir: &Path, active: &Path, keep: &[&Path]| {
+        let mut y = format!(
+            "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: bench\nspec:\n  source:\n    file: {}\n  snapshots:",
+            active.display()
+        );
+        if keep.is_empty() {
+            y.push_str(" []\n");
+        } else {
+            y.push('\n');
+            for (i, k) in keep.iter().enumerate() {
+                y.push_str(&format!("    - name: p{i}\n      file: {}\n", k.display()));
+            }
+        }
+        let f = dir.join("spec.yaml");
+        std::fs::write(&f, y).unwrap();
+        f
+    };
+    const M: u64 = 1 << 20;
+
+    // The flatten case.
+    let dir = work.join("flatten");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (base, active) = (dir.join("base.qcow2"), dir.join("active.qcow2"));
+    create(&base, None, 256 * M);
+    write_runs(&base, &[(0, 254 * M)], 1);
+    create(&active, Some(&base), 256 * M);
+    write_runs(&active, &[(100 * M, 2 * M)], 2);
+    let (fb, fc, fs, fops) = planned_bytes(&bin, &work, &spec(&dir, &active, &[]));
+    println!(
+        "flatten: diskchain {} KiB ({fops:?}), libvirt commit-down {} KiB, always-stream {} KiB",
+        fb >> 10,
+        fc >> 10,
+        fs >> 10
+    );
+
+    // The random mix.
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let cases = 60;
+    let mut rows = Vec::new();
+    let (mut sum_d, mut sum_c, mut sum_s) = (0u64, 0u64, 0u64);
+    let (mut below_c, mut below_s, mut above_min) = (0, 0, 0);
+    for case in 0..cases {
+        let dir = work.join(format!("mix{case}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = 2 + rng.below(7) as usize;
+        let mut layers: Vec<PathBuf> = Vec::new();
+        for i in 0..n {
+            let p = dir.join(format!("l{i}.qcow2"));
+            create(&p, layers.last().map(|b| b.as_path()), 64 * M);
+            let mut runs = Vec::new();
+            for _ in 0..1 + rng.below(4) {
+                let len = (1 + rng.below(if i == 0 { 24 } else { 8 })) * M;
+                let off = rng.below(64 - len / M) * M;
+                runs.push((off, len));
+            }
+            write_runs(&p, &runs, case * 10 + i as u64);
+            layers.push(p);
+        }
+        let keep: Vec<&Path> = layers[..n - 1]
+            .iter()
+            .filter(|_| rng.below(3) == 0)
+            .map(|p| p.as_path())
+            .collect();
+        let (d, c, s, ops) = planned_bytes(&bin, &work, &spec(&dir, &layers[n - 1], &keep));
+        sum_d += d;
+        sum_c += c;
+        sum_s += s;
+        below_c += usize::from(d < c);
+        below_s += usize::from(d < s);
+        above_min += usize::from(d > c.min(s));
+        rows.push(json!({"layers": n, "kept": keep.len(), "diskchain": d, "commit_down": c, "always_stream": s, "ops": ops}));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "random mix of {cases} chains: diskchain {} MiB, commit-down {} MiB ({:.2}x), always-stream {} MiB ({:.2}x); diskchain below commit-down in {below_c}, below always-stream in {below_s}, above the better of the two in {above_min}",
+        sum_d >> 20,
+        sum_c >> 20,
+        sum_c as f64 / sum_d as f64,
+        sum_s >> 20,
+        sum_s as f64 / sum_d as f64
+    );
+    json!({
+        "command": "cargo run --release -p diskchain --bin diskchain-bench -- bytes",
+        "machine": machine(),
+        "flatten": {"base_data_bytes": 254 * M, "active_data_bytes": 2 * M, "diskchain": fb, "ops": fops, "libvirt_commit_down": fc, "always_stream": fs, "always_stream_over_diskchain": fs as f64 / fb as f64},
+        "random_mix": {
+            "cases": cases,
+            "total": {"diskchain": sum_d, "commit_down": sum_c, "always_stream": sum_s},
+            "ratios": {"commit_down_over_diskchain": sum_c as f64 / sum_d as f64, "always_stream_over_diskchain": sum_s as f64 / sum_d as f64},
+            "cases_diskchain_below_commit_down": below_c,
+            "cases_diskchain_below_always_stream": below_s,
+            "cases_diskchain_above_the_better_baseline": above_min,
+            "rows": rows,
+        },
     })
 }
 
