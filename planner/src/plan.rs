@@ -413,13 +413,15 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         let costs = evaluate(&layers, &grains, unit, size, false);
         let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
         for (k, &h) in run.iter().enumerate().rev() {
-            // Offline, the layer right below the active one may hold the active run and then
-            // take the active image's path (a rename: same directory, so the same file system
-            // and the same meaning of a relative backing name), when the active file has no
-            // other user. Only the layer right below: a layer between would be left recording
-            // a backing file that no longer exists.
+            // Offline, any layer of the active run may hold it and then take the active
+            // image's path (a rename: same directory, so the same file system and the same
+            // meaning of a relative backing name), when the active file has no other user. The
+            // layers between it and the active one leave the chain (the holder is unshared, so
+            // nothing else reads through them); once retired they record a backing file that no
+            // longer exists, like any layer whose base was written by a commit they no longer
+            // read as before.
             let takes_over = is_active
-                && h + 1 == u
+                && h < u
                 && !req.live
                 && chain[h].format == Format::Qcow2
                 && paths[h].parent() == paths[u].parent()

@@ -118,7 +118,7 @@ impl State {
         cost
     }
 
-    /// Offline: commits the active layer into `base`, the layer right below it, which then takes
+    /// Offline: commits the active layer and every layer between into `base`, which then takes
     /// the active image's place (a rename): the chain ends at `base`, now the active file.
     pub fn take_over(&mut self, base: usize) -> u64 {
         let top = self.files.len() - 1;
@@ -191,9 +191,9 @@ pub fn min_cost(p: &Problem) -> Option<u64> {
                 let mut t = s.clone();
                 let c = t.commit_active(base);
                 next.push((c, t));
-                // Only the layer originally right below the active one: any layer between
-                // would be left recording a backing file that no longer exists.
-                if base + 2 == n && s.files[base].0 + 1 == s.files[n - 1].0 {
+                // Offline, any layer below the active one may take the active image's place
+                // after everything above it is committed into it.
+                {
                     let mut t = s.clone();
                     let c = t.take_over(base);
                     next.push((c, t));

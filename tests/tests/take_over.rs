@@ -164,3 +164,84 @@ fn an_active_image_held_open_is_never_renamed_or_written() {
     assert!(base.exists());
     assert_eq!(env.fingerprints(), before, "nothing was written or renamed");
 }
+
+/// A holder deeper than the layer right below the active one: `base` (16 MiB) <- `big` (64
+/// MiB) <- `small` (1 MiB) <- `vm` (1 MiB). Flattening is cheapest by committing `small` and
+/// `vm` into `big` (2 MiB), pulling in what `base` holds that they do not (14 MiB), and letting
+/// `big` take the active path: 16 MiB. Committing all into `base` costs 66 MiB, and the layer
+/// right below (the only holder before) or the active layer 79 MiB. Killed at several moments,
+/// the rerun converges with the view unchanged.
+#[test]
+fn a_deeper_layer_takes_over_when_that_writes_least() {
+    use diskchain_tests::env::apply_killed_after;
+    let mut landed = 0;
+    for delay_ms in [0u64, 30, 80, 150, 300, 1000] {
+        let env = Env::new();
+        let names = ["base", "big", "small", "vm"];
+        let writes = [
+            "write -P 1 0 16M",
+            "write -P 2 32M 64M",
+            "write -P 3 1M 1M",
+            "write -P 4 4M 1M",
+        ];
+        let mut layers: Vec<PathBuf> = Vec::new();
+        for (n, w) in names.iter().zip(writes) {
+            let p = env.img(&format!("{n}.qcow2"));
+            create(
+                &p,
+                128 * MIB,
+                layers.last().map(|b| (b.as_path(), "qcow2")),
+                &[],
+            );
+            io(&p, "qcow2", &[w.to_string()]);
+            layers.push(p);
+        }
+        let vm = layers[3].clone();
+        let view = view_sha256(&vm, "qcow2", env.dir.path());
+        let spec = env.spec("vm.yaml", &spec_yaml("vm", &vm, &[], ""));
+        let plan = env.plan_json(&spec);
+        let d = &plan["disks"][0];
+        let steps: Vec<(String, String)> = d["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["op"].as_str().unwrap().to_string(),
+                    s["holder"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            steps.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            ["commit", "stream", "take-over"],
+            "{d}"
+        );
+        assert!(steps[2].1.ends_with("big.qcow2"), "{d}");
+        assert_eq!(d["total_bytes"], 16 * MIB, "{d}");
+        if apply_killed_after(
+            &env,
+            &spec,
+            &["--max-bytes-per-sec", "50000000"],
+            std::time::Duration::from_millis(delay_ms),
+        ) {
+            landed += 1;
+        }
+        assert_eq!(check(&vm), 0, "delay {delay_ms} ms");
+        assert_eq!(
+            view_sha256(&vm, "qcow2", env.dir.path()),
+            view,
+            "delay {delay_ms} ms: after the kill"
+        );
+        env.apply_ok(&spec, &[]);
+        assert_eq!(backing_chain(&vm), vec![vm.clone()], "delay {delay_ms} ms");
+        assert_eq!(
+            view_sha256(&vm, "qcow2", env.dir.path()),
+            view,
+            "delay {delay_ms} ms"
+        );
+        assert_eq!(check(&vm), 0, "delay {delay_ms} ms");
+        assert!(!layers[1].exists(), "big took the active path");
+    }
+    assert!(landed >= 3, "only {landed} kills landed mid-plan");
+}

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | snapshot | hard-link the active image to the point's file, create a new overlay on it beside the active image, rename it over the active path (the active path never disappears) |
 //! | commit | `qemu-img commit -d -b BASE TOP` (the committed layers keep their content, so the layer above still reads correctly until it is re-pointed) |
-//! | stream | `qemu-img rebase -b BASE -F FMT INTO` (safe mode: copies what differs, then re-points); with a rate limit, QEMU's `block-stream` job in a `qemu-storage-daemon` (see `qsd`) |
+//! | stream | QEMU's `block-stream` job in a `qemu-storage-daemon` over QMP (rate limit and progress from QEMU; the new backing reference is written once the data is on disk, see `qsd`) |
 //! | rebase | `qemu-img rebase -u -b BACKING -F FMT OVERLAY` |
 //! | copy | a new overlay on the run's top, `qemu-img rebase` onto the run's old base (only what the run holds is copied), `rebase -u` onto the new backing file; built as a hidden `.partial` file and renamed; a copy of a whole chain is `qemu-img convert` |
 //! | delete | `unlink`, only inside the roots and only when no image references the file |
@@ -252,68 +252,56 @@ impl Offline {
         let op = "stream";
         let into = self.writable(op, into)?;
         self.checked(op, &into)?;
-        let mut c = self.qemu_img();
-        c.args(["rebase", "-p", "-f", self.format(op, &into)?.as_str()]);
-        match base {
+        let sources = self.with_formats(op, layers)?;
+        // QEMU's block-stream job in a qemu-storage-daemon (see `qsd`): QEMU's rate limit and
+        // progress, and the new backing reference written only once the data is on disk. Its
+        // base is a node and the layers between are linked explicitly, so `into` must still read
+        // through the top of `layers` (or already through `base`: done before). The plan picks
+        // a base that reads as the layers' old one (itself, or a moved copy of it).
+        let base = match base {
             Some(b) => {
-                // Safe mode copies whatever differs between the old and the new backing view, so
-                // any existing base gives the right content; the plan picks one that reads the
-                // same as the old (a moved copy), which keeps the copying to what it predicted.
-                let b = &self.roots.confine(b, "the new base".into())?;
-                if *b == into {
+                let b = self.roots.confine(b, "the new base".into())?;
+                if b == into {
                     return Err(ExecError::Precondition {
                         op,
-                        file: b.clone(),
+                        file: b,
                         what: "a layer cannot be its own base".into(),
                     });
                 }
-                c.arg("-b")
-                    .arg(b)
-                    .args(["-F", self.format(op, b)?.as_str()]);
+                let f = self.format(op, &b)?;
+                Some((b, f))
             }
-            None => {
-                c.args(["-b", ""]);
-            }
+            None => None,
+        };
+        let recorded = backing_of(&self.roots, &into)?.map(|(b, _)| b);
+        if recorded == base.as_ref().map(|(b, _)| b.clone()) {
+            progress(1.0);
+            return Ok(0);
         }
-        c.arg(&into);
-        let sources = self.with_formats(op, layers)?;
-        if let Some(speed) = self.options.max_bytes_per_sec {
-            // QEMU's rate limit: the stream as a block job in a qemu-storage-daemon. Its base is
-            // a node, and the layers between are linked explicitly, so `into` must still read
-            // through the top of `layers` (or already through `base`: done before).
-            let base = match base {
-                Some(b) => {
-                    let b = self.roots.confine(b, "the new base".into())?;
-                    let f = self.format(op, &b)?;
-                    Some((b, f))
-                }
-                None => None,
-            };
-            let recorded = backing_of(&self.roots, &into)?.map(|(b, _)| b);
-            if recorded == base.as_ref().map(|(b, _)| b.clone()) {
-                progress(1.0);
-                return Ok(0);
-            }
-            let mut confined = Vec::new();
-            for (l, f) in &sources {
-                confined.push((
-                    self.roots.confine(l, "a layer the stream reads".into())?,
-                    *f,
-                ));
-            }
-            if recorded.as_ref() != confined.last().map(|(l, _)| l) {
-                return Err(ExecError::Precondition {
-                    op,
-                    file: into,
-                    what: "it does not read through the layers the plan streams".into(),
-                });
-            }
-            let base = base.as_ref().map(|(b, f)| (b.as_path(), *f));
-            return self.carrying_bitmaps(op, &into, &sources, || {
-                super::qsd::stream(&into, &confined, base, speed, progress)
+        let mut confined = Vec::new();
+        for (l, f) in &sources {
+            confined.push((
+                self.roots.confine(l, "a layer the stream reads".into())?,
+                *f,
+            ));
+        }
+        if recorded.as_ref() != confined.last().map(|(l, _)| l) {
+            return Err(ExecError::Precondition {
+                op,
+                file: into,
+                what: "it does not read through the layers the plan streams".into(),
             });
         }
-        self.carrying_bitmaps(op, &into, &sources, || process::run(c, progress))
+        let base = base.as_ref().map(|(b, f)| (b.as_path(), *f));
+        let raw_reference = std::fs::File::open(&into)
+            .ok()
+            .and_then(|f| crate::observe::qcow2::read_header(&f, &into).ok())
+            .and_then(|h| h.backing_file)
+            .unwrap_or_default();
+        let speed = self.options.max_bytes_per_sec.unwrap_or(0);
+        self.carrying_bitmaps(op, &into, &sources, || {
+            super::qsd::stream(&into, &raw_reference, &confined, base, speed, progress)
+        })
     }
 
     fn rebase(

@@ -1,12 +1,21 @@
 //! An offline stream as QEMU's own `block-stream` job in a `qemu-storage-daemon`, driven over
 //! QMP: the engine libvirt drives live, with QEMU's rate limit (`speed`) and QEMU's progress.
-//! Used when a rate limit is asked for (`qemu-img rebase` has none).
+//! (`qemu-img rebase` has no rate limit, and rewrites the backing reference before its metadata
+//! reaches the disk.)
 //!
 //! Each layer is its own `--blockdev` node linked to the one below it (`backing=`), so that the
 //! job's base is a node name; the layers read are opened read-only, only the layer written is
-//! read-write. On success the job has written the new backing reference; the daemon is told to
-//! `quit`, which flushes and closes every image. A SIGTERM to the daemon (a shutdown) cancels
-//! the job and closes the images; the journal runs the step again.
+//! read-write. A SIGTERM to the daemon (a shutdown) cancels the job and closes the images; the
+//! journal runs the step again.
+//!
+//! The new backing reference is written only once the copied data is on disk. QEMU's job
+//! rewrites the header when it completes, before its metadata cache is flushed: a crash there
+//! would leave the layer reading through the new base where the pulled clusters' L2 entries
+//! never reached the file. So the job is told to write the reference the layer already has
+//! (`backing-file`; for a stream with no base, the job's base is an empty image of the old
+//! top's format made for it), the daemon quits (flushing and closing everything), the layer is
+//! synced, and only then is the reference changed (`qemu-img rebase -u`). At every moment the
+//! layer reads as before.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -100,22 +109,95 @@ fn blockdev(
 }
 
 /// Streams the data of `layers` (base first) into `into`, which then reads through `base`
-/// (`None`: through nothing), at most `speed` bytes per second. Returns the bytes the daemon
-/// wrote.
+/// (`None`: through nothing), at most `speed` bytes per second (0: no limit). `recorded` is the
+/// backing reference `into` has now (it names the top of `layers`). Returns the bytes written.
 pub(crate) fn stream(
     into: &Path,
+    recorded: &str,
     layers: &[(PathBuf, Format)],
     base: Option<(&Path, Format)>,
     speed: u64,
     progress: &mut dyn FnMut(f64),
 ) -> Result<u64, ExecError> {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some((_, top_fmt)) = layers.last() else {
+        return Ok(0);
+    };
     let sock = std::env::temp_dir().join(format!(
         "diskchain-qsd-{}-{}.sock",
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     ));
     let _ = std::fs::remove_file(&sock);
+    // A stream with no base runs on an empty image of the old top's format, so that the job
+    // can keep the reference and its format.
+    let empty = into.with_file_name(format!(
+        ".{}.empty",
+        into.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    // With a base of another format than the old top, the reference cannot be kept through
+    // the job (QEMU writes the base's format with it): the job writes the new one, and the
+    // window the module describes is closed by the journal (a resumed stream first points the
+    // layer back at the old top).
+    let keep_reference = base.is_none_or(|(_, f)| f == *top_fmt);
+    let job_base: (PathBuf, Format) = match base {
+        Some((b, f)) => (b.to_path_buf(), f),
+        None => {
+            let size = std::fs::File::open(into)
+                .ok()
+                .and_then(|f| crate::observe::qcow2::read_header(&f, into).ok())
+                .map(|h| h.virtual_size)
+                .unwrap_or(0);
+            let _ = std::fs::remove_file(&empty);
+            let mut c = Command::new("qemu-img");
+            c.args(["create", "-q", "-f", top_fmt.as_str()])
+                .arg(&empty)
+                .arg(size.to_string());
+            process::run(c, &mut |_| {})?;
+            (empty.clone(), *top_fmt)
+        }
+    };
+    let reference = if keep_reference {
+        recorded.to_string()
+    } else {
+        job_base.0.to_string_lossy().into_owned()
+    };
+    let result = run_job(into, &reference, layers, &job_base, &sock, speed, progress);
+    if base.is_none() {
+        let _ = std::fs::remove_file(&empty);
+    }
+    let written = result?;
+    // The data is on disk: now the reference may name the new base.
+    super::offline::sync_file(into)?;
+    if !keep_reference {
+        return Ok(written);
+    }
+    let mut c = Command::new("qemu-img");
+    c.args(["rebase", "-u", "-f", "qcow2", "-b"]);
+    match base {
+        Some((b, f)) => {
+            c.arg(b).args(["-F", f.as_str()]);
+        }
+        None => {
+            c.arg("");
+        }
+    }
+    c.arg(into);
+    let w = process::run(c, &mut |_| {})?;
+    super::offline::sync_file(into)?;
+    Ok(written + w)
+}
+
+/// Runs the daemon and its `block-stream` job; returns the bytes the daemon wrote.
+fn run_job(
+    into: &Path,
+    recorded: &str,
+    layers: &[(PathBuf, Format)],
+    (base, base_fmt): &(PathBuf, Format),
+    sock: &Path,
+    speed: u64,
+    progress: &mut dyn FnMut(f64),
+) -> Result<u64, ExecError> {
     let mut c = Command::new("qemu-storage-daemon");
     c.arg("--chardev")
         .arg(format!(
@@ -123,20 +205,16 @@ pub(crate) fn stream(
             sock.to_string_lossy().replace(',', ",,")
         ))
         .args(["--monitor", "chardev=qmp"]);
-    let mut below: Option<String> = None;
-    let mut i = 0;
-    if let Some((b, fmt)) = base {
-        c.args(blockdev(i, b, fmt, None, true));
-        below = Some(format!("n{i}"));
-        i += 1;
-    }
-    let base_node = below.clone();
+    c.args(blockdev(0, base, *base_fmt, None, true));
+    let base_node = "n0".to_string();
+    let mut below = base_node.clone();
+    let mut i = 1;
     for (l, fmt) in layers {
-        c.args(blockdev(i, l, *fmt, below.as_deref(), true));
-        below = Some(format!("n{i}"));
+        c.args(blockdev(i, l, *fmt, Some(&below), true));
+        below = format!("n{i}");
         i += 1;
     }
-    c.args(blockdev(i, into, Format::Qcow2, below.as_deref(), false));
+    c.args(blockdev(i, into, Format::Qcow2, Some(&below), false));
     let top = format!("n{i}");
     let what = format!("qemu-storage-daemon block-stream into {}", into.display());
     tracing::debug!(command = ?c, "running");
@@ -173,7 +251,7 @@ pub(crate) fn stream(
     };
     let started = Instant::now();
     let stream = loop {
-        match UnixStream::connect(&sock) {
+        match UnixStream::connect(sock) {
             Ok(s) => break s,
             Err(_) if started.elapsed() < Duration::from_secs(30) => {
                 if let Ok(Some(st)) = daemon.child.try_wait() {
@@ -184,10 +262,10 @@ pub(crate) fn stream(
             Err(e) => return Err(failed(&mut daemon, format!("no QMP socket: {e}"))),
         }
     };
-    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(sock);
     let writer = stream.try_clone().map_err(|source| ExecError::Io {
         action: "connect to",
-        path: sock.clone(),
+        path: sock.to_path_buf(),
         source,
     })?;
     let mut qmp = Qmp {
@@ -199,15 +277,15 @@ pub(crate) fn stream(
     let _ = qmp.reader.read_line(&mut greeting);
     let run = |qmp: &mut Qmp, progress: &mut dyn FnMut(f64)| -> Result<(), ExecError> {
         qmp.call("qmp_capabilities", json!({}))?;
-        let mut args = json!({
+        // The reference written on completion is the one `into` has now (see the module).
+        let args = json!({
             "job-id": "stream",
             "device": top,
+            "base-node": base_node,
+            "backing-file": recorded,
             "speed": speed,
             "auto-dismiss": false,
         });
-        if let Some(b) = &base_node {
-            args["base-node"] = json!(b);
-        }
         qmp.call("block-stream", args)?;
         loop {
             let jobs = qmp.call("query-jobs", json!({}))?;
@@ -248,7 +326,6 @@ pub(crate) fn stream(
     if !status.success() {
         return Err(failed(&mut daemon, status.to_string()));
     }
-    progress(1.0);
     Ok(written)
 }
 
