@@ -312,3 +312,63 @@ fn a_killed_bitmap_carrying_plan_converges_exactly() {
     }
     assert!(landed >= 3, "only {landed} kills landed mid-plan");
 }
+
+/// A revert keeps only the bitmaps that existed at the point reverted to: `old` (started before
+/// the point) goes on recording in the new top and still covers every write since it started
+/// that the reverted view holds; `new` (started after the point, so it cannot describe what
+/// the revert undid) is not carried, so a backup tool finds no bitmap of that name on top, and
+/// `plan` says so.
+#[test]
+fn a_revert_keeps_only_the_bitmaps_that_existed_at_its_point() {
+    use diskchain_tests::bitmap::{bitmaps, union_over_chain};
+    use diskchain_tests::env::{backing_chain, check};
+    const M: u64 = 1 << 20;
+    let env = Env::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let (golden, vm) = (env.img("golden.qcow2"), env.img("vm.qcow2"));
+    create(&golden, 64 * M, None, &[]);
+    io(&golden, "qcow2", &["write -P 1 0 4M".into()]);
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&golden)
+        .arg("old"));
+    io(&golden, "qcow2", &["write -P 2 8M 1M".into()]);
+    create(&vm, 0, Some((&golden, "qcow2")), &[]);
+    for name in ["old", "new"] {
+        run(Command::new("qemu-img")
+            .args(["bitmap", "--add"])
+            .arg(&vm)
+            .arg(name));
+    }
+    io(&vm, "qcow2", &["write -P 3 16M 1M".into()]);
+    let spec = env.spec(
+        "d.yaml",
+        &spec_yaml(
+            "d",
+            &vm,
+            &[("golden".into(), Some(golden.clone()))],
+            "  revert:\n    to: golden\n    id: r1\n",
+        ),
+    );
+    let notes = env.plan_json(&spec)["disks"][0]["notes"].to_string();
+    assert!(
+        notes.contains("bitmap new did not exist at point golden"),
+        "{notes}"
+    );
+    env.apply_ok(&spec, &[]);
+    let chain = backing_chain(&vm);
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    for f in &chain {
+        assert_eq!(check(f), 0);
+    }
+    assert_eq!(bitmaps(&vm), vec![("old".to_string(), true)]);
+    assert_eq!(
+        union_over_chain(&vm, "old", 64 * M, scratch.path()),
+        vec![(8 * M, M)]
+    );
+    io(&vm, "qcow2", &["write -P 4 32M 1M".into()]);
+    assert_eq!(
+        union_over_chain(&vm, "old", 64 * M, scratch.path()),
+        vec![(8 * M, M), (32 * M, M)]
+    );
+}
