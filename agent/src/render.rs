@@ -114,7 +114,7 @@ pub fn text(report: &PlanReport) -> String {
                         format!("{} onto {}", short(overlay), short(backing))
                     }
                     StepAction::Delete { file } => short(file),
-                    StepAction::TakeOver { holder, active } => {
+                    StepAction::TakeOver { holder, active, .. } => {
                         format!("{} becomes {}", short(holder), short(active))
                     }
                 };

@@ -152,6 +152,12 @@ pub enum StepAction {
         holder: PathBuf,
         /// The active image's path.
         active: PathBuf,
+        /// The layers that were between `holder` and the active image: they left the chain
+        /// with the commit, and record `holder`'s old path as their backing file. Once `holder`
+        /// has moved they are detached (no backing file), so that each still opens and checks
+        /// clean with the clusters it holds.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        between: Vec<PathBuf>,
     },
     /// Remove a file no chain uses any more.
     Delete {
@@ -669,6 +675,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                         action: StepAction::TakeOver {
                             holder: paths[h].clone(),
                             active: paths[u].clone(),
+                            between: paths[h + 1..u].to_vec(),
                         },
                         bytes: 0,
                         zero_bytes: 0,

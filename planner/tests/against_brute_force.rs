@@ -200,7 +200,7 @@ fn replay(
                 s.files.splice(first..=last, [(new_id, cells)]);
                 cost
             }
-            StepAction::TakeOver { holder, active } => {
+            StepAction::TakeOver { holder, active, .. } => {
                 prop_assert!(
                     !shared(id(holder, &copies)),
                     "took over with shared {holder:?}"

@@ -561,11 +561,16 @@ impl Offline {
 
     /// `holder` takes the active image's path (see [`StepAction::TakeOver`]). Done before when
     /// `holder` is gone and the active path is there (the rename is atomic).
-    fn take_over(&self, holder: &Path, active: &Path) -> Result<u64, ExecError> {
+    fn take_over(
+        &self,
+        holder: &Path,
+        active: &Path,
+        between: &[PathBuf],
+    ) -> Result<u64, ExecError> {
         let op = "take-over";
         if std::fs::symlink_metadata(holder).is_err() {
             if active.exists() {
-                return Ok(0);
+                return self.detach(op, holder, between);
             }
             return Err(ExecError::Precondition {
                 op,
@@ -611,7 +616,49 @@ impl Offline {
         if let Some(dir) = active_c.parent() {
             sync_file(dir)?;
         }
-        Ok(0)
+        self.detach(op, &holder_c, between)
+    }
+
+    /// Detaches the layers that were between a holder and the active image (see
+    /// [`StepAction::TakeOver`]): each that still names the holder's old path, now gone, as its
+    /// backing file gets none. Idempotent.
+    fn detach(
+        &self,
+        op: &'static str,
+        holder: &Path,
+        between: &[PathBuf],
+    ) -> Result<u64, ExecError> {
+        let mut written = 0;
+        for f in between {
+            if !f.exists() {
+                continue;
+            }
+            let f = self.writable(op, f)?;
+            let recorded = std::fs::File::open(&f)
+                .ok()
+                .and_then(|file| crate::observe::qcow2::read_header(&file, &f).ok())
+                .and_then(|h| h.backing_file);
+            let Some(r) = recorded else {
+                continue;
+            };
+            let named = f
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(r.trim_start_matches("file:"));
+            // The holder is gone, so names are compared through their (existing) directories.
+            let canon = |p: &Path| {
+                p.parent()
+                    .and_then(|d| d.canonicalize().ok())
+                    .map(|d| d.join(p.file_name().unwrap_or_default()))
+            };
+            if named.exists() || canon(&named).is_none() || canon(&named) != canon(holder) {
+                continue;
+            }
+            let mut c = self.qemu_img();
+            c.args(["rebase", "-u", "-f", "qcow2", "-b", ""]).arg(&f);
+            written += process::run(c, &mut |_| {})?;
+        }
+        Ok(written)
     }
 
     fn delete(&self, file: &Path) -> Result<u64, ExecError> {
@@ -740,7 +787,11 @@ impl Executor for Offline {
                 backing,
             } => self.copy(layers, to, backing.as_deref(), progress)?,
             StepAction::Delete { file } => self.delete(file)?,
-            StepAction::TakeOver { holder, active } => self.take_over(holder, active)?,
+            StepAction::TakeOver {
+                holder,
+                active,
+                between,
+            } => self.take_over(holder, active, between)?,
             StepAction::Revert {
                 to,
                 active,
