@@ -577,6 +577,24 @@ fn finish(
         }
         let step = journal.steps[i].step.clone();
         let op = step.action.op();
+        // Every file the step writes or reads is locked for it: no other reconcile (another
+        // disk sharing a layer, in this process or another) works on them meanwhile.
+        let disk = journal.disk.clone();
+        let stop = options.stop.clone();
+        let Some(_files) = state.lock_files(
+            &step.action.writes(),
+            &step.action.reads(),
+            &mut |f| {
+                tracing::info!(disk = %disk, step = i + 1, op, file = %f.display(), "waiting: another step is working on this file");
+            },
+            &|| {
+                stop.as_ref()
+                    .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+            },
+        )?
+        else {
+            return Err(ApplyError::Stopped { index: i + 1 });
+        };
         if journal.steps[i].state == StepState::Running {
             // Interrupted earlier: tidy up, then run it again (steps are idempotent).
             tracing::info!(disk = %journal.disk, step = i + 1, op, "resuming an interrupted step");

@@ -3,6 +3,7 @@
 //! Layout: `<state-dir>/disks/<disk>.json`. Written atomically (temporary file, fsync, rename,
 //! fsync of the directory) so a crash leaves either the old or the new record.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -203,6 +204,95 @@ impl StateDir {
                 source: e.into(),
             }),
         }
+    }
+
+    /// Takes, for one step, a lock on every file it names: exclusive on the files it writes or
+    /// creates, shared on those it only reads (see `StepAction::writes` and `reads`). Any two
+    /// reconciles using this state directory (in one agent, in two processes, or `apply` beside
+    /// the agent) then never write the same file at once, nor one while the other reads it.
+    /// Locks are taken in one global order (by lock name), so two steps never wait on each
+    /// other. Waits while another step holds one; `waiting` is told (once) which file, and
+    /// `give_up` is asked between tries (a shutdown): then `Ok(None)`.
+    pub fn lock_files(
+        &self,
+        writes: &[&Path],
+        reads: &[&Path],
+        waiting: &mut dyn FnMut(&Path),
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<nix::fcntl::Flock<std::fs::File>>>, StateError> {
+        use sha2::Digest;
+        let dir = self.dir.join("locks").join("files");
+        std::fs::create_dir_all(&dir).map_err(|source| StateError::Io {
+            action: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        // One name per file however it is spelled: the canonical directory and the file name
+        // (the file itself may not exist yet).
+        let key = |p: &Path| -> PathBuf {
+            p.parent()
+                .and_then(|d| d.canonicalize().ok())
+                .map(|d| d.join(p.file_name().unwrap_or_default()))
+                .unwrap_or_else(|| p.to_path_buf())
+        };
+        let mut wanted: BTreeMap<String, (PathBuf, bool)> = BTreeMap::new();
+        for (files, exclusive) in [(reads, false), (writes, true)] {
+            for f in files {
+                let k = key(f);
+                let name = format!(
+                    "{:x}.lock",
+                    sha2::Sha256::digest(k.as_os_str().as_encoded_bytes())
+                );
+                let e = wanted.entry(name).or_insert((k, exclusive));
+                e.1 |= exclusive;
+            }
+        }
+        let mut held = Vec::new();
+        let mut told = false;
+        for (name, (file, exclusive)) in wanted {
+            let path = dir.join(name);
+            let arg = if exclusive {
+                nix::fcntl::FlockArg::LockExclusiveNonblock
+            } else {
+                nix::fcntl::FlockArg::LockSharedNonblock
+            };
+            loop {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| StateError::Io {
+                        action: "open",
+                        path: path.clone(),
+                        source,
+                    })?;
+                match nix::fcntl::Flock::lock(f, arg) {
+                    Ok(l) => {
+                        held.push(l);
+                        break;
+                    }
+                    Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                        if !told {
+                            waiting(&file);
+                            told = true;
+                        }
+                        if give_up() {
+                            return Ok(None);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err((_, e)) => {
+                        return Err(StateError::Io {
+                            action: "lock",
+                            path,
+                            source: e.into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Some(held))
     }
 
     /// The journal file of disk `name`.

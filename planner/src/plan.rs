@@ -167,6 +167,49 @@ pub enum StepAction {
 }
 
 impl StepAction {
+    /// The files the step writes, creates, renames or removes (matched exhaustively: a new step
+    /// kind must say what it touches).
+    pub fn writes(&self) -> Vec<&Path> {
+        let v: Vec<&PathBuf> = match self {
+            StepAction::Snapshot { file, active, .. } => vec![file, active],
+            StepAction::Mirror { from, to, .. } => vec![from, to],
+            StepAction::Revert {
+                active, discarded, ..
+            } => vec![active, discarded],
+            StepAction::Stream { into, .. } => vec![into],
+            StepAction::Commit { base, .. } => vec![base],
+            StepAction::Copy { to, .. } => vec![to],
+            StepAction::Rebase { overlay, .. } => vec![overlay],
+            StepAction::TakeOver {
+                holder,
+                active,
+                between,
+            } => [holder, active].into_iter().chain(between).collect(),
+            StepAction::Delete { file } => vec![file],
+        };
+        v.into_iter().map(PathBuf::as_path).collect()
+    }
+
+    /// The files the step only reads.
+    pub fn reads(&self) -> Vec<&Path> {
+        let v: Vec<&PathBuf> = match self {
+            StepAction::Snapshot { .. }
+            | StepAction::Delete { .. }
+            | StepAction::TakeOver { .. } => {
+                vec![]
+            }
+            StepAction::Mirror { backing, .. } => backing.iter().collect(),
+            StepAction::Revert { to, .. } => vec![to],
+            StepAction::Stream { base, layers, .. } => layers.iter().chain(base).collect(),
+            StepAction::Commit { top, layers, .. } => layers.iter().chain([top]).collect(),
+            StepAction::Copy {
+                layers, backing, ..
+            } => layers.iter().chain(backing).collect(),
+            StepAction::Rebase { backing, .. } => vec![backing],
+        };
+        v.into_iter().map(PathBuf::as_path).collect()
+    }
+
     /// The operation's name as in the JSON `op` field.
     pub fn op(&self) -> &'static str {
         match self {

@@ -96,10 +96,19 @@ fn blockdev(
     let ro = if read_only { ",read-only=on" } else { "" };
     // Commas in a path are doubled in QEMU's option syntax.
     let name = file.to_string_lossy().replace(',', ",,");
-    let backing = backing.map(|b| format!(",backing={b}")).unwrap_or_default();
+    // A raw layer has no backing file (it is the bottom of its chain).
+    let backing = backing
+        .filter(|_| fmt == Format::Qcow2)
+        .map(|b| format!(",backing={b}"))
+        .unwrap_or_default();
+    // A block device (a base on a LUN or a loop device) takes QEMU's `host_device` driver.
+    let protocol = match std::fs::metadata(file) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => "host_device",
+        _ => "file",
+    };
     [
         "--blockdev".into(),
-        format!("driver=file,filename={name},node-name=f{i}{ro}"),
+        format!("driver={protocol},filename={name},node-name=f{i}{ro}"),
         "--blockdev".into(),
         format!(
             "driver={},file=f{i},node-name=n{i}{backing}{ro}",
@@ -136,12 +145,15 @@ pub(crate) fn stream(
         into.file_name().unwrap_or_default().to_string_lossy()
     ));
     // With a base of another format than the old top, the reference cannot be kept through
-    // the job (QEMU writes the base's format with it): the job writes the new one, and the
-    // window the module describes is closed by the journal (a resumed stream first points the
-    // layer back at the old top).
-    let keep_reference = base.is_none_or(|(_, f)| f == *top_fmt);
-    let job_base: (PathBuf, Format) = match base {
-        Some((b, f)) => (b.to_path_buf(), f),
+    // the job (QEMU writes the base's format with it), nor under a raw bottom layer (which has
+    // no backing to link an empty base under): the job writes the new one, and the window the
+    // module describes is closed by the journal (a resumed stream first points the layer back
+    // at the old top).
+    let raw_bottom = layers.first().is_some_and(|(_, f)| *f == Format::Raw);
+    let keep_reference = !raw_bottom && base.is_none_or(|(_, f)| f == *top_fmt);
+    let job_base: Option<(PathBuf, Format)> = match base {
+        Some((b, f)) => Some((b.to_path_buf(), f)),
+        None if raw_bottom => None,
         None => {
             let size = std::fs::File::open(into)
                 .ok()
@@ -154,15 +166,23 @@ pub(crate) fn stream(
                 .arg(&empty)
                 .arg(size.to_string());
             process::run(c, &mut |_| {})?;
-            (empty.clone(), *top_fmt)
+            Some((empty.clone(), *top_fmt))
         }
     };
     let reference = if keep_reference {
-        recorded.to_string()
+        Some(recorded.to_string())
     } else {
-        job_base.0.to_string_lossy().into_owned()
+        base.map(|(b, _)| b.to_string_lossy().into_owned())
     };
-    let result = run_job(into, &reference, layers, &job_base, &sock, speed, progress);
+    let result = run_job(
+        into,
+        reference.as_deref(),
+        layers,
+        job_base.as_ref(),
+        &sock,
+        speed,
+        progress,
+    );
     if base.is_none() {
         let _ = std::fs::remove_file(&empty);
     }
@@ -189,11 +209,12 @@ pub(crate) fn stream(
 }
 
 /// Runs the daemon and its `block-stream` job; returns the bytes the daemon wrote.
+#[allow(clippy::too_many_arguments)]
 fn run_job(
     into: &Path,
-    recorded: &str,
+    reference: Option<&str>,
     layers: &[(PathBuf, Format)],
-    (base, base_fmt): &(PathBuf, Format),
+    base: Option<&(PathBuf, Format)>,
     sock: &Path,
     speed: u64,
     progress: &mut dyn FnMut(f64),
@@ -205,16 +226,19 @@ fn run_job(
             sock.to_string_lossy().replace(',', ",,")
         ))
         .args(["--monitor", "chardev=qmp"]);
-    c.args(blockdev(0, base, *base_fmt, None, true));
-    let base_node = "n0".to_string();
-    let mut below = base_node.clone();
+    let mut below: Option<String> = None;
+    if let Some((b, f)) = base {
+        c.args(blockdev(0, b, *f, None, true));
+        below = Some("n0".into());
+    }
+    let base_node = below.clone();
     let mut i = 1;
     for (l, fmt) in layers {
-        c.args(blockdev(i, l, *fmt, Some(&below), true));
-        below = format!("n{i}");
+        c.args(blockdev(i, l, *fmt, below.as_deref(), true));
+        below = Some(format!("n{i}"));
         i += 1;
     }
-    c.args(blockdev(i, into, Format::Qcow2, Some(&below), false));
+    c.args(blockdev(i, into, Format::Qcow2, below.as_deref(), false));
     let top = format!("n{i}");
     let what = format!("qemu-storage-daemon block-stream into {}", into.display());
     tracing::debug!(command = ?c, "running");
@@ -278,14 +302,18 @@ fn run_job(
     let run = |qmp: &mut Qmp, progress: &mut dyn FnMut(f64)| -> Result<(), ExecError> {
         qmp.call("qmp_capabilities", json!({}))?;
         // The reference written on completion is the one `into` has now (see the module).
-        let args = json!({
+        let mut args = json!({
             "job-id": "stream",
             "device": top,
-            "base-node": base_node,
-            "backing-file": recorded,
             "speed": speed,
             "auto-dismiss": false,
         });
+        if let Some(b) = &base_node {
+            args["base-node"] = json!(b);
+            if let Some(r) = reference {
+                args["backing-file"] = json!(r);
+            }
+        }
         qmp.call("block-stream", args)?;
         loop {
             let jobs = qmp.call("query-jobs", json!({}))?;

@@ -6,7 +6,7 @@
 //!  resync interval ───────────────┼─▶ pass: load specs (a bad file sidelines only its disk)
 //!                                 │         plan every disk at once (one scan of the roots)
 //!                                 │         disks with work ─▶ worker pool (--max-parallel)
-//!  worker: apply one disk (journaled) ◀─┘   disks sharing layers take one host-wide lock
+//!  worker: apply one disk (journaled) ◀─┘   each step locks the files it writes and reads
 //! ```
 //!
 //! One disk never runs two plans at once; a failing disk backs off exponentially and never blocks
@@ -21,8 +21,8 @@ mod metrics;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diskchain_crd::{LoadedSpec, load_path_lenient};
@@ -178,7 +178,6 @@ struct Agent {
     running: HashSet<String>,
     tasks: JoinSet<TaskResult>,
     permits: Arc<Semaphore>,
-    shared_layers: Arc<Mutex<()>>,
     spec_errors: Vec<String>,
     started_unix: u64,
 }
@@ -231,7 +230,6 @@ pub fn run(opts: AgentOptions) -> i32 {
             tracks: BTreeMap::new(),
             running: HashSet::new(),
             tasks: JoinSet::new(),
-            shared_layers: Arc::new(Mutex::new(())),
             spec_errors: Vec::new(),
             started_unix: now_unix(),
         };
@@ -389,7 +387,8 @@ impl Agent {
             }
             Err(_) => return,
         };
-        // Files in more than one disk's chain: steps of those disks are serialised.
+        // Files in more than one disk's chain (for the log; each step locks its files, so
+        // disks sharing a layer never write or read one file against each other).
         let mut users: HashMap<PathBuf, usize> = HashMap::new();
         for d in &report.disks {
             for f in &d.plan.chain {
@@ -431,8 +430,8 @@ impl Agent {
                 continue;
             };
             tracing::info!(disk = %e.name, trigger = why, "resuming the unfinished plan in the journal before planning again");
-            // Its chain is unknown here: run it under the host-wide lock.
-            self.start(spec, true);
+            // Its steps lock the files they use, like any other.
+            self.start(spec);
             started_work += 1;
         }
         for d in report.disks {
@@ -471,7 +470,7 @@ impl Agent {
                 .iter()
                 .any(|f| users.get(f).copied().unwrap_or(0) > 1);
             tracing::info!(disk = %name, steps = d.plan.steps.len(), bytes = d.plan.total_bytes, sharing, trigger = why, "reconciling");
-            self.start(spec, sharing);
+            self.start(spec);
             started_work += 1;
         }
         self.shared.ready.store(true, Ordering::SeqCst);
@@ -507,11 +506,10 @@ impl Agent {
         Some(spec)
     }
 
-    fn start(&mut self, spec: LoadedSpec, sharing: bool) {
+    fn start(&mut self, spec: LoadedSpec) {
         let name = spec.name.clone();
         self.running.insert(name.clone());
         let permits = self.permits.clone();
-        let lock = self.shared_layers.clone();
         let roots = self.roots.clone();
         let state = self.opts.state.clone();
         let options = ApplyOptions {
@@ -522,12 +520,6 @@ impl Agent {
         self.tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
             let result = tokio::task::spawn_blocking(move || {
-                // Disks that share a layer run one at a time.
-                let _guard = if sharing {
-                    Some(lock.lock().unwrap_or_else(|p| p.into_inner()))
-                } else {
-                    None
-                };
                 apply_loaded(std::slice::from_ref(&spec), &roots, &state, options)
             })
             .await;
