@@ -113,7 +113,7 @@ impl ApplyReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A step failed.
-    #[error("step {index} ({op}): {source}")]
+    #[error("step {index} ({op}){}: {source}", ran_note(ran))]
     Step {
         /// 1-based step number.
         index: usize,
@@ -121,6 +121,9 @@ pub enum ApplyError {
         op: &'static str,
         /// The failure.
         source: ExecError,
+        /// The steps that had run before it (`N op`), this run or an interrupted one: the chain
+        /// is no longer as it was, so the failure is never reported as untouched bad input.
+        ran: Vec<String>,
     },
     /// The state directory failed.
     #[error(transparent)]
@@ -153,6 +156,38 @@ pub enum ApplyError {
     },
 }
 
+/// ", after steps 1 (copy), 2 (rebase) had run; the plan stays journaled", or nothing.
+fn ran_note(ran: &[String]) -> String {
+    if ran.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", after step{} {} had run (the plan stays journaled and resumes there)",
+            if ran.len() == 1 { "" } else { "s" },
+            ran.join(", ")
+        )
+    }
+}
+
+/// The steps of `journal` that have run so far, as `N (op)`.
+fn steps_ran(journal: &Journal) -> Vec<String> {
+    journal
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s.state {
+            StepState::Done => Some(format!("{} ({})", i + 1, s.step.action.op())),
+            // Started in an earlier run that was interrupted: it may have written.
+            StepState::Running if s.attempts > 1 => Some(format!(
+                "{} ({}, interrupted earlier)",
+                i + 1,
+                s.step.action.op()
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 impl ApplyError {
     fn kind(&self) -> ErrorKind {
         match self {
@@ -160,7 +195,10 @@ impl ApplyError {
                 source: ExecError::InUse { .. },
                 ..
             } => ErrorKind::InUse,
-            ApplyError::Step { source, .. } if source.is_bad_input() => ErrorKind::BadInput,
+            // Bad input (exit 2) promises nothing was touched: only before any step ran.
+            ApplyError::Step { source, ran, .. } if source.is_bad_input() && ran.is_empty() => {
+                ErrorKind::BadInput
+            }
             ApplyError::Mismatch { .. } => ErrorKind::Failed,
             ApplyError::Stopped { .. } => ErrorKind::Stopped,
             ApplyError::Step {
@@ -529,6 +567,7 @@ fn executor(
             index: 1,
             op: "libvirt",
             source: ExecError::Live(crate::libvirt::LiveError::NotBuilt),
+            ran: steps_ran(journal),
         }),
     }
 }
@@ -543,6 +582,7 @@ fn active_now(journal: &Journal) -> Result<PathBuf, ApplyError> {
                 index: journal.steps.len(),
                 op: "observe",
                 source: ExecError::Live(e),
+                ran: steps_ran(journal),
             }),
     }
 }
@@ -603,6 +643,7 @@ fn finish(
                     index: i + 1,
                     op,
                     source,
+                    ran: steps_ran(&journal),
                 })?;
         }
         journal.steps[i].state = StepState::Running;
@@ -636,6 +677,7 @@ fn finish(
             index: i + 1,
             op,
             source,
+            ran: steps_ran(&journal),
         })?;
         journal.steps[i].state = StepState::Done;
         journal.steps[i].written_bytes = r.written_bytes;

@@ -386,3 +386,48 @@ fn virtual_size(p: &Path) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["virtual-size"].as_u64().unwrap()
 }
+
+/// Issue 11: exit 2 promises nothing was touched. A plan stopped by a condition found at run
+/// time after its first step ran (here: the layer its second step writes fails `qemu-img
+/// check`) exits 1, says which steps ran, and stays journaled.
+#[test]
+fn a_plan_stopped_after_a_step_ran_exits_1_and_says_which_steps_ran() {
+    let env = Env::new();
+    let l: Vec<PathBuf> = (0..5).map(|i| env.img(&format!("l{i}.qcow2"))).collect();
+    let writes = [
+        "write -P 1 0 1M",
+        "write -P 2 4M 1M",
+        "write -P 3 0 16M",
+        "write -P 4 20M 1M",
+        "write -P 5 24M 1M",
+    ];
+    for (i, w) in writes.iter().enumerate() {
+        create(
+            &l[i],
+            64 << 20,
+            i.checked_sub(1).map(|b| (l[b].as_path(), "qcow2")),
+            &[],
+        );
+        io(&l[i], "qcow2", &[w.to_string()]);
+    }
+    // l2 holds most data: the active run is cheapest hosted by it, so step 2 writes it.
+    zero_a_refcount(&l[2]);
+    let spec = env.spec(
+        "d.yaml",
+        &spec_yaml("d", &l[4], &[("p1".into(), Some(l[1].clone()))], ""),
+    );
+    let plan = env.plan_json(&spec);
+    let steps = plan["disks"][0]["steps"].as_array().unwrap().clone();
+    assert!(
+        steps.len() >= 2 && steps[1]["base"].as_str() == Some(l[2].to_str().unwrap()),
+        "{steps:?}"
+    );
+    let out = env.apply(&spec, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step 2 (commit), after step 1 (") && err.contains("l2.qcow2"),
+        "{err}"
+    );
+    assert!(env.state().join("journal/d.json").exists());
+}
