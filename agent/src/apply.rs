@@ -120,7 +120,7 @@ pub enum ApplyError {
         /// The operation.
         op: &'static str,
         /// The failure.
-        source: ExecError,
+        source: Box<ExecError>,
         /// The steps that had run before it (`N op`), this run or an interrupted one: the chain
         /// is no longer as it was, so the failure is never reported as untouched bad input.
         ran: Vec<String>,
@@ -191,20 +191,18 @@ fn steps_ran(journal: &Journal) -> Vec<String> {
 impl ApplyError {
     fn kind(&self) -> ErrorKind {
         match self {
-            ApplyError::Step {
-                source: ExecError::InUse { .. },
-                ..
-            } => ErrorKind::InUse,
+            ApplyError::Step { source, .. } if matches!(**source, ExecError::InUse { .. }) => {
+                ErrorKind::InUse
+            }
             // Bad input (exit 2) promises nothing was touched: only before any step ran.
             ApplyError::Step { source, ran, .. } if source.is_bad_input() && ran.is_empty() => {
                 ErrorKind::BadInput
             }
             ApplyError::Mismatch { .. } => ErrorKind::Failed,
             ApplyError::Stopped { .. } => ErrorKind::Stopped,
-            ApplyError::Step {
-                source: ExecError::Abandoned { .. },
-                ..
-            } => ErrorKind::Stopped,
+            ApplyError::Step { source, .. } if matches!(**source, ExecError::Abandoned { .. }) => {
+                ErrorKind::Stopped
+            }
             _ => ErrorKind::Failed,
         }
     }
@@ -566,7 +564,7 @@ fn executor(
         Some(_) => Err(ApplyError::Step {
             index: 1,
             op: "libvirt",
-            source: ExecError::Live(crate::libvirt::LiveError::NotBuilt),
+            source: Box::new(ExecError::Live(crate::libvirt::LiveError::NotBuilt)),
             ran: steps_ran(journal),
         }),
     }
@@ -581,7 +579,7 @@ fn active_now(journal: &Journal) -> Result<PathBuf, ApplyError> {
             .map_err(|e| ApplyError::Step {
                 index: journal.steps.len(),
                 op: "observe",
-                source: ExecError::Live(e),
+                source: Box::new(ExecError::Live(e)),
                 ran: steps_ran(journal),
             }),
     }
@@ -642,7 +640,7 @@ fn finish(
                 .map_err(|source| ApplyError::Step {
                     index: i + 1,
                     op,
-                    source,
+                    source: Box::new(source),
                     ran: steps_ran(&journal),
                 })?;
         }
@@ -676,7 +674,7 @@ fn finish(
         let r = result.map_err(|source| ApplyError::Step {
             index: i + 1,
             op,
-            source,
+            source: Box::new(source),
             ran: steps_ran(&journal),
         })?;
         journal.steps[i].state = StepState::Done;
