@@ -298,6 +298,35 @@ impl Offline {
             .and_then(|f| crate::observe::qcow2::read_header(&f, &into).ok())
             .and_then(|h| h.backing_file)
             .unwrap_or_default();
+        // A layer shorter than the one above it reads as zeros past its end, whatever lies
+        // below; QEMU's stream job copies only what is allocated, so past such an end the new
+        // base would show through. Chains of mixed virtual sizes go through `qemu-img rebase`,
+        // which compares the old and new backing views (no rate limit; its new reference may
+        // reach the disk before its data, which a resumed stream undoes first, see
+        // `prepare_resume`).
+        let size = |p: &Path, f: Format| virtual_size(p, f);
+        let mixed = {
+            let own = size(&into, Format::Qcow2);
+            confined
+                .iter()
+                .map(|(l, f)| (l.as_path(), *f))
+                .chain(base)
+                .any(|(l, f)| size(l, f) != own)
+        };
+        if mixed {
+            let mut c = self.qemu_img();
+            c.args(["rebase", "-p", "-f", "qcow2"]);
+            match base {
+                Some((b, f)) => {
+                    c.arg("-b").arg(b).args(["-F", f.as_str()]);
+                }
+                None => {
+                    c.args(["-b", ""]);
+                }
+            }
+            c.arg(&into);
+            return self.carrying_bitmaps(op, &into, &sources, || process::run(c, progress));
+        }
         let speed = self.options.max_bytes_per_sec.unwrap_or(0);
         self.carrying_bitmaps(op, &into, &sources, || {
             super::qsd::stream(&into, &raw_reference, &confined, base, speed, progress)
@@ -687,6 +716,21 @@ impl Offline {
             source,
         })?;
         Ok(0)
+    }
+}
+
+/// The virtual size of an image (`None` when it cannot be read).
+fn virtual_size(p: &Path, f: Format) -> Option<u64> {
+    match f {
+        Format::Qcow2 => std::fs::File::open(p)
+            .ok()
+            .and_then(|file| crate::observe::qcow2::read_header(&file, p).ok())
+            .map(|h| h.virtual_size),
+        // A raw file's size (a block device's too: seek to its end).
+        Format::Raw => std::fs::File::open(p).ok().and_then(|mut file| {
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::End(0)).ok()
+        }),
     }
 }
 
