@@ -482,9 +482,15 @@ fn new_journal(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Journal {
             _ => {}
         }
     }
+    let active = disk.plan.chain.last().cloned().unwrap_or_default();
     Journal {
+        active_id: disk
+            .libvirt
+            .is_none()
+            .then(|| crate::journal::file_id(&active))
+            .flatten(),
         disk: disk.plan.name.clone(),
-        active: disk.plan.chain.last().cloned().unwrap_or_default(),
+        active,
         started_unix: now_unix(),
         formats,
         steps: disk
@@ -633,6 +639,18 @@ fn finish(
         else {
             return Err(ApplyError::Stopped { index: i + 1 });
         };
+        if journal.active_replaced() {
+            return Err(ApplyError::Step {
+                index: i + 1,
+                op,
+                source: Box::new(ExecError::Precondition {
+                    op,
+                    file: journal.active.clone(),
+                    what: "another file was put at the active image's path since this plan started; the plan no longer fits the chain and is set aside on the next run, which plans from the chain as it is".into(),
+                }),
+                ran: steps_ran(&journal),
+            });
+        }
         if journal.steps[i].state == StepState::Running {
             // Interrupted earlier: tidy up, then run it again (steps are idempotent).
             tracing::info!(disk = %journal.disk, step = i + 1, op, "resuming an interrupted step");
@@ -678,6 +696,19 @@ fn finish(
             ran: steps_ran(&journal),
         })?;
         journal.steps[i].state = StepState::Done;
+        // Only a step that itself puts another file at the active path moves the identity on;
+        // after any other, a different file there was put by someone else.
+        if journal.active_id.is_some()
+            && matches!(
+                step.action,
+                StepAction::Snapshot { .. }
+                    | StepAction::Revert { .. }
+                    | StepAction::TakeOver { .. }
+                    | StepAction::Mirror { .. }
+            )
+        {
+            journal.active_id = crate::journal::file_id(&journal.active);
+        }
         journal.steps[i].written_bytes = r.written_bytes;
         journal.steps[i].seconds = r.seconds;
         journal.save(state)?;

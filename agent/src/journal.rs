@@ -73,6 +73,41 @@ pub struct Journal {
     pub leaving: Vec<PathBuf>,
     /// Data bytes the plan predicted.
     pub predicted_bytes: u64,
+    /// Offline: the active image's device and inode as the plan found it, then as each finished
+    /// step left it. A step never runs on an active image replaced behind the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_id: Option<(u64, u64)>,
+}
+
+/// The device and inode of `p` (`None` when it cannot be read).
+pub fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Journal {
+    /// True when the active image is no longer the file the plan's steps left there: another
+    /// file was put at its path (a step that itself replaces it, interrupted, does not count).
+    pub fn active_replaced(&self) -> bool {
+        let Some(id) = self.active_id else {
+            return false;
+        };
+        let in_flight_replaces = self
+            .steps
+            .iter()
+            .find(|s| s.state != StepState::Done)
+            .is_some_and(|s| {
+                s.state == StepState::Running
+                    && matches!(
+                        s.step.action,
+                        diskchain_planner::StepAction::Snapshot { .. }
+                            | diskchain_planner::StepAction::Revert { .. }
+                            | diskchain_planner::StepAction::TakeOver { .. }
+                            | diskchain_planner::StepAction::Mirror { .. }
+                    )
+            });
+        !in_flight_replaces && file_id(&self.active) != Some(id)
+    }
 }
 
 impl Journal {

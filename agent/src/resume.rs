@@ -78,6 +78,16 @@ pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateD
     };
     let mut reasons = Vec::new();
     let mut first = None;
+    if journal.active_replaced() {
+        reasons.push(format!(
+            "another file was put at the active image's path {} since the plan started",
+            journal.active.display()
+        ));
+        first = journal
+            .steps
+            .iter()
+            .position(|s| s.state != StepState::Done);
+    }
     for (i, s) in journal.steps.iter().enumerate() {
         if s.state == StepState::Done {
             continue;

@@ -8,8 +8,10 @@ use std::time::Duration;
 use diskchain_tests::env::{Env, apply_killed_mid_step, backing_chain, spec_yaml};
 use diskchain_tests::qemu::{create, io, view_sha256};
 
-/// `golden <- mid <- vm` with enough data that a stream takes a moment.
-fn three(env: &Env) -> Vec<PathBuf> {
+/// `golden <- mid <- vm` with enough data that a stream takes a moment. With `vm_mib` past
+/// golden's 300 MiB, dropping every point streams golden and mid into vm; with little, golden
+/// holds the disk (a commit into it, then it takes the active path).
+fn three(env: &Env, vm_mib: u64) -> Vec<PathBuf> {
     let l = vec![
         env.img("golden.qcow2"),
         env.img("mid.qcow2"),
@@ -20,7 +22,7 @@ fn three(env: &Env) -> Vec<PathBuf> {
     create(&l[1], 0, Some((&l[0], "qcow2")), &[]);
     io(&l[1], "qcow2", &["write -P 2 500M 1M".into()]);
     create(&l[2], 0, Some((&l[1], "qcow2")), &[]);
-    io(&l[2], "qcow2", &["write -P 3 600M 1M".into()]);
+    io(&l[2], "qcow2", &[format!("write -P 3 600M {vm_mib}M")]);
     l
 }
 
@@ -32,7 +34,7 @@ fn a_resumed_plan_never_deletes_a_point_the_spec_now_keeps() {
     let mut landed = 0;
     for round in 0..4 {
         let env = Env::new();
-        let l = three(&env);
+        let l = three(&env, 310);
         let (golden, vm) = (
             view_sha256(&l[0], "qcow2", env.dir.path()),
             view_sha256(&l[2], "qcow2", env.dir.path()),
@@ -91,7 +93,7 @@ fn a_resumed_plan_never_deletes_a_point_the_spec_now_keeps() {
 #[test]
 fn a_chain_changed_behind_a_running_plan_never_leaves_the_disk_stuck() {
     let env = Env::new();
-    let l = three(&env);
+    let l = three(&env, 1);
     let vm = view_sha256(&l[2], "qcow2", env.dir.path());
     let spec = env.spec("vm.yaml", &spec_yaml("vm", &l[2], &[], ""));
     let child = env
@@ -142,7 +144,7 @@ fn a_chain_changed_behind_a_running_plan_never_leaves_the_disk_stuck() {
 #[test]
 fn a_closed_stdout_never_stops_a_plan_halfway() {
     let env = Env::new();
-    let l = three(&env);
+    let l = three(&env, 1);
     let vm = view_sha256(&l[2], "qcow2", env.dir.path());
     let spec = env.spec("vm.yaml", &spec_yaml("vm", &l[2], &[], "  prune: true\n"));
     let mut child = env
