@@ -102,3 +102,12 @@ pub fn union_over_chain(top: &Path, name: &str, size: u64, scratch: &Path) -> Ve
     }
     dirty(&u, "u", scratch)
 }
+
+/// Adds an enabled persistent bitmap `name` (64 KiB granularity) to the qcow2 `file`, as a
+/// checkpoint or a backup tool would.
+pub fn add(file: &Path, name: &str) {
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add", "-g", "64K"])
+        .arg(file)
+        .arg(name));
+}

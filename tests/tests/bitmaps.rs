@@ -117,12 +117,7 @@ fn every_offline_step_keeps_the_bitmap_exact() {
         env.img("mid.qcow2"),
         env.img("top.qcow2"),
     );
-    let add = |f: &std::path::Path| {
-        run(Command::new("qemu-img")
-            .args(["bitmap", "--add", "-g", "64K"])
-            .arg(f)
-            .arg("ck1"));
-    };
+    let add = |f: &std::path::Path| diskchain_tests::bitmap::add(f, "ck1");
     let w = |f: &std::path::Path, pattern: u8, at: u64, len: u64| {
         io(f, "qcow2", &[format!("write -P {pattern} {at} {len}")]);
     };
@@ -259,12 +254,7 @@ fn a_killed_bitmap_carrying_plan_converges_exactly() {
             env.img("mid.qcow2"),
             env.img("top.qcow2"),
         );
-        let add = |f: &std::path::Path| {
-            run(Command::new("qemu-img")
-                .args(["bitmap", "--add", "-g", "64K"])
-                .arg(f)
-                .arg("ck"));
-        };
+        let add = |f: &std::path::Path| diskchain_tests::bitmap::add(f, "ck");
         create(&base, 256 * M, None, &[]);
         io(&base, "qcow2", &["write -P 9 0 48M".into()]);
         add(&base);
@@ -328,17 +318,11 @@ fn a_revert_keeps_only_the_bitmaps_that_existed_at_its_point() {
     let (golden, vm) = (env.img("golden.qcow2"), env.img("vm.qcow2"));
     create(&golden, 64 * M, None, &[]);
     io(&golden, "qcow2", &["write -P 1 0 4M".into()]);
-    run(Command::new("qemu-img")
-        .args(["bitmap", "--add"])
-        .arg(&golden)
-        .arg("old"));
+    diskchain_tests::bitmap::add(&golden, "old");
     io(&golden, "qcow2", &["write -P 2 8M 1M".into()]);
     create(&vm, 0, Some((&golden, "qcow2")), &[]);
     for name in ["old", "new"] {
-        run(Command::new("qemu-img")
-            .args(["bitmap", "--add"])
-            .arg(&vm)
-            .arg(name));
+        diskchain_tests::bitmap::add(&vm, name);
     }
     io(&vm, "qcow2", &["write -P 3 16M 1M".into()]);
     let spec = env.spec(
