@@ -804,3 +804,70 @@ fn the_agent_resumes_a_journal_whose_moves_outdated_the_spec_bindings() {
         vec![v[0].clone(), v[2].clone(), v[2].clone()]
     );
 }
+
+/// Issue 10, item 4: SIGTERM during a throttled stream (a `block-stream` job in a
+/// `qemu-storage-daemon`): the grace period runs out, the daemon is told to stop and cancels the
+/// job, the agent exits 0 with the plan journaled and no daemon left behind holding the images;
+/// the next start finishes it with every view intact.
+#[test]
+fn sigterm_during_a_throttled_stream_cancels_it_and_the_next_start_finishes() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let (base, mid, top) = (
+        env.img("base.qcow2"),
+        env.img("mid.qcow2"),
+        env.img("top.qcow2"),
+    );
+    create(&base, 128 << 20, None, &[]);
+    io(&base, "qcow2", &["write -P 1 0 8M".into()]);
+    create(&mid, 0, Some((&base, "qcow2")), &[]);
+    io(&mid, "qcow2", &["write -P 2 16M 48M".into()]);
+    create(&top, 0, Some((&mid, "qcow2")), &[]);
+    // Half of mid is hidden by top: streaming its other 24 MiB into top is cheapest; at 2 MB/s
+    // that takes about 12 s.
+    io(&top, "qcow2", &["write -P 3 16M 24M".into()]);
+    let v = views(&env, &[base.clone(), top.clone()]);
+    env.spec(
+        "s.yaml",
+        &spec_yaml("s", &top, &[("p0".into(), Some(base.clone()))], ""),
+    );
+    // A qemu-storage-daemon working on this test's images (others may run beside it).
+    let daemon_running = || {
+        Command::new("pgrep")
+            .arg("-f")
+            .arg(format!("qemu-storage-daemon.*{}", top.display()))
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut agent = Agent::start(
+        &env,
+        &specs,
+        &["--max-bytes-per-sec", "2000000", "--grace", "1s"],
+    );
+    let journal = env.state().join("journal/s.json");
+    wait_until(Duration::from_secs(10), "the stream to run", || {
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .contains("\"running\"")
+            && daemon_running()
+    });
+    agent.signal("TERM");
+    let status = agent.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0: {}", agent.log());
+    assert!(journal.exists(), "the interrupted plan stays journaled");
+    wait_until(Duration::from_secs(10), "the daemon to be gone", || {
+        !daemon_running()
+    });
+    assert_eq!(
+        views(&env, &[base.clone(), top.clone()]),
+        v,
+        "views after the stop"
+    );
+    let _agent = Agent::start(&env, &specs, &[]);
+    converges(&env, &top, &v, "the resumed plan");
+    wait_until(
+        Duration::from_secs(10),
+        "the journal to be finished",
+        || !journal.exists(),
+    );
+}
