@@ -236,10 +236,9 @@ fn every_offline_step_keeps_the_bitmap_exact() {
 }
 
 /// SIGKILL at spread-out moments of a flatten whose layers carry a bitmap (a commit into the
-/// layer below, a stream, the take-over): the
-/// rerun converges, the guest view is unchanged, and the bitmap over the chain still covers
-/// every write since it started (exactly, unless the kill fell between a finished copy and the
-/// rebuild of the layer's bitmaps), recording on top.
+/// layer below, a stream, the take-over): the rerun converges, the guest view is unchanged, and
+/// the bitmap over the chain still covers every write since it started (exactly, unless the
+/// kill fell between a finished copy and the rebuild of the layer's bitmaps), recording on top.
 #[test]
 fn a_killed_bitmap_carrying_plan_converges_exactly() {
     use diskchain_tests::bitmap::{bitmaps, union_over_chain};
