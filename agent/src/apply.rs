@@ -698,15 +698,7 @@ fn finish(
         journal.steps[i].state = StepState::Done;
         // Only a step that itself puts another file at the active path moves the identity on;
         // after any other, a different file there was put by someone else.
-        if journal.active_id.is_some()
-            && matches!(
-                step.action,
-                StepAction::Snapshot { .. }
-                    | StepAction::Revert { .. }
-                    | StepAction::TakeOver { .. }
-                    | StepAction::Mirror { .. }
-            )
-        {
+        if journal.active_id.is_some() && step.action.replaces_active() {
             journal.active_id = crate::journal::file_id(&journal.active);
         }
         journal.steps[i].written_bytes = r.written_bytes;
@@ -788,7 +780,6 @@ fn finish(
     Ok(())
 }
 
-/// Sets `journal` aside (see [`crate::resume::set_aside`]) with the disk's backend.
 /// Runs the interrupted step `r` of `journal` to its end (adopting its block job) and records it
 /// done.
 fn finish_step(
@@ -807,6 +798,7 @@ fn finish_step(
     journal.save(state).map_err(|e| e.to_string())
 }
 
+/// Sets `journal` aside (see [`crate::resume::set_aside`]) with the disk's backend.
 pub(crate) fn set_aside(
     journal: &Journal,
     roots: &Roots,

@@ -96,16 +96,7 @@ impl Journal {
             .steps
             .iter()
             .find(|s| s.state != StepState::Done)
-            .is_some_and(|s| {
-                s.state == StepState::Running
-                    && matches!(
-                        s.step.action,
-                        diskchain_planner::StepAction::Snapshot { .. }
-                            | diskchain_planner::StepAction::Revert { .. }
-                            | diskchain_planner::StepAction::TakeOver { .. }
-                            | diskchain_planner::StepAction::Mirror { .. }
-                    )
-            });
+            .is_some_and(|s| s.state == StepState::Running && s.step.action.replaces_active());
         !in_flight_replaces && file_id(&self.active) != Some(id)
     }
 }

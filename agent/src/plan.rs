@@ -479,14 +479,12 @@ pub fn plan_loaded(
                     // The chain's persistent dirty bitmaps, and which cannot be trusted.
                     // A running domain's QEMU has its active image open read-write (its
                     // bitmaps are loaded and marked in use); backing layers only read.
-                    let active = &o.chain.active().layer.path;
                     for l in &o.chain.layers {
-                        let open = l.in_use.is_some() || (o.running && &l.layer.path == active);
                         for b in &l.extras.bitmaps {
                             plan.notes.push(format!(
                                 "{} holds bitmap {}",
                                 l.layer.path.display(),
-                                b.describe(open)
+                                b.describe(image_open(&o.chain, l, o.running))
                             ));
                         }
                     }
@@ -524,6 +522,12 @@ pub fn plan_loaded(
     Ok(report)
 }
 
+/// True when a process has layer `l` open: a lock holder, or the running domain's QEMU on the
+/// active image (which marks the bitmaps it loaded in use; backing layers it only reads).
+fn image_open(chain: &ObservedChain, l: &crate::observe::ObservedLayer, running: bool) -> bool {
+    l.in_use.is_some() || (running && l.layer.path == chain.active().layer.path)
+}
+
 /// What the plan's steps do with the chain's persistent dirty bitmaps, in words.
 fn bitmap_notes(chain: &ObservedChain, plan: &DiskPlan, running: bool) -> Vec<String> {
     use diskchain_planner::StepAction;
@@ -535,12 +539,11 @@ fn bitmap_notes(chain: &ObservedChain, plan: &DiskPlan, running: bool) -> Vec<St
             .iter()
             .find(|l| l.layer.path == p)
             .map(|l| {
-                let open =
-                    l.in_use.is_some() || (running && l.layer.path == chain.active().layer.path);
+                let open = image_open(chain, l, running);
                 l.extras
                     .bitmaps
                     .iter()
-                    .map(|b| (b.clone(), b.state(open) == "inconsistent"))
+                    .map(|b| (b.clone(), b.inconsistent(open)))
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default()

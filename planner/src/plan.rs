@@ -210,6 +210,22 @@ impl StepAction {
         v.into_iter().map(PathBuf::as_path).collect()
     }
 
+    /// True when the step itself puts another file at the active image's path (a new overlay,
+    /// a holder renamed over it, a mirror's pivot).
+    pub fn replaces_active(&self) -> bool {
+        match self {
+            StepAction::Snapshot { .. }
+            | StepAction::Revert { .. }
+            | StepAction::TakeOver { .. }
+            | StepAction::Mirror { .. } => true,
+            StepAction::Stream { .. }
+            | StepAction::Commit { .. }
+            | StepAction::Copy { .. }
+            | StepAction::Rebase { .. }
+            | StepAction::Delete { .. } => false,
+        }
+    }
+
     /// The operation's name as in the JSON `op` field.
     pub fn op(&self) -> &'static str {
         match self {

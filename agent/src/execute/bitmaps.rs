@@ -34,8 +34,16 @@ use crate::observe::qcow2::{self, Bitmap};
 
 /// The persistent bitmaps of `p` (none for a raw file or a missing one).
 pub(crate) fn of(p: &Path) -> Result<Vec<Bitmap>, ExecError> {
-    let Ok(f) = std::fs::File::open(p) else {
-        return Ok(Vec::new());
+    let f = match std::fs::File::open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ExecError::Io {
+                action: "read the bitmaps of",
+                path: p.to_path_buf(),
+                source,
+            });
+        }
     };
     if !qcow2::has_magic(&f) {
         return Ok(Vec::new());
@@ -46,7 +54,7 @@ pub(crate) fn of(p: &Path) -> Result<Vec<Bitmap>, ExecError> {
 }
 
 /// `qemu-img bitmap` on the qcow2 `file`: `ops` then the bitmap's name.
-fn bitmap(file: &Path, ops: &[&str], name: &str) -> Result<u64, ExecError> {
+fn bitmap(file: &Path, ops: &[&std::ffi::OsStr], name: &str) -> Result<u64, ExecError> {
     let mut c = Command::new("qemu-img");
     c.args(["bitmap", "-f", "qcow2"])
         .args(ops)
@@ -55,14 +63,33 @@ fn bitmap(file: &Path, ops: &[&str], name: &str) -> Result<u64, ExecError> {
     process::run(c, &mut |_| {})
 }
 
+/// Adds bitmap `name` to `file`, empty, with `granularity`, recording or not.
+fn add(file: &Path, name: &str, granularity: u64, enabled: bool) -> Result<u64, ExecError> {
+    let g = granularity.to_string();
+    let mut ops: Vec<&std::ffi::OsStr> = vec!["--add".as_ref(), "-g".as_ref(), g.as_ref()];
+    if !enabled {
+        ops.push("--disable".as_ref());
+    }
+    bitmap(file, &ops, name)
+}
+
+/// Merges bitmap `name` of the qcow2 `from` into the bitmap of that name in `file`.
+fn merge(file: &Path, name: &str, from: &Path) -> Result<u64, ExecError> {
+    let ops: [&std::ffi::OsStr; 6] = [
+        "--merge".as_ref(),
+        name.as_ref(),
+        "-b".as_ref(),
+        from.as_os_str(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+    ];
+    bitmap(file, &ops, name)
+}
+
 /// Where a step keeps the bitmaps it carries while it writes `target`: a small qcow2 image with
 /// no data beside the target.
 fn record_path(target: &Path) -> PathBuf {
-    let dir = target.parent().unwrap_or(Path::new("/"));
-    dir.join(format!(
-        ".{}.bitmaps.qcow2",
-        target.file_name().unwrap_or_default().to_string_lossy()
-    ))
+    super::beside(target, "bitmaps.qcow2")
 }
 
 /// Runs `write` (which copies the data of `sources` into the qcow2 `target`), keeping the
@@ -141,21 +168,11 @@ pub(crate) fn carrying(
         if !kept.iter().any(|k| k.name == b.name) {
             tracing::warn!(file = %target.display(), bitmap = %b.name, "removing an inconsistent bitmap: a backup tool must take a full backup");
         }
-        written += bitmap(target, &["--remove"], &b.name)?;
+        written += bitmap(target, &["--remove".as_ref()], &b.name)?;
     }
-    let rec = record.to_string_lossy();
     for k in &kept {
-        let g = k.granularity.to_string();
-        let mut ops = vec!["--add", "-g", &g];
-        if !k.auto {
-            ops.push("--disable");
-        }
-        written += bitmap(target, &ops, &k.name)?;
-        written += bitmap(
-            target,
-            &["--merge", &k.name, "-b", &rec, "-F", "qcow2"],
-            &k.name,
-        )?;
+        written += add(target, &k.name, k.granularity, k.auto)?;
+        written += merge(target, &k.name, &record)?;
     }
     super::offline::sync_file(target)?;
     let _ = std::fs::remove_file(&record);
@@ -186,19 +203,9 @@ fn fill(
                     .iter()
                     .flat_map(|(_, m)| m.iter())
                     .any(|x| x.name == b.name && x.auto);
-                let g = b.granularity.to_string();
-                let mut ops = vec!["--add", "-g", &g];
-                if !enabled {
-                    ops.push("--disable");
-                }
-                written += bitmap(rec, &ops, &b.name)?;
+                written += add(rec, &b.name, b.granularity, enabled)?;
             }
-            let src = file.to_string_lossy();
-            written += bitmap(
-                rec,
-                &["--merge", &b.name, "-b", &src, "-F", "qcow2"],
-                &b.name,
-            )?;
+            written += merge(rec, &b.name, file)?;
         }
     }
     Ok(written)
@@ -225,8 +232,7 @@ pub(crate) fn continue_on(
             tracing::warn!(bitmap = %b.name, "the bitmap did not exist at the point reverted to: not carried, a backup tool must take a full backup");
             continue;
         }
-        let g = b.granularity.to_string();
-        written += bitmap(top, &["--add", "-g", &g], &b.name)?;
+        written += add(top, &b.name, b.granularity, true)?;
     }
     Ok(written)
 }

@@ -22,6 +22,16 @@ use diskchain_planner::StepAction;
 
 use crate::observe::ObserveError;
 
+/// The hidden file `.NAME.SUFFIX` beside `file` (a step's scratch file), whatever bytes the
+/// name holds.
+pub(crate) fn beside(file: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(file.file_name().unwrap_or_default());
+    name.push(".");
+    name.push(suffix);
+    file.with_file_name(name)
+}
+
 /// What running a step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepReport {

@@ -293,10 +293,9 @@ impl Offline {
             });
         }
         let base = base.as_ref().map(|(b, f)| (b.as_path(), *f));
-        let raw_reference = std::fs::File::open(&into)
-            .ok()
-            .and_then(|f| crate::observe::qcow2::read_header(&f, &into).ok())
-            .and_then(|h| h.backing_file)
+        // (`into` reads through the top of `layers`, checked above: it has a reference.)
+        let raw_reference = crate::observe::recorded_backing(&into)?
+            .map(|(r, _)| r)
             .unwrap_or_default();
         // A layer shorter than the one above it reads as zeros past its end, whatever lies
         // below; QEMU's stream job copies only what is allocated, so past such an end the new
@@ -304,15 +303,12 @@ impl Offline {
         // which compares the old and new backing views (no rate limit; its new reference may
         // reach the disk before its data, which a resumed stream undoes first, see
         // `prepare_resume`).
-        let size = |p: &Path, f: Format| virtual_size(p, f);
-        let mixed = {
-            let own = size(&into, Format::Qcow2);
-            confined
-                .iter()
-                .map(|(l, f)| (l.as_path(), *f))
-                .chain(base)
-                .any(|(l, f)| size(l, f) != own)
-        };
+        // (So do paths that are not UTF-8, which the daemon's text options cannot carry.)
+        let own = crate::observe::virtual_size(&into, Format::Qcow2)?;
+        let mut mixed = into.to_str().is_none();
+        for (l, f) in confined.iter().map(|(l, f)| (l.as_path(), *f)).chain(base) {
+            mixed |= crate::observe::virtual_size(l, f)? != own || l.to_str().is_none();
+        }
         if mixed {
             let mut c = self.qemu_img();
             c.args(["rebase", "-p", "-f", "qcow2"]);
@@ -418,10 +414,7 @@ impl Offline {
                 self.writable(op, l)?;
             }
         }
-        let partial = dir.join(format!(
-            ".{}.partial",
-            to.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        let partial = super::beside(&to, "partial");
         let _ = std::fs::remove_file(&partial);
         let top_fmt = self.format(op, top)?;
         let old_base = backing_of(&self.roots, first)?;
@@ -561,10 +554,7 @@ impl Offline {
             })?;
             sync_file(&dir)?;
         }
-        let tmp = dir.join(format!(
-            ".{}.{op}",
-            active.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        let tmp = super::beside(active, op);
         let _ = std::fs::remove_file(&tmp);
         // The backing is the active image's own inode (a snapshot) or a point of the chain:
         // its format is known either way.
@@ -663,17 +653,9 @@ impl Offline {
                 continue;
             }
             let f = self.writable(op, f)?;
-            let recorded = std::fs::File::open(&f)
-                .ok()
-                .and_then(|file| crate::observe::qcow2::read_header(&file, &f).ok())
-                .and_then(|h| h.backing_file);
-            let Some(r) = recorded else {
+            let Some((_, named)) = crate::observe::recorded_backing(&f)? else {
                 continue;
             };
-            let named = f
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .join(r.trim_start_matches("file:"));
             // The holder is gone, so names are compared through their (existing) directories.
             let canon = |p: &Path| {
                 p.parent()
@@ -716,21 +698,6 @@ impl Offline {
             source,
         })?;
         Ok(0)
-    }
-}
-
-/// The virtual size of an image (`None` when it cannot be read).
-fn virtual_size(p: &Path, f: Format) -> Option<u64> {
-    match f {
-        Format::Qcow2 => std::fs::File::open(p)
-            .ok()
-            .and_then(|file| crate::observe::qcow2::read_header(&file, p).ok())
-            .map(|h| h.virtual_size),
-        // A raw file's size (a block device's too: seek to its end).
-        Format::Raw => std::fs::File::open(p).ok().and_then(|mut file| {
-            use std::io::Seek;
-            file.seek(std::io::SeekFrom::End(0)).ok()
-        }),
     }
 }
 

@@ -92,10 +92,17 @@ fn blockdev(
     fmt: Format,
     backing: Option<&str>,
     read_only: bool,
-) -> [String; 4] {
+) -> Result<[String; 4], ExecError> {
     let ro = if read_only { ",read-only=on" } else { "" };
-    // Commas in a path are doubled in QEMU's option syntax.
-    let name = file.to_string_lossy().replace(',', ",,");
+    // Commas in a path are doubled in QEMU's option syntax, which is text.
+    let name = file
+        .to_str()
+        .ok_or_else(|| ExecError::Precondition {
+            op: "stream",
+            file: file.to_path_buf(),
+            what: "its path is not valid UTF-8, which qemu-storage-daemon's options cannot carry; rename it".into(),
+        })?
+        .replace(',', ",,");
     // A raw layer has no backing file (it is the bottom of its chain).
     let backing = backing
         .filter(|_| fmt == Format::Qcow2)
@@ -106,7 +113,7 @@ fn blockdev(
         Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => "host_device",
         _ => "file",
     };
-    [
+    Ok([
         "--blockdev".into(),
         format!("driver={protocol},filename={name},node-name=f{i}{ro}"),
         "--blockdev".into(),
@@ -114,7 +121,7 @@ fn blockdev(
             "driver={},file=f{i},node-name=n{i}{backing}{ro}",
             fmt.as_str()
         ),
-    ]
+    ])
 }
 
 /// Streams the data of `layers` (base first) into `into`, which then reads through `base`
@@ -140,10 +147,7 @@ pub(crate) fn stream(
     let _ = std::fs::remove_file(&sock);
     // A stream with no base runs on an empty image of the old top's format, so that the job
     // can keep the reference and its format.
-    let empty = into.with_file_name(format!(
-        ".{}.empty",
-        into.file_name().unwrap_or_default().to_string_lossy()
-    ));
+    let empty = super::beside(into, "empty");
     // With a base of another format than the old top, the reference cannot be kept through
     // the job (QEMU writes the base's format with it), nor under a raw bottom layer (which has
     // no backing to link an empty base under): the job writes the new one, and the window the
@@ -155,11 +159,7 @@ pub(crate) fn stream(
         Some((b, f)) => Some((b.to_path_buf(), f)),
         None if raw_bottom => None,
         None => {
-            let size = std::fs::File::open(into)
-                .ok()
-                .and_then(|f| crate::observe::qcow2::read_header(&f, into).ok())
-                .map(|h| h.virtual_size)
-                .unwrap_or(0);
+            let size = crate::observe::virtual_size(into, Format::Qcow2)?;
             let _ = std::fs::remove_file(&empty);
             let mut c = Command::new("qemu-img");
             c.args(["create", "-q", "-f", top_fmt.as_str()])
@@ -228,17 +228,17 @@ fn run_job(
         .args(["--monitor", "chardev=qmp"]);
     let mut below: Option<String> = None;
     if let Some((b, f)) = base {
-        c.args(blockdev(0, b, *f, None, true));
+        c.args(blockdev(0, b, *f, None, true)?);
         below = Some("n0".into());
     }
     let base_node = below.clone();
     let mut i = 1;
     for (l, fmt) in layers {
-        c.args(blockdev(i, l, *fmt, below.as_deref(), true));
+        c.args(blockdev(i, l, *fmt, below.as_deref(), true)?);
         below = Some(format!("n{i}"));
         i += 1;
     }
-    c.args(blockdev(i, into, Format::Qcow2, below.as_deref(), false));
+    c.args(blockdev(i, into, Format::Qcow2, below.as_deref(), false)?);
     let top = format!("n{i}");
     let what = format!("qemu-storage-daemon block-stream into {}", into.display());
     tracing::debug!(command = ?c, "running");

@@ -338,6 +338,30 @@ pub fn backing_of(roots: &Roots, path: &Path) -> Result<Option<(PathBuf, Format)
     }
 }
 
+/// The backing reference a qcow2 image's header records: as written (for writing it back
+/// unchanged) and resolved against the image's directory as QEMU would, whether or not that
+/// file exists. `None` for a raw image or one with no backing file.
+pub fn recorded_backing(path: &Path) -> Result<Option<(String, PathBuf)>, ObserveError> {
+    let file = open_image(path)?;
+    if !qcow2::has_magic(&file) {
+        return Ok(None);
+    }
+    let h = qcow2::read_header(&file, path)?;
+    h.backing_file
+        .map(|b| Ok((b.clone(), resolve_backing(path, path, &b)?)))
+        .transpose()
+}
+
+/// The virtual size of an image of a known format (a raw file's length, or a block device's
+/// size).
+pub fn virtual_size(path: &Path, format: Format) -> Result<u64, ObserveError> {
+    let file = open_image(path)?;
+    match format {
+        Format::Qcow2 => Ok(qcow2::read_header(&file, path)?.virtual_size),
+        Format::Raw => size_of(&file).map_err(io(path)),
+    }
+}
+
 /// The backing file an image's header names, resolved as QEMU would (relative to the image's
 /// directory, symlinks resolved), without confining it to the roots: for following the chains of
 /// images diskchain does not manage (another domain's disk). `None` when there is none or it

@@ -137,17 +137,25 @@ impl Bitmap {
     /// What the bitmap can be trusted for, given whether a process has the image open (a
     /// running QEMU sets `in_use` on the bitmaps it loaded).
     pub fn state(&self, image_open: bool) -> &'static str {
-        match (self.in_use, image_open, self.auto) {
-            (true, false, _) => "inconsistent",
-            (_, _, true) => "recording",
-            (_, _, false) => "disabled",
+        if self.inconsistent(image_open) {
+            "inconsistent"
+        } else if self.auto {
+            "recording"
+        } else {
+            "disabled"
         }
+    }
+
+    /// True when the in-use flag is set while no process has the image open: a QEMU died with
+    /// the bitmap loaded, and it may miss writes.
+    pub fn inconsistent(&self, image_open: bool) -> bool {
+        self.in_use && !image_open
     }
 
     /// One line for `plan` and `status`: name, granularity and state.
     pub fn describe(&self, image_open: bool) -> String {
         let state = match self.state(image_open) {
-            "inconsistent" => {
+            _ if self.inconsistent(image_open) => {
                 "INCONSISTENT: its in-use flag was left by a QEMU that did not close the image, so it may miss writes; a backup tool must not trust it (remove it with `qemu-img bitmap --remove`, or delete its libvirt checkpoint, and take a full backup)"
             }
             s => s,
