@@ -45,6 +45,42 @@ impl Env {
         self.root().join(name)
     }
 
+    /// True when disk `disk` has a step running (its journal says so).
+    pub fn step_running(&self, disk: &str) -> bool {
+        std::fs::read_to_string(self.state().join("journal").join(format!("{disk}.json")))
+            .unwrap_or_default()
+            .contains("\"running\"")
+    }
+
+    /// Waits up to `limit` until disk `disk` has a step running, or `done()` says to stop
+    /// waiting (the process driving it ended, say); true when a step runs.
+    pub fn wait_for_step(
+        &self,
+        disk: &str,
+        limit: std::time::Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        let t = std::time::Instant::now();
+        while t.elapsed() < limit {
+            if self.step_running(disk) {
+                return true;
+            }
+            if done() {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Asserts that every image under the root passes `qemu-img check` (`what`: for the
+    /// message).
+    pub fn assert_images_clean(&self, what: &str) {
+        for f in self.images() {
+            assert_eq!(check(&f), 0, "{what}: qemu-img check {}", f.display());
+        }
+    }
+
     /// Writes a spec file.
     pub fn spec(&self, file: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join("specs").join(file);
@@ -264,6 +300,24 @@ pub fn mid_heavy_chain(env: &Env, top_mib: u64) -> Vec<PathBuf> {
         layers.push(p);
     }
     layers
+}
+
+/// `base` (8 MiB) <- `mid` (48 MiB) <- `top` (24 MiB hiding half of mid) under the root, 128 MiB
+/// virtual: dropping mid while keeping base streams mid's other 24 MiB into top (cheaper than
+/// committing all of mid). Returns the three layers.
+pub fn half_hidden_chain(env: &Env) -> [PathBuf; 3] {
+    let l = [
+        env.img("base.qcow2"),
+        env.img("mid.qcow2"),
+        env.img("top.qcow2"),
+    ];
+    create(&l[0], 128 << 20, None, &[]);
+    io(&l[0], "qcow2", &["write -P 1 0 8M".into()]);
+    create(&l[1], 0, Some((&l[0], "qcow2")), &[]);
+    io(&l[1], "qcow2", &["write -P 2 16M 48M".into()]);
+    create(&l[2], 0, Some((&l[1], "qcow2")), &[]);
+    io(&l[2], "qcow2", &["write -P 3 16M 24M".into()]);
+    l
 }
 
 /// A spec for [`mid_heavy_chain`] keeping base and top (mid is dropped).

@@ -328,11 +328,8 @@ fn metrics_parse_and_healthz_answers_during_a_long_step() {
     // Dropping mid commits top (8 MiB) into it; throttled to 2 MB/s it takes about 4 s.
     env.spec("s.yaml", &keep_base_and_top("s", &l));
     let agent = Agent::start(&env, &specs, &["--max-bytes-per-sec", "2000000"]);
-    let journal = env.state().join("journal/s.json");
     wait_until(Duration::from_secs(10), "a step to run", || {
-        std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .contains("\"running\"")
+        env.step_running("s")
     });
     let t = Instant::now();
     let (code, body) = agent.get("/healthz").expect("healthz answers");
@@ -342,12 +339,7 @@ fn metrics_parse_and_healthz_answers_during_a_long_step() {
         "healthz took {:?} during a step",
         t.elapsed()
     );
-    assert!(
-        std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .contains("\"running\""),
-        "the step was still running"
-    );
+    assert!(env.step_running("s"), "the step was still running");
     converges(&env, &act, &v, "the throttled plan");
     // Gauges are "as last observed": the pass after the reconcile sees the new chain.
     wait_until(
@@ -470,9 +462,7 @@ fn sigterm_during_a_step_stops_at_a_resumable_point_and_exits_0() {
     );
     let journal = env.state().join("journal/s.json");
     wait_until(Duration::from_secs(10), "a step to run", || {
-        std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .contains("\"running\"")
+        env.step_running("s")
     });
     agent.signal("TERM");
     let t = Instant::now();
@@ -813,19 +803,8 @@ fn the_agent_resumes_a_journal_whose_moves_outdated_the_spec_bindings() {
 fn sigterm_during_a_throttled_stream_cancels_it_and_the_next_start_finishes() {
     let env = Env::new();
     let specs = env.dir.path().join("specs");
-    let (base, mid, top) = (
-        env.img("base.qcow2"),
-        env.img("mid.qcow2"),
-        env.img("top.qcow2"),
-    );
-    create(&base, 128 << 20, None, &[]);
-    io(&base, "qcow2", &["write -P 1 0 8M".into()]);
-    create(&mid, 0, Some((&base, "qcow2")), &[]);
-    io(&mid, "qcow2", &["write -P 2 16M 48M".into()]);
-    create(&top, 0, Some((&mid, "qcow2")), &[]);
-    // Half of mid is hidden by top: streaming its other 24 MiB into top is cheapest; at 2 MB/s
-    // that takes about 12 s.
-    io(&top, "qcow2", &["write -P 3 16M 24M".into()]);
+    // Dropping mid streams its 24 MiB that top does not hide: about 12 s at 2 MB/s.
+    let [base, _, top] = diskchain_tests::env::half_hidden_chain(&env);
     let v = views(&env, &[base.clone(), top.clone()]);
     env.spec(
         "s.yaml",
@@ -846,10 +825,7 @@ fn sigterm_during_a_throttled_stream_cancels_it_and_the_next_start_finishes() {
     );
     let journal = env.state().join("journal/s.json");
     wait_until(Duration::from_secs(10), "the stream to run", || {
-        std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .contains("\"running\"")
-            && daemon_running()
+        env.step_running("s") && daemon_running()
     });
     agent.signal("TERM");
     let status = agent.child.wait().unwrap();

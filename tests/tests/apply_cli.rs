@@ -101,9 +101,7 @@ fn apply_reaches_the_spec_on_random_chains_and_loses_nothing() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_converged(&env, &active, &expected, &format!("case {case}"));
-        for f in env.images() {
-            assert_eq!(check(&f), 0, "case {case}: qemu-img check {}", f.display());
-        }
+        env.assert_images_clean(&format!("case {case}"));
         if steps > 0 {
             // QEMU writes the predicted data, plus metadata and zeros it may write as data.
             let la = last_apply(&env, "disk");
@@ -354,16 +352,9 @@ fn an_interrupted_stream_is_resumed_without_losing_data() {
             .spawn()
             .unwrap();
         let journal = env.state().join("journal/s.json");
-        for _ in 0..2000 {
-            if std::fs::read_to_string(&journal)
-                .unwrap_or_default()
-                .contains("\"running\"")
-                || child.try_wait().ok().flatten().is_some()
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        env.wait_for_step("s", Duration::from_secs(2), || {
+            child.try_wait().ok().flatten().is_some()
+        });
         std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
         let _ = Command::new("kill")
             .args(["-KILL", "--", &format!("-{}", child.id())])
@@ -487,16 +478,7 @@ fn two_processes_never_work_on_one_disk_at_once() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let journal = env.state().join("journal/s.json");
-    for _ in 0..500 {
-        if std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .contains("\"running\"")
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    env.wait_for_step("s", Duration::from_secs(5), || false);
     let second = env.apply(&spec, &[]);
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{stderr}");
@@ -545,9 +527,7 @@ fn placement_moves_every_point_and_prune_deletes_the_old_files() {
     for old in &l[..4] {
         assert!(!old.exists(), "{} should have been pruned", old.display());
     }
-    for f in env.images() {
-        assert_eq!(check(&f), 0, "qemu-img check {}", f.display());
-    }
+    env.assert_images_clean("after apply");
     let before = env.fingerprints();
     assert_eq!(env.apply(&spec, &[]).status.code(), Some(0));
     assert_eq!(

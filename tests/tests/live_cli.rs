@@ -1379,9 +1379,7 @@ fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
             &env,
             &v1,
             &["--max-bytes-per-sec", "2097152"],
-        ) && std::fs::read_to_string(env.state().join("journal/d.json"))
-            .unwrap_or_default()
-            .contains("\"running\"")
+        ) && env.step_running("d")
         {
             landed = true;
             break;
@@ -1657,16 +1655,7 @@ fn two_live_disks_moving_a_shared_base_never_write_the_same_file() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let journal = env.state().join("journal/a.json");
-    for _ in 0..200 {
-        if std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .contains("\"running\"")
-        {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
+    env.wait_for_step("a", std::time::Duration::from_secs(5), || false);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let second = env
         .diskchain(&["apply", "--max-bytes-per-sec", "8000000", "-f"])
@@ -1702,12 +1691,5 @@ fn two_live_disks_moving_a_shared_base_never_write_the_same_file() {
             "{what}: the guest view"
         );
     }
-    for f in env.images() {
-        assert_eq!(
-            diskchain_tests::env::check(&f),
-            0,
-            "{} fails qemu-img check",
-            f.display()
-        );
-    }
+    env.assert_images_clean("after both moves");
 }

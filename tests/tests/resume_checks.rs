@@ -103,16 +103,7 @@ fn a_chain_changed_behind_a_running_plan_never_leaves_the_disk_stuck() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let journal = env.state().join("journal/vm.json");
-    for _ in 0..5000 {
-        if std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .contains("\"running\"")
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    env.wait_for_step("vm", Duration::from_secs(5), || false);
     let moved = env.img("vm.moved.qcow2");
     std::fs::rename(&l[2], &moved).unwrap();
     create(&l[2], 0, Some((&l[1], "qcow2")), &[]);

@@ -243,9 +243,7 @@ fn a_deeper_layer_takes_over_when_that_writes_least() {
         assert_eq!(check(&vm), 0, "delay {delay_ms} ms");
         assert!(!layers[1].exists(), "big took the active path");
         // The layer that was between (retired, kept) still opens and checks clean.
-        for f in env.images() {
-            assert_eq!(check(&f), 0, "delay {delay_ms} ms: {}", f.display());
-        }
+        env.assert_images_clean(&format!("delay {delay_ms} ms"));
     }
     assert!(landed >= 3, "only {landed} kills landed mid-plan");
 }
