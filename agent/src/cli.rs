@@ -76,8 +76,9 @@ pub enum Command {
         #[arg(short = 'f', long = "file", value_name = "PATH")]
         path: PathBuf,
         /// Limit QEMU's copying to this many bytes per second (QEMU's own rate limit; offline it
-        /// applies to commits and whole-chain copies, which qemu-img can throttle; live, to block
-        /// commits, pulls and copies).
+        /// applies to commits, streams and whole-chain copies, not to a copy onto a new backing
+        /// file or a stream over layers of mixed sizes, which go through `qemu-img rebase`;
+        /// live, to block commits, pulls and copies).
         #[arg(long, value_name = "BYTES")]
         max_bytes_per_sec: Option<u64>,
     },
