@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use diskchain_crd::LoadedSpec;
+use diskchain_crd::{DiskKey, LoadedSpec};
 use diskchain_planner::{Format, StepAction};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -74,8 +74,9 @@ pub struct StepRecord {
 /// What `apply` did to one disk.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct DiskOutcome {
-    /// The disk.
-    pub name: String,
+    /// The disk's namespace and name.
+    #[serde(flatten)]
+    pub key: DiskKey,
     /// Steps run, as `op` names.
     pub steps: Vec<String>,
     /// Data bytes the plans predicted.
@@ -232,14 +233,14 @@ pub fn apply_loaded(
     // lock is held until this apply is done with it.
     let mut _locks = Vec::new();
     for spec in loaded {
-        match state.lock_disk(&spec.name) {
+        match state.lock_disk(&spec.key) {
             Ok(Some(lock)) => _locks.push(lock),
             Ok(None) => c.fail(
                 spec,
                 format!(
                     "{}: another diskchain process (an agent or an apply) is working on disk {:?}; try again when it is done",
                     spec.origin(),
-                    spec.name
+                    spec.key.to_string()
                 ),
                 ErrorKind::InUse,
             ),
@@ -249,10 +250,10 @@ pub fn apply_loaded(
     for round in 0..=MAX_ROUNDS {
         // Finish what an interrupted run left.
         for spec in loaded {
-            if c.failed.contains(&spec.name) {
+            if c.failed.contains(&spec.key) {
                 continue;
             }
-            match Journal::load(state, &spec.name) {
+            match Journal::load(state, &spec.key) {
                 Ok(None) => {}
                 Ok(Some(_)) if spec.spec().suspend => {
                     // A suspended disk is not touched, not even to finish an earlier plan.
@@ -262,7 +263,7 @@ pub fn apply_loaded(
                     match crate::resume::check(&journal, spec, roots, state) {
                         crate::resume::Verdict::Resume => {}
                         crate::resume::Verdict::SetAside { why, first } => {
-                            tracing::warn!(disk = %spec.name, why, "the plan an earlier run left contradicts the spec as it is now: setting it aside and planning again");
+                            tracing::warn!(disk = %spec.key, why, "the plan an earlier run left contradicts the spec as it is now: setting it aside and planning again");
                             // A live block job of the interrupted step runs on in QEMU: when the
                             // spec still agrees with that step, it is finished (and recorded)
                             // first, so the chain is whole and its points known when the rest
@@ -289,7 +290,7 @@ pub fn apply_loaded(
                                     if options.progress != ProgressMode::Quiet {
                                         let _ = writeln_out(format_args!(
                                             "{}: the unfinished earlier plan contradicts the spec as it is now ({why}); set aside as {} and planned again",
-                                            spec.name,
+                                            spec.key,
                                             to.display()
                                         ));
                                     }
@@ -306,7 +307,7 @@ pub fn apply_loaded(
                             continue;
                         }
                         crate::resume::Verdict::Stuck { why } => {
-                            Journal::set_needs_operator(state, &spec.name, &why);
+                            Journal::set_needs_operator(state, &spec.key, &why);
                             c.fail(
                                 spec,
                                 format!("{}: {why}", spec.origin()),
@@ -315,7 +316,7 @@ pub fn apply_loaded(
                             continue;
                         }
                     }
-                    tracing::info!(disk = %spec.name, "resuming the plan an earlier run left unfinished");
+                    tracing::info!(disk = %spec.key, "resuming the plan an earlier run left unfinished");
                     // How live jobs behave (quiesce, the time budget) follows the spec as it is
                     // now, for the same disk.
                     if let (Some(old), Some(new)) =
@@ -332,19 +333,19 @@ pub fn apply_loaded(
         }
         let todo: Vec<LoadedSpec> = loaded
             .iter()
-            .filter(|s| !c.failed.contains(&s.name))
+            .filter(|s| !c.failed.contains(&s.key))
             .cloned()
             .collect();
         let planned = plan_loaded(&todo, roots, state)?;
         for e in planned.errors {
-            c.failed.insert(e.name.clone());
+            c.failed.insert(e.key.clone());
             c.report.errors.push(e);
         }
         let mut worked = false;
         for disk in planned.disks {
             let spec = todo
                 .iter()
-                .find(|s| s.name == disk.plan.name)
+                .find(|s| s.key == disk.key)
                 .expect("planned disks come from the specs");
             if disk.suspended {
                 continue;
@@ -393,16 +394,16 @@ pub fn apply_loaded(
 #[derive(Default)]
 struct Collect {
     report: ApplyReport,
-    outcomes: BTreeMap<String, DiskOutcome>,
+    outcomes: BTreeMap<DiskKey, DiskOutcome>,
     /// Disks not to touch again in this apply.
-    failed: HashSet<String>,
+    failed: HashSet<DiskKey>,
 }
 
 impl Collect {
     fn fail(&mut self, spec: &LoadedSpec, error: String, kind: ErrorKind) {
-        self.failed.insert(spec.name.clone());
+        self.failed.insert(spec.key.clone());
         self.report.errors.push(DiskError {
-            name: spec.name.clone(),
+            key: spec.key.clone(),
             spec: spec.origin(),
             error,
             kind,
@@ -422,9 +423,9 @@ impl Collect {
     ) {
         let out = self
             .outcomes
-            .entry(spec.name.clone())
+            .entry(spec.key.clone())
             .or_insert_with(|| DiskOutcome {
-                name: spec.name.clone(),
+                key: spec.key.clone(),
                 ..Default::default()
             });
         let saved = if new {
@@ -489,7 +490,8 @@ fn new_journal(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Journal {
             .is_none()
             .then(|| crate::journal::file_id(&active))
             .flatten(),
-        disk: disk.plan.name.clone(),
+        namespace: disk.key.namespace.clone(),
+        disk: disk.key.name.clone(),
         active,
         started_unix: now_unix(),
         formats,
@@ -523,12 +525,13 @@ fn record_bindings(
     state: &StateDir,
 ) -> Result<(), StateError> {
     let bindings = bindings_of(disk, spec, roots);
-    let mut st = state.load(&disk.plan.name)?.unwrap_or_default();
+    let mut st = state
+        .load(&disk.key)?
+        .unwrap_or_else(|| DiskState::empty(&disk.key));
     let active = disk.plan.chain.last().cloned().unwrap_or_default();
-    if st.bindings == bindings && st.active == active && st.name == disk.plan.name {
+    if st.bindings == bindings && st.active == active && state.has_keyed_record(&disk.key) {
         return Ok(());
     }
-    st.name = disk.plan.name.clone();
     st.active = active;
     st.bindings = bindings;
     state.save(&st)
@@ -570,7 +573,7 @@ fn executor(
         Some(_) => Err(ApplyError::Step {
             index: 1,
             op: "libvirt",
-            source: Box::new(ExecError::Live(crate::libvirt::LiveError::NotBuilt)),
+            source: Box::new(ExecError::from(crate::libvirt::LiveError::NotBuilt)),
             ran: steps_ran(journal),
         }),
     }
@@ -585,7 +588,7 @@ fn active_now(journal: &Journal) -> Result<PathBuf, ApplyError> {
             .map_err(|e| ApplyError::Step {
                 index: journal.steps.len(),
                 op: "observe",
-                source: Box::new(ExecError::Live(e)),
+                source: Box::new(ExecError::from(e)),
                 ran: steps_ran(journal),
             }),
     }
@@ -754,8 +757,8 @@ fn finish(
             set_aside,
         });
     }
-    let mut st: DiskState = state.load(&journal.disk)?.unwrap_or_default();
-    st.name = journal.disk.clone();
+    let key = journal.key();
+    let mut st: DiskState = state.load(&key)?.unwrap_or_else(|| DiskState::empty(&key));
     st.active = active;
     st.bindings = journal.bindings.clone();
     if let Some(r) = &journal.revert {
@@ -828,10 +831,10 @@ pub(crate) fn writeln_out(args: std::fmt::Arguments<'_>) -> std::io::Result<()> 
     out.write_all(b"\n")
 }
 
-/// `diskchain set-aside --disk NAME`: sets the disk's journal aside, if it has one (holding the
-/// disk's lock, so no apply or agent works on it meanwhile).
+/// `diskchain set-aside --disk [NAMESPACE/]NAME`: sets the disk's journal aside, if it has one
+/// (holding the disk's lock, so no apply or agent works on it meanwhile).
 pub fn set_aside_disk(
-    disk: &str,
+    disk: &DiskKey,
     roots: &[PathBuf],
     state: &StateDir,
 ) -> Result<Option<PathBuf>, String> {

@@ -128,11 +128,12 @@ pub enum Command {
     /// Set aside a disk's unfinished plan that cannot be finished (plan, apply or the agent say
     /// when, and why): the interrupted step is tidied so every view reads as before it, points
     /// that finished steps moved are recorded, and the journal is kept as
-    /// `journal/NAME.set-aside-TIME.json`. The next plan starts from the chain as it is.
+    /// `journal/NAMESPACE/NAME.set-aside-TIME.json`. The next plan starts from the chain as it is.
     /// Exit 0: set aside, or nothing to set aside; 1: it failed (nothing was changed).
     SetAside {
-        /// The disk (`metadata.name`).
-        #[arg(long, value_name = "NAME")]
+        /// The disk: `metadata.name`, or `NAMESPACE/NAME` for a spec with a
+        /// `metadata.namespace` other than `default`.
+        #[arg(long, value_name = "[NAMESPACE/]NAME")]
         disk: String,
     },
 }

@@ -3,7 +3,9 @@
 //! crash the next run knows exactly which step was in flight and resumes there (every step is
 //! idempotent; see `execute`).
 //!
-//! Layout: `<state-dir>/journal/<disk>.json`, present only while a plan is being applied.
+//! Layout: `<state-dir>/journal/<namespace>/<name>.json`, present only while a plan is being
+//! applied (a journal from before namespaces, `journal/<name>.json`, is read and moved likewise
+//! as the state's records are).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,7 +13,13 @@ use std::path::PathBuf;
 use diskchain_planner::{FinalLayer, Format, Step};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Binding, StateDir, StateError, read_json, write_atomic};
+use diskchain_crd::{DEFAULT_NAMESPACE, DiskKey};
+
+use crate::state::{Binding, StateDir, StateError, read_json, remove_if_present, write_atomic};
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
 
 /// Where a step is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +54,10 @@ pub struct JournalStep {
 /// A plan being applied to one disk.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Journal {
-    /// The disk.
+    /// The disk's namespace (journals from before namespaces have none: `default`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The disk's name.
     pub disk: String,
     /// Its active image.
     pub active: PathBuf,
@@ -102,50 +113,77 @@ impl Journal {
 }
 
 impl Journal {
-    /// The journal of disk `name`, if a plan is in flight.
-    pub fn load(state: &StateDir, name: &str) -> Result<Option<Journal>, StateError> {
-        read_json(&state.journal_file(name))
+    /// The disk's key.
+    pub fn key(&self) -> DiskKey {
+        DiskKey::new(Some(&self.namespace), &self.disk)
     }
 
-    /// Writes the journal atomically.
+    /// The journal of disk `key`, if a plan is in flight (a journal of its name from before
+    /// namespaces when it has none of its own).
+    pub fn load(state: &StateDir, key: &DiskKey) -> Result<Option<Journal>, StateError> {
+        let found = match read_json::<Journal>(&state.journal_file(key))? {
+            Some(j) => Some(j),
+            None if !state.has_keyed_record(key) => {
+                read_json::<Journal>(&state.legacy_journal_file(&key.name))?
+            }
+            None => None,
+        };
+        Ok(found.map(|mut j| {
+            j.namespace = key.namespace.clone();
+            j
+        }))
+    }
+
+    /// Writes the journal atomically (replacing a journal of its name from before namespaces).
     pub fn save(&self, state: &StateDir) -> Result<(), StateError> {
+        let key = self.key();
         write_atomic(
-            &state.journal_file(&self.disk),
+            &state.journal_file(&key),
             &serde_json::to_vec_pretty(self).expect("journal serialises"),
-        )
+        )?;
+        let legacy = state.legacy_journal_file(&key.name);
+        if legacy.exists() && !state.has_keyed_record(&key) {
+            // The legacy journal was this disk's (it was loaded for this key); its needs-operator
+            // note moves with it.
+            if let Ok(why) = std::fs::read_to_string(legacy.with_extension("needs-operator")) {
+                let _ = write_atomic(&needs_operator_file(state, &key), why.as_bytes());
+            }
+            remove_if_present(&legacy.with_extension("needs-operator"))?;
+            remove_if_present(&legacy)?;
+        }
+        Ok(())
     }
 
-    /// Why the unfinished plan of disk `name` needs the operator, when `apply` or the agent found
-    /// that it does (`journal/NAME.needs-operator`, beside the journal; `status` shows it).
-    pub fn needs_operator(state: &StateDir, name: &str) -> Option<String> {
-        std::fs::read_to_string(needs_operator_file(state, name)).ok()
+    /// Why the unfinished plan of disk `key` needs the operator, when `apply` or the agent found
+    /// that it does (`journal/NAMESPACE/NAME.needs-operator`, beside the journal; `status` shows
+    /// it).
+    pub fn needs_operator(state: &StateDir, key: &DiskKey) -> Option<String> {
+        std::fs::read_to_string(needs_operator_file(state, key)).ok()
     }
 
     /// Records why the plan needs the operator (written only when it changed).
-    pub fn set_needs_operator(state: &StateDir, name: &str, why: &str) {
-        if Self::needs_operator(state, name).as_deref() != Some(why) {
-            let _ = write_atomic(&needs_operator_file(state, name), why.as_bytes());
+    pub fn set_needs_operator(state: &StateDir, key: &DiskKey, why: &str) {
+        if Self::needs_operator(state, key).as_deref() != Some(why) {
+            let _ = write_atomic(&needs_operator_file(state, key), why.as_bytes());
         }
     }
 
     /// Forgets that note (the journal was finished or set aside).
-    pub fn clear_needs_operator(state: &StateDir, name: &str) {
-        let _ = std::fs::remove_file(needs_operator_file(state, name));
+    pub fn clear_needs_operator(state: &StateDir, key: &DiskKey) {
+        let _ = std::fs::remove_file(needs_operator_file(state, key));
     }
 
     /// Removes the journal once the plan is complete and recorded.
     pub fn remove(&self, state: &StateDir) -> Result<(), StateError> {
-        Self::clear_needs_operator(state, &self.disk);
-        let path = state.journal_file(&self.disk);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io {
-                action: "remove",
-                path,
-                source,
-            }),
+        let key = self.key();
+        Self::clear_needs_operator(state, &key);
+        remove_if_present(&state.journal_file(&key))?;
+        if !state.has_keyed_record(&key) {
+            let legacy = state.legacy_journal_file(&key.name);
+            remove_if_present(&legacy.with_extension("needs-operator"))?;
+            remove_if_present(&legacy)?;
         }
+        Ok(())
     }
 
     /// Index of the first step not done.
@@ -154,10 +192,10 @@ impl Journal {
     }
 }
 
-fn needs_operator_file(state: &StateDir, name: &str) -> std::path::PathBuf {
+fn needs_operator_file(state: &StateDir, key: &DiskKey) -> std::path::PathBuf {
     state
-        .journal_file(name)
-        .with_file_name(format!("{name}.needs-operator"))
+        .journal_file(key)
+        .with_file_name(format!("{}.needs-operator", key.name))
 }
 
 /// Seconds since the Unix epoch.

@@ -81,7 +81,7 @@ fn main() {
                     for d in &report.disks {
                         out!(
                             "disk {}: {} step(s), {} predicted, {} written by QEMU",
-                            d.name,
+                            d.key,
                             d.steps.len(),
                             diskchain::units::human_bytes(d.predicted_bytes),
                             diskchain::units::human_bytes(d.written_bytes)
@@ -146,6 +146,7 @@ fn main() {
             }
         }
         Command::SetAside { disk } => {
+            let disk = diskchain_crd::DiskKey::parse(&disk);
             match apply::set_aside_disk(&disk, &cli.allowed_roots, &StateDir::new(&cli.state_dir)) {
                 Ok(Some(to)) => {
                     out!(

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use diskchain_crd::{LoadedSpec, SpecErrors};
+use diskchain_crd::{DiskKey, LoadedSpec, SpecErrors};
 use diskchain_planner::{DiskPlan, ImageGraph, Layer, PlanError, plan_disk};
 use serde::Serialize;
 
@@ -31,8 +31,9 @@ pub enum ErrorKind {
 /// A disk that could not be planned (or applied).
 #[derive(Clone, Debug, Serialize)]
 pub struct DiskError {
-    /// The disk's name.
-    pub name: String,
+    /// The disk's namespace and name.
+    #[serde(flatten)]
+    pub key: DiskKey,
     /// The spec file and document.
     pub spec: String,
     /// What went wrong and what to do.
@@ -47,6 +48,9 @@ pub struct DiskReport {
     /// The planner's plan.
     #[serde(flatten)]
     pub plan: DiskPlan,
+    /// The disk's key (`namespace` in JSON; the plan carries the name).
+    #[serde(rename = "namespace", serialize_with = "namespace_of")]
+    pub key: DiskKey,
     /// The spec file and document.
     pub spec: String,
     /// `spec.suspend`: the agent will not act on this disk.
@@ -117,6 +121,10 @@ struct Observed<'a> {
     guest_agent: bool,
 }
 
+fn namespace_of<S: serde::Serializer>(key: &DiskKey, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&key.namespace)
+}
+
 /// The other libvirt disks (of any domain, running or defined, on the URIs the libvirt specs
 /// name) that read one of `chain_files`: (the first such file in their chain, the disk as a
 /// user). Disks the specs manage are left out: their chains are in the graph already. When a
@@ -146,7 +154,7 @@ fn foreign_users(
                 let mut refused = Vec::new();
                 for o in observed.iter() {
                     if libvirt(o).is_some_and(|l| l.uri == uri) {
-                        refused.push(o.spec.name.clone());
+                        refused.push(o.spec.key.clone());
                         report.errors.push(fail(
                             o.spec,
                             format!(
@@ -157,7 +165,7 @@ fn foreign_users(
                         ));
                     }
                 }
-                observed.retain(|o| !refused.contains(&o.spec.name));
+                observed.retain(|o| !refused.contains(&o.spec.key));
                 continue;
             }
         };
@@ -195,7 +203,7 @@ pub fn plan_loaded(
 ) -> Result<PlanReport, PlanRunError> {
     let mut report = PlanReport::default();
     let fail = |spec: &LoadedSpec, error: String, bad_input: bool| DiskError {
-        name: spec.name.clone(),
+        key: spec.key.clone(),
         spec: spec.origin(),
         error,
         kind: if bad_input {
@@ -334,16 +342,16 @@ pub fn plan_loaded(
                     "{}: spec.source.file resolves to {}, the disk {:?} of {} already claims; one disk is managed by one spec",
                     o.spec.origin(),
                     a.display(),
-                    first.name,
+                    first.key.to_string(),
                     first.origin()
                 ),
                 true,
             ));
         }
     }
-    let dup: Vec<String> = claimed_twice.iter().map(|e| e.name.clone()).collect();
+    let dup: Vec<DiskKey> = claimed_twice.iter().map(|e| e.key.clone()).collect();
     report.errors.extend(claimed_twice);
-    observed.retain(|o| !dup.contains(&o.spec.name));
+    observed.retain(|o| !dup.contains(&o.spec.key));
 
     // The host graph: every managed layer with its allocation, every other image as a node,
     // and every other user of a layer the scan found (other names, data files, files whose
@@ -376,8 +384,15 @@ pub fn plan_loaded(
         )
         .with_names(input.names);
 
+    let keys: Vec<&DiskKey> = loaded.iter().map(|s| &s.key).collect();
     for o in observed {
-        let disk_state = match state.load(&o.spec.name) {
+        if let Some(why) = state.legacy_owner_conflict(&o.spec.key, &keys) {
+            report
+                .errors
+                .push(fail(o.spec, format!("{}: {why}", o.spec.origin()), true));
+            continue;
+        }
+        let disk_state = match state.load(&o.spec.key) {
             Ok(s) => s,
             Err(e) => {
                 let bad = matches!(e, StateError::Damaged { .. });
@@ -396,7 +411,9 @@ pub fn plan_loaded(
                 continue;
             }
         };
-        request.live = o.running;
+        if o.running {
+            request.mode = diskchain_planner::Mode::Live;
+        }
         let revert =
             o.spec.spec().revert.clone().filter(|r| {
                 disk_state.as_ref().and_then(|s| s.last_revert.as_ref()) != Some(&r.id)
@@ -489,7 +506,7 @@ pub fn plan_loaded(
                         }
                     }
                     plan.notes.extend(bitmap_notes(&o.chain, &plan, o.running));
-                    if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.name) {
+                    if let Ok(Some(j)) = crate::journal::Journal::load(state, &o.spec.key) {
                         let done = j.steps.iter().filter(|s| s.state == crate::journal::StepState::Done).count();
                         plan.notes.push(match crate::resume::check(&j, o.spec, roots, state) {
                             crate::resume::Verdict::Resume => format!(
@@ -507,6 +524,7 @@ pub fn plan_loaded(
                     }
                     plan
                 },
+                key: o.spec.key.clone(),
                 spec: o.spec.origin(),
                 suspended: o.spec.spec().suspend,
                 formats,

@@ -48,7 +48,7 @@ pub fn text(report: &PlanReport) -> String {
     let mut out = String::new();
     for d in &report.disks {
         let p = &d.plan;
-        let _ = writeln!(out, "disk {} ({})", p.name, d.spec);
+        let _ = writeln!(out, "disk {} ({})", d.key, d.spec);
         if let Some(l) = &d.libvirt {
             let _ = writeln!(
                 out,

@@ -45,7 +45,7 @@ pub enum Verdict {
 
 /// The points the spec keeps now and the files holding them (bound by `file:` or by the state).
 fn kept_now(spec: &LoadedSpec, roots: &Roots, state: &StateDir) -> BTreeMap<PathBuf, String> {
-    let st = state.load(&spec.name).ok().flatten().unwrap_or_default();
+    let st = state.load(&spec.key).ok().flatten().unwrap_or_default();
     let mut out = BTreeMap::new();
     for s in &spec.spec().snapshots {
         let file = match &s.file {
@@ -184,7 +184,7 @@ pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateD
 
 /// Sets `journal` aside: tidies its interrupted step (so every view reads as before that step),
 /// records the points its finished steps moved into files still in the chain, and moves the
-/// journal file to `journal/<disk>.set-aside-<time>.json`. Returns where it went.
+/// journal file to `journal/<namespace>/<name>.set-aside-<time>.json`. Returns where it went.
 pub fn set_aside(
     journal: &Journal,
     exec: &dyn Executor,
@@ -198,11 +198,13 @@ pub fn set_aside(
             .map_err(|e| format!("tidying the interrupted step {}: {e}", i + 1))?;
     }
     let chain = chain_now()?;
+    let key = journal.key();
+    // A journal from before namespaces moves to its keyed place first (then the record).
+    journal.save(state).map_err(|e| e.to_string())?;
     let mut st = state
-        .load(&journal.disk)
+        .load(&key)
         .map_err(|e| e.to_string())?
-        .unwrap_or_default();
-    st.name = journal.disk.clone();
+        .unwrap_or_else(|| crate::state::DiskState::empty(&key));
     for b in &journal.bindings {
         if !chain.contains(&b.file) {
             continue;
@@ -214,9 +216,9 @@ pub fn set_aside(
         }
     }
     state.save(&st).map_err(|e| e.to_string())?;
-    let from = state.journal_file(&journal.disk);
-    let to = from.with_file_name(format!("{}.set-aside-{}.json", journal.disk, now_unix()));
-    Journal::clear_needs_operator(state, &journal.disk);
+    let from = state.journal_file(&key);
+    let to = from.with_file_name(format!("{}.set-aside-{}.json", key.name, now_unix()));
+    Journal::clear_needs_operator(state, &key);
     std::fs::rename(&from, &to).map_err(|e| {
         StateError::Io {
             action: "set aside",

@@ -1,12 +1,19 @@
 //! The agent's state directory: which file holds each named point, per disk.
 //!
-//! Layout: `<state-dir>/disks/<disk>.json`. Written atomically (temporary file, fsync, rename,
-//! fsync of the directory) so a crash leaves either the old or the new record.
+//! Layout: `<state-dir>/disks/<namespace>/<name>.json`, one per disk key. Written atomically
+//! (temporary file, fsync, rename, fsync of the directory) so a crash leaves either the old or
+//! the new record.
+//!
+//! Before namespaces keyed the state, a record was `<state-dir>/disks/<name>.json` (and the
+//! journal `journal/<name>.json`). Such a legacy record is read for the key with its name when
+//! no keyed record exists, and moved to the keyed place the first time it is written (see
+//! [`StateDir::legacy_owner_conflict`] for two keys sharing one name).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use diskchain_crd::{DEFAULT_NAMESPACE, DiskKey};
 use serde::{Deserialize, Serialize};
 
 /// Parsed disk records by path, valid while the file's inode, size and mtime are unchanged.
@@ -52,8 +59,11 @@ pub struct Binding {
 }
 
 /// What the agent records per disk.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskState {
+    /// The disk's namespace (records written before namespaces have none: `default`).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     /// The disk's name.
     pub name: String,
     /// Its active image.
@@ -69,6 +79,40 @@ pub struct DiskState {
     /// The id of the last revert done (`spec.revert.id`): a revert runs once per id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_revert: Option<String>,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
+
+impl Default for DiskState {
+    fn default() -> Self {
+        DiskState {
+            namespace: default_namespace(),
+            name: String::new(),
+            active: PathBuf::new(),
+            bindings: Vec::new(),
+            retired: Vec::new(),
+            last_apply: None,
+            last_revert: None,
+        }
+    }
+}
+
+impl DiskState {
+    /// An empty record of disk `key`.
+    pub fn empty(key: &DiskKey) -> DiskState {
+        DiskState {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The disk's key.
+    pub fn key(&self) -> DiskKey {
+        DiskKey::new(Some(&self.namespace), &self.name)
+    }
 }
 
 /// What the last `apply` did to a disk.
@@ -101,45 +145,107 @@ impl StateDir {
         &self.dir
     }
 
-    fn disk_file(&self, name: &str) -> PathBuf {
+    fn disk_file(&self, key: &DiskKey) -> PathBuf {
+        self.dir
+            .join("disks")
+            .join(&key.namespace)
+            .join(format!("{}.json", key.name))
+    }
+
+    /// Where a record of disk `name` was kept before namespaces keyed the state.
+    fn legacy_disk_file(&self, name: &str) -> PathBuf {
         self.dir.join("disks").join(format!("{name}.json"))
     }
 
-    /// Every disk record in the directory, sorted by name.
+    /// A record from before namespaces keyed the state, when its name is shared by more than one
+    /// of `keys` and none of them has a keyed record yet: which disk it belongs to is not known,
+    /// and guessing would bind one disk's points to another's files. The message says what to do.
+    pub fn legacy_owner_conflict(&self, key: &DiskKey, keys: &[&DiskKey]) -> Option<String> {
+        let legacy = self.legacy_disk_file(&key.name);
+        let legacy_journal = self.legacy_journal_file(&key.name);
+        if !(legacy.exists() || legacy_journal.exists()) || self.has_keyed_record(key) {
+            return None;
+        }
+        let sharing: Vec<String> = keys
+            .iter()
+            .filter(|k| k.name == key.name)
+            .map(|k| k.namespace.clone())
+            .collect();
+        (sharing.len() > 1).then(|| {
+            format!(
+                "the state record {} was written before namespaces keyed the state, and the specs of namespaces {} are all named {:?}, so which disk it records is not known. Move it to {} for the namespace whose disk it records (its \"active\" field names the disk's active image), and the journal {} likewise if there is one; nothing was done",
+                legacy.display(),
+                sharing.join(", "),
+                key.name,
+                self.dir
+                    .join("disks")
+                    .join("NAMESPACE")
+                    .join(format!("{}.json", key.name))
+                    .display(),
+                self.dir
+                    .join("journal")
+                    .join(format!("{}.json", key.name))
+                    .display(),
+            )
+        })
+    }
+
+    /// True when disk `key` has a record of its own: legacy records and journals of its name
+    /// are then not its.
+    pub fn has_keyed_record(&self, key: &DiskKey) -> bool {
+        self.disk_file(key).exists()
+    }
+
+    /// Every disk record in the directory, sorted by key (legacy records, from before
+    /// namespaces, count as the default namespace's unless a keyed record of that key exists).
     pub fn all(&self) -> Result<Vec<DiskState>, StateError> {
         let dir = self.dir.join("disks");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(StateError::Io {
+        let read_dir = |dir: &Path| -> Result<Vec<std::fs::DirEntry>, StateError> {
+            match std::fs::read_dir(dir) {
+                Ok(e) => Ok(e.flatten().collect()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(source) => Err(StateError::Io {
                     action: "read",
-                    path: dir,
+                    path: dir.to_path_buf(),
                     source,
-                });
+                }),
             }
         };
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .map(str::to_string)
-            })
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        names.sort();
+        let json_name = |e: &std::fs::DirEntry| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|n| !n.starts_with('.'))
+                .map(str::to_string)
+        };
+        let mut files: BTreeMap<DiskKey, PathBuf> = BTreeMap::new();
+        let mut legacy: Vec<(DiskKey, PathBuf)> = Vec::new();
+        for e in read_dir(&dir)? {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let Some(ns) = e.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                for f in read_dir(&e.path())? {
+                    if let Some(n) = json_name(&f) {
+                        files.insert(DiskKey::new(Some(&ns), &n), f.path());
+                    }
+                }
+            } else if let Some(n) = json_name(&e) {
+                legacy.push((DiskKey::new(None, &n), e.path()));
+            }
+        }
+        for (k, p) in legacy {
+            files.entry(k).or_insert(p);
+        }
         let mut out = Vec::new();
-        for n in names {
+        for (key, path) in files {
             // Records unchanged since they were last parsed (same inode, size, mtime) come from
             // memory: an agent with many disks reads them on every pass.
-            let path = self.disk_file(&n);
-            let key = std::fs::metadata(&path).ok().map(|m| {
+            let stamp = std::fs::metadata(&path).ok().map(|m| {
                 use std::os::unix::fs::MetadataExt;
                 (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
             });
-            let cached = key.and_then(|k| {
+            let cached = stamp.and_then(|k| {
                 let cache = STATE_CACHE.lock().ok()?;
                 cache
                     .get(&path)
@@ -149,8 +255,11 @@ impl StateDir {
             let record = match cached {
                 Some(s) => Some(s),
                 None => {
-                    let s = self.load(&n)?;
-                    if let (Some(k), Some(s), Ok(mut c)) = (key, &s, STATE_CACHE.lock()) {
+                    let s: Option<DiskState> = read_json(&path)?.map(|mut s: DiskState| {
+                        s.namespace = key.namespace.clone();
+                        s
+                    });
+                    if let (Some(k), Some(s), Ok(mut c)) = (stamp, &s, STATE_CACHE.lock()) {
                         c.insert(path, (k, s.clone()));
                     }
                     s
@@ -161,24 +270,41 @@ impl StateDir {
         Ok(out)
     }
 
-    /// The record of disk `name`, if any.
-    pub fn load(&self, name: &str) -> Result<Option<DiskState>, StateError> {
-        read_json(&self.disk_file(name))
+    /// The record of disk `key`, if any (a legacy record of its name when it has none of its
+    /// own yet).
+    pub fn load(&self, key: &DiskKey) -> Result<Option<DiskState>, StateError> {
+        let keyed = read_json::<DiskState>(&self.disk_file(key))?;
+        let found = match keyed {
+            Some(s) => Some(s),
+            None => read_json::<DiskState>(&self.legacy_disk_file(&key.name))?,
+        };
+        Ok(found.map(|mut s| {
+            s.namespace = key.namespace.clone();
+            s.name = key.name.clone();
+            s
+        }))
     }
 
-    /// Writes the record of a disk atomically.
+    /// Writes the record of a disk atomically (and retires a legacy record of its name, which
+    /// it replaces).
     pub fn save(&self, state: &DiskState) -> Result<(), StateError> {
         let text = serde_json::to_vec_pretty(state).expect("state serialises");
-        write_atomic(&self.disk_file(&state.name), &text)
+        let key = state.key();
+        let fresh = !self.has_keyed_record(&key);
+        write_atomic(&self.disk_file(&key), &text)?;
+        if fresh {
+            remove_if_present(&self.legacy_disk_file(&key.name))?;
+        }
+        Ok(())
     }
 
-    /// Takes the lock that lets one process at a time work on disk `name` (`None`: another
+    /// Takes the lock that lets one process at a time work on disk `key` (`None`: another
     /// process holds it). Released when the returned lock is dropped or the process exits.
     pub fn lock_disk(
         &self,
-        name: &str,
+        key: &DiskKey,
     ) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, StateError> {
-        let dir = self.dir.join("locks");
+        let dir = self.dir.join("locks").join(&key.namespace);
         let io = |action, path: &Path| {
             let path = path.to_path_buf();
             move |source| StateError::Io {
@@ -188,7 +314,7 @@ impl StateDir {
             }
         };
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let path = dir.join(format!("{name}.lock"));
+        let path = dir.join(format!("{}.lock", key.name));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -295,8 +421,42 @@ impl StateDir {
         Ok(Some(held))
     }
 
-    /// The journal file of disk `name`.
-    pub fn journal_file(&self, name: &str) -> PathBuf {
+    /// The journal file of disk `key`.
+    pub fn journal_file(&self, key: &DiskKey) -> PathBuf {
+        self.dir
+            .join("journal")
+            .join(&key.namespace)
+            .join(format!("{}.json", key.name))
+    }
+
+    /// The keys of every disk with a journal (a plan in flight), legacy journals from before
+    /// namespaces counted as the default namespace's.
+    pub fn journal_keys(&self) -> Vec<DiskKey> {
+        let dir = self.dir.join("journal");
+        let name_of = |e: &std::fs::DirEntry| {
+            let n = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+            (!n.contains(".set-aside-") && !n.starts_with('.')).then_some(n)
+        };
+        let mut keys = std::collections::BTreeSet::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let Some(ns) = e.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                    if let Some(n) = name_of(&f) {
+                        keys.insert(DiskKey::new(Some(&ns), &n));
+                    }
+                }
+            } else if let Some(n) = name_of(&e) {
+                keys.insert(DiskKey::new(None, &n));
+            }
+        }
+        keys.into_iter().collect()
+    }
+
+    /// Where the journal of disk `name` was kept before namespaces keyed the state.
+    pub fn legacy_journal_file(&self, name: &str) -> PathBuf {
         self.dir.join("journal").join(format!("{name}.json"))
     }
 }
@@ -320,6 +480,19 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Removes `path` if it exists.
+pub fn remove_if_present(path: &Path) -> Result<(), StateError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StateError::Io {
+            action: "remove",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content: a
@@ -357,33 +530,92 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_saved_record_loads_back_and_a_missing_one_is_none() {
-        let d = tempfile::tempdir().unwrap();
-        let s = StateDir::new(d.path());
-        assert_eq!(s.load("web").unwrap(), None);
-        let rec = DiskState {
-            name: "web".into(),
-            active: "/a".into(),
+    fn key(ns: Option<&str>, name: &str) -> DiskKey {
+        DiskKey::new(ns, name)
+    }
+
+    fn record(k: &DiskKey, active: &str) -> DiskState {
+        DiskState {
+            active: active.into(),
             bindings: vec![Binding {
                 name: "p".into(),
                 file: "/b".into(),
                 adopted_from: None,
             }],
             retired: vec!["/c".into()],
-            last_apply: None,
             last_revert: Some("r1".into()),
-        };
+            ..DiskState::empty(k)
+        }
+    }
+
+    #[test]
+    fn a_saved_record_loads_back_and_a_missing_one_is_none() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let web = key(None, "web");
+        assert_eq!(s.load(&web).unwrap(), None);
+        let rec = record(&web, "/a");
         s.save(&rec).unwrap();
-        assert_eq!(s.load("web").unwrap(), Some(rec));
+        assert_eq!(s.load(&web).unwrap(), Some(rec));
+        assert!(d.path().join("disks/default/web.json").exists());
+    }
+
+    #[test]
+    fn one_name_in_two_namespaces_keeps_two_records() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let (a, b) = (key(Some("team-a"), "vda"), key(Some("team-b"), "vda"));
+        s.save(&record(&a, "/a")).unwrap();
+        s.save(&record(&b, "/b")).unwrap();
+        assert_eq!(s.load(&a).unwrap().unwrap().active, Path::new("/a"));
+        assert_eq!(s.load(&b).unwrap().unwrap().active, Path::new("/b"));
+        let all: Vec<DiskKey> = s.all().unwrap().iter().map(DiskState::key).collect();
+        assert_eq!(all, vec![a.clone(), b.clone()]);
+        assert_ne!(s.journal_file(&a), s.journal_file(&b));
+    }
+
+    #[test]
+    fn a_record_from_before_namespaces_is_read_and_moved_when_written() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        std::fs::create_dir_all(d.path().join("disks")).unwrap();
+        // As the previous version wrote it: no namespace, at disks/NAME.json.
+        std::fs::write(
+            d.path().join("disks/vda.json"),
+            r#"{"name":"vda","active":"/img/vda.qcow2","bindings":[{"name":"p","file":"/img/p.qcow2"}],"last_revert":"r7"}"#,
+        )
+        .unwrap();
+        let prod = key(Some("prod"), "vda");
+        // `status` shows it as the default namespace's until a spec claims it.
+        let all = s.all().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].key(), key(None, "vda"));
+        // A spec of that name in any namespace reads it...
+        let rec = s.load(&prod).unwrap().unwrap();
+        assert_eq!(rec.key(), prod);
+        assert_eq!(rec.last_revert.as_deref(), Some("r7"));
+        assert_eq!(rec.bindings[0].file, Path::new("/img/p.qcow2"));
+        // ...unless two specs share the name: then nothing guesses which disk it was.
+        let other = key(None, "vda");
+        let why = s.legacy_owner_conflict(&prod, &[&prod, &other]).unwrap();
+        assert!(why.contains("disks/vda.json"), "{why}");
+        assert!(why.contains("prod, default"), "{why}");
+        assert_eq!(s.legacy_owner_conflict(&prod, &[&prod]), None);
+        // Written back, it moves to its keyed place and the legacy file goes.
+        s.save(&rec).unwrap();
+        assert!(!d.path().join("disks/vda.json").exists());
+        assert!(d.path().join("disks/prod/vda.json").exists());
+        assert_eq!(s.load(&prod).unwrap(), Some(rec));
+        assert_eq!(s.load(&other).unwrap(), None);
+        assert_eq!(s.legacy_owner_conflict(&prod, &[&prod, &other]), None);
     }
 
     #[test]
     fn a_damaged_record_is_reported_with_its_path() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join("disks")).unwrap();
-        std::fs::write(d.path().join("disks/web.json"), "{not json").unwrap();
-        let e = StateDir::new(d.path()).load("web").unwrap_err();
-        assert!(e.to_string().contains("disks/web.json"), "{e}");
+        std::fs::create_dir_all(d.path().join("disks/default")).unwrap();
+        std::fs::write(d.path().join("disks/default/web.json"), "{not json").unwrap();
+        let e = StateDir::new(d.path()).load(&key(None, "web")).unwrap_err();
+        assert!(e.to_string().contains("disks/default/web.json"), "{e}");
     }
 }

@@ -45,8 +45,9 @@ pub struct StatusBitmap {
 /// One disk as `status` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct StatusDisk {
-    /// The disk.
-    pub name: String,
+    /// The disk's namespace and name.
+    #[serde(flatten)]
+    pub key: diskchain_crd::DiskKey,
     /// Its active image.
     pub active: PathBuf,
     /// The chain now, base first (empty when it cannot be read; see `error`).
@@ -114,26 +115,18 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
     let mut out = Vec::new();
     let mut states = state.all()?;
     // A disk whose first plan was interrupted has a journal but no record yet.
-    if let Ok(entries) = std::fs::read_dir(state.path().join("journal")) {
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| {
-                let n = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
-                (!n.contains(".set-aside-") && !n.starts_with('.')).then_some(n)
-            })
-            .filter(|n| !states.iter().any(|s| &s.name == n))
-            .collect();
-        names.sort();
-        for n in names {
-            if let Ok(Some(j)) = Journal::load(state, &n) {
-                states.push(crate::state::DiskState {
-                    name: n,
-                    active: j.active.clone(),
-                    ..Default::default()
-                });
-            }
+    for key in state.journal_keys() {
+        if states.iter().any(|s| s.key() == key) {
+            continue;
+        }
+        if let Ok(Some(j)) = Journal::load(state, &key) {
+            states.push(crate::state::DiskState {
+                active: j.active.clone(),
+                ..crate::state::DiskState::empty(&key)
+            });
         }
     }
+    states.sort_by_key(|s| s.key());
     for st in states {
         let (chain, error) = match roots.as_ref().map(|r| observe_chain(r, &st.active)) {
             Some(Ok(c)) => (
@@ -168,7 +161,8 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
                 Some("no allowed root exists; pass --allowed-root".into()),
             ),
         };
-        let in_flight = Journal::load(state, &st.name)?.map(|j| {
+        let key = st.key();
+        let in_flight = Journal::load(state, &key)?.map(|j| {
             (
                 j.steps
                     .iter()
@@ -178,17 +172,26 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
             )
         });
         out.push(StatusDisk {
-            name: st.name.clone(),
+            key: key.clone(),
             active: st.active.clone(),
             chain,
             error,
             retired: st.retired.clone(),
             last_apply: st.last_apply.clone(),
-            needs_operator: in_flight.and_then(|_| Journal::needs_operator(state, &st.name)),
+            needs_operator: in_flight.and_then(|_| Journal::needs_operator(state, &key)),
             in_flight,
-            agent: agent_disks
-                .as_array()
-                .and_then(|a| a.iter().find(|d| d["name"] == st.name.as_str()).cloned()),
+            // Records of agents from before namespaces name no namespace: the default one.
+            agent: agent_disks.as_array().and_then(|a| {
+                a.iter()
+                    .find(|d| {
+                        d["name"] == key.name.as_str()
+                            && d["namespace"]
+                                .as_str()
+                                .unwrap_or(diskchain_crd::DEFAULT_NAMESPACE)
+                                == key.namespace
+                    })
+                    .cloned()
+            }),
         });
     }
     Ok(out)
@@ -201,7 +204,7 @@ pub fn text(disks: &[StatusDisk]) -> String {
         out.push_str("no disks recorded yet (the state directory is empty)\n");
     }
     for d in disks {
-        let _ = writeln!(out, "disk {} (active {})", d.name, d.active.display());
+        let _ = writeln!(out, "disk {} (active {})", d.key, d.active.display());
         if let Some(e) = &d.error {
             let _ = writeln!(out, "  chain unreadable: {e}");
         }

@@ -13,9 +13,11 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+mod key;
 mod load;
 mod types;
 
+pub use key::{DEFAULT_NAMESPACE, DiskKey};
 pub use load::{LoadedSpec, SpecError, SpecErrors, load_path, load_path_lenient, load_str};
 pub use types::{
     API_VERSION, Converge, ConvergeAction, DiskChain, DiskChainSpec, DiskChainStatus, DiskFormat,

@@ -5,10 +5,11 @@
 //! field and what is allowed. Checks that need the disk (does a file exist, is it in the chain,
 //! do two paths resolve to one file) belong to the agent's observer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
+use crate::key::DiskKey;
 use crate::types::{API_VERSION, DiskChainSpec, KIND, SpecDocument};
 
 /// A spec document that parsed and passed validation.
@@ -18,8 +19,8 @@ pub struct LoadedSpec {
     pub file: PathBuf,
     /// Its 1-based document number within the file.
     pub document: usize,
-    /// `metadata.name`: the disk's name.
-    pub name: String,
+    /// `metadata.namespace` (default `default`) and `metadata.name`: the disk's key.
+    pub key: DiskKey,
     /// The whole document.
     pub doc: SpecDocument,
 }
@@ -80,7 +81,7 @@ impl std::error::Error for SpecErrors {}
 /// `*.yml`, skipping hidden entries such as `.git`), validates each and the set as a whole.
 pub fn load_path(path: &Path) -> Result<Vec<LoadedSpec>, SpecErrors> {
     let (specs, mut errors) = load_files(path);
-    errors.extend(check_disjoint(&specs));
+    errors.extend(check_disjoint(&specs).0);
     if errors.is_empty() {
         Ok(specs)
     } else {
@@ -93,20 +94,10 @@ pub fn load_path(path: &Path) -> Result<Vec<LoadedSpec>, SpecErrors> {
 /// each other (one name, one disk) are all left out.
 pub fn load_path_lenient(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
     let (mut specs, mut errors) = load_files(path);
-    let conflicts = check_disjoint(&specs);
+    let (conflicts, involved) = check_disjoint(&specs);
     if !conflicts.is_empty() {
         // Leave out every spec involved: neither can be trusted to be the operator's intent.
-        let names: Vec<String> = specs
-            .iter()
-            .filter(|s| {
-                conflicts.iter().any(|c| {
-                    (c.file == s.file && c.document == s.document)
-                        || c.message.contains(&format!("{:?}", s.name))
-                })
-            })
-            .map(|s| s.name.clone())
-            .collect();
-        specs.retain(|s| !names.contains(&s.name));
+        specs.retain(|s| !involved.contains(&(s.file.clone(), s.document)));
         errors.extend(conflicts);
     }
     (specs, errors)
@@ -382,7 +373,7 @@ pub fn load_str(file: &Path, text: &str) -> Result<Vec<LoadedSpec>, SpecErrors> 
                     specs.push(LoadedSpec {
                         file: file.to_path_buf(),
                         document,
-                        name: doc.metadata.name.clone(),
+                        key: DiskKey::new(doc.metadata.namespace.as_deref(), &doc.metadata.name),
                         doc,
                     });
                 }
@@ -495,6 +486,11 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
     }
     if let Err(m) = check_disk_name(&doc.metadata.name) {
         push("metadata.name", m);
+    }
+    if let Some(ns) = &doc.metadata.namespace
+        && let Err(m) = check_namespace(ns)
+    {
+        push("metadata.namespace", m);
     }
     let spec = &doc.spec;
     match (&spec.source.file, &spec.source.libvirt) {
@@ -623,43 +619,50 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
     }
 }
 
-/// Checks across specs: names unique, and no disk claimed twice.
-fn check_disjoint(specs: &[LoadedSpec]) -> Vec<SpecError> {
+/// Checks across specs: keys (namespace and name) unique, and no disk claimed twice. Returns
+/// the errors and every document involved in one (both sides).
+fn check_disjoint(specs: &[LoadedSpec]) -> (Vec<SpecError>, BTreeSet<(PathBuf, usize)>) {
     let mut errors = Vec::new();
-    let mut names: BTreeMap<&str, &LoadedSpec> = BTreeMap::new();
+    let mut involved = BTreeSet::new();
+    let mut keys: BTreeMap<&DiskKey, &LoadedSpec> = BTreeMap::new();
     let mut disks: BTreeMap<String, &LoadedSpec> = BTreeMap::new();
     for s in specs {
-        if let Some(other) = names.insert(&s.name, s) {
+        if let Some(other) = keys.insert(&s.key, s) {
             errors.push(SpecError {
                 file: s.file.clone(),
                 document: s.document,
                 field: "metadata.name".into(),
                 message: format!(
-                    "{:?} is also the name of the spec in {}; disk names must be unique",
-                    s.name,
+                    "{:?} in namespace {:?} is also the name of the spec in {}; disk names must be unique within a namespace",
+                    s.key.name,
+                    s.key.namespace,
                     other.origin()
                 ),
             });
+            involved.insert((s.file.clone(), s.document));
+            involved.insert((other.file.clone(), other.document));
         }
-        let key = match (&s.spec().source.file, &s.spec().source.libvirt) {
+        let disk = match (&s.spec().source.file, &s.spec().source.libvirt) {
             (Some(f), _) => format!("file:{}", normalize(f).display()),
             (None, Some(l)) => format!("libvirt:{}/{}/{}", l.uri, l.domain, l.target),
             (None, None) => continue,
         };
-        if let Some(other) = disks.insert(key, s) {
+        if let Some(other) = disks.insert(disk, s) {
             errors.push(SpecError {
                 file: s.file.clone(),
                 document: s.document,
                 field: "spec.source".into(),
                 message: format!(
                     "claims the same disk as {:?} in {}; one disk is managed by one spec",
-                    other.name,
+                    other.key.to_string(),
                     other.origin()
                 ),
             });
+            involved.insert((s.file.clone(), s.document));
+            involved.insert((other.file.clone(), other.document));
         }
     }
-    errors
+    (errors, involved)
 }
 
 /// Lexical normalisation (`.` and `..` removed); symlinks are the observer's business.
@@ -703,6 +706,23 @@ fn check_disk_name(name: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "{name:?} is not allowed; use a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
+        ))
+    }
+}
+
+fn check_namespace(ns: &str) -> Result<(), String> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && ns.as_bytes()[0].is_ascii_alphanumeric()
+        && ns.as_bytes()[ns.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{ns:?} is not allowed; use a Kubernetes namespace name: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
         ))
     }
 }
@@ -752,7 +772,7 @@ spec:
         let specs = load(GOOD).unwrap();
         assert_eq!(specs.len(), 1);
         let s = specs[0].spec();
-        assert_eq!(specs[0].name, "web01-vda");
+        assert_eq!(specs[0].key, DiskKey::new(None, "web01-vda"));
         assert_eq!(s.snapshots.len(), 2);
         assert_eq!(s.snapshots[1].file, None);
         assert_eq!(
@@ -845,6 +865,64 @@ spec:
         let e = load_path(dir.path()).unwrap_err();
         assert_eq!(e.0.len(), 1, "{e}");
         assert!(e.0[0].message.contains("claims the same disk"), "{e}");
+    }
+
+    fn in_namespace(ns: &str, file: &str) -> String {
+        GOOD.replace(
+            "  name: web01-vda",
+            &format!("  name: web01-vda\n  namespace: {ns}"),
+        )
+        .replace("/var/lib/images/web01.qcow2", file)
+    }
+
+    #[test]
+    fn one_name_in_two_namespaces_is_two_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            in_namespace("team-a", "/i/a.qcow2"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            in_namespace("team-b", "/i/b.qcow2"),
+        )
+        .unwrap();
+        let specs = load_path(dir.path()).unwrap();
+        let keys: Vec<String> = specs.iter().map(|s| s.key.to_string()).collect();
+        assert_eq!(keys, vec!["team-a/web01-vda", "team-b/web01-vda"]);
+    }
+
+    #[test]
+    fn one_name_twice_in_a_namespace_is_refused_and_the_agent_leaves_both_out() {
+        let dir = tempfile::tempdir().unwrap();
+        // `default` written out and implied are one namespace.
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            in_namespace("default", "/i/a.qcow2"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            GOOD.replace("web01.qcow2", "b.qcow2"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("c.yaml"), GOOD.replace("web01", "web03")).unwrap();
+        let e = load_path(dir.path()).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].field, "metadata.name");
+        assert!(e.0[0].message.contains("unique within a namespace"), "{e}");
+        let (specs, errors) = load_path_lenient(dir.path());
+        assert_eq!(errors.len(), 1);
+        let names: Vec<String> = specs.iter().map(|s| s.key.to_string()).collect();
+        assert_eq!(names, vec!["web03-vda"]);
+    }
+
+    #[test]
+    fn a_bad_namespace_is_named() {
+        let e = load(&in_namespace("Team_A", "/i/a.qcow2")).unwrap_err();
+        assert_eq!(e.0[0].field, "metadata.namespace");
+        assert!(e.0[0].message.contains("\"Team_A\" is not allowed"), "{e}");
     }
 
     #[test]

@@ -227,9 +227,10 @@ pub struct SpecDocument {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SpecMetadata {
-    /// The disk's name: unique among the specs an agent loads.
+    /// The disk's name: unique within its namespace among the specs an agent loads.
     pub name: String,
-    /// Kubernetes namespace (ignored in file mode).
+    /// The namespace (`default` when not given). With the name, it keys the disk's state,
+    /// journal and locks, so one name may be used in two namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Labels (kept, not interpreted).

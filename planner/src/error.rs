@@ -86,6 +86,19 @@ pub enum PlanError {
         /// Who uses it.
         used_by: PathBuf,
     },
+    /// A new snapshot asked of a chain of points (a backup repository): its points are made by
+    /// backups, not snapshots.
+    #[error(
+        "{disk}: a new point {point:?} was asked of a chain whose every layer is a point (its newest is {newest:?}); such a chain gets new points from backups, not snapshots"
+    )]
+    SnapshotOfPoints {
+        /// The chain.
+        disk: String,
+        /// The point asked for.
+        point: String,
+        /// The newest point.
+        newest: String,
+    },
     /// A backing cycle: corrupt input.
     #[error("backing cycle: {}", files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" -> "))]
     Cycle {

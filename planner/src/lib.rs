@@ -33,6 +33,6 @@ pub use alloc::{Allocation, ClusterState};
 pub use error::PlanError;
 pub use graph::{Format, ImageGraph, Layer};
 pub use plan::{
-    Alternative, Baselines, DiskPlan, DiskRequest, FinalLayer, KeptPoint, RunDecision, Step,
+    Alternative, Baselines, DiskPlan, DiskRequest, FinalLayer, KeptPoint, Mode, RunDecision, Step,
     StepAction, plan_disk,
 };

@@ -40,15 +40,48 @@ pub struct DiskRequest {
     /// Files earlier plans dropped from this chain and left in place (`prune` was off): deleted
     /// now when `prune` is on.
     pub retired: Vec<PathBuf>,
-    /// The disk belongs to a running VM: steps go through libvirt's block jobs. Only the active
-    /// layer can be pulled into; a commit re-points the layer above it at once; the active layer
-    /// changes files (a snapshot puts a new file on top, an active commit pivots to its base, a
-    /// mirror copies it elsewhere), and backing layers are never re-pointed in place.
-    pub live: bool,
+    /// What kind of chain this is and how its steps run.
+    pub mode: Mode,
     /// Revert: a fresh empty active layer on the file holding this kept point; every layer above
     /// it leaves the chain (kept as files until pruned). The plan is then that step alone; the
     /// next plan does the rest.
     pub revert: Option<PathBuf>,
+}
+
+/// What kind of chain a request plans, and how its steps run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// An offline disk: its top is the active layer, which keeps its path (a file of its run may
+    /// take that path over); steps run through `qemu-img` and `qemu-storage-daemon`.
+    #[default]
+    Offline,
+    /// A disk of a running VM: steps go through libvirt's block jobs. Only the active layer can
+    /// be pulled into; a commit re-points the layer above it at once; the active layer changes
+    /// files (a snapshot puts a new file on top, an active commit pivots to its base, a mirror
+    /// copies it elsewhere), and backing layers are never re-pointed in place.
+    Live,
+    /// A chain whose every layer is a point, as a backup repository is: the top is the newest
+    /// point, named here, always kept, and its path holds it after the plan (as an offline
+    /// disk's active image does). Steps run offline; no new snapshot is taken.
+    Points {
+        /// The name of the top layer's point.
+        newest: String,
+    },
+}
+
+impl Mode {
+    /// True for a running VM's disk (libvirt's block jobs).
+    pub fn is_live(&self) -> bool {
+        matches!(self, Mode::Live)
+    }
+
+    /// The point the top layer holds (`None`: it is a disk's active layer).
+    pub fn top_point(&self) -> Option<&str> {
+        match self {
+            Mode::Points { newest } => Some(newest),
+            Mode::Offline | Mode::Live => None,
+        }
+    }
 }
 
 /// One step of a plan, with its predicted cost.
@@ -284,7 +317,7 @@ pub struct Baselines {
 /// A layer of the chain after the plan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalLayer {
-    /// The point it holds (`None` for the active layer).
+    /// The point it holds (`None` for a disk's active layer).
     pub point: Option<String>,
     /// The file.
     pub file: PathBuf,
@@ -329,6 +362,13 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
     let paths: Vec<PathBuf> = chain.iter().map(|l| l.path.clone()).collect();
     if let Some(to) = &req.revert {
         return plan_revert(graph, req, &paths, to);
+    }
+    if let (Mode::Points { newest }, Some(name)) = (&req.mode, req.new_snapshots.first()) {
+        return Err(PlanError::SnapshotOfPoints {
+            disk: req.name.clone(),
+            point: name.clone(),
+            newest: newest.clone(),
+        });
     }
 
     // Bind kept points to chain positions, oldest first.
@@ -438,9 +478,10 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         let is_active = u == active;
         // Live, a backing layer cannot be re-pointed in place: once a point below moved to a
         // copy, every point above moves too, and the active layer is mirrored onto them.
-        let must_move = !is_active && (!in_dir(&paths[u]) || (req.live && stale));
-        let live_mirror =
-            req.live && is_active && (stale || (req.placement.is_some() && !in_dir(&paths[u])));
+        let must_move = !is_active && (!in_dir(&paths[u]) || (req.mode.is_live() && stale));
+        let live_mirror = req.mode.is_live()
+            && is_active
+            && (stale || (req.placement.is_some() && !in_dir(&paths[u])));
         let base = prev_holder.clone();
         let blocked = |layer: usize, removing: Vec<String>| PlanError::BlockedByShared {
             disk: req.name.clone(),
@@ -487,11 +528,11 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             // read as before.
             let takes_over = is_active
                 && h < u
-                && !req.live
+                && !req.mode.is_live()
                 && chain[h].format == Format::Qcow2
                 && paths[h].parent() == paths[u].parent()
                 && shared[u].is_none();
-            if is_active && h != u && (live_mirror || (!req.live && !takes_over)) {
+            if is_active && h != u && (live_mirror || (!req.mode.is_live() && !takes_over)) {
                 continue;
             }
             let c = &costs.holders[k];
@@ -551,9 +592,9 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                     "the active layer must move (spec.placement, or the points below moved to copies)"
                         .to_string(),
                 )
-            } else if req.live && !is_active && k != 0 {
+            } else if req.mode.is_live() && !is_active && k != 0 {
                 Some("on a running VM libvirt pulls only into the active layer".to_string())
-            } else if req.live && !is_active && stale {
+            } else if req.mode.is_live() && !is_active && stale {
                 Some(
                     "the point below moved to a copy, and a running VM's backing layer cannot be re-pointed in place"
                         .to_string(),
@@ -565,7 +606,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             // its view (no data on top, zeros only where it reads zeros): then no data moves,
             // only a backing reference above it changes.
             let identity = !is_active
-                && !req.live
+                && !req.mode.is_live()
                 && k == 0
                 && raw_allocs[h].virtual_size == raw_allocs[u].virtual_size
                 && h != u
@@ -727,8 +768,8 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 }
                 // Offline, the layer above `u` still records `u` until re-pointed; a live
                 // commit re-points it when the job completes.
-                stale = h != u && !req.live;
-                if is_active && h != u && !req.live {
+                stale = h != u && !req.mode.is_live();
+                if is_active && h != u && !req.mode.is_live() {
                     // The holder takes the active image's path: nothing above records it.
                     steps.push(Step {
                         action: StepAction::TakeOver {
@@ -832,7 +873,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
 
     // New snapshots on top, in order.
     let active_path = &paths[active];
-    if req.live {
+    if req.mode.is_live() {
         // Live, the active image becomes the point and a new file goes on top of it.
         for name in &req.new_snapshots {
             let dir = req
@@ -866,7 +907,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             cur_active = next;
         }
     }
-    for name in req.new_snapshots.iter().filter(|_| !req.live) {
+    for name in req.new_snapshots.iter().filter(|_| !req.mode.is_live()) {
         // Beside the active image: the snapshot is a hard link of it. With a placement directory
         // elsewhere, the next plan moves the new point there.
         let dir = active_path
@@ -897,7 +938,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         });
     }
     result.push(FinalLayer {
-        point: None,
+        point: req.mode.top_point().map(str::to_string),
         file: cur_active.clone(),
     });
 
@@ -954,7 +995,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         }
     }
     if let Some(dir) = &req.placement
-        && !req.live
+        && !req.mode.is_live()
         && active_path.parent() != Some(dir.as_path())
     {
         notes.push(format!(

@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use diskchain_planner::{
-    Allocation, DiskRequest, Format, ImageGraph, KeptPoint, Layer, PlanError, StepAction, plan_disk,
+    Allocation, DiskRequest, Format, ImageGraph, KeptPoint, Layer, Mode, PlanError, StepAction,
+    plan_disk,
 };
 use diskchain_tests::oracle::{Cell, Problem, State, is_goal, min_cost};
 use proptest::prelude::*;
@@ -405,7 +406,7 @@ proptest! {
     fn live_plans_use_only_what_libvirt_can_do(p in problem()) {
         let truth = min_cost(&p);
         let g = graph_of(&p);
-        let req = DiskRequest { live: true, ..request(&p) };
+        let req = DiskRequest { mode: Mode::Live, ..request(&p) };
         match plan_disk(&g, &req) {
             Ok(plan) => {
                 let s = replay_live(&p, &plan)?;
@@ -431,4 +432,65 @@ proptest! {
             Err(e) => prop_assert!(false, "unexpected error {e}"),
         }
     }
+}
+
+/// A backup repository's chain: every layer a point (`b0` the full, then one incremental per
+/// layer, the newest on top), none shared, a random subset of the older points kept (retention);
+/// the newest is always kept.
+fn repository() -> impl Strategy<Value = Problem> {
+    problem().prop_map(|mut p| {
+        p.shared = vec![false; p.layers.len()];
+        p
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// The same entry point plans a chain of points (a repository's retention): the minimum
+    /// bytes, steps that reach the goal at that cost, and every layer of the result a point, the
+    /// newest on top at its path.
+    #[test]
+    fn chains_of_points_plan_at_the_brute_force_minimum(p in repository()) {
+        let n = p.layers.len();
+        let truth = min_cost(&p);
+        let g = graph_of(&p);
+        let req = DiskRequest {
+            keep: p
+                .keep
+                .iter()
+                .map(|&k| KeptPoint { name: format!("b{k}"), file: path(k) })
+                .collect(),
+            mode: Mode::Points { newest: format!("b{}", n - 1) },
+            ..request(&p)
+        };
+        let plan = plan_disk(&g, &req).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(Some(plan.total_bytes), truth, "plan {:#?}", plan.steps);
+        let s = replay(&p, &plan, &|f| Some(orig(f)))?;
+        prop_assert!(is_goal(&p, &s), "plan does not reach the goal: {:#?}", plan.steps);
+        let points: Vec<Option<String>> = plan.result.iter().map(|f| f.point.clone()).collect();
+        let mut want: Vec<Option<String>> = p.keep.iter().map(|k| Some(format!("b{k}"))).collect();
+        want.push(Some(format!("b{}", n - 1)));
+        prop_assert_eq!(points, want);
+        prop_assert_eq!(&plan.result.last().unwrap().file, &path(n - 1));
+    }
+}
+
+#[test]
+fn a_chain_of_points_takes_no_snapshot() {
+    let p = Problem {
+        layers: vec![vec![Cell::D(1)], vec![Cell::D(2)]],
+        shared: vec![false, false],
+        keep: vec![],
+    };
+    let req = DiskRequest {
+        new_snapshots: vec!["extra".into()],
+        mode: Mode::Points {
+            newest: "b1".into(),
+        },
+        ..request(&p)
+    };
+    let e = plan_disk(&graph_of(&p), &req).unwrap_err();
+    assert!(matches!(e, PlanError::SnapshotOfPoints { .. }), "{e}");
+    assert!(e.to_string().contains("\"extra\""), "{e}");
 }

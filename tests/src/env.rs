@@ -45,9 +45,23 @@ impl Env {
         self.root().join(name)
     }
 
+    /// The journal of disk `disk` (default namespace), present while a plan is in flight.
+    pub fn journal(&self, disk: &str) -> PathBuf {
+        self.state()
+            .join("journal/default")
+            .join(format!("{disk}.json"))
+    }
+
+    /// The state record of disk `disk` (default namespace).
+    pub fn record(&self, disk: &str) -> PathBuf {
+        self.state()
+            .join("disks/default")
+            .join(format!("{disk}.json"))
+    }
+
     /// True when disk `disk` has a step running (its journal says so).
     pub fn step_running(&self, disk: &str) -> bool {
-        std::fs::read_to_string(self.state().join("journal").join(format!("{disk}.json")))
+        std::fs::read_to_string(self.journal(disk))
             .unwrap_or_default()
             .contains("\"running\"")
     }
@@ -360,13 +374,18 @@ pub fn apply_killed_after(
         .process_group(0)
         .spawn()
         .expect("run diskchain");
-    let journal = env.state().join("journal");
+    // Journals live in a directory per namespace.
+    let journals = env.state().join("journal");
     for _ in 0..5000 {
-        let running = std::fs::read_dir(&journal).ok().is_some_and(|d| {
-            d.flatten().any(|e| {
-                std::fs::read_to_string(e.path())
-                    .unwrap_or_default()
-                    .contains("\"running\"")
+        let running = std::fs::read_dir(&journals).ok().is_some_and(|d| {
+            d.flatten().any(|ns| {
+                std::fs::read_dir(ns.path()).ok().is_some_and(|d| {
+                    d.flatten().any(|e| {
+                        std::fs::read_to_string(e.path())
+                            .unwrap_or_default()
+                            .contains("\"running\"")
+                    })
+                })
             })
         });
         if running || child.try_wait().ok().flatten().is_some() {
@@ -388,7 +407,8 @@ pub fn apply_killed_after(
         ))
         .status();
     killed
-        && std::fs::read_dir(&journal)
-            .map(|d| d.count() > 0)
-            .unwrap_or(false)
+        && std::fs::read_dir(&journals).is_ok_and(|d| {
+            d.flatten()
+                .any(|ns| std::fs::read_dir(ns.path()).is_ok_and(|d| d.count() > 0))
+        })
 }

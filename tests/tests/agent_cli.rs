@@ -415,7 +415,7 @@ fn sigkill_then_restart_converges_and_sigterm_exits_0() {
             "",
         ),
     );
-    let journal = env.state().join("journal/k.json");
+    let journal = env.journal("k");
     for round in 0..3 {
         let mut agent = Agent::start(&env, &specs, &["--max-bytes-per-sec", "8000000"]);
         wait_until(Duration::from_secs(10), "a plan in flight or done", || {
@@ -460,7 +460,7 @@ fn sigterm_during_a_step_stops_at_a_resumable_point_and_exits_0() {
         &specs,
         &["--max-bytes-per-sec", "2000000", "--grace", "1s"],
     );
-    let journal = env.state().join("journal/s.json");
+    let journal = env.journal("s");
     wait_until(Duration::from_secs(10), "a step to run", || {
         env.step_running("s")
     });
@@ -656,7 +656,7 @@ fn a_stuck_journal_is_reported_once_and_set_aside_by_the_operator() {
         if !apply_killed_mid_step(&env, &v1, &["--max-bytes-per-sec", "16000000"]) {
             continue;
         }
-        let journal = std::fs::read_to_string(env.state().join("journal/d.json")).unwrap();
+        let journal = std::fs::read_to_string(env.journal("d")).unwrap();
         if !journal.contains("\"running\"") || !journal.contains("commit") {
             continue;
         }
@@ -705,7 +705,7 @@ fn a_stuck_journal_is_reported_once_and_set_aside_by_the_operator() {
         );
         wait_until(Duration::from_secs(30), "the agent to carry on", || {
             let rec = std::fs::read_to_string(env.state().join("agent.json")).unwrap_or_default();
-            !rec.contains("needs_operator") && !env.state().join("journal/d.json").exists()
+            !rec.contains("needs_operator") && !env.journal("d").exists()
         });
         let status = env.diskchain(&["status"]).output().unwrap();
         assert!(!String::from_utf8_lossy(&status.stdout).contains("needs you"));
@@ -773,7 +773,7 @@ fn the_agent_resumes_a_journal_whose_moves_outdated_the_spec_bindings() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(env.state().join("journal/d.json").exists());
+    assert!(env.journal("d").exists());
     let plan = env.plan(&spec);
     assert_eq!(
         plan.status.code(),
@@ -784,7 +784,7 @@ fn the_agent_resumes_a_journal_whose_moves_outdated_the_spec_bindings() {
     wait_until(
         Duration::from_secs(30),
         "the agent to finish the plan",
-        || !env.state().join("journal/d.json").exists(),
+        || !env.journal("d").exists(),
     );
     let chain = backing_chain(&l[2]);
     assert_eq!(chain.len(), 3, "{chain:?}");
@@ -823,7 +823,7 @@ fn sigterm_during_a_throttled_stream_cancels_it_and_the_next_start_finishes() {
         &specs,
         &["--max-bytes-per-sec", "2000000", "--grace", "1s"],
     );
-    let journal = env.state().join("journal/s.json");
+    let journal = env.journal("s");
     wait_until(Duration::from_secs(10), "the stream to run", || {
         env.step_running("s") && daemon_running()
     });

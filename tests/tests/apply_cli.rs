@@ -24,8 +24,7 @@ fn views(env: &Env, files: &[PathBuf]) -> Vec<String> {
 }
 
 fn last_apply(env: &Env, disk: &str) -> Value {
-    let text = std::fs::read_to_string(env.state().join("disks").join(format!("{disk}.json")))
-        .expect("state record");
+    let text = std::fs::read_to_string(env.record(disk)).expect("state record");
     let v: Value = serde_json::from_str(&text).unwrap();
     v["last_apply"].clone()
 }
@@ -253,7 +252,7 @@ fn apply_killed_at_random_moments_converges_and_loses_nothing() {
             let pgid = child.id().to_string();
             // Once a plan is in flight (its journal exists), or a step is running, kill at a
             // random moment.
-            let journal = env.state().join("journal/disk.json");
+            let journal = env.journal("disk");
             let mid_step = rng.random_bool(0.5);
             for _ in 0..1000 {
                 let text = std::fs::read_to_string(&journal).unwrap_or_default();
@@ -293,7 +292,7 @@ fn apply_killed_at_random_moments_converges_and_loses_nothing() {
                     "while pgrep -g {pgid} >/dev/null; do sleep 0.05; done"
                 ))
                 .status();
-            if status.code().is_none() && env.state().join("journal/disk.json").exists() {
+            if status.code().is_none() && env.journal("disk").exists() {
                 kills_mid_plan += 1;
             }
         }
@@ -309,7 +308,7 @@ fn apply_killed_at_random_moments_converges_and_loses_nothing() {
             assert_eq!(check(&f), 0, "case {case}: qemu-img check {}", f.display());
         }
         assert!(
-            !env.state().join("journal/disk.json").exists(),
+            !env.journal("disk").exists(),
             "case {case}: the journal is finished"
         );
     }
@@ -351,7 +350,7 @@ fn an_interrupted_stream_is_resumed_without_losing_data() {
             .process_group(0)
             .spawn()
             .unwrap();
-        let journal = env.state().join("journal/s.json");
+        let journal = env.journal("s");
         env.wait_for_step("s", Duration::from_secs(2), || {
             child.try_wait().ok().flatten().is_some()
         });

@@ -14,8 +14,7 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 
 fn last_apply(env: &Env, disk: &str) -> Value {
-    let text = std::fs::read_to_string(env.state().join("disks").join(format!("{disk}.json")))
-        .expect("state record");
+    let text = std::fs::read_to_string(env.record(disk)).expect("state record");
     let v: Value = serde_json::from_str(&text).unwrap();
     v["last_apply"].clone()
 }

@@ -88,7 +88,7 @@ fn a_full_file_system_mid_step_loses_nothing_and_converges_once_space_is_freed()
             );
         }
         assert!(
-            env.state().join("journal/d.json").exists(),
+            env.journal("d").exists(),
             "keep {keep:?}: the plan stays journaled"
         );
         fs.resize(160);

@@ -427,5 +427,5 @@ fn a_plan_stopped_after_a_step_ran_exits_1_and_says_which_steps_ran() {
         err.contains("step 2 (commit), after step 1 (") && err.contains("l2.qcow2"),
         "{err}"
     );
-    assert!(env.state().join("journal/d.json").exists());
+    assert!(env.journal("d").exists());
 }

@@ -1127,7 +1127,7 @@ fn sigterm_ends_the_agent_within_its_grace_during_a_live_job() {
     };
     let w = Writer::start(&name, 60);
     let mut a = agent("agent1.log");
-    let journal = env.state().join("journal/g.json");
+    let journal = env.journal("g");
     let t = std::time::Instant::now();
     while !dom.blockjob().contains("Commit") && t.elapsed() < std::time::Duration::from_secs(30) {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -1387,7 +1387,7 @@ fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
     }
     assert!(landed, "no kill landed inside the first step");
     // Finding w_: with `suspend: true`, apply leaves the journal alone: no step of it runs.
-    let journal = env.state().join("journal/d.json");
+    let journal = env.journal("d");
     let recorded = std::fs::read_to_string(&journal).unwrap();
     let keeping_cee = |extra: &str| {
         spec(

@@ -130,10 +130,10 @@ fn live_jobs_survive_a_killed_agent_and_libvirtd_restarts() {
         dom.blockjob().is_empty() && dom.chain().len() == 3
     });
     // Let the agent record the result, then stop it as an operator would.
-    let state = env.state().join("disks/r.json");
+    let state = env.record("r");
     wait_for("the state to record the plan", 30, || {
         std::fs::read_to_string(&state).is_ok_and(|t| t.contains(&*x.to_string_lossy()))
-            && !env.state().join("journal/r.json").exists()
+            && !env.journal("r").exists()
     });
     let _ = Command::new("kill")
         .args(["-TERM", &second.id().to_string()])

@@ -78,7 +78,7 @@ fn a_resumed_plan_never_deletes_a_point_the_spec_now_keeps() {
             "round {round}"
         );
         assert!(
-            std::fs::read_dir(env.state().join("journal"))
+            std::fs::read_dir(env.state().join("journal/default"))
                 .unwrap()
                 .flatten()
                 .any(|e| e.file_name().to_string_lossy().contains("set-aside")),
@@ -150,10 +150,7 @@ fn a_closed_stdout_never_stops_a_plan_halfway() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        !env.state().join("journal/vm.json").exists(),
-        "the plan finished"
-    );
+    assert!(!env.journal("vm").exists(), "the plan finished");
     assert_eq!(backing_chain(&l[2]), vec![l[2].clone()]);
     assert_eq!(view_sha256(&l[2], "qcow2", env.dir.path()), vm);
 }

@@ -651,7 +651,7 @@ fn apply_bench(args: &Args) -> serde_json::Value {
             );
             planned_s.push(t.elapsed().as_secs_f64());
             let rec: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(state.join("disks/bench.json")).unwrap(),
+                &std::fs::read_to_string(state.join("disks/default/bench.json")).unwrap(),
             )
             .unwrap();
             planned_b.push(rec["last_apply"]["written_bytes"].as_u64().unwrap());

@@ -3,7 +3,8 @@
 //! interrupted or finished step again is safe, which is what journal recovery relies on.
 //!
 //! Backends: [`offline::Offline`] drives `qemu-img` on images no process has open;
-//! `crate::libvirt::Libvirt` (feature `libvirt`) drives libvirt's block jobs on the disks of
+//! the libvirt backend (`crate::libvirt`, feature `libvirt`, a sibling that depends on this module)
+//! implements [`Executor`] with libvirt's block jobs on the disks of
 //! running VMs.
 
 mod bitmaps;
@@ -117,9 +118,15 @@ pub enum ExecError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A libvirt call failed (libvirtd down, the domain gone, a job refused).
-    #[error(transparent)]
-    Live(#[from] crate::libvirt::LiveError),
+    /// Another backend failed (libvirt: libvirtd down, the domain gone, a job refused). The
+    /// backends depend on this module, never the other way round: each converts its own error.
+    #[error("{source}")]
+    Backend {
+        /// The backend's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// The input is at fault (nothing was touched).
+        bad_input: bool,
+    },
     /// A live job did not catch up with the guest within its time budget and was cancelled.
     #[error(
         "domain {domain} disk {disk}: the block job did not catch up with the guest's writes within {within} (spec.source.libvirt.converge.within) and was cancelled; the chain is as it was and every kept point reads as before, but the layer the commit wrote into (one this plan removes) may already hold part of the committed data. Retry when the guest writes less, or set converge.then to wait or throttle"
@@ -145,7 +152,7 @@ impl ExecError {
             ExecError::Precondition { .. } | ExecError::Observe(_) | ExecError::Corrupt { .. } => {
                 true
             }
-            ExecError::Live(e) => e.is_bad_input(),
+            ExecError::Backend { bad_input, .. } => *bad_input,
             _ => false,
         }
     }

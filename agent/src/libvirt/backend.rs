@@ -207,7 +207,7 @@ impl Libvirt {
 
     fn live_err(&self, what: &str) -> impl FnOnce(virt::error::Error) -> ExecError {
         let f = call(&self.src, what);
-        move |e| ExecError::Live(f(e))
+        move |e| ExecError::from(f(e))
     }
 
     fn refuse(&self, op: &'static str, file: &Path, what: impl Into<String>) -> ExecError {
@@ -343,7 +343,7 @@ impl Libvirt {
                     Err(e) => {
                         let since = *unreachable_since.get_or_insert_with(Instant::now);
                         if since.elapsed() > RECONNECT_FOR {
-                            break Err(ExecError::Live(e));
+                            break Err(ExecError::from(e));
                         }
                         std::thread::sleep(Duration::from_secs(1));
                         continue;
@@ -439,7 +439,7 @@ impl Libvirt {
                     sys::JobEvent::Failed | sys::JobEvent::Canceled if matches!(self.job_now(), Ok(Some(j)) if j.kind == kind) =>
                         {}
                     sys::JobEvent::Failed => {
-                        break Err(ExecError::Live(LiveError::Call {
+                        break Err(ExecError::from(LiveError::Call {
                             domain: self.src.domain.clone(),
                             what: format!("the {kind:?} block job on {target}"),
                             message: format!(
@@ -449,7 +449,7 @@ impl Libvirt {
                         }));
                     }
                     sys::JobEvent::Canceled => {
-                        break Err(ExecError::Live(LiveError::Call {
+                        break Err(ExecError::from(LiveError::Call {
                             domain: self.src.domain.clone(),
                             what: format!("the {kind:?} block job on {target}"),
                             message: "it was cancelled outside diskchain; the step is retried on the next run".into(),
@@ -550,7 +550,7 @@ impl Libvirt {
             .xml_desc(0)
             .map_err(self.live_err("reading its XML"))?;
         let others = xml::other_disks(&x, &self.src.target).map_err(|source| {
-            ExecError::Live(LiveError::Xml {
+            ExecError::from(LiveError::Xml {
                 domain: self.src.domain.clone(),
                 source,
             })
@@ -979,7 +979,7 @@ impl Libvirt {
             .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)
             .map_err(self.live_err("reading its persistent XML"))?;
         let pd = xml::disk(&inactive, &self.src.target).map_err(|source| {
-            ExecError::Live(LiveError::Xml {
+            ExecError::from(LiveError::Xml {
                 domain: self.src.domain.clone(),
                 source,
             })
@@ -991,7 +991,7 @@ impl Libvirt {
         }
         let fixed = xml::with_disk_source(&inactive, &self.src.target, &now.disk.active).map_err(
             |source| {
-                ExecError::Live(LiveError::Xml {
+                ExecError::from(LiveError::Xml {
                     domain: self.src.domain.clone(),
                     source,
                 })
@@ -1047,7 +1047,7 @@ impl Executor for Libvirt {
         // domain moves files offline; neither can finish in the other state. Nothing of this
         // step has run, and the chain is whole after every step, so the plan waits.
         let changed_state = |stopped: bool| {
-            ExecError::Live(LiveError::Call {
+            ExecError::from(LiveError::Call {
                 domain: self.src.domain.clone(),
                 what: format!("step {}", step.op()),
                 message: if stopped {

@@ -86,6 +86,15 @@ pub enum LiveError {
     },
 }
 
+impl From<LiveError> for crate::execute::ExecError {
+    fn from(e: LiveError) -> Self {
+        crate::execute::ExecError::Backend {
+            bad_input: e.is_bad_input(),
+            source: Box::new(e),
+        }
+    }
+}
+
 impl LiveError {
     /// True when the spec is at fault (exit 2); false when libvirt may come back (exit 1).
     pub fn is_bad_input(&self) -> bool {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use diskchain_crd::{LoadedSpec, load_path_lenient};
+use diskchain_crd::{DiskKey, LoadedSpec, load_path_lenient};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -64,14 +64,70 @@ pub struct AgentOptions {
     pub exec: ExecOptions,
 }
 
+/// How a disk's last reconcile ended (or that one is running), as `agent.json`, `status` and
+/// the `diskchain_reconciles_total` metric name it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The chain matches the spec; nothing to do.
+    InSync,
+    /// A plan ran to its end.
+    Ok,
+    /// The spec, chain or binding is at fault; nothing was touched.
+    BadInput,
+    /// An image of the disk is open in another process.
+    InUse,
+    /// Something failed that may pass; retried with backoff.
+    Failed,
+    /// Stopped for a shutdown; resumes on the next start.
+    Stopped,
+    /// Waiting for the operator (the error says what to do); not retried until the spec or the
+    /// journal changes.
+    NeedsOperator,
+    /// `spec.suspend`: left alone.
+    Suspended,
+    /// A reconcile is running.
+    #[default]
+    Running,
+}
+
+impl Outcome {
+    /// The name as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::InSync => "in_sync",
+            Outcome::Ok => "ok",
+            Outcome::BadInput => "bad_input",
+            Outcome::InUse => "in_use",
+            Outcome::Failed => "failed",
+            Outcome::Stopped => "stopped",
+            Outcome::NeedsOperator => "needs_operator",
+            Outcome::Suspended => "suspended",
+            Outcome::Running => "running",
+        }
+    }
+}
+
+impl From<ErrorKind> for Outcome {
+    fn from(k: ErrorKind) -> Self {
+        match k {
+            ErrorKind::BadInput => Outcome::BadInput,
+            ErrorKind::InUse => Outcome::InUse,
+            ErrorKind::Failed => Outcome::Failed,
+            ErrorKind::Stopped => Outcome::Stopped,
+            ErrorKind::NeedsOperator => Outcome::NeedsOperator,
+        }
+    }
+}
+
 /// What the agent knows of one disk, written to `<state-dir>/agent.json` for `status`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DiskTrack {
-    /// The disk.
-    pub name: String,
-    /// `in_sync`, `ok`, `bad_input`, `in_use`, `failed`, `stopped`, `needs_operator`,
-    /// `suspended` or `running`.
-    pub result: String,
+    /// The disk's namespace and name.
+    #[serde(flatten)]
+    pub key: DiskKey,
+    /// How its last reconcile ended, or `running`.
+    pub result: Outcome,
     /// The last error, if the last reconcile failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -93,7 +149,7 @@ pub struct DiskTrack {
 /// The disk's journal (size and modification time) and spec, as one comparable string; `None`
 /// when there is no journal.
 fn park_key(state: &StateDir, spec: &LoadedSpec) -> Option<String> {
-    let meta = std::fs::metadata(state.journal_file(&spec.name)).ok()?;
+    let meta = std::fs::metadata(state.journal_file(&spec.key)).ok()?;
     Some(format!(
         "{}:{:?}:{}",
         meta.len(),
@@ -167,15 +223,15 @@ async fn watchdog(shared: Arc<Shared>) {
     }
 }
 
-type TaskResult = (String, Result<ApplyReport, String>);
+type TaskResult = (DiskKey, Result<ApplyReport, String>);
 
 struct Agent {
     opts: AgentOptions,
     roots: Roots,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
-    tracks: BTreeMap<String, DiskTrack>,
-    running: HashSet<String>,
+    tracks: BTreeMap<DiskKey, DiskTrack>,
+    running: HashSet<DiskKey>,
     tasks: JoinSet<TaskResult>,
     permits: Arc<Semaphore>,
     spec_errors: Vec<String>,
@@ -350,11 +406,11 @@ impl Agent {
             .set(self.spec_errors.len() as i64);
 
         // Disks whose spec went away are released: forgotten, never touched.
-        let names: HashSet<String> = specs.iter().map(|s| s.name.clone()).collect();
-        let gone: Vec<String> = self
+        let keys: HashSet<DiskKey> = specs.iter().map(|s| s.key.clone()).collect();
+        let gone: Vec<DiskKey> = self
             .tracks
             .keys()
-            .filter(|n| !names.contains(*n))
+            .filter(|k| !keys.contains(*k))
             .cloned()
             .collect();
         for n in gone {
@@ -366,10 +422,10 @@ impl Agent {
         let mut candidates: Vec<LoadedSpec> = Vec::new();
         for s in specs {
             if s.spec().suspend {
-                self.track(&s.name).result = "suspended".into();
+                self.track(&s.key).result = Outcome::Suspended;
                 continue;
             }
-            if !self.running.contains(&s.name) {
+            if !self.running.contains(&s.key) {
                 candidates.push(s);
             }
         }
@@ -397,22 +453,22 @@ impl Agent {
         }
         let now = Instant::now();
         for e in &report.errors {
-            let result = kind_name(e.kind);
+            let result = Outcome::from(e.kind);
             self.shared
                 .metrics
                 .reconciles
                 .get_or_create(&metrics::ResultLabels {
-                    disk: e.name.clone(),
-                    result: result.into(),
+                    disk: e.key.to_string(),
+                    result: result.as_str().into(),
                 })
                 .inc();
-            let t = self.track(&e.name);
+            let t = self.track(&e.key);
             let changed = t.error.as_deref() != Some(e.error.as_str());
-            t.result = result.into();
+            t.result = result;
             t.error = Some(e.error.clone());
             t.last_unix = now_unix();
             if changed {
-                tracing::warn!(disk = %e.name, error = %e.error, "disk left alone");
+                tracing::warn!(disk = %e.key, error = %e.error, "disk left alone");
             }
         }
         let mut started_work = 0;
@@ -421,22 +477,24 @@ impl Agent {
         // names (a point bound by `file:` now lives in the placement directory), and only the
         // journal's remaining steps bring the chain to where the spec's bindings fit again.
         for e in &report.errors {
-            if self.running.contains(&e.name)
-                || !matches!(Journal::load(&self.opts.state, &e.name), Ok(Some(_)))
+            if self.running.contains(&e.key)
+                || !matches!(Journal::load(&self.opts.state, &e.key), Ok(Some(_)))
             {
                 continue;
             }
-            let Some(spec) = self.may_start(&e.name, &candidates, now) else {
+            let Some(spec) = self.may_start(&e.key, &candidates, now) else {
                 continue;
             };
-            tracing::info!(disk = %e.name, trigger = why, "resuming the unfinished plan in the journal before planning again");
+            tracing::info!(disk = %e.key, trigger = why, "resuming the unfinished plan in the journal before planning again");
             // Its steps lock the files they use, like any other.
             self.start(spec);
             started_work += 1;
         }
         for d in report.disks {
-            let name = d.plan.name.clone();
-            let labels = metrics::DiskLabels { disk: name.clone() };
+            let key = d.key.clone();
+            let labels = metrics::DiskLabels {
+                disk: key.to_string(),
+            };
             let m = &self.shared.metrics;
             m.plan_bytes
                 .get_or_create(&labels)
@@ -444,24 +502,24 @@ impl Agent {
             m.chain_length
                 .get_or_create(&labels)
                 .set(d.plan.chain.len() as i64);
-            let in_flight = Journal::load(&self.opts.state, &name)
+            let in_flight = Journal::load(&self.opts.state, &key)
                 .ok()
                 .flatten()
                 .is_some();
             let drift = !d.plan.steps.is_empty();
             m.drift.get_or_create(&labels).set(i64::from(drift));
             if !drift && !in_flight {
-                let t = self.track(&name);
-                if t.result != "in_sync" {
-                    tracing::info!(disk = %name, "in sync with its spec");
+                let t = self.track(&key);
+                if t.result != Outcome::InSync {
+                    tracing::info!(disk = %key, "in sync with its spec");
                 }
-                t.result = "in_sync".into();
+                t.result = Outcome::InSync;
                 t.error = None;
                 t.failures = 0;
                 t.last_unix = now_unix();
                 continue;
             }
-            let Some(spec) = self.may_start(&name, &candidates, now) else {
+            let Some(spec) = self.may_start(&key, &candidates, now) else {
                 continue;
             };
             let sharing = d
@@ -469,7 +527,7 @@ impl Agent {
                 .chain
                 .iter()
                 .any(|f| users.get(f).copied().unwrap_or(0) > 1);
-            tracing::info!(disk = %name, steps = d.plan.steps.len(), bytes = d.plan.total_bytes, sharing, trigger = why, "reconciling");
+            tracing::info!(disk = %key, steps = d.plan.steps.len(), bytes = d.plan.total_bytes, sharing, trigger = why, "reconciling");
             self.start(spec);
             started_work += 1;
         }
@@ -483,32 +541,32 @@ impl Agent {
         );
     }
 
-    /// The spec of disk `name` when the disk may start now: it is not backing off after a
+    /// The spec of disk `key` when the disk may start now: it is not backing off after a
     /// failure, nor waiting for the operator on the same spec and journal (the error said what
     /// to do; it is not retried). Records what it starts on and marks it running.
     fn may_start(
         &mut self,
-        name: &str,
+        key: &DiskKey,
         candidates: &[LoadedSpec],
         now: Instant,
     ) -> Option<LoadedSpec> {
-        let spec = candidates.iter().find(|s| s.name == name).cloned()?;
-        let key = park_key(&self.opts.state, &spec);
-        let t = self.track(name);
+        let spec = candidates.iter().find(|s| s.key == *key).cloned()?;
+        let parked = park_key(&self.opts.state, &spec);
+        let t = self.track(key);
         if t.next_attempt.is_some_and(|at| at > now)
-            || (t.parked_on.is_some() && t.parked_on == key)
+            || (t.parked_on.is_some() && t.parked_on == parked)
         {
             return None;
         }
         t.parked_on = None;
-        t.started_on = key;
-        t.result = "running".into();
+        t.started_on = parked;
+        t.result = Outcome::Running;
         Some(spec)
     }
 
     fn start(&mut self, spec: LoadedSpec) {
-        let name = spec.name.clone();
-        self.running.insert(name.clone());
+        let key = spec.key.clone();
+        self.running.insert(key.clone());
         let permits = self.permits.clone();
         let roots = self.roots.clone();
         let state = self.opts.state.clone();
@@ -528,15 +586,15 @@ impl Agent {
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(format!("the reconcile task failed: {e}")),
             };
-            (name, result)
+            (key, result)
         });
     }
 
-    fn finished(&mut self, (name, result): TaskResult) {
-        self.running.remove(&name);
+    fn finished(&mut self, (key, result): TaskResult) {
+        self.running.remove(&key);
         let m = &self.shared.metrics;
         let (result, error) = match result {
-            Err(e) => ("failed", Some(e)),
+            Err(e) => (Outcome::Failed, Some(e)),
             Ok(report) => {
                 for d in &report.disks {
                     for r in &d.records {
@@ -546,32 +604,32 @@ impl Agent {
                     }
                 }
                 match report.errors.first() {
-                    Some(e) => (kind_name(e.kind), Some(e.error.clone())),
-                    None => ("ok", None),
+                    Some(e) => (Outcome::from(e.kind), Some(e.error.clone())),
+                    None => (Outcome::Ok, None),
                 }
             }
         };
         m.reconciles
             .get_or_create(&metrics::ResultLabels {
-                disk: name.clone(),
-                result: result.into(),
+                disk: key.to_string(),
+                result: result.as_str().into(),
             })
             .inc();
-        let t = self.track(&name);
-        t.result = result.into();
+        let t = self.track(&key);
+        t.result = result;
         t.last_unix = now_unix();
         match error {
             None => {
                 t.failures = 0;
                 t.error = None;
                 t.next_attempt = None;
-                tracing::info!(disk = %name, "reconciled");
+                tracing::info!(disk = %key, "reconciled");
             }
-            Some(e) if result == "stopped" => {
+            Some(e) if result == Outcome::Stopped => {
                 t.error = Some(e);
             }
-            Some(e) if result == "needs_operator" => {
-                tracing::error!(disk = %name, error = %e, "the disk needs you: not retried until its spec or journal changes");
+            Some(e) if result == Outcome::NeedsOperator => {
+                tracing::error!(disk = %key, error = %e, "the disk needs you: not retried until its spec or journal changes");
                 t.parked_on = t.started_on.take();
                 t.next_attempt = None;
                 t.error = Some(e);
@@ -581,20 +639,18 @@ impl Agent {
                 let backoff =
                     Duration::from_secs(1u64 << t.failures.min(8)).min(Duration::from_secs(300));
                 t.next_attempt = Some(Instant::now() + backoff);
-                tracing::warn!(disk = %name, error = %e, failures = t.failures, retry_in = %humantime::format_duration(backoff), "reconcile failed");
+                tracing::warn!(disk = %key, error = %e, failures = t.failures, retry_in = %humantime::format_duration(backoff), "reconcile failed");
                 t.error = Some(e);
             }
         }
         self.write_record();
     }
 
-    fn track(&mut self, name: &str) -> &mut DiskTrack {
-        self.tracks
-            .entry(name.to_string())
-            .or_insert_with(|| DiskTrack {
-                name: name.to_string(),
-                ..Default::default()
-            })
+    fn track(&mut self, key: &DiskKey) -> &mut DiskTrack {
+        self.tracks.entry(key.clone()).or_insert_with(|| DiskTrack {
+            key: key.clone(),
+            ..Default::default()
+        })
     }
 
     fn write_record(&self) {
@@ -612,16 +668,6 @@ impl Agent {
         ) {
             tracing::warn!(error = %e, "cannot write the agent record");
         }
-    }
-}
-
-fn kind_name(k: ErrorKind) -> &'static str {
-    match k {
-        ErrorKind::BadInput => "bad_input",
-        ErrorKind::InUse => "in_use",
-        ErrorKind::Failed => "failed",
-        ErrorKind::Stopped => "stopped",
-        ErrorKind::NeedsOperator => "needs_operator",
     }
 }
 

@@ -1,0 +1,80 @@
+//! The identity of a disk: its namespace and name, as a `DiskChain` object has them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The namespace of a spec that names none (file mode), as in Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A disk's key: `metadata.namespace` (default `default`) and `metadata.name`. State, journal
+/// and locks are kept per key, so two `DiskChain`s named alike in two namespaces never share
+/// a record.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DiskKey {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl Default for DiskKey {
+    /// An empty name in the default namespace.
+    fn default() -> Self {
+        DiskKey::new(None, "")
+    }
+}
+
+impl DiskKey {
+    /// The key of `name` in `namespace` (`None`: the default namespace).
+    pub fn new(namespace: Option<&str>, name: &str) -> DiskKey {
+        DiskKey {
+            namespace: namespace.unwrap_or(DEFAULT_NAMESPACE).to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Reads `NAME` (the default namespace) or `NAMESPACE/NAME`, as [`DiskKey`]'s `Display`
+    /// writes it.
+    pub fn parse(s: &str) -> DiskKey {
+        match s.split_once('/') {
+            Some((ns, name)) => DiskKey::new(Some(ns), name),
+            None => DiskKey::new(None, s),
+        }
+    }
+
+    /// True in the default namespace.
+    pub fn is_default_namespace(&self) -> bool {
+        self.namespace == DEFAULT_NAMESPACE
+    }
+}
+
+/// `name` in the default namespace, `namespace/name` elsewhere: what messages, logs, metrics
+/// and `status` show.
+impl fmt::Display for DiskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_default_namespace() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_namespace_is_implied_and_others_are_shown() {
+        let d = DiskKey::new(None, "vda");
+        assert_eq!(d.namespace, "default");
+        assert_eq!(d.to_string(), "vda");
+        assert_eq!(DiskKey::new(Some("default"), "vda"), d);
+        let p = DiskKey::new(Some("prod"), "vda");
+        assert_eq!(p.to_string(), "prod/vda");
+        assert_ne!(p, d);
+        assert_eq!(DiskKey::parse("prod/vda"), p);
+        assert_eq!(DiskKey::parse("vda"), d);
+    }
+}
