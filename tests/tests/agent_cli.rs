@@ -847,3 +847,49 @@ fn sigterm_during_a_throttled_stream_cancels_it_and_the_next_start_finishes() {
         || !journal.exists(),
     );
 }
+
+/// Two specs named alike in two namespaces are two disks to the agent too: both converge, each
+/// with its own record, and `status` pairs each with the agent's own result for it.
+#[test]
+fn the_agent_keeps_one_name_in_two_namespaces_apart() {
+    let env = Env::new();
+    let specs = env.dir.path().join("ns-specs");
+    std::fs::create_dir(&specs).unwrap();
+    let mut tops = Vec::new();
+    for (i, ns) in ["team-a", "team-b"].iter().enumerate() {
+        let [b, m, t] = ["base", "mid", "top"].map(|n| env.img(&format!("{ns}-{n}.qcow2")));
+        create(&b, 16 << 20, None, &[]);
+        io(&b, "qcow2", &[format!("write -P {} 0 2M", 10 + i)]);
+        create(&m, 0, Some((&b, "qcow2")), &[]);
+        io(&m, "qcow2", &[format!("write -P {} 1M 64k", 20 + i)]);
+        create(&t, 0, Some((&m, "qcow2")), &[]);
+        io(&t, "qcow2", &[format!("write -P {} 2M 64k", 30 + i)]);
+        let expected = views(&env, &[m.clone(), t.clone()]);
+        let y = spec_yaml("vda", &t, &[("p".into(), Some(m.clone()))], "").replace(
+            "  name: vda\n",
+            &format!("  name: vda\n  namespace: {ns}\n"),
+        );
+        std::fs::write(specs.join(format!("{ns}.yaml")), y).unwrap();
+        tops.push((ns.to_string(), t, expected));
+    }
+    let agent = Agent::start(&env, &specs, &[]);
+    for (ns, t, expected) in &tops {
+        converges(&env, t, expected, ns);
+    }
+    wait_until(Duration::from_secs(30), "both disks in sync", || {
+        let out = env.diskchain(&["status", "-o", "json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let disks = v["disks"].as_array().cloned().unwrap_or_default();
+        disks.len() == 2
+            && disks.iter().zip(&tops).all(|(d, (ns, t, _))| {
+                d["namespace"] == ns.as_str()
+                    && d["active"] == t.to_str().unwrap()
+                    && d["agent"]["namespace"] == ns.as_str()
+                    && d["agent"]["result"] == "in_sync"
+            })
+    });
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    for ns in ["team-a", "team-b"] {
+        assert!(metrics.contains(&format!("disk=\"{ns}/vda\"")), "{metrics}");
+    }
+}
