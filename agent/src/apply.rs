@@ -319,12 +319,18 @@ pub fn apply_loaded(
                     tracing::info!(disk = %spec.key, "resuming the plan an earlier run left unfinished");
                     // How live jobs behave (quiesce, the time budget) follows the spec as it is
                     // now, for the same disk.
-                    if let (Some(old), Some(new)) =
-                        (&mut journal.libvirt, &spec.spec().source.libvirt)
-                        && (&old.uri, &old.domain, &old.target)
-                            == (&new.uri, &new.domain, &new.target)
+                    // (A setting that does not cross the boundary was refused at load.)
+                    if let (Some(old), Some(Ok(new))) = (
+                        &mut journal.libvirt,
+                        spec.spec()
+                            .source
+                            .libvirt
+                            .as_ref()
+                            .map(crate::desired::LiveTarget::try_from),
+                    ) && (&old.uri, &old.domain, &old.target)
+                        == (&new.uri, &new.domain, &new.target)
                     {
-                        *old = new.clone();
+                        *old = new;
                     }
                     c.run(spec, journal, false, roots, state, &options);
                 }
@@ -562,12 +568,7 @@ fn executor(
             options.exec,
             journal.live,
             journal.revert.clone(),
-            Some(
-                state
-                    .path()
-                    .join("throttled")
-                    .join(format!("{}.limit", journal.disk)),
-            ),
+            Some(throttle_record(state, journal)),
         ))),
         #[cfg(not(feature = "libvirt"))]
         Some(_) => Err(ApplyError::Step {
@@ -577,6 +578,24 @@ fn executor(
             ran: steps_ran(journal),
         }),
     }
+}
+
+/// Where the guest write limit a live job set on this disk is remembered until lifted
+/// (`throttled/NAMESPACE/NAME.limit`). One left by a version before namespaces
+/// (`throttled/NAME.limit`) moves there first: it belongs to the disk whose journal it was left
+/// with, and that journal was this disk's (two keys sharing a legacy name are refused earlier).
+#[cfg(feature = "libvirt")]
+fn throttle_record(state: &StateDir, journal: &Journal) -> PathBuf {
+    let dir = state.path().join("throttled");
+    let keyed = dir
+        .join(&journal.namespace)
+        .join(format!("{}.limit", journal.disk));
+    let legacy = dir.join(format!("{}.limit", journal.disk));
+    if !keyed.exists() && legacy.exists() {
+        let _ = std::fs::create_dir_all(dir.join(&journal.namespace));
+        let _ = std::fs::rename(&legacy, &keyed);
+    }
+    keyed
 }
 
 /// The disk's active image now (a live disk's moves with snapshots, pivots and mirrors).

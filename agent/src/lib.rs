@@ -18,6 +18,7 @@
 pub mod apply;
 pub mod bind;
 pub mod cli;
+pub mod desired;
 pub mod execute;
 pub mod journal;
 pub mod libvirt;

@@ -8,6 +8,7 @@ use diskchain_planner::{DiskPlan, ImageGraph, Layer, PlanError, plan_disk};
 use serde::Serialize;
 
 use crate::bind::{BindError, bind};
+use crate::desired::{LiveTarget, Revert};
 use crate::observe::{ObserveError, ObservedChain, Roots, observe_chain, scan_host};
 use crate::state::{StateDir, StateError};
 
@@ -62,10 +63,10 @@ pub struct DiskReport {
     pub live: bool,
     /// The libvirt disk (`spec.source.libvirt`).
     #[serde(skip)]
-    pub libvirt: Option<diskchain_crd::LibvirtSource>,
+    pub libvirt: Option<crate::desired::LiveTarget>,
     /// The revert this plan does (`spec.revert` with an id not done yet).
     #[serde(skip)]
-    pub revert: Option<diskchain_crd::RevertSpec>,
+    pub revert: Option<crate::desired::Revert>,
 }
 
 /// Everything `plan` found.
@@ -119,6 +120,8 @@ struct Observed<'a> {
     transient: bool,
     /// The domain has a QEMU guest agent channel.
     guest_agent: bool,
+    /// The libvirt disk, past the spec boundary.
+    target: Option<LiveTarget>,
 }
 
 fn namespace_of<S: serde::Serializer>(key: &DiskKey, s: S) -> Result<S::Ok, S::Error> {
@@ -217,7 +220,21 @@ pub fn plan_loaded(
     let mut observed: Vec<Observed<'_>> = Vec::new();
     for spec in loaded {
         let source = &spec.spec().source;
-        let (active, live) = match (&source.file, &source.libvirt) {
+        let target = match source
+            .libvirt
+            .as_ref()
+            .map(LiveTarget::try_from)
+            .transpose()
+        {
+            Ok(t) => t,
+            Err(e) => {
+                report
+                    .errors
+                    .push(fail(spec, format!("{}: {e}", spec.origin()), true));
+                continue;
+            }
+        };
+        let (active, live) = match (&source.file, &target) {
             (Some(_), _) if source.format == Some(diskchain_crd::DiskFormat::Raw) => {
                 report.errors.push(fail(
                     spec,
@@ -314,6 +331,7 @@ pub fn plan_loaded(
                     running,
                     transient: live.as_ref().is_some_and(|d| !d.persistent),
                     guest_agent: live.as_ref().is_some_and(|d| d.guest_agent),
+                    target,
                 })
             }
             Err(e) => {
@@ -414,10 +432,23 @@ pub fn plan_loaded(
         if o.running {
             request.mode = diskchain_planner::Mode::Live;
         }
-        let revert =
-            o.spec.spec().revert.clone().filter(|r| {
-                disk_state.as_ref().and_then(|s| s.last_revert.as_ref()) != Some(&r.id)
-            });
+        let revert = match o
+            .spec
+            .spec()
+            .revert
+            .as_ref()
+            .filter(|r| disk_state.as_ref().and_then(|s| s.last_revert.as_ref()) != Some(&r.id))
+            .map(Revert::try_from)
+            .transpose()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                report
+                    .errors
+                    .push(fail(o.spec, format!("{}: {e}", o.spec.origin()), true));
+                continue;
+            }
+        };
         if let Some(r) = &revert {
             let Some(point) = request.keep.iter().find(|k| k.name == r.to) else {
                 report.errors.push(fail(
@@ -529,7 +560,7 @@ pub fn plan_loaded(
                 suspended: o.spec.spec().suspend,
                 formats,
                 live: o.running,
-                libvirt: o.spec.spec().source.libvirt.clone(),
+                libvirt: o.target.clone(),
                 revert,
             }),
             Err(e) => report

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use diskchain_crd::{ConvergeAction, LibvirtSource, RevertSpec};
+use crate::desired::{LiveTarget as LibvirtSource, OnTimeout, Revert as RevertSpec};
 use diskchain_planner::{Format, StepAction};
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -310,8 +310,7 @@ impl Libvirt {
         progress: &mut dyn FnMut(f64),
     ) -> Result<(), ExecError> {
         let t0 = Instant::now();
-        let budget = humantime::parse_duration(&self.src.converge.within)
-            .unwrap_or(Duration::from_secs(600));
+        let budget = self.src.converge.within;
         let mut acted = false;
         // A throttle an interrupted run set is lifted when this job ends.
         let mut throttled: Option<sys::IoTune> = self.throttle_record_read();
@@ -389,10 +388,10 @@ impl Libvirt {
             if pivot && !j.ready() && !acted && t0.elapsed() > budget {
                 acted = true;
                 match self.src.converge.then {
-                    ConvergeAction::Wait => {
+                    OnTimeout::Wait => {
                         tracing::warn!(domain = %self.src.domain, disk = %target, seconds = t0.elapsed().as_secs(), "the job has not caught up with the guest's writes; waiting on (converge.then: wait)");
                     }
-                    ConvergeAction::Throttle => {
+                    OnTimeout::Throttle => {
                         let before = sys::io_tune(&s.dom, &target)
                             .map_err(self.live_err("reading the disk's I/O limits"))?;
                         // Recorded before it is changed: a run killed in between restores it.
@@ -406,7 +405,7 @@ impl Libvirt {
                         throttled = Some(before);
                         tracing::warn!(domain = %self.src.domain, disk = %target, limit = self.src.converge.throttle_bytes_per_sec, "the job has not caught up; guest writes limited until the pivot (converge.then: throttle)");
                     }
-                    ConvergeAction::Abort => {
+                    OnTimeout::Abort => {
                         let _ = sys::job_abort(&s.dom, &target, false);
                         // Wait for the cancelled job to be gone before reporting.
                         let gone = Instant::now();
@@ -418,7 +417,8 @@ impl Libvirt {
                         break Err(ExecError::NotConverged {
                             domain: self.src.domain.clone(),
                             disk: target.clone(),
-                            within: self.src.converge.within.clone(),
+                            within: humantime::format_duration(self.src.converge.within)
+                                .to_string(),
                         });
                     }
                 }
@@ -893,8 +893,7 @@ impl Libvirt {
         let timeout = self
             .revert
             .as_ref()
-            .and_then(|r| humantime::parse_duration(&r.shutdown_timeout).ok())
-            .unwrap_or(Duration::from_secs(120));
+            .map_or(Duration::from_secs(120), |r| r.shutdown_timeout);
         let running = || {
             s.dom
                 .is_active()
