@@ -10,7 +10,7 @@
 //! One case cannot be put right automatically: a commit interrupted while writing into a file
 //! whose point the spec now keeps. That file no longer reads as the point. It is reported, the
 //! plan is not resumed, and the operator chooses: put the spec back (the plan then finishes) or
-//! accept the loss with `diskchain set-aside --disk NAME`.
+//! accept the loss with `diskchain set-aside --disk [NAMESPACE/]NAME`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -102,7 +102,7 @@ pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateD
                             why: format!(
                                 "step {n} (commit into {}) was interrupted while that file held point {name:?}, which the spec now keeps: the file no longer reads as that point. Put the spec back as it was (apply then finishes the plan), or accept the loss with `diskchain set-aside --disk {}`",
                                 base.display(),
-                                journal.disk
+                                journal.key()
                             ),
                         };
                     }
