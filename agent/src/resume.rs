@@ -229,3 +229,77 @@ pub fn set_aside(
     })?;
     Ok(to)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use diskchain_planner::{Step, StepAction};
+
+    use super::*;
+    use crate::journal::JournalStep;
+
+    #[test]
+    fn a_stuck_plan_names_the_disk_as_set_aside_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        std::fs::create_dir(&img).unwrap();
+        for f in ["base", "top"] {
+            std::fs::write(img.join(f), b"").unwrap();
+        }
+        let img = img.canonicalize().unwrap();
+        let roots = Roots::new(std::slice::from_ref(&img)).unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let spec = diskchain_crd::load_str(
+            Path::new("/specs/vda.yaml"),
+            &format!(
+                "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: vda\n  namespace: team-a\nspec:\n  source:\n    file: {}\n  snapshots:\n    - name: p\n      file: {}\n",
+                img.join("top").display(),
+                img.join("base").display()
+            ),
+        )
+        .unwrap()
+        .remove(0);
+        // A commit into base was interrupted; the spec now keeps the point base holds.
+        let journal = Journal {
+            namespace: "team-a".into(),
+            disk: "vda".into(),
+            active: img.join("top"),
+            started_unix: 0,
+            formats: Default::default(),
+            steps: vec![JournalStep {
+                step: Step {
+                    action: StepAction::Commit {
+                        base: img.join("base"),
+                        top: img.join("top"),
+                        layers: vec![img.join("top")],
+                    },
+                    bytes: 0,
+                    zero_bytes: 0,
+                    reason: String::new(),
+                },
+                state: StepState::Running,
+                written_bytes: 0,
+                seconds: 0.0,
+                attempts: 1,
+            }],
+            result: vec![],
+            libvirt: None,
+            live: false,
+            revert: None,
+            bindings: vec![],
+            leaving: vec![],
+            predicted_bytes: 0,
+            active_id: None,
+        };
+        match check(&journal, &spec, &roots, &state) {
+            Verdict::Stuck { why } => {
+                assert!(
+                    why.contains("`diskchain set-aside --disk team-a/vda`"),
+                    "{why}"
+                );
+            }
+            _ => panic!("not stuck"),
+        }
+    }
+}
