@@ -278,6 +278,30 @@ pub fn backing_chain(active: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Like [`backing_chain`], for polling while diskchain works on the chain: `None` when
+/// `qemu-img info` fails. A take-over renames a layer over the active path, so a reader that
+/// opened the old active file just before finds its backing file's name gone just after (the
+/// old file is unlinked: no reader of the path ever sees a broken chain, but this one read two
+/// moments).
+pub fn try_backing_chain(active: &Path) -> Option<Vec<PathBuf>> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(active)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let mut files: Vec<PathBuf> = v
+        .as_array()?
+        .iter()
+        .filter_map(|i| i["filename"].as_str().map(PathBuf::from))
+        .collect();
+    files.reverse();
+    Some(files)
+}
+
 /// Runs `qemu-img check` on a qcow2 file; returns its exit code (0: clean, 2: errors, 3: leaks).
 pub fn check(path: &Path) -> i32 {
     Command::new("qemu-img")

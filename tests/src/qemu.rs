@@ -122,6 +122,25 @@ pub fn view_sha256(path: &Path, format: &str, scratch: &Path) -> String {
     format!("{:x}", sha2::Sha256::digest(&bytes))
 }
 
+/// Like [`view_sha256`], for polling while diskchain works on the chain: `None` when the view
+/// cannot be read at this moment (a layer renamed between opening one file and its backing).
+pub fn try_view_sha256(path: &Path, format: &str, scratch: &Path) -> Option<String> {
+    use sha2::Digest;
+    let out: PathBuf = scratch.join(format!(
+        "try-view-{}.raw",
+        path.file_name()?.to_string_lossy()
+    ));
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", format, "-O", "raw"])
+        .arg(path)
+        .arg(&out)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let bytes = ok.then(|| std::fs::read(&out).ok()).flatten();
+    let _ = std::fs::remove_file(&out);
+    bytes.map(|b| format!("{:x}", sha2::Sha256::digest(&b)))
+}
+
 /// SHA-256 and mtime of a file, to prove it was not touched.
 pub fn fingerprint(path: &Path) -> (String, std::time::SystemTime) {
     use sha2::Digest;
