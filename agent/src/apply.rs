@@ -6,69 +6,33 @@
 //! plan again, until a plan has nothing to do.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use diskchain_crd::{DiskKey, LoadedSpec};
 use diskchain_planner::{Format, StepAction};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::execute::offline::Offline;
 use crate::execute::{ExecError, ExecOptions, Executor};
 use crate::journal::{Journal, JournalStep, StepState, now_unix};
 use crate::observe::{Roots, observe_chain};
 use crate::plan::{DiskError, DiskReport, ErrorKind, PlanRunError, plan_loaded};
+use crate::progress::Progress;
+pub use crate::progress::StepRecord;
 use crate::state::{Binding, DiskState, LastApply, StateDir, StateError};
-use crate::units::human_bytes;
 
 /// How many plan-and-execute rounds before giving up (a snapshot with a placement elsewhere
 /// needs two: the new point is made beside the active image, then moved).
 const MAX_ROUNDS: usize = 4;
 
-/// How progress is shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProgressMode {
-    /// A progress bar with bytes and rate (stdout is a terminal).
-    Bar,
-    /// One plain line per step.
-    Lines,
-    /// Nothing on stdout (the agent logs instead).
-    Quiet,
-}
-
-impl ProgressMode {
-    /// A bar on a terminal, plain lines otherwise.
-    pub fn detect() -> ProgressMode {
-        if std::io::stdout().is_terminal() {
-            ProgressMode::Bar
-        } else {
-            ProgressMode::Lines
-        }
-    }
-}
-
 /// Options of `apply`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ApplyOptions {
     /// Passed to the executors.
     pub exec: ExecOptions,
-    /// How progress is shown.
-    pub progress: ProgressMode,
+    /// Told what each step does as it goes (the CLI's bar, the agent's metrics).
+    pub progress: std::sync::Arc<dyn Progress>,
     /// When set, no new step starts (the plan stays journaled and resumes on the next run).
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-}
-
-/// One step as it ran.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct StepRecord {
-    /// The operation.
-    pub op: String,
-    /// Data bytes predicted.
-    pub predicted_bytes: u64,
-    /// Bytes QEMU wrote.
-    pub written_bytes: u64,
-    /// Wall time.
-    pub seconds: f64,
 }
 
 /// What `apply` did to one disk.
@@ -97,6 +61,21 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
+    /// How disk `key` ended in this apply: the first error recorded for it decides, steps that
+    /// ran are listed either way (a failure after a step ran is never bad input).
+    pub fn result_of(&self, key: &DiskKey) -> crate::outcome::DiskResult {
+        let done = self.disks.iter().find(|d| d.key == *key);
+        let error = self.errors.iter().find(|e| e.key == *key);
+        crate::outcome::DiskResult {
+            key: key.clone(),
+            outcome: error.map_or(crate::outcome::Outcome::Ok, |e| e.kind.into()),
+            message: error.map(|e| e.error.clone()),
+            steps: done.map(|d| d.records.clone()).unwrap_or_default(),
+            predicted_bytes: done.map_or(0, |d| d.predicted_bytes),
+            written_bytes: done.map_or(0, |d| d.written_bytes),
+        }
+    }
+
     /// 0 all converged; 2 bad input somewhere (those disks untouched); 1 other failures (an image
     /// in use, a QEMU tool failing, no convergence).
     pub fn exit_code(&self) -> i32 {
@@ -286,15 +265,13 @@ pub fn apply_loaded(
                                 continue;
                             }
                             match set_aside(&journal, roots, state, &options) {
-                                Ok(to) => {
-                                    if options.progress != ProgressMode::Quiet {
-                                        let _ = writeln_out(format_args!(
-                                            "{}: the unfinished earlier plan contradicts the spec as it is now ({why}); set aside as {} and planned again",
-                                            spec.key,
-                                            to.display()
-                                        ));
-                                    }
-                                }
+                                Ok(to) => options.progress.note(
+                                    &spec.key,
+                                    &format!(
+                                        "the unfinished earlier plan contradicts the spec as it is now ({why}); set aside as {} and planned again",
+                                        to.display()
+                                    ),
+                                ),
                                 Err(e) => c.fail(
                                     spec,
                                     format!(
@@ -687,29 +664,13 @@ fn finish(
         journal.steps[i].state = StepState::Running;
         journal.steps[i].attempts += 1;
         journal.save(state)?;
-        let label = format!("{}: {}/{total} {op}", journal.disk, i + 1);
-        let bar = match options.progress {
-            ProgressMode::Bar => {
-                let b = ProgressBar::new(step.bytes.max(1));
-                b.set_style(
-                    ProgressStyle::with_template(
-                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-                b.set_message(label.clone());
-                Some(b)
-            }
-            ProgressMode::Lines | ProgressMode::Quiet => None,
-        };
-        let len = step.bytes.max(1) as f64;
-        let result = exec.run(&step.action, &mut |f| {
-            if let Some(b) = &bar {
-                b.set_position((f * len) as u64);
-            }
-        });
-        if let Some(b) = &bar {
-            b.finish_and_clear();
+        let key = journal.key();
+        options
+            .progress
+            .step_started(&key, i + 1, total, op, step.bytes);
+        let result = exec.run(&step.action, &mut |f| options.progress.step_progress(f));
+        if result.is_err() {
+            options.progress.step_abandoned();
         }
         let r = result.map_err(|source| ApplyError::Step {
             index: i + 1,
@@ -726,21 +687,15 @@ fn finish(
         journal.steps[i].written_bytes = r.written_bytes;
         journal.steps[i].seconds = r.seconds;
         journal.save(state)?;
-        tracing::info!(disk = %journal.disk, step = i + 1, op, predicted = step.bytes, written = r.written_bytes, seconds = r.seconds, "step done");
-        if options.progress != ProgressMode::Quiet {
-            let _ = writeln_out(format_args!(
-                "{label} done: {} predicted, {} written by QEMU, {:.2} s",
-                human_bytes(step.bytes),
-                human_bytes(r.written_bytes),
-                r.seconds
-            ));
-        }
-        out.records.push(StepRecord {
+        tracing::info!(disk = %key, step = i + 1, op, predicted = step.bytes, written = r.written_bytes, seconds = r.seconds, "step done");
+        let record = StepRecord {
             op: op.to_string(),
             predicted_bytes: step.bytes,
             written_bytes: r.written_bytes,
             seconds: r.seconds,
-        });
+        };
+        options.progress.step_done(&key, i + 1, total, &record);
+        out.records.push(record);
         out.steps.push(op.to_string());
         out.predicted_bytes += step.bytes;
         out.written_bytes += r.written_bytes;
@@ -873,7 +828,7 @@ pub fn set_aside_disk(
     };
     let options = ApplyOptions {
         exec: ExecOptions::default(),
-        progress: ProgressMode::Quiet,
+        progress: std::sync::Arc::new(crate::progress::Silent),
         stop: None,
     };
     set_aside(&journal, &roots, state, &options).map(Some)

@@ -2,7 +2,7 @@
 //! (0 done, 1 failed, 2 bad input).
 
 use clap::Parser;
-use diskchain::apply::{self, ApplyOptions, ProgressMode};
+use diskchain::apply::{self, ApplyOptions};
 use diskchain::cli::{Cli, Command, LogFormat, Output};
 use diskchain::execute::ExecOptions;
 use diskchain::plan::{PlanRunError, run};
@@ -68,7 +68,7 @@ fn main() {
         } => {
             let options = ApplyOptions {
                 exec: ExecOptions { max_bytes_per_sec },
-                progress: ProgressMode::detect(),
+                progress: std::sync::Arc::new(diskchain::progress::Terminal::detect()),
                 stop: None,
             };
             match apply::run(

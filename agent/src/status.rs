@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::journal::{Journal, StepState};
 use crate::observe::{Roots, observe_chain};
+use crate::reconcile::{AgentRecord, DiskTrack};
 use crate::state::{LastApply, StateDir, StateError};
 use crate::units::human_bytes;
 
@@ -67,7 +68,7 @@ pub struct StatusDisk {
     pub needs_operator: Option<String>,
     /// What the agent last did with this disk (`<state-dir>/agent.json`), when an agent runs or ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent: Option<serde_json::Value>,
+    pub agent: Option<DiskTrack>,
 }
 
 /// The agent's record, with whether its process is alive.
@@ -82,36 +83,26 @@ pub struct AgentStatus {
 }
 
 /// The agent's record, if an agent runs or ran with this state directory.
-pub fn agent(state: &StateDir) -> Option<(AgentStatus, serde_json::Value)> {
+pub fn agent(state: &StateDir) -> Option<(AgentStatus, AgentRecord)> {
     let text = std::fs::read_to_string(state.path().join("agent.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let pid = v["pid"].as_u64()?;
+    let rec: AgentRecord = serde_json::from_str(&text).ok()?;
+    let pid = u64::from(rec.pid);
     let running = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|c| c.contains("diskchain"));
-    let spec_errors = v["spec_errors"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
     Some((
         AgentStatus {
             pid,
             running,
-            spec_errors,
+            spec_errors: rec.spec_errors.clone(),
         },
-        v,
+        rec,
     ))
 }
 
 /// Collects the status of every disk the state directory knows.
 pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, StateError> {
     let roots = Roots::new(roots).ok();
-    let agent_disks = agent(state)
-        .map(|(_, v)| v["disks"].clone())
-        .unwrap_or_default();
+    let agent_disks = agent(state).map(|(_, r)| r.disks).unwrap_or_default();
     let mut out = Vec::new();
     let mut states = state.all()?;
     // A disk whose first plan was interrupted has a journal but no record yet.
@@ -180,18 +171,8 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
             last_apply: st.last_apply.clone(),
             needs_operator: in_flight.and_then(|_| Journal::needs_operator(state, &key)),
             in_flight,
-            // Records of agents from before namespaces name no namespace: the default one.
-            agent: agent_disks.as_array().and_then(|a| {
-                a.iter()
-                    .find(|d| {
-                        d["name"] == key.name.as_str()
-                            && d["namespace"]
-                                .as_str()
-                                .unwrap_or(diskchain_crd::DEFAULT_NAMESPACE)
-                                == key.namespace
-                    })
-                    .cloned()
-            }),
+            // (Records of agents from before namespaces read as the default namespace's.)
+            agent: agent_disks.iter().find(|d| d.key == key).cloned(),
         });
     }
     Ok(out)
@@ -252,13 +233,13 @@ pub fn text(disks: &[StatusDisk]) -> String {
             );
         }
         if let Some(a) = &d.agent {
-            let result = a["result"].as_str().unwrap_or("?");
-            match a["error"].as_str() {
+            let result = a.result.as_str();
+            match &a.error {
                 Some(e) => {
                     let _ = writeln!(
                         out,
                         "  agent: {result} (failures in a row: {}): {e}",
-                        a["failures"]
+                        a.failures
                     );
                 }
                 None => {
@@ -271,4 +252,42 @@ pub fn text(disks: &[StatusDisk]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::DiskState;
+
+    #[test]
+    fn an_agent_record_from_before_namespaces_is_paired_with_its_default_namespace_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        for ns in [None, Some("prod")] {
+            let key = diskchain_crd::DiskKey::new(ns, "vda");
+            state
+                .save(&DiskState {
+                    active: dir.path().join("missing.qcow2"),
+                    ..DiskState::empty(&key)
+                })
+                .unwrap();
+        }
+        // As an agent before namespaces wrote it: no namespace per disk.
+        std::fs::write(
+            dir.path().join("agent.json"),
+            r#"{"pid":1,"started_unix":0,"updated_unix":0,"spec_errors":["x.yaml: bad"],"disks":[{"name":"vda","result":"failed","error":"boom","failures":3,"last_unix":5}]}"#,
+        )
+        .unwrap();
+        let (agent, _) = agent(&state).unwrap();
+        assert_eq!(agent.spec_errors, vec!["x.yaml: bad".to_string()]);
+        let disks = collect(&state, &[dir.path().to_path_buf()]).unwrap();
+        assert_eq!(disks.len(), 2);
+        let default = disks.iter().find(|d| d.key.is_default_namespace()).unwrap();
+        let track = default.agent.as_ref().unwrap();
+        assert_eq!(track.result, crate::outcome::Outcome::Failed);
+        assert_eq!(track.failures, 3);
+        assert!(text(&disks).contains("agent: failed (failures in a row: 3): boom"));
+        let prod = disks.iter().find(|d| d.key.namespace == "prod").unwrap();
+        assert!(prod.agent.is_none());
+    }
 }

@@ -12,10 +12,15 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// a record.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DiskKey {
-    /// The namespace.
+    /// The namespace (records written before namespaces have none: the default one).
+    #[serde(default = "default_namespace")]
     pub namespace: String,
     /// The name.
     pub name: String,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
 }
 
 impl Default for DiskKey {

@@ -902,4 +902,11 @@ fn the_agent_keeps_one_name_in_two_namespaces_apart() {
     for ns in ["team-a", "team-b"] {
         assert!(metrics.contains(&format!("disk=\"{ns}/vda\"")), "{metrics}");
     }
+    // Each step's bytes reach the metrics (the agent's observer of the reconcile).
+    let written: f64 = assert_parses_as_prometheus_text(&metrics)
+        .iter()
+        .filter(|(name, _)| name.starts_with("diskchain_written_bytes_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(written >= 2.0 * 65536.0, "{metrics}");
 }

@@ -100,7 +100,16 @@ fn one_name_in_two_namespaces_is_two_disks_with_their_own_state_and_journal() {
     );
     assert!(!env.state().join("journal/vda.json").exists());
 
-    env.apply_ok(&spec, &[]);
+    let out = env.apply_ok(&spec, &[]);
+    // The CLI's observer names each disk by its key, one line per step (stdout is a pipe).
+    let text = String::from_utf8_lossy(&out.stdout);
+    for ns in ["team-a", "team-b"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{ns}/vda: ")) && l.contains(" done: ")),
+            "{text}"
+        );
+    }
     // Both converged: each keeps its point and active view, in its own files.
     for (c, (mid, top)) in [(&a, &va), (&b, &vb)] {
         let chain = diskchain_tests::env::backing_chain(&c[2]);

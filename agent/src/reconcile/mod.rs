@@ -26,17 +26,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use diskchain_crd::{DiskKey, LoadedSpec, load_path_lenient};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 pub use metrics::Metrics;
 
-use crate::apply::{ApplyOptions, ApplyReport, ProgressMode, apply_loaded};
+use crate::apply::{ApplyOptions, ApplyReport, StepRecord, apply_loaded};
 use crate::execute::{ExecOptions, terminate_running};
 use crate::journal::{Journal, now_unix};
 use crate::observe::Roots;
-use crate::plan::{ErrorKind, plan_loaded};
+pub use crate::outcome::Outcome;
+use crate::plan::plan_loaded;
+use crate::progress::Progress;
 use crate::state::{StateDir, write_atomic};
 
 /// What `diskchain agent` is told.
@@ -64,64 +66,8 @@ pub struct AgentOptions {
     pub exec: ExecOptions,
 }
 
-/// How a disk's last reconcile ended (or that one is running), as `agent.json`, `status` and
-/// the `diskchain_reconciles_total` metric name it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The chain matches the spec; nothing to do.
-    InSync,
-    /// A plan ran to its end.
-    Ok,
-    /// The spec, chain or binding is at fault; nothing was touched.
-    BadInput,
-    /// An image of the disk is open in another process.
-    InUse,
-    /// Something failed that may pass; retried with backoff.
-    Failed,
-    /// Stopped for a shutdown; resumes on the next start.
-    Stopped,
-    /// Waiting for the operator (the error says what to do); not retried until the spec or the
-    /// journal changes.
-    NeedsOperator,
-    /// `spec.suspend`: left alone.
-    Suspended,
-    /// A reconcile is running.
-    #[default]
-    Running,
-}
-
-impl Outcome {
-    /// The name as serialised.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::InSync => "in_sync",
-            Outcome::Ok => "ok",
-            Outcome::BadInput => "bad_input",
-            Outcome::InUse => "in_use",
-            Outcome::Failed => "failed",
-            Outcome::Stopped => "stopped",
-            Outcome::NeedsOperator => "needs_operator",
-            Outcome::Suspended => "suspended",
-            Outcome::Running => "running",
-        }
-    }
-}
-
-impl From<ErrorKind> for Outcome {
-    fn from(k: ErrorKind) -> Self {
-        match k {
-            ErrorKind::BadInput => Outcome::BadInput,
-            ErrorKind::InUse => Outcome::InUse,
-            ErrorKind::Failed => Outcome::Failed,
-            ErrorKind::Stopped => Outcome::Stopped,
-            ErrorKind::NeedsOperator => Outcome::NeedsOperator,
-        }
-    }
-}
-
 /// What the agent knows of one disk, written to `<state-dir>/agent.json` for `status`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DiskTrack {
     /// The disk's namespace and name.
     #[serde(flatten)]
@@ -158,8 +104,8 @@ fn park_key(state: &StateDir, spec: &LoadedSpec) -> Option<String> {
     ))
 }
 
-/// The agent's own record, `<state-dir>/agent.json`.
-#[derive(Clone, Debug, Default, Serialize)]
+/// The agent's own record, `<state-dir>/agent.json` (`status` reads it back).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AgentRecord {
     /// The agent's process.
     pub pid: u32,
@@ -194,6 +140,21 @@ impl Shared {
         }
         let ran = Duration::from_millis(now_ms().saturating_sub(started));
         (ran > self.stuck_after).then_some(ran)
+    }
+}
+
+/// The agent's observer of a disk's steps: each step's bytes and time go into the metrics as it
+/// ends (a long plan shows its progress before the disk is done).
+struct MetricsProgress {
+    shared: Arc<Shared>,
+}
+
+impl Progress for MetricsProgress {
+    fn step_done(&self, _disk: &DiskKey, _index: usize, _total: usize, r: &StepRecord) {
+        let m = &self.shared.metrics;
+        let op = metrics::OpLabels { op: r.op.clone() };
+        m.bytes_written.get_or_create(&op).inc_by(r.written_bytes);
+        m.step_seconds.get_or_create(&op).observe(r.seconds);
     }
 }
 
@@ -572,7 +533,9 @@ impl Agent {
         let state = self.opts.state.clone();
         let options = ApplyOptions {
             exec: self.opts.exec,
-            progress: ProgressMode::Quiet,
+            progress: Arc::new(MetricsProgress {
+                shared: self.shared.clone(),
+            }),
             stop: Some(self.stop.clone()),
         };
         self.tasks.spawn(async move {
@@ -596,17 +559,8 @@ impl Agent {
         let (result, error) = match result {
             Err(e) => (Outcome::Failed, Some(e)),
             Ok(report) => {
-                for d in &report.disks {
-                    for r in &d.records {
-                        let op = metrics::OpLabels { op: r.op.clone() };
-                        m.bytes_written.get_or_create(&op).inc_by(r.written_bytes);
-                        m.step_seconds.get_or_create(&op).observe(r.seconds);
-                    }
-                }
-                match report.errors.first() {
-                    Some(e) => (Outcome::from(e.kind), Some(e.error.clone())),
-                    None => (Outcome::Ok, None),
-                }
+                let r = report.result_of(&key);
+                (r.outcome, r.message)
             }
         };
         m.reconciles
