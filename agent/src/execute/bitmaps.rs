@@ -25,7 +25,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use diskchain_planner::Format;
 
@@ -55,12 +54,7 @@ pub(crate) fn of(p: &Path) -> Result<Vec<Bitmap>, ExecError> {
 
 /// `qemu-img bitmap` on the qcow2 `file`: `ops` then the bitmap's name.
 fn bitmap(file: &Path, ops: &[&std::ffi::OsStr], name: &str) -> Result<u64, ExecError> {
-    let mut c = Command::new("qemu-img");
-    c.args(["bitmap", "-f", "qcow2"])
-        .args(ops)
-        .arg(file)
-        .arg(name);
-    process::run(c, &mut |_| {})
+    process::run(super::qemu_img::bitmap(file, ops, name), &mut |_| {})
 }
 
 /// Adds bitmap `name` to `file`, empty, with `granularity`, recording or not.
@@ -146,10 +140,7 @@ pub(crate) fn carrying(
         };
         let tmp = record.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
-        let mut c = Command::new("qemu-img");
-        c.args(["create", "-q", "-f", "qcow2"])
-            .arg(&tmp)
-            .arg(size.to_string());
+        let c = super::qemu_img::create(&tmp, Format::Qcow2, Some(size), None, None, false);
         written += process::run(c, &mut |_| {})?;
         written += fill(&tmp, &from, &unsound, &[])?;
         super::offline::sync_file(&tmp)?;

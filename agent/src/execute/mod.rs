@@ -10,6 +10,7 @@
 mod bitmaps;
 pub mod offline;
 pub(crate) mod process;
+pub(crate) mod qemu_img;
 #[allow(unsafe_code)]
 mod qsd;
 #[allow(unsafe_code)]

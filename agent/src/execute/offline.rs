@@ -14,12 +14,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use diskchain_planner::{Format, StepAction};
 
-use super::{ExecError, ExecOptions, Executor, StepReport, process};
+use super::{ExecError, ExecOptions, Executor, StepReport, process, qemu_img};
 use crate::observe::{Roots, backing_of, lock_holder};
 
 /// Runs steps with `qemu-img`.
@@ -94,10 +93,7 @@ impl Offline {
         if self.formats.get(p) != Some(&Format::Qcow2) {
             return Ok(());
         }
-        let out = self
-            .qemu_img()
-            .args(["check", "-q", "-f", "qcow2"])
-            .arg(p)
+        let out = qemu_img::check(p, false)
             .output()
             .map_err(|source| ExecError::Io {
                 action: "check",
@@ -140,19 +136,7 @@ impl Offline {
     /// True when the qcow2 image `a` reads exactly as `b` (`qemu-img compare`, strict about
     /// sizes).
     fn same_view(&self, a: &Path, b: &Path) -> Result<bool, ExecError> {
-        let out = self
-            .qemu_img()
-            .args([
-                "compare",
-                "-q",
-                "-s",
-                "-f",
-                "qcow2",
-                "-F",
-                self.format("copy", b)?.as_str(),
-            ])
-            .arg(a)
-            .arg(b)
+        let out = qemu_img::compare(a, b, self.format("copy", b)?)
             .output()
             .map_err(|source| ExecError::Io {
                 action: "compare",
@@ -160,10 +144,6 @@ impl Offline {
                 source,
             })?;
         Ok(out.status.code() == Some(0))
-    }
-
-    fn qemu_img(&self) -> Command {
-        Command::new("qemu-img")
     }
 
     fn commit(
@@ -186,17 +166,16 @@ impl Offline {
                 what: format!("it is not below {} in its chain", top.display()),
             });
         }
-        let mut c = self.qemu_img();
-        c.args(["commit", "-p", "-d", "-f", self.format(op, top)?.as_str()]);
-        if let Some(r) = self.options.max_bytes_per_sec {
-            c.args(["-r", &r.to_string()]);
-        }
         // `-b` finds the base by the name the chain records; a base the top names directly
         // needs none (and may be recorded as `file:...` or relative).
-        if layers.len() > 1 || backing_of(&self.roots, top)?.map(|(b, _)| b) != Some(base.clone()) {
-            c.arg("-b").arg(&base);
-        }
-        c.arg(top);
+        let named =
+            layers.len() > 1 || backing_of(&self.roots, top)?.map(|(b, _)| b) != Some(base.clone());
+        let c = qemu_img::commit(
+            top,
+            self.format(op, top)?,
+            named.then_some(base.as_path()),
+            self.options.max_bytes_per_sec,
+        );
         let sources = self.with_formats(op, layers)?;
         self.carrying_bitmaps(op, &base, &sources, || process::run(c, progress))
     }
@@ -310,17 +289,7 @@ impl Offline {
             mixed |= crate::observe::virtual_size(l, f)? != own || l.to_str().is_none();
         }
         if mixed {
-            let mut c = self.qemu_img();
-            c.args(["rebase", "-p", "-f", "qcow2"]);
-            match base {
-                Some((b, f)) => {
-                    c.arg("-b").arg(b).args(["-F", f.as_str()]);
-                }
-                None => {
-                    c.args(["-b", ""]);
-                }
-            }
-            c.arg(&into);
+            let c = qemu_img::rebase_copying(&into, base);
             return self.carrying_bitmaps(op, &into, &sources, || process::run(c, progress));
         }
         let speed = self.options.max_bytes_per_sec.unwrap_or(0);
@@ -343,12 +312,11 @@ impl Offline {
             progress(1.0);
             return Ok(0);
         }
-        let mut c = self.qemu_img();
-        c.args(["rebase", "-u", "-f", self.format(op, &overlay)?.as_str()]);
-        c.arg("-b")
-            .arg(&backing)
-            .args(["-F", self.format(op, &backing)?.as_str()])
-            .arg(&overlay);
+        let c = qemu_img::repoint(
+            &overlay,
+            self.format(op, &overlay)?,
+            Some((&backing, self.format(op, &backing)?)),
+        );
         process::run(c, progress)
     }
 
@@ -429,40 +397,33 @@ impl Offline {
         let mut written = 0;
         match (backing, old_base) {
             (Some(new_base), Some((old_base, old_fmt))) => {
-                let mut c = self.qemu_img();
-                c.args(["create", "-q", "-f", "qcow2"]);
-                if let Some(o) = &cluster {
-                    c.args(["-o", o]);
-                }
-                c.arg("-b")
-                    .arg(top)
-                    .args(["-F", top_fmt.as_str()])
-                    .arg(&partial);
+                let c = qemu_img::create(
+                    &partial,
+                    Format::Qcow2,
+                    None,
+                    Some((top, top_fmt)),
+                    cluster.as_deref(),
+                    false,
+                );
                 written += process::run(c, &mut |_| {})?;
                 // Only what the run holds differs from its old base: that is all rebase copies.
-                let mut c = self.qemu_img();
-                c.args(["rebase", "-p", "-f", "qcow2", "-b"])
-                    .arg(&old_base)
-                    .args(["-F", old_fmt.as_str()])
-                    .arg(&partial);
+                let c = qemu_img::rebase_copying(&partial, Some((&old_base, old_fmt)));
                 written += process::run(c, progress)?;
-                let mut c = self.qemu_img();
-                c.args(["rebase", "-u", "-f", "qcow2", "-b"])
-                    .arg(new_base)
-                    .args(["-F", self.format(op, new_base)?.as_str()])
-                    .arg(&partial);
+                let c = qemu_img::repoint(
+                    &partial,
+                    Format::Qcow2,
+                    Some((new_base, self.format(op, new_base)?)),
+                );
                 written += process::run(c, &mut |_| {})?;
             }
             (None, None) => {
-                let mut c = self.qemu_img();
-                c.args(["convert", "-p", "-f", top_fmt.as_str(), "-O", "qcow2"]);
-                if let Some(o) = &cluster {
-                    c.args(["-o", o]);
-                }
-                if let Some(r) = self.options.max_bytes_per_sec {
-                    c.args(["-r", &r.to_string()]);
-                }
-                c.arg(top).arg(&partial);
+                let c = qemu_img::convert(
+                    top,
+                    top_fmt,
+                    &partial,
+                    cluster.as_deref(),
+                    self.options.max_bytes_per_sec,
+                );
                 written += process::run(c, progress)?;
             }
             (Some(_), None) | (None, Some(_)) => {
@@ -559,11 +520,7 @@ impl Offline {
         // The backing is the active image's own inode (a snapshot) or a point of the chain:
         // its format is known either way.
         let fmt = self.format(op, backing)?;
-        let mut c = self.qemu_img();
-        c.args(["create", "-q", "-f", "qcow2", "-b"])
-            .arg(backing)
-            .args(["-F", fmt.as_str()])
-            .arg(&tmp);
+        let c = qemu_img::create(&tmp, Format::Qcow2, None, Some((backing, fmt)), None, false);
         let mut written = process::run(c, &mut |_| {})?;
         // The guest's next writes are recorded in the new top, as libvirt does on a live
         // snapshot; a revert keeps only the bitmaps that existed at the point reverted to.
@@ -665,8 +622,7 @@ impl Offline {
             if named.exists() || canon(&named).is_none() || canon(&named) != canon(holder) {
                 continue;
             }
-            let mut c = self.qemu_img();
-            c.args(["rebase", "-u", "-f", "qcow2", "-b", ""]).arg(&f);
+            let c = qemu_img::repoint(&f, Format::Qcow2, None);
             written += process::run(c, &mut |_| {})?;
         }
         Ok(written)
@@ -739,17 +695,11 @@ impl Executor for Offline {
             let old = self
                 .roots
                 .confine(old, "the layer below the streamed one".into())?;
-            let mut c = self.qemu_img();
-            c.args([
-                "rebase",
-                "-u",
-                "-f",
-                self.format("stream", &into)?.as_str(),
-                "-b",
-            ])
-            .arg(&old)
-            .args(["-F", self.format("stream", &old)?.as_str()])
-            .arg(&into);
+            let c = qemu_img::repoint(
+                &into,
+                self.format("stream", &into)?,
+                Some((&old, self.format("stream", &old)?)),
+            );
             process::run(c, &mut |_| {})?;
         }
         for f in written {
@@ -757,10 +707,7 @@ impl Executor for Offline {
                 continue;
             }
             let f = self.writable("repair", f)?;
-            let out = self
-                .qemu_img()
-                .args(["check", "-q", "-r", "leaks", "-f", "qcow2"])
-                .arg(&f)
+            let out = qemu_img::check(&f, true)
                 .output()
                 .map_err(|source| ExecError::Io {
                     action: "check",

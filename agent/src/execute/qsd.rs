@@ -161,10 +161,7 @@ pub(crate) fn stream(
         None => {
             let size = crate::observe::virtual_size(into, Format::Qcow2)?;
             let _ = std::fs::remove_file(&empty);
-            let mut c = Command::new("qemu-img");
-            c.args(["create", "-q", "-f", top_fmt.as_str()])
-                .arg(&empty)
-                .arg(size.to_string());
+            let c = super::qemu_img::create(&empty, *top_fmt, Some(size), None, None, false);
             process::run(c, &mut |_| {})?;
             Some((empty.clone(), *top_fmt))
         }
@@ -192,18 +189,10 @@ pub(crate) fn stream(
     if !keep_reference {
         return Ok(written);
     }
-    let mut c = Command::new("qemu-img");
-    c.args(["rebase", "-u", "-f", "qcow2", "-b"]);
-    match base {
-        Some((b, f)) => {
-            c.arg(b).args(["-F", f.as_str()]);
-        }
-        None => {
-            c.arg("");
-        }
-    }
-    c.arg(into);
-    let w = process::run(c, &mut |_| {})?;
+    let w = process::run(
+        super::qemu_img::repoint(into, Format::Qcow2, base),
+        &mut |_| {},
+    )?;
     super::offline::sync_file(into)?;
     Ok(written + w)
 }

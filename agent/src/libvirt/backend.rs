@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::desired::{LiveTarget as LibvirtSource, OnTimeout, Revert as RevertSpec};
@@ -172,6 +171,9 @@ pub struct Libvirt {
     /// The step being run was interrupted while running (a resumed journal): a block job of its
     /// kind may be the one it started.
     resuming: std::cell::Cell<bool>,
+    /// The libvirt connection: one for the whole plan of this disk (a reconcile), opened on
+    /// first use and opened again when libvirtd went away (a restart) or a call failed on it.
+    session: std::cell::RefCell<Option<std::rc::Rc<Session>>>,
 }
 
 impl Libvirt {
@@ -202,7 +204,26 @@ impl Libvirt {
             formats,
             throttle_record,
             resuming: std::cell::Cell::new(false),
+            session: std::cell::RefCell::new(None),
         }
+    }
+
+    /// The plan's libvirt connection (see `session`).
+    fn session(&self) -> Result<std::rc::Rc<Session>, LiveError> {
+        let mut cached = self.session.borrow_mut();
+        if let Some(s) = cached.as_ref()
+            && s.conn.is_alive().unwrap_or(false)
+        {
+            return Ok(s.clone());
+        }
+        let s = std::rc::Rc::new(open(&self.src)?);
+        *cached = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Drops the plan's connection: the next call opens a new one.
+    fn forget_session(&self) {
+        self.session.borrow_mut().take();
     }
 
     fn live_err(&self, what: &str) -> impl FnOnce(virt::error::Error) -> ExecError {
@@ -271,14 +292,12 @@ impl Libvirt {
                 source,
             })?;
         }
-        let mut c = Command::new("qemu-img");
-        c.args(["create", "-q", "-f", "qcow2"]);
-        if let Some(b) = backing {
-            c.arg("-b")
-                .arg(b)
-                .args(["-F", self.format(op, b)?.as_str(), "-u"]);
-        }
-        c.arg(file).arg(size.to_string());
+        let backing = match backing {
+            Some(b) => Some((b, self.format(op, b)?)),
+            None => None,
+        };
+        let mut c =
+            crate::execute::qemu_img::create(file, Format::Qcow2, Some(size), backing, None, true);
         let out = c.output().map_err(|source| ExecError::Io {
             action: "run qemu-img create for",
             path: file.to_path_buf(),
@@ -317,7 +336,7 @@ impl Libvirt {
         if throttled.is_some() {
             acted = true;
         }
-        let mut session: Option<Session> = None;
+        let mut session: Option<std::rc::Rc<Session>> = None;
         let mut events: Option<sys::JobEvents> = None;
         let mut unreachable_since: Option<Instant> = None;
         let target = self.src.target.clone();
@@ -327,7 +346,7 @@ impl Libvirt {
                 break Err(ExecError::Abandoned { op: kind.op() });
             }
             if session.is_none() {
-                match open(&self.src) {
+                match self.session() {
                     Ok(s) => {
                         // Ready, completed, failed and cancelled come as events; progress is
                         // polled (the events carry none).
@@ -356,6 +375,7 @@ impl Libvirt {
                     tracing::warn!(domain = %self.src.domain, error = %e.message(), "lost libvirt during a block job; reconnecting");
                     events = None;
                     session = None;
+                    self.forget_session();
                     unreachable_since.get_or_insert_with(Instant::now);
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
@@ -463,7 +483,7 @@ impl Libvirt {
         drop(events);
         if let Some(before) = throttled {
             // Put the disk's I/O tuning back as it was, whatever happened to the job.
-            match open(&self.src).and_then(|s| {
+            match self.session().and_then(|s| {
                 sys::set_io_tune(&s.dom, &target, &before)
                     .map_err(call(&self.src, "restoring the disk's I/O tuning"))
             }) {
@@ -513,7 +533,7 @@ impl Libvirt {
         if self.job_now()?.is_some() {
             return Ok(()); // the step waiting for that job lifts it
         }
-        let s = open(&self.src)?;
+        let s = self.session()?;
         sys::set_io_tune(&s.dom, &self.src.target, &before).map_err(
             self.live_err("restoring the disk's I/O tuning an interrupted run left throttled"),
         )?;
@@ -522,7 +542,7 @@ impl Libvirt {
     }
 
     fn job_now(&self) -> Result<Option<sys::JobInfo>, ExecError> {
-        let s = open(&self.src)?;
+        let s = self.session()?;
         sys::job_info(&s.dom, &self.src.target).map_err(self.live_err("reading block jobs"))
     }
 
@@ -544,7 +564,7 @@ impl Libvirt {
         }
         let size = self.guest_size(d)?;
         self.prepare(op, new, Some(point_file), size)?;
-        let s = open(&self.src)?;
+        let s = self.session()?;
         let x = s
             .dom
             .xml_desc(0)
@@ -603,7 +623,7 @@ impl Libvirt {
                     ),
                 });
             }
-            None => start(&open(&self.src)?)?,
+            None => start(&*self.session()?)?,
         }
         self.wait_job(kind, pivot, progress)
     }
@@ -807,7 +827,7 @@ impl Libvirt {
     fn make_durable(&self, op: &'static str, file: &Path) -> Result<(), ExecError> {
         use virt::domain::DomainState;
         use virt::enumutil::Enum;
-        let s = open(&self.src)?;
+        let s = self.session()?;
         let (state, _) = s
             .dom
             .state()
@@ -825,7 +845,8 @@ impl Libvirt {
                         break;
                     }
                     std::thread::sleep(Duration::from_secs(1));
-                    let Ok(s2) = open(&self.src) else {
+                    self.forget_session();
+                    let Ok(s2) = self.session() else {
                         continue;
                     };
                     if matches!(s2.dom.state(), Ok((Enum::Known(DomainState::Running), _))) {
@@ -889,7 +910,7 @@ impl Libvirt {
     /// Shuts the domain down for a revert: a clean (ACPI) shutdown within
     /// `spec.revert.shutdownTimeout`, then a power-off.
     fn shut_down(&self) -> Result<(), ExecError> {
-        let s = open(&self.src)?;
+        let s = self.session()?;
         let timeout = self
             .revert
             .as_ref()
@@ -938,7 +959,7 @@ impl Libvirt {
         self.sync_persistent()?;
         // Start it again when it ran for the plan (also when an earlier attempt powered it off).
         if restart && (d.running || self.live_plan) {
-            let s = open(&self.src)?;
+            let s = self.session()?;
             if !s
                 .dom
                 .is_active()
@@ -956,7 +977,7 @@ impl Libvirt {
     /// image, and a recorded `<backingStore>` that differs from the real chain is dropped (libvirt
     /// then reads the chain from the image headers at the next start).
     fn sync_persistent(&self) -> Result<(), ExecError> {
-        let s = open(&self.src)?;
+        let s = self.session()?;
         if !s
             .dom
             .is_persistent()
