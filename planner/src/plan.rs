@@ -351,15 +351,13 @@ pub struct DiskPlan {
 
 /// Plans one disk against the host's image graph.
 pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, PlanError> {
-    let chain: Vec<&Layer> = graph
+    let layers: Vec<&Layer> = graph
         .chain(&req.active)
         .ok_or_else(|| PlanError::UnknownActive {
             disk: req.name.clone(),
             active: req.active.clone(),
         })?;
-    let n = chain.len();
-    let active = n - 1;
-    let paths: Vec<PathBuf> = chain.iter().map(|l| l.path.clone()).collect();
+    let paths: Vec<PathBuf> = layers.iter().map(|l| l.path.clone()).collect();
     if let Some(to) = &req.revert {
         return plan_revert(graph, req, &paths, to);
     }
@@ -370,8 +368,61 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             newest: newest.clone(),
         });
     }
+    let kept = bind_kept(req, &paths)?;
+    let c = Chain::new(graph, layers);
+    let mut out = Emitted {
+        steps: Vec::new(),
+        decisions: Vec::new(),
+        baselines: Baselines {
+            always_commit: Some(0),
+            always_stream: Some(0),
+        },
+        notes: Vec::new(),
+        result: Vec::new(),
+    };
+    let (mut cur_active, taken_over) = plan_runs(graph, req, &c, &kept, &mut out)?;
+    new_snapshots(graph, req, &c.paths[c.active], &mut cur_active, &mut out);
+    out.result.push(FinalLayer {
+        point: req.mode.top_point().map(str::to_string),
+        file: cur_active,
+    });
+    let leaving = files_leaving(graph, req, &c, taken_over.as_ref(), &mut out);
+    let Emitted {
+        steps,
+        decisions,
+        baselines,
+        notes,
+        result,
+    } = out;
+    let total_bytes = steps.iter().map(|s| s.bytes).sum();
+    let total_zero_bytes = steps.iter().map(|s| s.zero_bytes).sum();
+    Ok(DiskPlan {
+        name: req.name.clone(),
+        steps,
+        total_bytes,
+        total_zero_bytes,
+        chain: c.paths,
+        result,
+        decisions,
+        baselines,
+        leaving,
+        notes,
+    })
+}
 
-    // Bind kept points to chain positions, oldest first.
+/// What the stages emit, in order.
+struct Emitted {
+    steps: Vec<Step>,
+    decisions: Vec<RunDecision>,
+    baselines: Baselines,
+    notes: Vec<String>,
+    /// The chain after the plan, base first (the top layer is pushed last).
+    result: Vec<FinalLayer>,
+}
+
+/// Stage 1: the kept points bound to chain positions (below the active layer), oldest first.
+fn bind_kept(req: &DiskRequest, paths: &[PathBuf]) -> Result<Vec<usize>, PlanError> {
+    let active = paths.len() - 1;
     let mut kept: Vec<usize> = Vec::with_capacity(req.keep.len());
     for (i, k) in req.keep.iter().enumerate() {
         let Some(pos) = paths[..active].iter().position(|p| *p == k.file) else {
@@ -394,64 +445,124 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         kept.push(pos);
     }
 
-    // One unit for the whole chain: the finest cluster size of its layers.
-    let empty = Allocation::empty(65536, 0);
-    let raw_allocs: Vec<&Allocation> = chain
-        .iter()
-        .map(|l| l.alloc.as_ref().unwrap_or(&empty))
-        .collect();
-    let unit = raw_allocs
-        .iter()
-        .map(|a| a.unit)
-        .filter(|&u| u > 0)
-        .min()
-        .unwrap_or(65536);
-    let size = raw_allocs.iter().map(|a| a.virtual_size).max().unwrap_or(0);
-    // How many units wide each layer's clusters are (QEMU writes qcow2 files in whole clusters;
-    // a raw file is written in place).
-    let grain: Vec<u64> = chain
-        .iter()
-        .zip(&raw_allocs)
-        .map(|(l, a)| match l.format {
-            Format::Qcow2 => (a.unit / unit).max(1),
-            Format::Raw => 1,
-        })
-        .collect();
-    // A layer's data past the size of every layer above it is read by no view: no step copies
-    // it (a stream into a smaller point reads only up to the point's size).
-    let mut limit = u64::MAX;
-    let mut limits = vec![0u64; raw_allocs.len()];
-    for i in (0..raw_allocs.len()).rev() {
-        limit = limit.min(raw_allocs[i].virtual_size);
-        limits[i] = limit;
-    }
-    let allocs: Vec<Allocation> = raw_allocs
-        .iter()
-        .zip(&limits)
-        .map(|(a, &l)| a.rescaled(unit).clipped(l))
-        .collect();
-    let shared = graph.shared_along(&chain);
-    let nonzero = nonzero_views(&allocs, shared.iter().any(Option::is_some));
+    Ok(kept)
+}
 
-    let name_of = |i: usize| -> String {
-        req.known_names
-            .get(&paths[i])
-            .cloned()
-            .unwrap_or_else(|| paths[i].display().to_string())
-    };
-    let in_dir = |p: &Path| match &req.placement {
+/// The chain as the search sees it: each layer's allocation in one unit (the finest cluster
+/// size of its layers), clipped to what any view above reads, and who else uses each layer.
+struct Chain<'a> {
+    layers: Vec<&'a Layer>,
+    paths: Vec<PathBuf>,
+    active: usize,
+    /// Each layer's virtual size.
+    sizes: Vec<u64>,
+    allocs: Vec<Allocation>,
+    /// How many units wide each layer's clusters are.
+    grain: Vec<u64>,
+    unit: u64,
+    /// The largest virtual size.
+    size: u64,
+    /// Per layer: another user (an overlay outside this chain, another name), if any.
+    shared: Vec<Option<PathBuf>>,
+    nonzero: Vec<roaring::RoaringTreemap>,
+}
+
+/// True when `p` lies where `spec.placement` wants points (anywhere without one).
+fn in_placement(req: &DiskRequest, p: &Path) -> bool {
+    match &req.placement {
         Some(d) => p.parent() == Some(d.as_path()),
         None => true,
-    };
+    }
+}
 
-    let mut steps: Vec<Step> = Vec::new();
-    let mut decisions = Vec::new();
-    let mut baselines = Baselines {
-        always_commit: Some(0),
-        always_stream: Some(0),
-    };
-    let mut notes = Vec::new();
-    let mut result = Vec::new();
+impl<'a> Chain<'a> {
+    /// What messages call layer `i`: the point's name the agent knows, or its path.
+    fn name_of(&self, req: &DiskRequest, i: usize) -> String {
+        req.known_names
+            .get(&self.paths[i])
+            .cloned()
+            .unwrap_or_else(|| self.paths[i].display().to_string())
+    }
+
+    /// Stage 2: the chain's allocations in one unit, and its sharing.
+    fn new(graph: &ImageGraph, chain: Vec<&'a Layer>) -> Chain<'a> {
+        let empty = Allocation::empty(65536, 0);
+        let raw_allocs: Vec<&Allocation> = chain
+            .iter()
+            .map(|l| l.alloc.as_ref().unwrap_or(&empty))
+            .collect();
+        let unit = raw_allocs
+            .iter()
+            .map(|a| a.unit)
+            .filter(|&u| u > 0)
+            .min()
+            .unwrap_or(65536);
+        let size = raw_allocs.iter().map(|a| a.virtual_size).max().unwrap_or(0);
+        // How many units wide each layer's clusters are (QEMU writes qcow2 files in whole clusters;
+        // a raw file is written in place).
+        let grain: Vec<u64> = chain
+            .iter()
+            .zip(&raw_allocs)
+            .map(|(l, a)| match l.format {
+                Format::Qcow2 => (a.unit / unit).max(1),
+                Format::Raw => 1,
+            })
+            .collect();
+        // A layer's data past the size of every layer above it is read by no view: no step copies
+        // it (a stream into a smaller point reads only up to the point's size).
+        let mut limit = u64::MAX;
+        let mut limits = vec![0u64; raw_allocs.len()];
+        for i in (0..raw_allocs.len()).rev() {
+            limit = limit.min(raw_allocs[i].virtual_size);
+            limits[i] = limit;
+        }
+        let allocs: Vec<Allocation> = raw_allocs
+            .iter()
+            .zip(&limits)
+            .map(|(a, &l)| a.rescaled(unit).clipped(l))
+            .collect();
+        let shared = graph.shared_along(&chain);
+        let nonzero = nonzero_views(&allocs, shared.iter().any(Option::is_some));
+
+        Chain {
+            paths: chain.iter().map(|l| l.path.clone()).collect(),
+            active: chain.len() - 1,
+            sizes: raw_allocs.iter().map(|a| a.virtual_size).collect(),
+            layers: chain,
+            allocs,
+            grain,
+            unit,
+            size,
+            shared,
+            nonzero,
+        }
+    }
+}
+
+/// Stage 3: the runs of layers to remove between kept points (the active layer's run last),
+/// for each the cheapest allowed holder among its alternatives, and the steps that carry it out,
+/// bottom-up. Returns the active image's file after them (live, it moves) and the layer that
+/// took the active image's path (offline), if one did.
+fn plan_runs(
+    graph: &ImageGraph,
+    req: &DiskRequest,
+    ch: &Chain<'_>,
+    kept: &[usize],
+    out: &mut Emitted,
+) -> Result<(PathBuf, Option<PathBuf>), PlanError> {
+    let (paths, active, allocs, grain, unit, size, shared) = (
+        &ch.paths, ch.active, &ch.allocs, &ch.grain, ch.unit, ch.size, &ch.shared,
+    );
+    let Emitted {
+        steps,
+        decisions,
+        baselines,
+        result,
+        ..
+    } = out;
+    let name_of = |i: usize| ch.name_of(req, i);
+    let in_dir = |p: &Path| in_placement(req, p);
+
     let mut prev: Option<usize> = None; // chain position of the previous kept point
     let mut prev_holder: Option<PathBuf> = None; // the file holding it now
     // True when the layer above the previous holder still records the previous point's old file
@@ -517,171 +628,21 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
         let grains: Vec<u64> = run.iter().map(|&i| grain[i]).collect();
         let costs = evaluate(&layers, &grains, unit, size, false);
-        let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
-        for (k, &h) in run.iter().enumerate().rev() {
-            // Offline, any layer of the active run may hold it and then take the active
-            // image's path (a rename: same directory, so the same file system and the same
-            // meaning of a relative backing name), when the active file has no other user. The
-            // layers between it and the active one leave the chain (the holder is unshared, so
-            // nothing else reads through them); once retired they record a backing file that no
-            // longer exists, like any layer whose base was written by a commit they no longer
-            // read as before.
-            let takes_over = is_active
-                && h < u
-                && !req.mode.is_live()
-                && chain[h].format == Format::Qcow2
-                && paths[h].parent() == paths[u].parent()
-                && shared[u].is_none();
-            if is_active && h != u && (live_mirror || (!req.mode.is_live() && !takes_over)) {
-                continue;
-            }
-            let c = &costs.holders[k];
-            let strategy = if h == u {
-                if is_active {
-                    "stream into the active layer".to_string()
-                } else {
-                    format!("stream into {point}")
-                }
-            } else if takes_over && k == 0 {
-                format!(
-                    "commit the active layer into {}, which then takes the active image's path",
-                    name_of(h)
-                )
-            } else if takes_over {
-                format!(
-                    "commit the active layer into {}, stream below it, then it takes the active image's path",
-                    name_of(h)
-                )
-            } else if is_active && k == 0 {
-                format!(
-                    "commit the active layer into {} and pivot to it",
-                    name_of(h)
-                )
-            } else if is_active {
-                format!(
-                    "commit the active layer into {} and pivot to it, then pull below it",
-                    name_of(h)
-                )
-            } else if k == 0 {
-                format!("commit into {}", name_of(h))
-            } else {
-                format!("commit into {}, then stream below it", name_of(h))
-            };
-            let not_allowed = if let Some(user) = &shared[h] {
-                Some(format!(
-                    "{} is shared: {} uses it",
-                    paths[h].display(),
-                    user.display()
-                ))
-            } else if h != u && raw_allocs[h].virtual_size != raw_allocs[u].virtual_size {
-                // The holder's size becomes the point's: a larger base would show its old data
-                // past the point's end.
-                Some(format!(
-                    "{} is {} bytes, the point {} bytes: the point would change size",
-                    paths[h].display(),
-                    raw_allocs[h].virtual_size,
-                    raw_allocs[u].virtual_size
-                ))
-            } else if !in_dir(&paths[h]) && !is_active {
-                Some(format!(
-                    "{} is outside spec.placement.directory",
-                    paths[h].display()
-                ))
-            } else if live_mirror {
-                Some(
-                    "the active layer must move (spec.placement, or the points below moved to copies)"
-                        .to_string(),
-                )
-            } else if req.mode.is_live() && !is_active && k != 0 {
-                Some("on a running VM libvirt pulls only into the active layer".to_string())
-            } else if req.mode.is_live() && !is_active && stale {
-                Some(
-                    "the point below moved to a copy, and a running VM's backing layer cannot be re-pointed in place"
-                        .to_string(),
-                )
-            } else {
-                None
-            };
-            // A shared layer may still hold the point when the rest of the run adds nothing to
-            // its view (no data on top, zeros only where it reads zeros): then no data moves,
-            // only a backing reference above it changes.
-            let identity = !is_active
-                && !req.mode.is_live()
-                && k == 0
-                && raw_allocs[h].virtual_size == raw_allocs[u].virtual_size
-                && h != u
-                && not_allowed.is_some()
-                && shared[h].is_some()
-                && in_dir(&paths[h])
-                && !stale
-                && costs.holders[0].commit_bytes == 0
-                && (&costs.zeros_above_lowest & &nonzero[h]).is_empty()
-                // Whatever lies above must be able to read through `h`: either its overlay can
-                // be rebased, or that overlay is removed by the next run's stream anyway.
-                && (shared[u + 1].is_none() || !(kept.contains(&(u + 1)) || u + 1 == active));
-            if identity {
-                alts.push((
-                    Alternative {
-                        strategy: format!(
-                            "keep {}: the layers above it add nothing to its view",
-                            name_of(h)
-                        ),
-                        holder: paths[h].clone(),
-                        bytes: 0,
-                        zero_bytes: 0,
-                        not_allowed: None,
-                    },
-                    Some(Choice::Identity),
-                ));
-            }
-            let choice = not_allowed.is_none().then_some(Choice::Hold(k));
-            alts.push((
-                Alternative {
-                    strategy,
-                    holder: paths[h].clone(),
-                    bytes: c.bytes(),
-                    zero_bytes: c.zero_bytes(),
-                    not_allowed,
-                },
-                choice,
-            ));
-        }
-        if live_mirror {
-            let dir = req
-                .placement
-                .clone()
-                .or_else(|| paths[u].parent().map(Path::to_path_buf))
-                .unwrap_or_default();
-            let to = graph_free_name(graph, &dir, &paths[u]);
-            let pull = if base.is_some() && !removes.is_empty() {
-                costs.holders[run.len() - 1].clone()
-            } else {
-                crate::search::Cost::default()
-            };
-            alts.push((
-                Alternative {
-                    strategy: format!("mirror the active layer into {}", dir.display()),
-                    holder: to.clone(),
-                    bytes: pull.bytes() + costs.copy.bytes(),
-                    zero_bytes: pull.zero_bytes() + costs.copy.zero_bytes(),
-                    not_allowed: None,
-                },
-                Some(Choice::Mirror(to)),
-            ));
-        }
-        if let (Some(dir), false) = (&req.placement, is_active) {
-            let to = graph_free_name(graph, dir, &paths[u]);
-            alts.push((
-                Alternative {
-                    strategy: format!("copy merged into {}", dir.display()),
-                    holder: to.clone(),
-                    bytes: costs.copy.bytes(),
-                    zero_bytes: costs.copy.zero_bytes(),
-                    not_allowed: None,
-                },
-                Some(Choice::Copy(to)),
-            ));
-        }
+        let mut alts = alternatives(
+            graph,
+            req,
+            ch,
+            kept,
+            &Run {
+                u,
+                point: &point,
+                run: &run,
+                live_mirror,
+                stale,
+                pulls: base.is_some() && !removes.is_empty(),
+            },
+            &costs,
+        );
         // Baselines: commit into the lowest layer of the run; stream into its top.
         let lowest_ok = alts
             .iter()
@@ -871,8 +832,218 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         prev_holder = Some(holder_file);
     }
 
-    // New snapshots on top, in order.
-    let active_path = &paths[active];
+    Ok((cur_active, taken_over))
+}
+
+/// One run of layers to remove, ending at the kept layer `u` (the active one for the last run).
+struct Run<'a> {
+    /// The kept layer (chain position) the run ends at.
+    u: usize,
+    /// Its point's name (`active` for the active run).
+    point: &'a str,
+    /// The run's chain positions, base first, `u` last.
+    run: &'a [usize],
+    /// Live: the active layer must be mirrored (placement, or the points below moved to copies).
+    live_mirror: bool,
+    /// The layer above the previous holder still records the previous point's old file.
+    stale: bool,
+    /// A mirror first pulls the run's removed layers into the active layer.
+    pulls: bool,
+}
+
+/// Stage 3a: every way to handle `r`, allowed or not (and why not), in the order ties are broken
+/// (the kept layer itself first, then lower layers, then a mirror or a copy).
+fn alternatives(
+    graph: &ImageGraph,
+    req: &DiskRequest,
+    ch: &Chain<'_>,
+    kept: &[usize],
+    r: &Run<'_>,
+    costs: &crate::search::RunCosts,
+) -> Vec<(Alternative, Option<Choice>)> {
+    let (paths, shared, nonzero, active) = (&ch.paths, &ch.shared, &ch.nonzero, ch.active);
+    let (u, point, run, live_mirror, stale) = (r.u, r.point, r.run, r.live_mirror, r.stale);
+    let is_active = u == active;
+    let name_of = |i: usize| ch.name_of(req, i);
+    let in_dir = |p: &Path| in_placement(req, p);
+    let mut alts: Vec<(Alternative, Option<Choice>)> = Vec::new();
+    for (k, &h) in run.iter().enumerate().rev() {
+        // Offline, any layer of the active run may hold it and then take the active
+        // image's path (a rename: same directory, so the same file system and the same
+        // meaning of a relative backing name), when the active file has no other user. The
+        // layers between it and the active one leave the chain (the holder is unshared, so
+        // nothing else reads through them); once retired they record a backing file that no
+        // longer exists, like any layer whose base was written by a commit they no longer
+        // read as before.
+        let takes_over = is_active
+            && h < u
+            && !req.mode.is_live()
+            && ch.layers[h].format == Format::Qcow2
+            && paths[h].parent() == paths[u].parent()
+            && shared[u].is_none();
+        if is_active && h != u && (live_mirror || (!req.mode.is_live() && !takes_over)) {
+            continue;
+        }
+        let c = &costs.holders[k];
+        let strategy = if h == u {
+            if is_active {
+                "stream into the active layer".to_string()
+            } else {
+                format!("stream into {point}")
+            }
+        } else if takes_over && k == 0 {
+            format!(
+                "commit the active layer into {}, which then takes the active image's path",
+                name_of(h)
+            )
+        } else if takes_over {
+            format!(
+                "commit the active layer into {}, stream below it, then it takes the active image's path",
+                name_of(h)
+            )
+        } else if is_active && k == 0 {
+            format!(
+                "commit the active layer into {} and pivot to it",
+                name_of(h)
+            )
+        } else if is_active {
+            format!(
+                "commit the active layer into {} and pivot to it, then pull below it",
+                name_of(h)
+            )
+        } else if k == 0 {
+            format!("commit into {}", name_of(h))
+        } else {
+            format!("commit into {}, then stream below it", name_of(h))
+        };
+        let not_allowed = if let Some(user) = &shared[h] {
+            Some(format!(
+                "{} is shared: {} uses it",
+                paths[h].display(),
+                user.display()
+            ))
+        } else if h != u && ch.sizes[h] != ch.sizes[u] {
+            // The holder's size becomes the point's: a larger base would show its old data
+            // past the point's end.
+            Some(format!(
+                "{} is {} bytes, the point {} bytes: the point would change size",
+                paths[h].display(),
+                ch.sizes[h],
+                ch.sizes[u]
+            ))
+        } else if !in_dir(&paths[h]) && !is_active {
+            Some(format!(
+                "{} is outside spec.placement.directory",
+                paths[h].display()
+            ))
+        } else if live_mirror {
+            Some(
+                "the active layer must move (spec.placement, or the points below moved to copies)"
+                    .to_string(),
+            )
+        } else if req.mode.is_live() && !is_active && k != 0 {
+            Some("on a running VM libvirt pulls only into the active layer".to_string())
+        } else if req.mode.is_live() && !is_active && stale {
+            Some(
+                "the point below moved to a copy, and a running VM's backing layer cannot be re-pointed in place"
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        // A shared layer may still hold the point when the rest of the run adds nothing to
+        // its view (no data on top, zeros only where it reads zeros): then no data moves,
+        // only a backing reference above it changes.
+        let identity = !is_active
+            && !req.mode.is_live()
+            && k == 0
+            && ch.sizes[h] == ch.sizes[u]
+            && h != u
+            && not_allowed.is_some()
+            && shared[h].is_some()
+            && in_dir(&paths[h])
+            && !stale
+            && costs.holders[0].commit_bytes == 0
+            && (&costs.zeros_above_lowest & &nonzero[h]).is_empty()
+            // Whatever lies above must be able to read through `h`: either its overlay can
+            // be rebased, or that overlay is removed by the next run's stream anyway.
+            && (shared[u + 1].is_none() || !(kept.contains(&(u + 1)) || u + 1 == active));
+        if identity {
+            alts.push((
+                Alternative {
+                    strategy: format!(
+                        "keep {}: the layers above it add nothing to its view",
+                        name_of(h)
+                    ),
+                    holder: paths[h].clone(),
+                    bytes: 0,
+                    zero_bytes: 0,
+                    not_allowed: None,
+                },
+                Some(Choice::Identity),
+            ));
+        }
+        let choice = not_allowed.is_none().then_some(Choice::Hold(k));
+        alts.push((
+            Alternative {
+                strategy,
+                holder: paths[h].clone(),
+                bytes: c.bytes(),
+                zero_bytes: c.zero_bytes(),
+                not_allowed,
+            },
+            choice,
+        ));
+    }
+    if live_mirror {
+        let dir = req
+            .placement
+            .clone()
+            .or_else(|| paths[u].parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        let to = graph_free_name(graph, &dir, &paths[u]);
+        let pull = if r.pulls {
+            costs.holders[run.len() - 1].clone()
+        } else {
+            crate::search::Cost::default()
+        };
+        alts.push((
+            Alternative {
+                strategy: format!("mirror the active layer into {}", dir.display()),
+                holder: to.clone(),
+                bytes: pull.bytes() + costs.copy.bytes(),
+                zero_bytes: pull.zero_bytes() + costs.copy.zero_bytes(),
+                not_allowed: None,
+            },
+            Some(Choice::Mirror(to)),
+        ));
+    }
+    if let (Some(dir), false) = (&req.placement, is_active) {
+        let to = graph_free_name(graph, dir, &paths[u]);
+        alts.push((
+            Alternative {
+                strategy: format!("copy merged into {}", dir.display()),
+                holder: to.clone(),
+                bytes: costs.copy.bytes(),
+                zero_bytes: costs.copy.zero_bytes(),
+                not_allowed: None,
+            },
+            Some(Choice::Copy(to)),
+        ));
+    }
+    alts
+}
+
+/// Stage 4: the new snapshots on top, in order. Live, the active image becomes the point and a
+/// new file goes on top; offline, the active content moves to a new file beside it.
+fn new_snapshots(
+    graph: &ImageGraph,
+    req: &DiskRequest,
+    active_path: &Path,
+    cur_active: &mut PathBuf,
+    out: &mut Emitted,
+) {
+    let Emitted { steps, result, .. } = out;
     if req.mode.is_live() {
         // Live, the active image becomes the point and a new file goes on top of it.
         for name in &req.new_snapshots {
@@ -904,7 +1075,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
                 point: Some(name.clone()),
                 file: cur_active.clone(),
             });
-            cur_active = next;
+            *cur_active = next;
         }
     }
     for name in req.new_snapshots.iter().filter(|_| !req.mode.is_live()) {
@@ -923,7 +1094,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             action: StepAction::Snapshot {
                 point: name.clone(),
                 file: file.clone(),
-                active: active_path.clone(),
+                active: active_path.to_path_buf(),
             },
             bytes: 0,
             zero_bytes: 0,
@@ -937,16 +1108,29 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
             file,
         });
     }
-    result.push(FinalLayer {
-        point: req.mode.top_point().map(str::to_string),
-        file: cur_active.clone(),
-    });
+}
 
-    // Files the plan drops from this chain.
+/// Stage 5: the files leaving the chain (deleted with `prune`, noted otherwise), files earlier
+/// plans left that `prune` may now delete, and what stays outside the placement directory.
+/// Returns the files leaving that nothing else uses.
+fn files_leaving(
+    graph: &ImageGraph,
+    req: &DiskRequest,
+    c: &Chain<'_>,
+    taken_over: Option<&PathBuf>,
+    out: &mut Emitted,
+) -> Vec<PathBuf> {
+    let (paths, shared, active_path) = (&c.paths, &c.shared, &c.paths[c.active]);
+    let Emitted {
+        steps,
+        notes,
+        result,
+        ..
+    } = out;
     let kept_files: Vec<&PathBuf> = result.iter().map(|f| &f.file).collect();
     let mut leaving = Vec::new();
     for (i, p) in paths.iter().enumerate() {
-        if kept_files.contains(&p) || taken_over.as_ref() == Some(p) {
+        if kept_files.contains(&p) || taken_over == Some(p) {
             continue;
         }
         if shared[i].is_none() {
@@ -1004,20 +1188,7 @@ pub fn plan_disk(graph: &ImageGraph, req: &DiskRequest) -> Result<DiskPlan, Plan
         ));
     }
 
-    let total_bytes = steps.iter().map(|s| s.bytes).sum();
-    let total_zero_bytes = steps.iter().map(|s| s.zero_bytes).sum();
-    Ok(DiskPlan {
-        name: req.name.clone(),
-        steps,
-        total_bytes,
-        total_zero_bytes,
-        chain: paths,
-        result,
-        decisions,
-        baselines,
-        leaving,
-        notes,
-    })
+    leaving
 }
 
 /// The plan of a revert: one step, a fresh active layer on `to`.
