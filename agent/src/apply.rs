@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use diskchain_crd::{DiskKey, LoadedSpec};
+use diskchain_crd::{DesiredDisk, DiskKey};
 use diskchain_planner::{Format, StepAction};
 
 use crate::execute::offline::Offline;
@@ -202,7 +202,7 @@ pub fn run(
 
 /// Applies already loaded specs.
 pub fn apply_loaded(
-    loaded: &[LoadedSpec],
+    loaded: &[DesiredDisk],
     roots: &Roots,
     state: &StateDir,
     options: ApplyOptions,
@@ -314,7 +314,7 @@ pub fn apply_loaded(
                 Err(e) => c.fail(spec, e.to_string(), ErrorKind::BadInput),
             }
         }
-        let todo: Vec<LoadedSpec> = loaded
+        let todo: Vec<DesiredDisk> = loaded
             .iter()
             .filter(|s| !c.failed.contains(&s.key))
             .cloned()
@@ -383,7 +383,7 @@ struct Collect {
 }
 
 impl Collect {
-    fn fail(&mut self, spec: &LoadedSpec, error: String, kind: ErrorKind) {
+    fn fail(&mut self, spec: &DesiredDisk, error: String, kind: ErrorKind) {
         self.failed.insert(spec.key.clone());
         self.report.errors.push(DiskError {
             key: spec.key.clone(),
@@ -397,7 +397,7 @@ impl Collect {
     /// it stopped.
     fn run(
         &mut self,
-        spec: &LoadedSpec,
+        spec: &DesiredDisk,
         journal: Journal,
         new: bool,
         roots: &Roots,
@@ -424,7 +424,7 @@ impl Collect {
 }
 
 /// The bindings a completed plan leaves: each result point and the file holding it.
-fn bindings_of(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Vec<Binding> {
+fn bindings_of(disk: &DiskReport, spec: &DesiredDisk, roots: &Roots) -> Vec<Binding> {
     disk.plan
         .result
         .iter()
@@ -446,7 +446,7 @@ fn bindings_of(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Vec<Bindi
         .collect()
 }
 
-fn new_journal(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Journal {
+fn new_journal(disk: &DiskReport, spec: &DesiredDisk, roots: &Roots) -> Journal {
     let mut formats = disk.formats.clone();
     for s in &disk.plan.steps {
         match &s.action {
@@ -503,7 +503,7 @@ fn new_journal(disk: &DiskReport, spec: &LoadedSpec, roots: &Roots) -> Journal {
 /// Records the bindings of a disk whose chain already matches (adoption, or a name change).
 fn record_bindings(
     disk: &DiskReport,
-    spec: &LoadedSpec,
+    spec: &DesiredDisk,
     roots: &Roots,
     state: &StateDir,
 ) -> Result<(), StateError> {

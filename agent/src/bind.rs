@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use diskchain_crd::LoadedSpec;
+use diskchain_crd::DesiredDisk;
 use diskchain_planner::{DiskRequest, KeptPoint};
 
 use crate::observe::{ObserveError, ObservedChain, Roots};
@@ -81,7 +81,7 @@ impl BindError {
 
 /// Binds `spec` to its observed `chain`.
 pub fn bind(
-    spec: &LoadedSpec,
+    spec: &DesiredDisk,
     chain: &ObservedChain,
     state: Option<&DiskState>,
     roots: &Roots,
@@ -195,7 +195,7 @@ mod tests {
     //! Binding without QEMU: chains built in memory over empty files in a temporary root.
     use std::path::{Path, PathBuf};
 
-    use diskchain_crd::{DiskKey, LoadedSpec, load_str};
+    use diskchain_crd::{DesiredDisk, DiskKey, load_str};
     use diskchain_planner::{Format, Layer};
 
     use super::*;
@@ -249,7 +249,7 @@ mod tests {
         }
 
         /// The spec of disk `vda` on active image `top` with `points` (name, file name).
-        fn spec(&self, points: &[(&str, Option<&str>)]) -> LoadedSpec {
+        fn spec(&self, points: &[(&str, Option<&str>)]) -> DesiredDisk {
             let img = self.dir.path().join("img");
             let mut y = format!(
                 "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: vda\nspec:\n  source:\n    file: {}\n  snapshots:{}\n",

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use diskchain_crd::{DiskKey, LoadedSpec, SpecErrors};
+use diskchain_crd::{DesiredDisk, DiskKey, SpecErrors};
 use diskchain_planner::{DiskPlan, ImageGraph, Layer, PlanError, plan_disk};
 use serde::Serialize;
 
@@ -112,7 +112,7 @@ pub enum PlanRunError {
 
 /// An observed disk on its way through the pipeline.
 struct Observed<'a> {
-    spec: &'a LoadedSpec,
+    spec: &'a DesiredDisk,
     chain: ObservedChain,
     /// The domain runs (a libvirt disk).
     running: bool,
@@ -137,7 +137,7 @@ fn foreign_users(
     observed: &mut Vec<Observed<'_>>,
     chain_files: &[PathBuf],
     report: &mut PlanReport,
-    fail: &dyn Fn(&LoadedSpec, String, bool) -> DiskError,
+    fail: &dyn Fn(&DesiredDisk, String, bool) -> DiskError,
 ) -> Vec<(PathBuf, PathBuf)> {
     let libvirt = |o: &Observed<'_>| o.spec.spec().source.libvirt.clone();
     let uris: std::collections::BTreeSet<String> = observed
@@ -200,12 +200,12 @@ pub fn run(specs: &Path, roots: &[PathBuf], state: &StateDir) -> Result<PlanRepo
 
 /// Plans already loaded specs.
 pub fn plan_loaded(
-    loaded: &[LoadedSpec],
+    loaded: &[DesiredDisk],
     roots: &Roots,
     state: &StateDir,
 ) -> Result<PlanReport, PlanRunError> {
     let mut report = PlanReport::default();
-    let fail = |spec: &LoadedSpec, error: String, bad_input: bool| DiskError {
+    let fail = |spec: &DesiredDisk, error: String, bad_input: bool| DiskError {
         key: spec.key.clone(),
         spec: spec.origin(),
         error,
@@ -349,7 +349,7 @@ pub fn plan_loaded(
     }
 
     // Two specs whose active images resolve to one file claim one disk.
-    let mut by_active: BTreeMap<PathBuf, &LoadedSpec> = BTreeMap::new();
+    let mut by_active: BTreeMap<PathBuf, &DesiredDisk> = BTreeMap::new();
     let mut claimed_twice = Vec::new();
     for o in &observed {
         let a = o.chain.active().layer.path.clone();

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use diskchain_crd::LoadedSpec;
+use diskchain_crd::DesiredDisk;
 use diskchain_planner::StepAction;
 
 use crate::execute::Executor;
@@ -44,7 +44,7 @@ pub enum Verdict {
 }
 
 /// The points the spec keeps now and the files holding them (bound by `file:` or by the state).
-fn kept_now(spec: &LoadedSpec, roots: &Roots, state: &StateDir) -> BTreeMap<PathBuf, String> {
+fn kept_now(spec: &DesiredDisk, roots: &Roots, state: &StateDir) -> BTreeMap<PathBuf, String> {
     let st = state.load(&spec.key).ok().flatten().unwrap_or_default();
     let mut out = BTreeMap::new();
     for s in &spec.spec().snapshots {
@@ -64,7 +64,7 @@ fn kept_now(spec: &LoadedSpec, roots: &Roots, state: &StateDir) -> BTreeMap<Path
 }
 
 /// Checks the remaining steps of `journal` against the spec as it is now.
-pub fn check(journal: &Journal, spec: &LoadedSpec, roots: &Roots, state: &StateDir) -> Verdict {
+pub fn check(journal: &Journal, spec: &DesiredDisk, roots: &Roots, state: &StateDir) -> Verdict {
     let kept = kept_now(spec, roots, state);
     let planned: BTreeMap<&str, &Path> = journal
         .bindings

@@ -6,7 +6,8 @@
 //! only file access) and knows nothing of images or plans.
 //!
 //! ```text
-//!  specs/web01.yaml ──load_path──▶ [LoadedSpec { file, doc, spec: DiskChainSpec }]
+//!  specs/web01.yaml ──load_path──▶ [DesiredDisk { key, origin, doc: SpecDocument }]
+//!  DiskChain object ──DesiredDisk::from_object──▶ the same, validated alike
 //!                                     │ per spec: names unique, files unique, source exactly one
 //!                                     └ across specs: one active image per spec
 //! ```
@@ -18,7 +19,9 @@ mod load;
 mod types;
 
 pub use key::{DEFAULT_NAMESPACE, DiskKey};
-pub use load::{LoadedSpec, SpecError, SpecErrors, load_path, load_path_lenient, load_str};
+pub use load::{
+    DesiredDisk, Origin, SpecError, SpecErrors, load_path, load_path_lenient, load_str,
+};
 pub use types::{
     API_VERSION, Converge, ConvergeAction, DiskChain, DiskChainSpec, DiskChainStatus, DiskFormat,
     KIND, LibvirtSource, Placement, RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata,

@@ -12,29 +12,105 @@ use std::path::{Component, Path, PathBuf};
 use crate::key::DiskKey;
 use crate::types::{API_VERSION, DiskChainSpec, KIND, SpecDocument};
 
-/// A spec document that parsed and passed validation.
+/// Where a desired disk came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LoadedSpec {
-    /// The file it came from.
-    pub file: PathBuf,
-    /// Its 1-based document number within the file.
-    pub document: usize,
+pub enum Origin {
+    /// A spec file, and the document's 1-based number within it.
+    File {
+        /// The file.
+        file: PathBuf,
+        /// The document.
+        document: usize,
+    },
+    /// A `DiskChain` object of the Kubernetes API.
+    Object {
+        /// Its `metadata.uid`.
+        uid: String,
+        /// Its `metadata.generation`: which edit of the spec this is.
+        generation: i64,
+    },
+}
+
+/// A disk as its spec wants it, past validation: its key, where the spec came from, and the
+/// spec. File mode loads these from YAML ([`load_path`]); Kubernetes mode makes them from
+/// `DiskChain` objects ([`DesiredDisk::from_object`]); everything after is the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredDisk {
     /// `metadata.namespace` (default `default`) and `metadata.name`: the disk's key.
     pub key: DiskKey,
+    /// Where it came from.
+    pub origin: Origin,
     /// The whole document.
     pub doc: SpecDocument,
 }
 
-impl LoadedSpec {
+impl DesiredDisk {
     /// The spec part.
     pub fn spec(&self) -> &DiskChainSpec {
         &self.doc.spec
     }
 
-    /// `file (document N)`, for messages.
+    /// `file (document N)` or `DiskChain NAMESPACE/NAME`, for messages.
     pub fn origin(&self) -> String {
-        origin(&self.file, self.document)
+        match &self.origin {
+            Origin::File { file, document } => origin(file, *document),
+            Origin::Object { .. } => object_origin(&self.key),
+        }
     }
+
+    /// The spec file and document it came from (`None` for a Kubernetes object).
+    pub fn file_document(&self) -> Option<(&Path, usize)> {
+        match &self.origin {
+            Origin::File { file, document } => Some((file, *document)),
+            Origin::Object { .. } => None,
+        }
+    }
+
+    /// The desired disk of a `DiskChain` object, validated as a spec file's document is. Its
+    /// errors name the object (`DiskChain NAMESPACE/NAME`) and the field.
+    pub fn from_object(obj: &crate::DiskChain) -> Result<DesiredDisk, SpecErrors> {
+        let meta = &obj.metadata;
+        let key = DiskKey::new(
+            meta.namespace.as_deref(),
+            meta.name.as_deref().unwrap_or_default(),
+        );
+        let doc = SpecDocument {
+            api_version: API_VERSION.to_string(),
+            kind: KIND.to_string(),
+            metadata: crate::SpecMetadata {
+                name: key.name.clone(),
+                namespace: meta.namespace.clone(),
+                labels: meta.labels.clone().unwrap_or_default(),
+                annotations: meta.annotations.clone().unwrap_or_default(),
+            },
+            spec: obj.spec.clone(),
+        };
+        let here = PathBuf::from(object_origin(&key));
+        let mut errors = Vec::new();
+        validate_document(&doc, &mut |field, message| {
+            errors.push(SpecError {
+                file: here.clone(),
+                document: 0,
+                field: field.to_string(),
+                message,
+            })
+        });
+        if !errors.is_empty() {
+            return Err(SpecErrors(errors));
+        }
+        Ok(DesiredDisk {
+            origin: Origin::Object {
+                uid: meta.uid.clone().unwrap_or_default(),
+                generation: meta.generation.unwrap_or(0),
+            },
+            key,
+            doc,
+        })
+    }
+}
+
+fn object_origin(key: &DiskKey) -> String {
+    format!("DiskChain {}/{}", key.namespace, key.name)
 }
 
 fn origin(file: &Path, document: usize) -> String {
@@ -79,7 +155,7 @@ impl std::error::Error for SpecErrors {}
 
 /// Loads every spec under `path` (a file, or a directory searched recursively for `*.yaml` and
 /// `*.yml`, skipping hidden entries such as `.git`), validates each and the set as a whole.
-pub fn load_path(path: &Path) -> Result<Vec<LoadedSpec>, SpecErrors> {
+pub fn load_path(path: &Path) -> Result<Vec<DesiredDisk>, SpecErrors> {
     let (specs, mut errors) = load_files(path);
     errors.extend(check_disjoint(&specs).0);
     if errors.is_empty() {
@@ -92,12 +168,15 @@ pub fn load_path(path: &Path) -> Result<Vec<LoadedSpec>, SpecErrors> {
 /// Like [`load_path`], but for a long-running agent: a file with errors is left out (its errors
 /// are returned) while every valid spec of the other files is loaded. Specs that conflict with
 /// each other (one name, one disk) are all left out.
-pub fn load_path_lenient(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
+pub fn load_path_lenient(path: &Path) -> (Vec<DesiredDisk>, Vec<SpecError>) {
     let (mut specs, mut errors) = load_files(path);
     let (conflicts, involved) = check_disjoint(&specs);
     if !conflicts.is_empty() {
         // Leave out every spec involved: neither can be trusted to be the operator's intent.
-        specs.retain(|s| !involved.contains(&(s.file.clone(), s.document)));
+        specs.retain(|s| {
+            s.file_document()
+                .is_none_or(|(f, d)| !involved.contains(&(f.to_path_buf(), d)))
+        });
         errors.extend(conflicts);
     }
     (specs, errors)
@@ -113,7 +192,7 @@ pub const MAX_SPEC_BYTES: u64 = 1 << 20;
 /// that directory; one that leaves it is refused without being read, so a parse error can never
 /// print another file's content. Each file and directory is read once, however many names (or
 /// symlink loops) lead to it.
-fn load_files(path: &Path) -> (Vec<LoadedSpec>, Vec<SpecError>) {
+fn load_files(path: &Path) -> (Vec<DesiredDisk>, Vec<SpecError>) {
     let mut errors = Vec::new();
     let mut files: Vec<PathBuf> = Vec::new();
     if path.is_dir() {
@@ -318,7 +397,7 @@ impl Walk<'_> {
 }
 
 /// Parses and validates the documents of one file's text. `file` is used for messages only.
-pub fn load_str(file: &Path, text: &str) -> Result<Vec<LoadedSpec>, SpecErrors> {
+pub fn load_str(file: &Path, text: &str) -> Result<Vec<DesiredDisk>, SpecErrors> {
     // Parse each document on its own so one bad document does not hide the others' errors and
     // each error carries its document number.
     let raw: Vec<serde_json::Value> =
@@ -370,9 +449,11 @@ pub fn load_str(file: &Path, text: &str) -> Result<Vec<LoadedSpec>, SpecErrors> 
                 let before = errors.len();
                 validate_document(&doc, &mut |f, m| errors.push(err(f, m)));
                 if errors.len() == before {
-                    specs.push(LoadedSpec {
-                        file: file.to_path_buf(),
-                        document,
+                    specs.push(DesiredDisk {
+                        origin: Origin::File {
+                            file: file.to_path_buf(),
+                            document,
+                        },
                         key: DiskKey::new(doc.metadata.namespace.as_deref(), &doc.metadata.name),
                         doc,
                     });
@@ -621,16 +702,17 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
 
 /// Checks across specs: keys (namespace and name) unique, and no disk claimed twice. Returns
 /// the errors and every document involved in one (both sides).
-fn check_disjoint(specs: &[LoadedSpec]) -> (Vec<SpecError>, BTreeSet<(PathBuf, usize)>) {
+fn check_disjoint(specs: &[DesiredDisk]) -> (Vec<SpecError>, BTreeSet<(PathBuf, usize)>) {
     let mut errors = Vec::new();
     let mut involved = BTreeSet::new();
-    let mut keys: BTreeMap<&DiskKey, &LoadedSpec> = BTreeMap::new();
-    let mut disks: BTreeMap<String, &LoadedSpec> = BTreeMap::new();
+    let mut keys: BTreeMap<&DiskKey, &DesiredDisk> = BTreeMap::new();
+    let mut disks: BTreeMap<String, &DesiredDisk> = BTreeMap::new();
     for s in specs {
         if let Some(other) = keys.insert(&s.key, s) {
+            let (file, document) = s.file_document().unwrap_or((Path::new("-"), 0));
             errors.push(SpecError {
-                file: s.file.clone(),
-                document: s.document,
+                file: file.to_path_buf(),
+                document,
                 field: "metadata.name".into(),
                 message: format!(
                     "{:?} in namespace {:?} is also the name of the spec in {}; disk names must be unique within a namespace",
@@ -639,8 +721,8 @@ fn check_disjoint(specs: &[LoadedSpec]) -> (Vec<SpecError>, BTreeSet<(PathBuf, u
                     other.origin()
                 ),
             });
-            involved.insert((s.file.clone(), s.document));
-            involved.insert((other.file.clone(), other.document));
+            involved.extend(s.file_document().map(|(f, d)| (f.to_path_buf(), d)));
+            involved.extend(other.file_document().map(|(f, d)| (f.to_path_buf(), d)));
         }
         let disk = match (&s.spec().source.file, &s.spec().source.libvirt) {
             (Some(f), _) => format!("file:{}", normalize(f).display()),
@@ -648,9 +730,10 @@ fn check_disjoint(specs: &[LoadedSpec]) -> (Vec<SpecError>, BTreeSet<(PathBuf, u
             (None, None) => continue,
         };
         if let Some(other) = disks.insert(disk, s) {
+            let (file, document) = s.file_document().unwrap_or((Path::new("-"), 0));
             errors.push(SpecError {
-                file: s.file.clone(),
-                document: s.document,
+                file: file.to_path_buf(),
+                document,
                 field: "spec.source".into(),
                 message: format!(
                     "claims the same disk as {:?} in {}; one disk is managed by one spec",
@@ -658,8 +741,8 @@ fn check_disjoint(specs: &[LoadedSpec]) -> (Vec<SpecError>, BTreeSet<(PathBuf, u
                     other.origin()
                 ),
             });
-            involved.insert((s.file.clone(), s.document));
-            involved.insert((other.file.clone(), other.document));
+            involved.extend(s.file_document().map(|(f, d)| (f.to_path_buf(), d)));
+            involved.extend(other.file_document().map(|(f, d)| (f.to_path_buf(), d)));
         }
     }
     (errors, involved)
@@ -747,7 +830,7 @@ fn check_point_name(name: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn load(text: &str) -> Result<Vec<LoadedSpec>, SpecErrors> {
+    fn load(text: &str) -> Result<Vec<DesiredDisk>, SpecErrors> {
         load_str(Path::new("/specs/web.yaml"), text)
     }
 
@@ -786,8 +869,11 @@ spec:
         let two = format!("{GOOD}---\n{}", GOOD.replace("web01", "web02"));
         let specs = load(&two).unwrap();
         assert_eq!(
-            specs.iter().map(|s| s.document).collect::<Vec<_>>(),
-            vec![1, 2]
+            specs
+                .iter()
+                .map(|s| s.file_document().map(|(_, d)| d))
+                .collect::<Vec<_>>(),
+            vec![Some(1), Some(2)]
         );
     }
 
@@ -923,6 +1009,43 @@ spec:
         let e = load(&in_namespace("Team_A", "/i/a.qcow2")).unwrap_err();
         assert_eq!(e.0[0].field, "metadata.namespace");
         assert!(e.0[0].message.contains("\"Team_A\" is not allowed"), "{e}");
+    }
+
+    fn object(spec_yaml: &str) -> crate::DiskChain {
+        let doc: SpecDocument = serde_saphyr::from_str(spec_yaml).unwrap();
+        let mut obj = crate::DiskChain::new(&doc.metadata.name, doc.spec);
+        obj.metadata.namespace = Some("team-a".into());
+        obj.metadata.uid = Some("0b7e-uid".into());
+        obj.metadata.generation = Some(7);
+        obj
+    }
+
+    #[test]
+    fn a_kubernetes_object_becomes_the_same_desired_disk_as_its_file() {
+        let d = DesiredDisk::from_object(&object(GOOD)).unwrap();
+        assert_eq!(d.key, DiskKey::new(Some("team-a"), "web01-vda"));
+        assert_eq!(
+            d.origin,
+            Origin::Object {
+                uid: "0b7e-uid".into(),
+                generation: 7
+            }
+        );
+        assert_eq!(d.origin(), "DiskChain team-a/web01-vda");
+        assert_eq!(d.file_document(), None);
+        assert_eq!(d.spec(), load(GOOD).unwrap()[0].spec());
+    }
+
+    #[test]
+    fn a_bad_kubernetes_object_is_refused_naming_the_object_and_field() {
+        let bad = GOOD.replace("file: /var/lib/images/web01.qcow2", "file: web01.qcow2");
+        let e = DesiredDisk::from_object(&object(&bad)).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("DiskChain team-a/web01-vda: spec.source.file:"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use diskchain_crd::{DiskKey, LoadedSpec, load_path_lenient};
+use diskchain_crd::{DesiredDisk, DiskKey, load_path_lenient};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -94,7 +94,7 @@ pub struct DiskTrack {
 
 /// The disk's journal (size and modification time) and spec, as one comparable string; `None`
 /// when there is no journal.
-fn park_key(state: &StateDir, spec: &LoadedSpec) -> Option<String> {
+fn park_key(state: &StateDir, spec: &DesiredDisk) -> Option<String> {
     let meta = std::fs::metadata(state.journal_file(&spec.key)).ok()?;
     Some(format!(
         "{}:{:?}:{}",
@@ -380,7 +380,7 @@ impl Agent {
                 self.tracks.remove(&n);
             }
         }
-        let mut candidates: Vec<LoadedSpec> = Vec::new();
+        let mut candidates: Vec<DesiredDisk> = Vec::new();
         for s in specs {
             if s.spec().suspend {
                 self.track(&s.key).result = Outcome::Suspended;
@@ -508,9 +508,9 @@ impl Agent {
     fn may_start(
         &mut self,
         key: &DiskKey,
-        candidates: &[LoadedSpec],
+        candidates: &[DesiredDisk],
         now: Instant,
-    ) -> Option<LoadedSpec> {
+    ) -> Option<DesiredDisk> {
         let spec = candidates.iter().find(|s| s.key == *key).cloned()?;
         let parked = park_key(&self.opts.state, &spec);
         let t = self.track(key);
@@ -525,7 +525,7 @@ impl Agent {
         Some(spec)
     }
 
-    fn start(&mut self, spec: LoadedSpec) {
+    fn start(&mut self, spec: DesiredDisk) {
         let key = spec.key.clone();
         self.running.insert(key.clone());
         let permits = self.permits.clone();
