@@ -796,15 +796,6 @@ pub(crate) fn set_aside(
     )
 }
 
-/// Prints a line on stdout; a closed stdout (a pipe whose reader went away) is not an error
-/// worth stopping a plan for: the journal and the logs keep the record.
-pub(crate) fn writeln_out(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    out.write_fmt(args)?;
-    out.write_all(b"\n")
-}
-
 /// `diskchain set-aside --disk [NAMESPACE/]NAME`: sets the disk's journal aside, if it has one
 /// (holding the disk's lock, so no apply or agent works on it meanwhile).
 pub fn set_aside_disk(

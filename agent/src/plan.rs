@@ -422,8 +422,17 @@ pub fn plan_loaded(
             Ok(r) => r,
             Err(e) => {
                 let mut err = fail(o.spec, e.to_string(), BindError::is_bad_input(&e));
-                if matches!(e, BindError::InUse { .. }) {
+                if let BindError::InUse { file, .. } = &e {
                     err.kind = ErrorKind::InUse;
+                    // The holder may be diskchain itself: a step of another disk sharing this
+                    // layer (in an agent, or an apply beside it) reads or writes it now.
+                    if state.file_busy(file) {
+                        err.error = format!(
+                            "{}: layer {} is being read or written by a diskchain step of another disk that shares it (an agent, or an apply beside it); nothing was done: try again when that step is done (the agent retries by itself)",
+                            o.spec.origin(),
+                            file.display()
+                        );
+                    }
                 }
                 report.errors.push(err);
                 continue;

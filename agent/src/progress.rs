@@ -113,7 +113,7 @@ impl Progress for Terminal {
 
     fn step_done(&self, disk: &DiskKey, index: usize, total: usize, r: &StepRecord) {
         self.clear();
-        let _ = crate::apply::writeln_out(format_args!(
+        let _ = writeln_out(format_args!(
             "{} done: {} predicted, {} written by QEMU, {:.2} s",
             Self::label(disk, index, total, &r.op),
             human_bytes(r.predicted_bytes),
@@ -127,6 +127,15 @@ impl Progress for Terminal {
     }
 
     fn note(&self, disk: &DiskKey, message: &str) {
-        let _ = crate::apply::writeln_out(format_args!("{disk}: {message}"));
+        let _ = writeln_out(format_args!("{disk}: {message}"));
     }
+}
+
+/// Prints a line on stdout; a closed stdout (a pipe whose reader went away) is not an error
+/// worth stopping a plan for: the journal and the logs keep the record.
+fn writeln_out(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)?;
+    out.write_all(b"\n")
 }

@@ -346,29 +346,17 @@ impl StateDir {
         waiting: &mut dyn FnMut(&Path),
         give_up: &dyn Fn() -> bool,
     ) -> Result<Option<Vec<nix::fcntl::Flock<std::fs::File>>>, StateError> {
-        use sha2::Digest;
         let dir = self.dir.join("locks").join("files");
         std::fs::create_dir_all(&dir).map_err(|source| StateError::Io {
             action: "create",
             path: dir.clone(),
             source,
         })?;
-        // One name per file however it is spelled: the canonical directory and the file name
-        // (the file itself may not exist yet).
-        let key = |p: &Path| -> PathBuf {
-            p.parent()
-                .and_then(|d| d.canonicalize().ok())
-                .map(|d| d.join(p.file_name().unwrap_or_default()))
-                .unwrap_or_else(|| p.to_path_buf())
-        };
         let mut wanted: BTreeMap<String, (PathBuf, bool)> = BTreeMap::new();
         for (files, exclusive) in [(reads, false), (writes, true)] {
             for f in files {
-                let k = key(f);
-                let name = format!(
-                    "{:x}.lock",
-                    sha2::Sha256::digest(k.as_os_str().as_encoded_bytes())
-                );
+                let k = file_lock_key(f);
+                let name = file_lock_name(&k);
                 let e = wanted.entry(name).or_insert((k, exclusive));
                 e.1 |= exclusive;
             }
@@ -421,6 +409,23 @@ impl StateDir {
         Ok(Some(held))
     }
 
+    /// True when a diskchain step (of this process or another using this state directory) holds
+    /// the lock of file `p`: it is reading or writing it now.
+    pub fn file_busy(&self, p: &Path) -> bool {
+        let path = self
+            .dir
+            .join("locks")
+            .join("files")
+            .join(file_lock_name(&file_lock_key(p)));
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            return false;
+        };
+        matches!(
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK))
+        )
+    }
+
     /// The journal file of disk `key`.
     pub fn journal_file(&self, key: &DiskKey) -> PathBuf {
         self.dir
@@ -459,6 +464,23 @@ impl StateDir {
     pub fn legacy_journal_file(&self, name: &str) -> PathBuf {
         self.dir.join("journal").join(format!("{name}.json"))
     }
+}
+
+/// One name per file however it is spelled: the canonical directory and the file name (the file
+/// itself may not exist yet).
+fn file_lock_key(p: &Path) -> PathBuf {
+    p.parent()
+        .and_then(|d| d.canonicalize().ok())
+        .map(|d| d.join(p.file_name().unwrap_or_default()))
+        .unwrap_or_else(|| p.to_path_buf())
+}
+
+fn file_lock_name(key: &Path) -> String {
+    use sha2::Digest;
+    format!(
+        "{:x}.lock",
+        sha2::Sha256::digest(key.as_os_str().as_encoded_bytes())
+    )
 }
 
 /// Reads a JSON record; `None` when the file does not exist.
@@ -608,6 +630,22 @@ mod tests {
         assert_eq!(s.load(&prod).unwrap(), Some(rec));
         assert_eq!(s.load(&other).unwrap(), None);
         assert_eq!(s.legacy_owner_conflict(&prod, &[&prod, &other]), None);
+    }
+
+    #[test]
+    fn a_file_a_step_holds_is_busy_until_the_step_lets_go() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path().join("state"));
+        let f = d.path().join("base.qcow2");
+        assert!(!s.file_busy(&f));
+        let held = s
+            .lock_files(&[], &[f.as_path()], &mut |_| {}, &|| false)
+            .unwrap()
+            .unwrap();
+        // However the path is spelled.
+        assert!(s.file_busy(&d.path().join(".").join("base.qcow2")));
+        drop(held);
+        assert!(!s.file_busy(&f));
     }
 
     #[test]

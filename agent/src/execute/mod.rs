@@ -3,7 +3,7 @@
 //! interrupted or finished step again is safe, which is what journal recovery relies on.
 //!
 //! Backends: [`offline::Offline`] drives `qemu-img` on images no process has open;
-//! the libvirt backend (`crate::libvirt`, feature `libvirt`, a sibling that depends on this module)
+//! the libvirt backend (the sibling module `libvirt`, feature `libvirt`, which depends on this one)
 //! implements [`Executor`] with libvirt's block jobs on the disks of
 //! running VMs.
 
