@@ -373,6 +373,29 @@ pub fn apply_loaded(
     Ok(report)
 }
 
+/// Reconciles one desired disk: observe, validate, bind, plan, and execute journaled (an
+/// unfinished plan first), in rounds until the chain is the spec's, then record. The agent calls
+/// this per disk (and a Kubernetes driver will); `plan` and `apply` run the same stages over all
+/// their disks at once (one host scan, and the check that no two specs claim one disk).
+pub fn reconcile_disk(
+    disk: &DesiredDisk,
+    roots: &Roots,
+    state: &StateDir,
+    options: ApplyOptions,
+) -> crate::outcome::DiskResult {
+    match apply_loaded(std::slice::from_ref(disk), roots, state, options) {
+        Ok(report) => report.result_of(&disk.key),
+        Err(e) => crate::outcome::DiskResult {
+            key: disk.key.clone(),
+            outcome: crate::outcome::Outcome::Failed,
+            message: Some(e.to_string()),
+            steps: Vec::new(),
+            predicted_bytes: 0,
+            written_bytes: 0,
+        },
+    }
+}
+
 /// What one apply collects across its disks.
 #[derive(Default)]
 struct Collect {

@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 
 pub use metrics::Metrics;
 
-use crate::apply::{ApplyOptions, ApplyReport, StepRecord, apply_loaded};
+use crate::apply::{ApplyOptions, StepRecord, reconcile_disk};
 use crate::execute::{ExecOptions, terminate_running};
 use crate::journal::{Journal, now_unix};
 use crate::observe::Roots;
@@ -184,7 +184,7 @@ async fn watchdog(shared: Arc<Shared>) {
     }
 }
 
-type TaskResult = (DiskKey, Result<ApplyReport, String>);
+type TaskResult = (DiskKey, Result<crate::outcome::DiskResult, String>);
 
 struct Agent {
     opts: AgentOptions,
@@ -540,15 +540,10 @@ impl Agent {
         };
         self.tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let result = tokio::task::spawn_blocking(move || {
-                apply_loaded(std::slice::from_ref(&spec), &roots, &state, options)
-            })
-            .await;
-            let result = match result {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(format!("the reconcile task failed: {e}")),
-            };
+            let result =
+                tokio::task::spawn_blocking(move || reconcile_disk(&spec, &roots, &state, options))
+                    .await
+                    .map_err(|e| format!("the reconcile task failed: {e}"));
             (key, result)
         });
     }
@@ -558,10 +553,7 @@ impl Agent {
         let m = &self.shared.metrics;
         let (result, error) = match result {
             Err(e) => (Outcome::Failed, Some(e)),
-            Ok(report) => {
-                let r = report.result_of(&key);
-                (r.outcome, r.message)
-            }
+            Ok(r) => (r.outcome, r.message),
         };
         m.reconciles
             .get_or_create(&metrics::ResultLabels {
