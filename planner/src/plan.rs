@@ -692,130 +692,35 @@ fn plan_runs(
         };
         let (chosen, choice) = alts.remove(best);
         let choice = choice.expect("filtered to allowed choices");
-        let what = if is_active {
-            "the active layer".to_string()
-        } else {
-            format!("point {point:?}")
+        let mut walk = Walk {
+            stale,
+            chain_below: chain_below.take(),
+            cur_active: cur_active.clone(),
+            taken_over: taken_over.take(),
         };
-        let holder_file = match choice {
-            Choice::Hold(k) => {
-                let c = &costs.holders[k];
-                let h = run[k];
-                if h != u {
-                    steps.push(Step {
-                        action: StepAction::Commit {
-                            base: paths[h].clone(),
-                            top: paths[u].clone(),
-                            layers: paths[h + 1..=u].to_vec(),
-                        },
-                        bytes: c.commit_bytes,
-                        zero_bytes: c.commit_zero,
-                        reason: format!("{} now holds {what}", paths[h].display()),
-                    });
-                }
-                if k > 0 {
-                    steps.push(Step {
-                        action: StepAction::Stream {
-                            into: paths[h].clone(),
-                            base: base.clone(),
-                            layers: paths[lo..h].to_vec(),
-                        },
-                        bytes: c.stream_bytes,
-                        zero_bytes: c.stream_zero,
-                        reason: format!("pull the removed layers into {what}"),
-                    });
-                } else if let (true, Some(b)) = (stale, &base) {
-                    steps.push(rebase_step(&paths[h], b));
-                }
-                // Offline, the layer above `u` still records `u` until re-pointed; a live
-                // commit re-points it when the job completes.
-                stale = h != u && !req.mode.is_live();
-                if is_active && h != u && !req.mode.is_live() {
-                    // The holder takes the active image's path: nothing above records it.
-                    steps.push(Step {
-                        action: StepAction::TakeOver {
-                            holder: paths[h].clone(),
-                            active: paths[u].clone(),
-                            between: paths[h + 1..u].to_vec(),
-                        },
-                        bytes: 0,
-                        zero_bytes: 0,
-                        reason: format!(
-                            "{} reads as the active image and takes its path ({} with the old active file's owner, mode and attributes): committing {} wrote less than streaming into the active layer",
-                            paths[h].display(),
-                            paths[u].display(),
-                            paths[u].display()
-                        ),
-                    });
-                    taken_over = Some(paths[h].clone());
-                    stale = false;
-                    chain_below = Some(paths[u].clone());
-                    paths[u].clone()
-                } else {
-                    if is_active {
-                        cur_active = paths[h].clone();
-                    }
-                    chain_below = Some(paths[h].clone());
-                    paths[h].clone()
-                }
-            }
-            Choice::Mirror(to) => {
-                if let (Some(_), false) = (&base, removes.is_empty()) {
-                    let c = &costs.holders[run.len() - 1];
-                    steps.push(Step {
-                        action: StepAction::Stream {
-                            into: paths[u].clone(),
-                            base: chain_below.clone(),
-                            layers: paths[lo..u].to_vec(),
-                        },
-                        bytes: c.stream_bytes,
-                        zero_bytes: c.stream_zero,
-                        reason: "pull the removed layers into the active layer".into(),
-                    });
-                }
-                steps.push(Step {
-                    action: StepAction::Mirror {
-                        from: paths[u].clone(),
-                        to: to.clone(),
-                        backing: base.clone(),
-                    },
-                    bytes: costs.copy.bytes(),
-                    zero_bytes: costs.copy.zero_bytes(),
-                    reason: match &base {
-                        Some(b) => format!(
-                            "the active layer moves onto {} (libvirt block copy, then pivot)",
-                            b.display()
-                        ),
-                        None => "the whole chain is copied into the active layer's new file (libvirt block copy, then pivot)".into(),
-                    },
-                });
-                stale = false;
-                cur_active = to.clone();
-                chain_below = Some(to.clone());
-                to
-            }
-            Choice::Identity => {
-                // Nothing moves: the layer above the run re-points to `h` with the next write.
-                stale = true;
-                chain_below = Some(paths[u].clone());
-                paths[run[0]].clone()
-            }
-            Choice::Copy(to) => {
-                steps.push(Step {
-                    action: StepAction::Copy {
-                        layers: paths[lo..=u].to_vec(),
-                        to: to.clone(),
-                        backing: base.clone(),
-                    },
-                    bytes: costs.copy.bytes(),
-                    zero_bytes: costs.copy.zero_bytes(),
-                    reason: format!("point {point:?} moves into spec.placement.directory"),
-                });
-                stale = true;
-                chain_below = Some(paths[u].clone());
-                to
-            }
-        };
+        let holder_file = emit(
+            req,
+            ch,
+            &Run {
+                u,
+                point: &point,
+                run: &run,
+                live_mirror,
+                stale,
+                pulls: base.is_some() && !removes.is_empty(),
+            },
+            &base,
+            &costs,
+            choice,
+            &mut walk,
+            steps,
+        );
+        Walk {
+            stale,
+            chain_below,
+            cur_active,
+            taken_over,
+        } = walk;
         decisions.push(RunDecision {
             point: point.clone(),
             removes,
@@ -1032,6 +937,166 @@ fn alternatives(
         ));
     }
     alts
+}
+
+/// Where the walk up the chain is between runs (see `plan_runs`).
+struct Walk {
+    /// The layer above the previous holder still records the previous point's old file.
+    stale: bool,
+    /// Live: the file directly below the next run in the running chain.
+    chain_below: Option<PathBuf>,
+    /// The active image's file.
+    cur_active: PathBuf,
+    /// The layer that took the active image's path (offline), if one did.
+    taken_over: Option<PathBuf>,
+}
+
+/// Stage 3b: the steps that carry out `choice` for run `r` (below it, the previous point is held
+/// by `base`). Returns the file that holds the run's point after them.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    req: &DiskRequest,
+    ch: &Chain<'_>,
+    r: &Run<'_>,
+    base: &Option<PathBuf>,
+    costs: &crate::search::RunCosts,
+    choice: Choice,
+    walk: &mut Walk,
+    steps: &mut Vec<Step>,
+) -> PathBuf {
+    let (paths, u, run, point) = (&ch.paths, r.u, r.run, r.point);
+    let lo = run[0];
+    let is_active = u == ch.active;
+    let what = if is_active {
+        "the active layer".to_string()
+    } else {
+        format!("point {point:?}")
+    };
+    let Walk {
+        stale,
+        chain_below,
+        cur_active,
+        taken_over,
+    } = walk;
+    match choice {
+        Choice::Hold(k) => {
+            let c = &costs.holders[k];
+            let h = run[k];
+            if h != u {
+                steps.push(Step {
+                    action: StepAction::Commit {
+                        base: paths[h].clone(),
+                        top: paths[u].clone(),
+                        layers: paths[h + 1..=u].to_vec(),
+                    },
+                    bytes: c.commit_bytes,
+                    zero_bytes: c.commit_zero,
+                    reason: format!("{} now holds {what}", paths[h].display()),
+                });
+            }
+            if k > 0 {
+                steps.push(Step {
+                    action: StepAction::Stream {
+                        into: paths[h].clone(),
+                        base: base.clone(),
+                        layers: paths[lo..h].to_vec(),
+                    },
+                    bytes: c.stream_bytes,
+                    zero_bytes: c.stream_zero,
+                    reason: format!("pull the removed layers into {what}"),
+                });
+            } else if let (true, Some(b)) = (*stale, base) {
+                steps.push(rebase_step(&paths[h], b));
+            }
+            // Offline, the layer above `u` still records `u` until re-pointed; a live
+            // commit re-points it when the job completes.
+            *stale = h != u && !req.mode.is_live();
+            if is_active && h != u && !req.mode.is_live() {
+                // The holder takes the active image's path: nothing above records it.
+                steps.push(Step {
+                    action: StepAction::TakeOver {
+                        holder: paths[h].clone(),
+                        active: paths[u].clone(),
+                        between: paths[h + 1..u].to_vec(),
+                    },
+                    bytes: 0,
+                    zero_bytes: 0,
+                    reason: format!(
+                        "{} reads as the active image and takes its path ({} with the old active file's owner, mode and attributes): committing {} wrote less than streaming into the active layer",
+                        paths[h].display(),
+                        paths[u].display(),
+                        paths[u].display()
+                    ),
+                });
+                *taken_over = Some(paths[h].clone());
+                *stale = false;
+                *chain_below = Some(paths[u].clone());
+                paths[u].clone()
+            } else {
+                if is_active {
+                    *cur_active = paths[h].clone();
+                }
+                *chain_below = Some(paths[h].clone());
+                paths[h].clone()
+            }
+        }
+        Choice::Mirror(to) => {
+            if r.pulls {
+                let c = &costs.holders[run.len() - 1];
+                steps.push(Step {
+                    action: StepAction::Stream {
+                        into: paths[u].clone(),
+                        base: chain_below.clone(),
+                        layers: paths[lo..u].to_vec(),
+                    },
+                    bytes: c.stream_bytes,
+                    zero_bytes: c.stream_zero,
+                    reason: "pull the removed layers into the active layer".into(),
+                });
+            }
+            steps.push(Step {
+                action: StepAction::Mirror {
+                    from: paths[u].clone(),
+                    to: to.clone(),
+                    backing: base.clone(),
+                },
+                bytes: costs.copy.bytes(),
+                zero_bytes: costs.copy.zero_bytes(),
+                reason: match base {
+                    Some(b) => format!(
+                        "the active layer moves onto {} (libvirt block copy, then pivot)",
+                        b.display()
+                    ),
+                    None => "the whole chain is copied into the active layer's new file (libvirt block copy, then pivot)".into(),
+                },
+            });
+            *stale = false;
+            *cur_active = to.clone();
+            *chain_below = Some(to.clone());
+            to
+        }
+        Choice::Identity => {
+            // Nothing moves: the layer above the run re-points to `h` with the next write.
+            *stale = true;
+            *chain_below = Some(paths[u].clone());
+            paths[run[0]].clone()
+        }
+        Choice::Copy(to) => {
+            steps.push(Step {
+                action: StepAction::Copy {
+                    layers: paths[lo..=u].to_vec(),
+                    to: to.clone(),
+                    backing: base.clone(),
+                },
+                bytes: costs.copy.bytes(),
+                zero_bytes: costs.copy.zero_bytes(),
+                reason: format!("point {point:?} moves into spec.placement.directory"),
+            });
+            *stale = true;
+            *chain_below = Some(paths[u].clone());
+            to
+        }
+    }
 }
 
 /// Stage 4: the new snapshots on top, in order. Live, the active image becomes the point and a
