@@ -129,7 +129,8 @@ pub enum Command {
     /// when, and why): the interrupted step is tidied so every view reads as before it, points
     /// that finished steps moved are recorded, and the journal is kept as
     /// `journal/NAMESPACE/NAME.set-aside-TIME.json`. The next plan starts from the chain as it is.
-    /// Exit 0: set aside, or nothing to set aside; 1: it failed (nothing was changed).
+    /// Exit 0: set aside, or nothing to set aside; 1: it failed (nothing was changed); 2: `--disk`
+    /// is not a valid NAME or NAMESPACE/NAME (nothing was touched).
     SetAside {
         /// The disk: `metadata.name`, or `NAMESPACE/NAME` for a spec with a
         /// `metadata.namespace` other than `default`.

@@ -145,26 +145,37 @@ fn main() {
                 Err(e) => fatal(e),
             }
         }
-        Command::SetAside { disk } => {
-            let disk = diskchain_crd::DiskKey::parse(&disk);
-            match apply::set_aside_disk(&disk, &cli.allowed_roots, &StateDir::new(&cli.state_dir)) {
-                Ok(Some(to)) => {
-                    out!(
-                        "disk {disk}: the unfinished plan was set aside as {}; the next plan starts from the chain as it is",
-                        to.display()
-                    );
-                    0
-                }
-                Ok(None) => {
-                    out!("disk {disk}: no unfinished plan; nothing to do");
-                    0
-                }
-                Err(e) => {
-                    eprintln!("error: disk {disk}: {e}");
-                    1
+        Command::SetAside { disk } => match diskchain_crd::DiskKey::parse(&disk) {
+            Err(e) => {
+                eprintln!(
+                    "error: --disk {disk:?}: {e}; give NAME or NAMESPACE/NAME as the spec's metadata has them. Nothing was done"
+                );
+                2
+            }
+            Ok(disk) => {
+                match apply::set_aside_disk(
+                    &disk,
+                    &cli.allowed_roots,
+                    &StateDir::new(&cli.state_dir),
+                ) {
+                    Ok(Some(to)) => {
+                        out!(
+                            "disk {disk}: the unfinished plan was set aside as {}; the next plan starts from the chain as it is",
+                            to.display()
+                        );
+                        0
+                    }
+                    Ok(None) => {
+                        out!("disk {disk}: no unfinished plan; nothing to do");
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("error: disk {disk}: {e}");
+                        1
+                    }
                 }
             }
-        }
+        },
     };
     // Output that could not be written (stdout closed) is a failure to report, unless the
     // command already failed for a reason of its own.

@@ -40,12 +40,18 @@ impl DiskKey {
     }
 
     /// Reads `NAME` (the default namespace) or `NAMESPACE/NAME`, as [`DiskKey`]'s `Display`
-    /// writes it.
-    pub fn parse(s: &str) -> DiskKey {
-        match s.split_once('/') {
-            Some((ns, name)) => DiskKey::new(Some(ns), name),
-            None => DiskKey::new(None, s),
+    /// writes it, with the rules a spec's metadata follows (so a key never names a path outside
+    /// the state directory).
+    pub fn parse(s: &str) -> Result<DiskKey, String> {
+        let (ns, name) = match s.split_once('/') {
+            Some((ns, name)) => (Some(ns), name),
+            None => (None, s),
+        };
+        if let Some(ns) = ns {
+            check_namespace(ns).map_err(|m| format!("namespace {m}"))?;
         }
+        check_name(name).map_err(|m| format!("name {m}"))?;
+        Ok(DiskKey::new(ns, name))
     }
 
     /// True in the default namespace.
@@ -66,6 +72,42 @@ impl fmt::Display for DiskKey {
     }
 }
 
+/// `metadata.name`: a Kubernetes object name.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not allowed; use a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
+        ))
+    }
+}
+
+/// `metadata.namespace`: a Kubernetes namespace name.
+pub(crate) fn check_namespace(ns: &str) -> Result<(), String> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && ns.as_bytes()[0].is_ascii_alphanumeric()
+        && ns.as_bytes()[ns.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{ns:?} is not allowed; use a Kubernetes namespace name: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,7 +121,10 @@ mod tests {
         let p = DiskKey::new(Some("prod"), "vda");
         assert_eq!(p.to_string(), "prod/vda");
         assert_ne!(p, d);
-        assert_eq!(DiskKey::parse("prod/vda"), p);
-        assert_eq!(DiskKey::parse("vda"), d);
+        assert_eq!(DiskKey::parse("prod/vda"), Ok(p));
+        assert_eq!(DiskKey::parse("vda"), Ok(d));
+        for bad in ["../x", "a/b/c", "Prod/vda", "", "prod/", "/vda"] {
+            assert!(DiskKey::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -565,11 +565,11 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
             format!("is {:?}; only {KIND:?} is allowed", doc.kind),
         );
     }
-    if let Err(m) = check_disk_name(&doc.metadata.name) {
+    if let Err(m) = crate::key::check_name(&doc.metadata.name) {
         push("metadata.name", m);
     }
     if let Some(ns) = &doc.metadata.namespace
-        && let Err(m) = check_namespace(ns)
+        && let Err(m) = crate::key::check_namespace(ns)
     {
         push("metadata.namespace", m);
     }
@@ -774,40 +774,6 @@ fn check_abs_path(p: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn check_disk_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not allowed; use a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
-        ))
-    }
-}
-
-fn check_namespace(ns: &str) -> Result<(), String> {
-    let ok = !ns.is_empty()
-        && ns.len() <= 63
-        && ns
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && ns.as_bytes()[0].is_ascii_alphanumeric()
-        && ns.as_bytes()[ns.len() - 1].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{ns:?} is not allowed; use a Kubernetes namespace name: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
-        ))
-    }
 }
 
 fn check_point_name(name: &str) -> Result<(), String> {

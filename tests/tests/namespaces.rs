@@ -257,3 +257,20 @@ fn a_journal_from_before_namespaces_is_resumed_and_moved() {
     }
     assert!(env.record("vda").exists());
 }
+
+#[test]
+fn set_aside_refuses_a_disk_name_that_leaves_the_state_directory() {
+    let env = Env::new();
+    for bad in ["../../escaped", "../x/../../escaped", "Prod/vda", "a/b/c"] {
+        let out = env
+            .diskchain(&["set-aside", "--disk", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: bad input");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--disk"), "{bad}: {err}");
+    }
+    // Nothing was created outside the state directory (nor inside it).
+    assert!(!env.dir.path().join("escaped.lock").exists());
+    assert!(!env.state().exists(), "the state directory was touched");
+}
