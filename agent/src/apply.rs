@@ -385,14 +385,7 @@ pub fn reconcile_disk(
 ) -> crate::outcome::DiskResult {
     match apply_loaded(std::slice::from_ref(disk), roots, state, options) {
         Ok(report) => report.result_of(&disk.key),
-        Err(e) => crate::outcome::DiskResult {
-            key: disk.key.clone(),
-            outcome: crate::outcome::Outcome::Failed,
-            message: Some(e.to_string()),
-            steps: Vec::new(),
-            predicted_bytes: 0,
-            written_bytes: 0,
-        },
+        Err(e) => crate::outcome::DiskResult::failed(&disk.key, e.to_string()),
     }
 }
 

@@ -80,3 +80,17 @@ pub struct DiskResult {
     /// Bytes the QEMU processes wrote for them.
     pub written_bytes: u64,
 }
+
+impl DiskResult {
+    /// A reconcile of `key` that failed before it ran any step, with why.
+    pub fn failed(key: &DiskKey, message: String) -> DiskResult {
+        DiskResult {
+            key: key.clone(),
+            outcome: Outcome::Failed,
+            message: Some(message),
+            steps: Vec::new(),
+            predicted_bytes: 0,
+            written_bytes: 0,
+        }
+    }
+}

@@ -565,22 +565,21 @@ fn plan_runs(
 
     let mut prev: Option<usize> = None; // chain position of the previous kept point
     let mut prev_holder: Option<PathBuf> = None; // the file holding it now
-    // True when the layer above the previous holder still records the previous point's old file
-    // as its backing: the next write above must re-point it (a stream does so by itself, reading
-    // through the old files, whose content commits and copies leave in place).
-    let mut stale = false;
+    // Where the walk is (`stale`: the layer above the previous holder still records the previous
+    // point's old file as its backing, so the next write above must re-point it; a stream does so
+    // by itself, reading through the old files, whose content commits and copies leave in place).
+    let mut walk = Walk {
+        stale: false,
+        chain_below: None,
+        cur_active: paths[active].clone(),
+        taken_over: None,
+    };
     let mut tops: Vec<(usize, String)> = kept
         .iter()
         .zip(&req.keep)
         .map(|(&p, k)| (p, k.name.clone()))
         .collect();
     tops.push((active, "active".to_string()));
-    // Live: the file directly below the next run in the running chain (a copy leaves the old
-    // file there until the active layer is mirrored onto the copies), and the active image.
-    let mut chain_below: Option<PathBuf> = None;
-    let mut cur_active = paths[active].clone();
-    // The layer that took the active image's path (offline), if one did.
-    let mut taken_over: Option<PathBuf> = None;
 
     for (u, point) in tops {
         let lo = prev.map_or(0, |p| p + 1);
@@ -589,10 +588,10 @@ fn plan_runs(
         let is_active = u == active;
         // Live, a backing layer cannot be re-pointed in place: once a point below moved to a
         // copy, every point above moves too, and the active layer is mirrored onto them.
-        let must_move = !is_active && (!in_dir(&paths[u]) || (req.mode.is_live() && stale));
+        let must_move = !is_active && (!in_dir(&paths[u]) || (req.mode.is_live() && walk.stale));
         let live_mirror = req.mode.is_live()
             && is_active
-            && (stale || (req.placement.is_some() && !in_dir(&paths[u])));
+            && (walk.stale || (req.placement.is_some() && !in_dir(&paths[u])));
         let base = prev_holder.clone();
         let blocked = |layer: usize, removing: Vec<String>| PlanError::BlockedByShared {
             disk: req.name.clone(),
@@ -604,7 +603,7 @@ fn plan_runs(
                 .unwrap_or_else(|| paths[layer].clone()),
         };
         if removes.is_empty() && !must_move && !live_mirror {
-            if stale {
+            if walk.stale {
                 if shared[u].is_some() {
                     return Err(blocked(u, vec![name_of(u)]));
                 }
@@ -613,7 +612,7 @@ fn plan_runs(
                     base.as_deref().expect("stale implies a holder below"),
                 ));
             }
-            stale = false;
+            walk.stale = false;
             if !is_active {
                 result.push(FinalLayer {
                     point: Some(point.clone()),
@@ -622,7 +621,7 @@ fn plan_runs(
             }
             prev = Some(u);
             prev_holder = Some(paths[u].clone());
-            chain_below = Some(paths[u].clone());
+            walk.chain_below = Some(paths[u].clone());
             continue;
         }
         let layers: Vec<&Allocation> = run.iter().map(|&i| &allocs[i]).collect();
@@ -638,7 +637,7 @@ fn plan_runs(
                 point: &point,
                 run: &run,
                 live_mirror,
-                stale,
+                stale: walk.stale,
                 pulls: base.is_some() && !removes.is_empty(),
             },
             &costs,
@@ -692,12 +691,6 @@ fn plan_runs(
         };
         let (chosen, choice) = alts.remove(best);
         let choice = choice.expect("filtered to allowed choices");
-        let mut walk = Walk {
-            stale,
-            chain_below: chain_below.take(),
-            cur_active: cur_active.clone(),
-            taken_over: taken_over.take(),
-        };
         let holder_file = emit(
             req,
             ch,
@@ -706,7 +699,7 @@ fn plan_runs(
                 point: &point,
                 run: &run,
                 live_mirror,
-                stale,
+                stale: walk.stale,
                 pulls: base.is_some() && !removes.is_empty(),
             },
             &base,
@@ -715,12 +708,6 @@ fn plan_runs(
             &mut walk,
             steps,
         );
-        Walk {
-            stale,
-            chain_below,
-            cur_active,
-            taken_over,
-        } = walk;
         decisions.push(RunDecision {
             point: point.clone(),
             removes,
@@ -737,7 +724,7 @@ fn plan_runs(
         prev_holder = Some(holder_file);
     }
 
-    Ok((cur_active, taken_over))
+    Ok((walk.cur_active, walk.taken_over))
 }
 
 /// One run of layers to remove, ending at the kept layer `u` (the active one for the last run).
