@@ -297,17 +297,11 @@ pub fn apply_loaded(
                     // How live jobs behave (quiesce, the time budget) follows the spec as it is
                     // now, for the same disk.
                     // (A setting that does not cross the boundary was refused at load.)
-                    if let (Some(old), Some(Ok(new))) = (
-                        &mut journal.libvirt,
-                        spec.spec()
-                            .source
-                            .libvirt
-                            .as_ref()
-                            .map(crate::desired::LiveTarget::try_from),
-                    ) && (&old.uri, &old.domain, &old.target)
-                        == (&new.uri, &new.domain, &new.target)
+                    if let (Some(old), Some(new)) = (&mut journal.libvirt, &spec.live)
+                        && (&old.uri, &old.domain, &old.target)
+                            == (&new.uri, &new.domain, &new.target)
                     {
-                        *old = new;
+                        *old = new.clone();
                     }
                     c.run(spec, journal, false, roots, state, &options);
                 }

@@ -71,13 +71,13 @@ pub struct Journal {
     pub result: Vec<FinalLayer>,
     /// The libvirt disk, for a disk of a libvirt domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub libvirt: Option<crate::desired::LiveTarget>,
+    pub libvirt: Option<diskchain_crd::desired::LiveTarget>,
     /// The plan was made while the domain ran (libvirt's live semantics).
     #[serde(default)]
     pub live: bool,
     /// The revert this plan does, recorded in the state when it completes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revert: Option<crate::desired::Revert>,
+    pub revert: Option<diskchain_crd::desired::Revert>,
     /// The bindings to record when the plan completes.
     pub bindings: Vec<Binding>,
     /// Files leaving the chain that nothing else uses (retired unless deleted).

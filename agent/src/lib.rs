@@ -18,7 +18,6 @@
 pub mod apply;
 pub mod bind;
 pub mod cli;
-pub mod desired;
 pub mod execute;
 pub mod journal;
 pub mod libvirt;

@@ -8,9 +8,9 @@ use diskchain_planner::{DiskPlan, ImageGraph, Layer, PlanError, plan_disk};
 use serde::Serialize;
 
 use crate::bind::{BindError, bind};
-use crate::desired::{LiveTarget, Revert};
 use crate::observe::{ObserveError, ObservedChain, Roots, observe_chain, scan_host};
 use crate::state::{StateDir, StateError};
+use diskchain_crd::desired::LiveTarget;
 
 /// What kind of problem stopped a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -63,10 +63,10 @@ pub struct DiskReport {
     pub live: bool,
     /// The libvirt disk (`spec.source.libvirt`).
     #[serde(skip)]
-    pub libvirt: Option<crate::desired::LiveTarget>,
+    pub libvirt: Option<diskchain_crd::desired::LiveTarget>,
     /// The revert this plan does (`spec.revert` with an id not done yet).
     #[serde(skip)]
-    pub revert: Option<crate::desired::Revert>,
+    pub revert: Option<diskchain_crd::desired::Revert>,
 }
 
 /// Everything `plan` found.
@@ -139,7 +139,7 @@ fn foreign_users(
     report: &mut PlanReport,
     fail: &dyn Fn(&DesiredDisk, String, bool) -> DiskError,
 ) -> Vec<(PathBuf, PathBuf)> {
-    let libvirt = |o: &Observed<'_>| o.spec.spec().source.libvirt.clone();
+    let libvirt = |o: &Observed<'_>| o.spec.live.clone();
     let uris: std::collections::BTreeSet<String> = observed
         .iter()
         .filter_map(|o| libvirt(o).map(|l| l.uri))
@@ -220,20 +220,7 @@ pub fn plan_loaded(
     let mut observed: Vec<Observed<'_>> = Vec::new();
     for spec in loaded {
         let source = &spec.spec().source;
-        let target = match source
-            .libvirt
-            .as_ref()
-            .map(LiveTarget::try_from)
-            .transpose()
-        {
-            Ok(t) => t,
-            Err(e) => {
-                report
-                    .errors
-                    .push(fail(spec, format!("{}: {e}", spec.origin()), true));
-                continue;
-            }
-        };
+        let target = spec.live.clone();
         let (active, live) = match (&source.file, &target) {
             (Some(_), _) if source.format == Some(diskchain_crd::DiskFormat::Raw) => {
                 report.errors.push(fail(
@@ -441,23 +428,11 @@ pub fn plan_loaded(
         if o.running {
             request.mode = diskchain_planner::Mode::Live;
         }
-        let revert = match o
-            .spec
-            .spec()
-            .revert
-            .as_ref()
-            .filter(|r| disk_state.as_ref().and_then(|s| s.last_revert.as_ref()) != Some(&r.id))
-            .map(Revert::try_from)
-            .transpose()
-        {
-            Ok(r) => r,
-            Err(e) => {
-                report
-                    .errors
-                    .push(fail(o.spec, format!("{}: {e}", o.spec.origin()), true));
-                continue;
-            }
-        };
+        // A revert is done once per id.
+        let revert =
+            o.spec.revert.clone().filter(|r| {
+                disk_state.as_ref().and_then(|s| s.last_revert.as_ref()) != Some(&r.id)
+            });
         if let Some(r) = &revert {
             let Some(point) = request.keep.iter().find(|k| k.name == r.to) else {
                 report.errors.push(fail(
@@ -501,13 +476,7 @@ pub fn plan_loaded(
             .iter()
             .map(|l| (l.layer.path.clone(), l.layer.format))
             .collect();
-        let quiesce = o
-            .spec
-            .spec()
-            .source
-            .libvirt
-            .as_ref()
-            .is_some_and(|l| l.quiesce);
+        let quiesce = o.spec.live.as_ref().is_some_and(|l| l.quiesce);
         let snapshots = |p: &DiskPlan| {
             p.steps
                 .iter()

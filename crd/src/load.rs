@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
+use crate::desired::{Invalid, LiveTarget, Revert};
 use crate::key::DiskKey;
 use crate::types::{API_VERSION, DiskChainSpec, KIND, SpecDocument};
 
@@ -42,9 +43,34 @@ pub struct DesiredDisk {
     pub origin: Origin,
     /// The whole document.
     pub doc: SpecDocument,
+    /// `spec.source.libvirt` past the boundary (durations parsed): a live disk's target.
+    pub live: Option<LiveTarget>,
+    /// `spec.revert` past the boundary (durations parsed).
+    pub revert: Option<Revert>,
 }
 
 impl DesiredDisk {
+    /// A desired disk from a document that passed [`validate_document`]: the settings that
+    /// outlive planning are taken past the boundary here, once. `Err` names the field (only
+    /// for a document that skipped validation).
+    fn new(key: DiskKey, origin: Origin, doc: SpecDocument) -> Result<DesiredDisk, Invalid> {
+        let live = doc
+            .spec
+            .source
+            .libvirt
+            .as_ref()
+            .map(LiveTarget::try_from)
+            .transpose()?;
+        let revert = doc.spec.revert.as_ref().map(Revert::try_from).transpose()?;
+        Ok(DesiredDisk {
+            key,
+            origin,
+            doc,
+            live,
+            revert,
+        })
+    }
+
     /// The spec part.
     pub fn spec(&self) -> &DiskChainSpec {
         &self.doc.spec
@@ -98,13 +124,17 @@ impl DesiredDisk {
         if !errors.is_empty() {
             return Err(SpecErrors(errors));
         }
-        Ok(DesiredDisk {
-            origin: Origin::Object {
-                uid: meta.uid.clone().unwrap_or_default(),
-                generation: meta.generation.unwrap_or(0),
-            },
-            key,
-            doc,
+        let origin = Origin::Object {
+            uid: meta.uid.clone().unwrap_or_default(),
+            generation: meta.generation.unwrap_or(0),
+        };
+        DesiredDisk::new(key, origin, doc).map_err(|e| {
+            SpecErrors(vec![SpecError {
+                file: here,
+                document: 0,
+                field: e.field.to_string(),
+                message: e.message,
+            }])
         })
     }
 }
@@ -449,14 +479,15 @@ pub fn load_str(file: &Path, text: &str) -> Result<Vec<DesiredDisk>, SpecErrors>
                 let before = errors.len();
                 validate_document(&doc, &mut |f, m| errors.push(err(f, m)));
                 if errors.len() == before {
-                    specs.push(DesiredDisk {
-                        origin: Origin::File {
-                            file: file.to_path_buf(),
-                            document,
-                        },
-                        key: DiskKey::new(doc.metadata.namespace.as_deref(), &doc.metadata.name),
-                        doc,
-                    });
+                    let key = DiskKey::new(doc.metadata.namespace.as_deref(), &doc.metadata.name);
+                    let origin = Origin::File {
+                        file: file.to_path_buf(),
+                        document,
+                    };
+                    match DesiredDisk::new(key, origin, doc) {
+                        Ok(d) => specs.push(d),
+                        Err(e) => errors.push(err(e.field, e.message)),
+                    }
                 }
             }
             Err(message) => {
@@ -1044,5 +1075,25 @@ mod examples {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
         let specs = super::load_path(&dir).unwrap_or_else(|e| panic!("{e}"));
         assert!(specs.len() >= 2, "examples: {}", specs.len());
+    }
+
+    #[test]
+    fn a_desired_disk_carries_its_durations_parsed() {
+        let y = "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: vda\nspec:\n  source:\n    libvirt:\n      domain: web\n      target: vda\n      converge:\n        within: 90s\n  snapshots:\n    - name: a\n  revert:\n    to: a\n    id: r1\n    shutdownTimeout: 2m\n";
+        let d = super::load_str(std::path::Path::new("/specs/vda.yaml"), y)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .remove(0);
+        let live = d.live.expect("a libvirt source crosses the boundary");
+        assert_eq!(live.converge.within, std::time::Duration::from_secs(90));
+        assert_eq!(live.domain, "web");
+        let r = d.revert.expect("a revert crosses the boundary");
+        assert_eq!(r.shutdown_timeout, std::time::Duration::from_secs(120));
+        assert_eq!(r.to, "a");
+        // A file disk has no live target.
+        let y = "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: vdb\nspec:\n  source:\n    file: /img/top.qcow2\n  snapshots: []\n";
+        let d = super::load_str(std::path::Path::new("/specs/vdb.yaml"), y)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .remove(0);
+        assert!(d.live.is_none() && d.revert.is_none());
     }
 }

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::desired::{LiveTarget as LibvirtSource, OnTimeout, Revert as RevertSpec};
+use diskchain_crd::desired::{LiveTarget as LibvirtSource, OnTimeout, Revert as RevertSpec};
 use diskchain_planner::{Format, StepAction};
 use virt::connect::Connect;
 use virt::domain::Domain;

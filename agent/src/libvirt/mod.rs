@@ -21,7 +21,7 @@ pub use backend::Libvirt;
 
 use std::path::PathBuf;
 
-use crate::desired::LiveTarget as LibvirtSource;
+use diskchain_crd::desired::LiveTarget as LibvirtSource;
 
 /// A libvirt disk as it is now.
 #[derive(Clone, Debug)]

@@ -1,12 +1,13 @@
 //! The desired disk's settings past the spec boundary: a live disk's libvirt target and time
 //! budget, and a revert request, validated into the project's own types (durations parsed once,
-//! here). The planner's report, the journal and the libvirt backend use these, never the CRD's
-//! types, so a change to the spec's shape (a new `v1beta1`, Kubernetes mode) stops at this
-//! boundary. Their JSON shape is the spec's, so journals written before them still load.
+//! when a [`crate::DesiredDisk`] is made). The agent's planner report, journal and libvirt
+//! backend use these, never the CRD's types, so a change to the spec's shape (a new `v1beta1`,
+//! Kubernetes mode) stops at this boundary. Their JSON shape is the spec's, so journals written
+//! before them still load.
 
 use std::time::Duration;
 
-use diskchain_crd::{ConvergeAction, LibvirtSource, RevertSpec};
+use crate::{ConvergeAction, LibvirtSource, RevertSpec};
 use serde::{Deserialize, Serialize};
 
 /// A disk of a libvirt domain, as the reconcile and the journal use it.
