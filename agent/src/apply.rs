@@ -15,7 +15,7 @@ use crate::execute::offline::Offline;
 use crate::execute::{ExecError, ExecOptions, Executor};
 use crate::journal::{Journal, JournalStep, StepState, now_unix};
 use crate::observe::{Roots, observe_chain};
-use crate::plan::{DiskError, DiskReport, ErrorKind, PlanRunError, plan_loaded};
+use crate::plan::{DiskError, DiskReport, ErrorKind, Host, PlanRunError, plan_loaded};
 use crate::progress::Progress;
 pub use crate::progress::StepRecord;
 use crate::state::{Binding, DiskState, LastApply, StateDir, StateError};
@@ -200,7 +200,8 @@ pub fn run(
     apply_loaded(&loaded, &roots, state, options)
 }
 
-/// Applies already loaded specs.
+/// Applies already loaded specs: the checks that span disks once (no two specs claim one
+/// active image), then each disk's reconcile in turn.
 pub fn apply_loaded(
     loaded: &[DesiredDisk],
     roots: &Roots,
@@ -210,11 +211,33 @@ pub fn apply_loaded(
     let mut c = Collect::default();
     // One process works on a disk at a time (an agent and a hand-run apply, say): each disk's
     // lock is held until this apply is done with it.
-    let mut _locks = Vec::new();
+    let _locks: Vec<_> = loaded
+        .iter()
+        .filter_map(|spec| lock(spec, state, &mut c))
+        .collect();
+    let mut host = Host::new(roots, state, loaded);
+    for e in host.claim(loaded) {
+        c.failed.insert(e.key.clone());
+        c.report.errors.push(e);
+    }
     for spec in loaded {
-        match state.lock_disk(&spec.key) {
-            Ok(Some(lock)) => _locks.push(lock),
-            Ok(None) => c.fail(
+        if !c.failed.contains(&spec.key) {
+            reconcile_into(spec, &host, &options, &mut c)?;
+        }
+    }
+    Ok(c.into_report())
+}
+
+/// Takes disk `spec`'s lock for this process, or records in `c` why it cannot.
+fn lock(
+    spec: &DesiredDisk,
+    state: &StateDir,
+    c: &mut Collect,
+) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    match state.lock_disk(&spec.key) {
+        Ok(Some(lock)) => Some(lock),
+        Ok(None) => {
+            c.fail(
                 spec,
                 format!(
                     "{}: another diskchain process (an agent or an apply) is working on disk {:?}; try again when it is done",
@@ -222,21 +245,55 @@ pub fn apply_loaded(
                     spec.key.to_string()
                 ),
                 ErrorKind::InUse,
-            ),
-            Err(e) => c.fail(spec, e.to_string(), ErrorKind::Failed),
+            );
+            None
+        }
+        Err(e) => {
+            c.fail(spec, e.to_string(), ErrorKind::Failed);
+            None
         }
     }
+}
+
+/// Reconciles one desired disk: observe, validate, bind, plan, and execute journaled (an
+/// unfinished plan first), in rounds until the chain is the spec's, then record. `apply` calls
+/// it for each of its disks, the agent for each disk that has work (and a Kubernetes driver
+/// will); `plan` runs its planning stage ([`plan_loaded`]) alone. `host` carries the checks
+/// that span the run's disks.
+pub fn reconcile_disk(
+    disk: &DesiredDisk,
+    host: &Host,
+    options: ApplyOptions,
+) -> crate::outcome::DiskResult {
+    let mut c = Collect::default();
+    let Some(_lock) = lock(disk, &host.state, &mut c) else {
+        return c.into_report().result_of(&disk.key);
+    };
+    if let Err(e) = reconcile_into(disk, host, &options, &mut c) {
+        return crate::outcome::DiskResult::failed(&disk.key, e.to_string());
+    }
+    c.into_report().result_of(&disk.key)
+}
+
+/// [`reconcile_disk`] of a disk whose lock the caller holds, into `c`.
+fn reconcile_into(
+    spec: &DesiredDisk,
+    host: &Host,
+    options: &ApplyOptions,
+    c: &mut Collect,
+) -> Result<(), PlanRunError> {
+    let (roots, state) = (&host.roots, &host.state);
     for round in 0..=MAX_ROUNDS {
         // Finish what an interrupted run left.
-        for spec in loaded {
+        'resume: {
             if c.failed.contains(&spec.key) {
-                continue;
+                break 'resume;
             }
             match Journal::load(state, &spec.key) {
                 Ok(None) => {}
                 Ok(Some(_)) if spec.spec().suspend => {
                     // A suspended disk is not touched, not even to finish an earlier plan.
-                    continue;
+                    break 'resume;
                 }
                 Ok(Some(mut journal)) => {
                     match crate::resume::check(&journal, spec, roots, state) {
@@ -251,7 +308,7 @@ pub fn apply_loaded(
                                 && journal.live
                                 && journal.steps[r].state == StepState::Running
                                 && first.is_some_and(|f| f > r)
-                                && let Err(e) = finish_step(&mut journal, r, roots, state, &options)
+                                && let Err(e) = finish_step(&mut journal, r, roots, state, options)
                             {
                                 c.fail(
                                     spec,
@@ -262,9 +319,9 @@ pub fn apply_loaded(
                                     ),
                                     ErrorKind::Failed,
                                 );
-                                continue;
+                                break 'resume;
                             }
-                            match set_aside(&journal, roots, state, &options) {
+                            match set_aside(&journal, roots, state, options) {
                                 Ok(to) => options.progress.note(
                                     &spec.key,
                                     &format!(
@@ -281,7 +338,7 @@ pub fn apply_loaded(
                                     ErrorKind::Failed,
                                 ),
                             }
-                            continue;
+                            break 'resume;
                         }
                         crate::resume::Verdict::Stuck { why } => {
                             Journal::set_needs_operator(state, &spec.key, &why);
@@ -290,7 +347,7 @@ pub fn apply_loaded(
                                 format!("{}: {why}", spec.origin()),
                                 ErrorKind::NeedsOperator,
                             );
-                            continue;
+                            break 'resume;
                         }
                     }
                     tracing::info!(disk = %spec.key, "resuming the plan an earlier run left unfinished");
@@ -303,27 +360,21 @@ pub fn apply_loaded(
                     {
                         *old = new.clone();
                     }
-                    c.run(spec, journal, false, roots, state, &options);
+                    c.run(spec, journal, false, roots, state, options);
                 }
                 Err(e) => c.fail(spec, e.to_string(), ErrorKind::BadInput),
             }
         }
-        let todo: Vec<DesiredDisk> = loaded
-            .iter()
-            .filter(|s| !c.failed.contains(&s.key))
-            .cloned()
-            .collect();
-        let planned = plan_loaded(&todo, roots, state)?;
+        if c.failed.contains(&spec.key) {
+            break;
+        }
+        let planned = plan_loaded(std::slice::from_ref(spec), host)?;
         for e in planned.errors {
             c.failed.insert(e.key.clone());
             c.report.errors.push(e);
         }
         let mut worked = false;
         for disk in planned.disks {
-            let spec = todo
-                .iter()
-                .find(|s| s.key == disk.key)
-                .expect("planned disks come from the specs");
             if disk.suspended {
                 continue;
             }
@@ -351,36 +402,14 @@ pub fn apply_loaded(
                 true,
                 roots,
                 state,
-                &options,
+                options,
             );
         }
         if !worked {
             break;
         }
     }
-    let mut report = c.report;
-    report.disks = c
-        .outcomes
-        .into_values()
-        .filter(|o| !o.steps.is_empty())
-        .collect();
-    Ok(report)
-}
-
-/// Reconciles one desired disk: observe, validate, bind, plan, and execute journaled (an
-/// unfinished plan first), in rounds until the chain is the spec's, then record. The agent calls
-/// this per disk (and a Kubernetes driver will); `plan` and `apply` run the same stages over all
-/// their disks at once (one host scan, and the check that no two specs claim one disk).
-pub fn reconcile_disk(
-    disk: &DesiredDisk,
-    roots: &Roots,
-    state: &StateDir,
-    options: ApplyOptions,
-) -> crate::outcome::DiskResult {
-    match apply_loaded(std::slice::from_ref(disk), roots, state, options) {
-        Ok(report) => report.result_of(&disk.key),
-        Err(e) => crate::outcome::DiskResult::failed(&disk.key, e.to_string()),
-    }
+    Ok(())
 }
 
 /// What one apply collects across its disks.
@@ -393,6 +422,17 @@ struct Collect {
 }
 
 impl Collect {
+    /// The report: every error, and the disks that ran steps.
+    fn into_report(self) -> ApplyReport {
+        let mut report = self.report;
+        report.disks = self
+            .outcomes
+            .into_values()
+            .filter(|o| !o.steps.is_empty())
+            .collect();
+        report
+    }
+
     fn fail(&mut self, spec: &DesiredDisk, error: String, kind: ErrorKind) {
         self.failed.insert(spec.key.clone());
         self.report.errors.push(DiskError {

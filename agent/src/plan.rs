@@ -110,6 +110,46 @@ pub enum PlanRunError {
     Graph(PlanError),
 }
 
+/// What a disk's reconcile needs to know of the run around it (an apply's other disks, the
+/// agent's): the roots, the state directory, and the checks that span disks. Built once per run
+/// (an `apply`, an agent pass) and handed to each disk's plan and reconcile.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// Where images may be.
+    pub roots: Roots,
+    /// Records, journals and locks.
+    pub state: StateDir,
+    /// Every disk of the run: a record from before namespaces is not guessed to be one disk's
+    /// when two of them share its name.
+    pub keys: Vec<DiskKey>,
+    /// The active images disks of the run are known to manage: a spec whose active image is
+    /// one of these under another key claims a disk already claimed.
+    pub claimed: BTreeMap<PathBuf, DiskKey>,
+}
+
+impl Host {
+    /// The run of `disks` (nothing claimed yet).
+    pub fn new(roots: &Roots, state: &StateDir, disks: &[DesiredDisk]) -> Host {
+        Host {
+            roots: roots.clone(),
+            state: state.clone(),
+            keys: disks.iter().map(|d| d.key.clone()).collect(),
+            claimed: BTreeMap::new(),
+        }
+    }
+
+    /// Resolves the active image of each of `disks` and records it as claimed; a disk whose
+    /// image another disk claimed first is returned as an error (bad input: nothing touched).
+    /// Disks that cannot be observed are left to their own reconcile to report.
+    pub fn claim(&mut self, disks: &[DesiredDisk]) -> Vec<DiskError> {
+        let mut report = PlanReport::default();
+        let observed = observe_disks(disks, &self.roots, &mut report);
+        let (claimed, twice) = claims(&observed, &self.claimed);
+        self.claimed = claimed;
+        twice
+    }
+}
+
 /// An observed disk on its way through the pipeline.
 struct Observed<'a> {
     spec: &'a DesiredDisk,
@@ -195,17 +235,12 @@ fn foreign_users(
 pub fn run(specs: &Path, roots: &[PathBuf], state: &StateDir) -> Result<PlanReport, PlanRunError> {
     let loaded = diskchain_crd::load_path(specs).map_err(PlanRunError::Specs)?;
     let roots = Roots::new(roots).map_err(PlanRunError::Roots)?;
-    plan_loaded(&loaded, &roots, state)
+    plan_loaded(&loaded, &Host::new(&roots, state, &loaded))
 }
 
-/// Plans already loaded specs.
-pub fn plan_loaded(
-    loaded: &[DesiredDisk],
-    roots: &Roots,
-    state: &StateDir,
-) -> Result<PlanReport, PlanRunError> {
-    let mut report = PlanReport::default();
-    let fail = |spec: &DesiredDisk, error: String, bad_input: bool| DiskError {
+/// A problem of `spec`'s disk: bad input (nothing touched) or a failure that may pass.
+fn fail(spec: &DesiredDisk, error: String, bad_input: bool) -> DiskError {
+    DiskError {
         key: spec.key.clone(),
         spec: spec.origin(),
         error,
@@ -214,10 +249,17 @@ pub fn plan_loaded(
         } else {
             ErrorKind::Failed
         },
-    };
+    }
+}
 
-    // Observe every chain.
-    let mut observed: Vec<Observed<'_>> = Vec::new();
+/// Observes each disk's chain (through libvirt for a libvirt disk) and checks what the
+/// observation alone can refute; the disks that fail are reported in `report` and left out.
+fn observe_disks<'a>(
+    loaded: &'a [DesiredDisk],
+    roots: &Roots,
+    report: &mut PlanReport,
+) -> Vec<Observed<'a>> {
+    let mut observed: Vec<Observed<'a>> = Vec::new();
     for spec in loaded {
         let source = &spec.spec().source;
         let target = spec.live.clone();
@@ -335,25 +377,48 @@ pub fn plan_loaded(
         }
     }
 
-    // Two specs whose active images resolve to one file claim one disk.
-    let mut by_active: BTreeMap<PathBuf, &DesiredDisk> = BTreeMap::new();
-    let mut claimed_twice = Vec::new();
-    for o in &observed {
+    observed
+}
+
+/// The active image each observed disk claims, over `before` (the run's claims so far), and
+/// the disks whose image another disk claimed first (bad input: one disk, one spec).
+fn claims(
+    observed: &[Observed<'_>],
+    before: &BTreeMap<PathBuf, DiskKey>,
+) -> (BTreeMap<PathBuf, DiskKey>, Vec<DiskError>) {
+    let mut by_active = before.clone();
+    let mut twice = Vec::new();
+    for o in observed {
         let a = o.chain.active().layer.path.clone();
-        if let Some(first) = by_active.insert(a.clone(), o.spec) {
-            claimed_twice.push(fail(
+        match by_active.get(&a) {
+            Some(first) if *first != o.spec.key => twice.push(fail(
                 o.spec,
                 format!(
-                    "{}: spec.source.file resolves to {}, the disk {:?} of {} already claims; one disk is managed by one spec",
+                    "{}: spec.source resolves to {}, which the disk {:?} already claims; one disk is managed by one spec",
                     o.spec.origin(),
                     a.display(),
-                    first.key.to_string(),
-                    first.origin()
+                    first.to_string(),
                 ),
                 true,
-            ));
+            )),
+            Some(_) => {}
+            None => {
+                by_active.insert(a, o.spec.key.clone());
+            }
         }
     }
+    (by_active, twice)
+}
+
+/// Plans already loaded specs: the planning stage of a reconcile (observe, validate, bind,
+/// plan), for one disk or for many at once (`plan`, an agent pass: one host scan for all).
+pub fn plan_loaded(loaded: &[DesiredDisk], host: &Host) -> Result<PlanReport, PlanRunError> {
+    let (roots, state) = (&host.roots, &host.state);
+    let mut report = PlanReport::default();
+    let mut observed = observe_disks(loaded, roots, &mut report);
+
+    // Two specs whose active images resolve to one file claim one disk.
+    let (_, claimed_twice) = claims(&observed, &host.claimed);
     let dup: Vec<DiskKey> = claimed_twice.iter().map(|e| e.key.clone()).collect();
     report.errors.extend(claimed_twice);
     observed.retain(|o| !dup.contains(&o.spec.key));
@@ -389,7 +454,13 @@ pub fn plan_loaded(
         )
         .with_names(input.names);
 
-    let keys: Vec<&DiskKey> = loaded.iter().map(|s| &s.key).collect();
+    let keys: Vec<&DiskKey> = host
+        .keys
+        .iter()
+        .chain(loaded.iter().map(|s| &s.key))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     for o in observed {
         if let Some(why) = state.legacy_owner_conflict(&o.spec.key, &keys) {
             report

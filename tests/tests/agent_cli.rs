@@ -1001,3 +1001,63 @@ fn disks_sharing_a_base_moved_by_the_agent_and_apply_at_once_never_collide() {
     drop(agent);
     env.assert_images_clean("after three moves of one base");
 }
+
+/// A second spec that reaches a disk the agent is working on through another path (a symlink to
+/// its active image) is refused as claiming that disk, while the first disk's plan runs and
+/// after: it never plans against a chain another reconcile is changing.
+#[test]
+fn a_spec_claiming_a_disk_the_agent_is_working_on_is_refused() {
+    let env = Env::new();
+    let specs = env.dir.path().join("claim-specs");
+    std::fs::create_dir(&specs).unwrap();
+    let base = env.img("base.qcow2");
+    create(&base, 64 << 20, None, &[]);
+    io(&base, "qcow2", &["write -P 9 0 16M".into()]);
+    let top = env.img("a.qcow2");
+    create(&top, 0, Some((&base, "qcow2")), &[]);
+    io(&top, "qcow2", &["write -P 3 32M 64k".into()]);
+    let golden = views(&env, std::slice::from_ref(&base)).remove(0);
+    let view = views(&env, std::slice::from_ref(&top)).remove(0);
+    let fast = env.img("fast");
+    std::fs::create_dir(&fast).unwrap();
+    let a = spec_yaml(
+        "a",
+        &top,
+        &[("golden".into(), Some(base.clone()))],
+        &format!("  placement:\n    directory: {}\n", fast.display()),
+    );
+    std::fs::write(specs.join("a.yaml"), &a).unwrap();
+    // 16 MiB at 2 MB/s: the copy of the base takes about 8 s.
+    let agent = Agent::start(&env, &specs, &["--max-bytes-per-sec", "2000000"]);
+    assert!(
+        env.wait_for_step("a", Duration::from_secs(20), || false),
+        "the agent never started a's step"
+    );
+    let link = env.img("link.qcow2");
+    std::os::unix::fs::symlink(&top, &link).unwrap();
+    std::fs::write(specs.join("b.yaml"), spec_yaml("b", &link, &[], "")).unwrap();
+    let record = env.state().join("agent.json");
+    wait_until(
+        Duration::from_secs(10),
+        "b to be refused as claiming a's disk while a's step runs",
+        || {
+            let text = std::fs::read_to_string(&record).unwrap_or_default();
+            text.contains("already claims")
+        },
+    );
+    assert!(
+        env.step_running("a"),
+        "a's step ended before b was judged: the test proves nothing"
+    );
+    wait_until(Duration::from_secs(60), "a to converge", || {
+        try_backing_chain(&top).is_some_and(|ch| ch.len() == 2 && ch[0].starts_with(&fast))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let chain = backing_chain(&top);
+    assert_eq!(chain.len(), 2, "b flattened a's disk: {chain:?}");
+    assert_eq!(views(&env, &chain[..1])[0], golden, "a's point");
+    assert_eq!(views(&env, std::slice::from_ref(&top))[0], view, "a's view");
+    assert!(!env.journal("b").exists(), "b ran a plan on a's disk");
+    drop(agent);
+    env.assert_images_clean("after a refused claim");
+}

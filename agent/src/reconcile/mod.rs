@@ -37,7 +37,7 @@ use crate::execute::{ExecOptions, terminate_running};
 use crate::journal::{Journal, now_unix};
 use crate::observe::Roots;
 pub use crate::outcome::Outcome;
-use crate::plan::plan_loaded;
+use crate::plan::{Host, plan_loaded};
 use crate::progress::Progress;
 use crate::state::{StateDir, write_atomic};
 
@@ -193,6 +193,9 @@ struct Agent {
     stop: Arc<AtomicBool>,
     tracks: BTreeMap<DiskKey, DiskTrack>,
     running: HashSet<DiskKey>,
+    /// The active image of each running disk (from the plan it started on): a spec that reaches
+    /// one through another path claims a disk already claimed.
+    claimed: BTreeMap<PathBuf, DiskKey>,
     tasks: JoinSet<TaskResult>,
     permits: Arc<Semaphore>,
     spec_errors: Vec<String>,
@@ -246,6 +249,7 @@ pub fn run(opts: AgentOptions) -> i32 {
             stop: Arc::new(AtomicBool::new(false)),
             tracks: BTreeMap::new(),
             running: HashSet::new(),
+            claimed: BTreeMap::new(),
             tasks: JoinSet::new(),
             spec_errors: Vec::new(),
             started_unix: now_unix(),
@@ -380,6 +384,9 @@ impl Agent {
                 self.tracks.remove(&n);
             }
         }
+        // The checks that span disks see every spec of the pass, and the disks at work.
+        let mut host = Host::new(&self.roots, &self.opts.state, &specs);
+        host.claimed = self.claimed.clone();
         let mut candidates: Vec<DesiredDisk> = Vec::new();
         for s in specs {
             if s.spec().suspend {
@@ -390,11 +397,9 @@ impl Agent {
                 candidates.push(s);
             }
         }
-        let roots = self.roots.clone();
-        let state = self.opts.state.clone();
         let planned = {
-            let c = candidates.clone();
-            tokio::task::spawn_blocking(move || plan_loaded(&c, &roots, &state)).await
+            let (c, h) = (candidates.clone(), host.clone());
+            tokio::task::spawn_blocking(move || plan_loaded(&c, &h)).await
         };
         let report = match planned {
             Ok(Ok(r)) => r,
@@ -448,7 +453,7 @@ impl Agent {
             };
             tracing::info!(disk = %e.key, trigger = why, "resuming the unfinished plan in the journal before planning again");
             // Its steps lock the files they use, like any other.
-            self.start(spec);
+            self.start(spec, &host, None);
             started_work += 1;
         }
         for d in report.disks {
@@ -489,7 +494,7 @@ impl Agent {
                 .iter()
                 .any(|f| users.get(f).copied().unwrap_or(0) > 1);
             tracing::info!(disk = %key, steps = d.plan.steps.len(), bytes = d.plan.total_bytes, sharing, trigger = why, "reconciling");
-            self.start(spec);
+            self.start(spec, &host, d.plan.chain.last().cloned());
             started_work += 1;
         }
         self.shared.ready.store(true, Ordering::SeqCst);
@@ -525,12 +530,16 @@ impl Agent {
         Some(spec)
     }
 
-    fn start(&mut self, spec: DesiredDisk) {
+    /// Starts the reconcile of disk `spec` (whose active image is `active`, when its plan is
+    /// known) in a task of its own.
+    fn start(&mut self, spec: DesiredDisk, host: &Host, active: Option<PathBuf>) {
         let key = spec.key.clone();
         self.running.insert(key.clone());
+        if let Some(a) = active {
+            self.claimed.insert(a, key.clone());
+        }
         let permits = self.permits.clone();
-        let roots = self.roots.clone();
-        let state = self.opts.state.clone();
+        let host = host.clone();
         let options = ApplyOptions {
             exec: self.opts.exec,
             progress: Arc::new(MetricsProgress {
@@ -540,16 +549,16 @@ impl Agent {
         };
         self.tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let result =
-                tokio::task::spawn_blocking(move || reconcile_disk(&spec, &roots, &state, options))
-                    .await
-                    .map_err(|e| format!("the reconcile task failed: {e}"));
+            let result = tokio::task::spawn_blocking(move || reconcile_disk(&spec, &host, options))
+                .await
+                .map_err(|e| format!("the reconcile task failed: {e}"));
             (key, result)
         });
     }
 
     fn finished(&mut self, (key, result): TaskResult) {
         self.running.remove(&key);
+        self.claimed.retain(|_, k| *k != key);
         let m = &self.shared.metrics;
         let (result, error) = match result {
             Err(e) => (Outcome::Failed, Some(e)),
