@@ -125,6 +125,76 @@ pub enum Command {
     },
     /// Print the DiskChain CustomResourceDefinition (YAML).
     Crd,
+    /// Back up now every disk with `spec.backup` into its repository, then apply its retention
+    /// (the points it drops are merged away with the cheapest commits and streams).
+    ///
+    /// The first backup of a disk is a full; later ones write only the clusters where the disk
+    /// reads differently from the previous point. Offline disks (`source.file`, or a libvirt disk
+    /// whose domain is shut off); a running domain is refused. Exit 0: done; 2: bad input (a
+    /// spec, a repository outside the allowed roots; nothing touched); 1: other failures.
+    Backup {
+        /// A spec file, or a directory searched recursively for *.yaml and *.yml.
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        path: PathBuf,
+        /// Only this disk: `NAME` or `NAMESPACE/NAME`.
+        #[arg(long, value_name = "[NAMESPACE/]NAME")]
+        disk: Option<String>,
+        /// Output format: text, or one JSON object {"backups": [...], "retention": [...], "errors": [...]}.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Limit the full backup's copying to this many bytes per second (QEMU's rate limit).
+        #[arg(long, value_name = "BYTES")]
+        max_bytes_per_sec: Option<u64>,
+    },
+    /// List each disk's backup points, oldest first (reads the manifests; changes nothing).
+    Backups {
+        /// A spec file, or a directory searched recursively for *.yaml and *.yml.
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        path: PathBuf,
+        /// Only this disk: `NAME` or `NAMESPACE/NAME`.
+        #[arg(long, value_name = "[NAMESPACE/]NAME")]
+        disk: Option<String>,
+        /// Output format: a table, or {"disks": [{"name", "repository", "points": [...]}]}.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Write a standalone image of a backup point (no backing file). Never overwrites a file:
+    /// an existing --to is refused (exit 2). The image is checked against the point's recorded
+    /// SHA-256 before it appears at --to (exit 1 when it differs; nothing is written there).
+    Restore {
+        /// A spec file, or a directory searched recursively for *.yaml and *.yml.
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        path: PathBuf,
+        /// The disk: `NAME` or `NAMESPACE/NAME`.
+        #[arg(long, value_name = "[NAMESPACE/]NAME")]
+        disk: String,
+        /// The point, as `diskchain backups` lists it (e.g. 2026-11-26T03:00:00Z).
+        #[arg(long, value_name = "POINT")]
+        point: String,
+        /// The new image's path.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// The new image's format.
+        #[arg(long, value_enum, default_value_t = crate::backup::RestoreFormat::Qcow2)]
+        format: crate::backup::RestoreFormat,
+    },
+    /// Check each disk's backup repository: every point's file is there, passes `qemu-img
+    /// check` and is backed by the point before it; with --deep, every point's view is read and
+    /// compared with the SHA-256 recorded when it was taken. Exit 1 naming each damaged point.
+    Verify {
+        /// A spec file, or a directory searched recursively for *.yaml and *.yml.
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        path: PathBuf,
+        /// Only this disk: `NAME` or `NAMESPACE/NAME`.
+        #[arg(long, value_name = "[NAMESPACE/]NAME")]
+        disk: Option<String>,
+        /// Also read every point and compare its checksum.
+        #[arg(long)]
+        deep: bool,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Set aside a disk's unfinished plan that cannot be finished (plan, apply or the agent say
     /// when, and why): the interrupted step is tidied so every view reads as before it, points
     /// that finished steps moved are recorded, and the journal is kept as

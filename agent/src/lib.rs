@@ -16,6 +16,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod apply;
+pub mod backup;
 pub mod bind;
 pub mod cli;
 pub mod execute;

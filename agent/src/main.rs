@@ -145,6 +145,208 @@ fn main() {
                 Err(e) => fatal(e),
             }
         }
+        Command::Backup {
+            path,
+            disk,
+            output,
+            max_bytes_per_sec,
+        } => with_disks(
+            &cli.allowed_roots,
+            &cli.state_dir,
+            &path,
+            disk.as_deref(),
+            |disks, host| {
+                let report =
+                    diskchain::backup::backup_all(disks, host, ExecOptions { max_bytes_per_sec });
+                match output {
+                    Output::Json => out!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).expect("a report serialises")
+                    ),
+                    Output::Text => {
+                        for b in &report.backups {
+                            out!(
+                                "disk {}: {} backup {} ({} written) in {}{}",
+                                diskchain_crd::DiskKey::new(Some(&b.namespace), &b.disk),
+                                b.kind.as_str(),
+                                b.point,
+                                diskchain::units::human_bytes(b.bytes),
+                                b.file.display(),
+                                b.reason
+                                    .as_ref()
+                                    .map(|r| format!(": {r}"))
+                                    .unwrap_or_default()
+                            );
+                        }
+                        for r in &report.retention {
+                            out!(
+                                "disk {}: retention removed {} point(s) ({}) with {} step(s), {} merged",
+                                diskchain_crd::DiskKey::new(Some(&r.namespace), &r.disk),
+                                r.done.removed.len(),
+                                r.done.removed.join(", "),
+                                r.done.steps.len(),
+                                diskchain::units::human_bytes(r.done.total_bytes)
+                            );
+                        }
+                    }
+                }
+                for e in &report.errors {
+                    eprintln!("error: {}", e.error);
+                }
+                report.exit_code()
+            },
+        ),
+        Command::Backups { path, disk, output } => with_disks(
+            &cli.allowed_roots,
+            &cli.state_dir,
+            &path,
+            disk.as_deref(),
+            |disks, host| {
+                let (listed, errors) = diskchain::backup::list(disks, host);
+                match output {
+                    Output::Json => out!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({ "disks": listed, "errors": errors })
+                        )
+                        .expect("a list serialises")
+                    ),
+                    Output::Text => {
+                        for d in &listed {
+                            out!(
+                                "disk {} ({} point(s) in {}){}",
+                                diskchain_crd::DiskKey::new(Some(&d.namespace), &d.name),
+                                d.points.len(),
+                                d.repository.display(),
+                                if d.merge_in_flight {
+                                    "; a retention merge was interrupted: the next backup, verify or restore finishes it"
+                                } else {
+                                    ""
+                                }
+                            );
+                            for p in &d.points {
+                                out!(
+                                    "  {}  {:<11}  {:>10}  {}",
+                                    p.point,
+                                    p.kind.as_str(),
+                                    diskchain::units::human_bytes(p.bytes),
+                                    p.file.display()
+                                );
+                            }
+                        }
+                    }
+                }
+                for e in &errors {
+                    eprintln!("error: {}", e.error);
+                }
+                if errors.is_empty() { 0 } else { 1 }
+            },
+        ),
+        Command::Restore {
+            path,
+            disk,
+            point,
+            to,
+            format,
+        } => with_disks(
+            &cli.allowed_roots,
+            &cli.state_dir,
+            &path,
+            Some(&disk),
+            |disks, host| {
+                let Some(d) = disks.first() else {
+                    return 2;
+                };
+                match diskchain::backup::restore(d, host, &point, &to, format) {
+                    Ok(to) => {
+                        out!(
+                            "disk {}: point {point} restored to {} (its SHA-256 matches the one recorded)",
+                            d.key,
+                            to.display()
+                        );
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("error: {}", e.error);
+                        if e.kind == diskchain::plan::ErrorKind::BadInput {
+                            2
+                        } else {
+                            1
+                        }
+                    }
+                }
+            },
+        ),
+        Command::Verify {
+            path,
+            disk,
+            deep,
+            output,
+        } => with_disks(
+            &cli.allowed_roots,
+            &cli.state_dir,
+            &path,
+            disk.as_deref(),
+            |disks, host| {
+                let mut code = 0;
+                let mut results = Vec::new();
+                let mut errors = Vec::new();
+                for d in disks.iter().filter(|d| d.spec().backup.is_some()) {
+                    match diskchain::backup::verify(d, host, deep) {
+                        Ok(v) => {
+                            if !v.damaged.is_empty() {
+                                code = 1;
+                            }
+                            results.push(v);
+                        }
+                        Err(e) => {
+                            code = code.max(if e.kind == diskchain::plan::ErrorKind::BadInput {
+                                2
+                            } else {
+                                1
+                            });
+                            errors.push(e);
+                        }
+                    }
+                }
+                match output {
+                    Output::Json => out!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({ "disks": results, "errors": errors })
+                        )
+                        .expect("a verify report serialises")
+                    ),
+                    Output::Text => {
+                        for v in &results {
+                            let key = diskchain_crd::DiskKey::new(Some(&v.namespace), &v.name);
+                            if v.damaged.is_empty() {
+                                out!(
+                                    "disk {key}: {} point(s) in {} sound{}",
+                                    v.points,
+                                    v.repository.display(),
+                                    if v.deep {
+                                        ", every checksum matches"
+                                    } else {
+                                        " (structure; --deep reads every point)"
+                                    }
+                                );
+                            }
+                            for dmg in &v.damaged {
+                                eprintln!(
+                                    "error: disk {key}: point {}: {}",
+                                    dmg.point, dmg.problem
+                                );
+                            }
+                        }
+                    }
+                }
+                for e in &errors {
+                    eprintln!("error: {}", e.error);
+                }
+                code
+            },
+        ),
         Command::SetAside { disk } => match diskchain_crd::DiskKey::parse(&disk) {
             Err(e) => {
                 eprintln!(
@@ -208,6 +410,58 @@ fn init_logging(cli: &Cli) {
 }
 
 /// Reports an error that stopped everything before any disk was touched: bad input, exit 2.
+/// Loads the specs under `path` (only disk `disk` when given) and the run's context, then runs
+/// `f`. Bad specs, roots or `--disk`: exit 2, nothing touched.
+fn with_disks(
+    allowed_roots: &[std::path::PathBuf],
+    state_dir: &std::path::Path,
+    path: &std::path::Path,
+    disk: Option<&str>,
+    f: impl FnOnce(&[diskchain_crd::DesiredDisk], &diskchain::plan::Host) -> i32,
+) -> i32 {
+    let loaded = match diskchain_crd::load_path(path) {
+        Ok(l) => l,
+        Err(e) => return fatal(PlanRunError::Specs(e)),
+    };
+    let roots = match diskchain::observe::Roots::new(allowed_roots) {
+        Ok(r) => r,
+        Err(e) => return fatal(PlanRunError::Roots(e)),
+    };
+    let disks: Vec<_> = match disk {
+        None => loaded,
+        Some(d) => {
+            let key = match diskchain_crd::DiskKey::parse(d) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!(
+                        "error: --disk {d:?}: {e}; give NAME or NAMESPACE/NAME. Nothing was done"
+                    );
+                    return 2;
+                }
+            };
+            let one: Vec<_> = loaded.into_iter().filter(|s| s.key == key).collect();
+            if one.is_empty() {
+                eprintln!(
+                    "error: --disk {d:?}: no spec under {} is for this disk. Nothing was done",
+                    path.display()
+                );
+                return 2;
+            }
+            one
+        }
+    };
+    if !disks.iter().any(|d| d.spec().backup.is_some()) {
+        eprintln!(
+            "error: no spec under {} has spec.backup{}; add a backup policy (spec.backup.repository). Nothing was done",
+            path.display(),
+            disk.map(|d| format!(" for disk {d:?}")).unwrap_or_default()
+        );
+        return 2;
+    }
+    let host = diskchain::plan::Host::new(&roots, &StateDir::new(state_dir), &disks);
+    f(&disks, &host)
+}
+
 fn fatal(e: PlanRunError) -> i32 {
     for line in e.to_string().lines() {
         eprintln!("error: {line}");

@@ -21,11 +21,12 @@ mod types;
 
 pub use key::{DEFAULT_NAMESPACE, DiskKey};
 pub use load::{
-    DesiredDisk, Origin, SpecError, SpecErrors, load_path, load_path_lenient, load_str,
+    DesiredDisk, Origin, SpecError, SpecErrors, load_path, load_path_lenient, load_str, parse_cron,
 };
 pub use types::{
-    API_VERSION, Converge, ConvergeAction, DiskChain, DiskChainSpec, DiskChainStatus, DiskFormat,
-    KIND, LibvirtSource, Placement, RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata,
+    API_VERSION, BackupSpec, Converge, ConvergeAction, DiskChain, DiskChainSpec, DiskChainStatus,
+    DiskFormat, KIND, LibvirtSource, Placement, Retention, RevertSpec, SnapshotSpec, Source,
+    SpecDocument, SpecMetadata, VerifySpec,
 };
 
 /// The CustomResourceDefinition for `DiskChain`, as YAML, generated from the Rust types.

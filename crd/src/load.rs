@@ -693,6 +693,43 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
             }
         }
     }
+    if let Some(b) = &spec.backup {
+        if let Err(m) = check_abs_path(&b.repository) {
+            push("spec.backup.repository", m);
+        } else {
+            let repo = normalize(&b.repository);
+            let beside_images = spec
+                .source
+                .file
+                .as_deref()
+                .and_then(Path::parent)
+                .map(normalize)
+                .into_iter()
+                .chain(spec.placement.as_ref().map(|p| normalize(&p.directory)));
+            for d in beside_images {
+                if d == repo {
+                    push(
+                        "spec.backup.repository",
+                        format!(
+                            "{} is a directory the disk's own images live in; give the backups a directory of their own",
+                            b.repository.display()
+                        ),
+                    );
+                    break;
+                }
+            }
+        }
+        if let Some(c) = &b.schedule
+            && let Err(m) = check_cron(c)
+        {
+            push("spec.backup.schedule", m);
+        }
+        if let Some(v) = &b.verify
+            && let Err(m) = check_cron(&v.schedule)
+        {
+            push("spec.backup.verify.schedule", m);
+        }
+    }
     if let Some(r) = &spec.revert {
         if r.id.trim().is_empty() {
             push(
@@ -738,6 +775,7 @@ fn check_disjoint(specs: &[DesiredDisk]) -> (Vec<SpecError>, BTreeSet<(PathBuf, 
     let mut involved = BTreeSet::new();
     let mut keys: BTreeMap<&DiskKey, &DesiredDisk> = BTreeMap::new();
     let mut disks: BTreeMap<String, &DesiredDisk> = BTreeMap::new();
+    let mut repositories: BTreeMap<PathBuf, &DesiredDisk> = BTreeMap::new();
     for s in specs {
         if let Some(other) = keys.insert(&s.key, s) {
             let (file, document) = s.file_document().unwrap_or((Path::new("-"), 0));
@@ -775,6 +813,24 @@ fn check_disjoint(specs: &[DesiredDisk]) -> (Vec<SpecError>, BTreeSet<(PathBuf, 
             involved.extend(s.file_document().map(|(f, d)| (f.to_path_buf(), d)));
             involved.extend(other.file_document().map(|(f, d)| (f.to_path_buf(), d)));
         }
+        if let Some(b) = &s.spec().backup
+            && let Some(other) = repositories.insert(normalize(&b.repository), s)
+        {
+            let (file, document) = s.file_document().unwrap_or((Path::new("-"), 0));
+            errors.push(SpecError {
+                file: file.to_path_buf(),
+                document,
+                field: "spec.backup.repository".into(),
+                message: format!(
+                    "{} is also the repository of disk {:?} in {}; each disk backs up into a directory of its own",
+                    b.repository.display(),
+                    other.key.to_string(),
+                    other.origin()
+                ),
+            });
+            involved.extend(s.file_document().map(|(f, d)| (f.to_path_buf(), d)));
+            involved.extend(other.file_document().map(|(f, d)| (f.to_path_buf(), d)));
+        }
     }
     (errors, involved)
 }
@@ -792,6 +848,22 @@ pub(crate) fn normalize(p: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// A 5-field cron expression (minute hour day-of-month month day-of-week), as croner reads it.
+pub fn parse_cron(text: &str) -> Result<croner::Cron, String> {
+    if text.split_whitespace().count() != 5 {
+        return Err(format!(
+            "{text:?} is not a 5-field cron expression (minute hour day-of-month month day-of-week), e.g. \"0 2 * * *\""
+        ));
+    }
+    text.parse::<croner::Cron>().map_err(|e| {
+        format!("{text:?} is not a cron expression ({e}); write 5 fields, e.g. \"0 2 * * *\"")
+    })
+}
+
+fn check_cron(text: &str) -> Result<(), String> {
+    parse_cron(text).map(|_| ())
 }
 
 fn check_abs_path(p: &Path) -> Result<(), String> {

@@ -46,6 +46,63 @@ pub struct DiskChainSpec {
     /// asks for a new revert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revert: Option<RevertSpec>,
+    /// Scheduled, policy-driven backups of this disk into a qcow2 repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+}
+
+/// A disk's backup policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackupSpec {
+    /// The disk's backup repository: a directory inside an allowed root, of this disk alone. It
+    /// holds a qcow2 chain (the full at the bottom, each later backup backed by the one before)
+    /// and `manifest.json`.
+    pub repository: PathBuf,
+    /// When the agent takes a backup: cron, 5 fields, local time. Without it, only `diskchain
+    /// backup` takes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Which backups to keep (Proxmox Backup Server's semantics); the newest is always kept.
+    /// Without any option every backup is kept.
+    #[serde(default)]
+    pub retention: Retention,
+    /// When the agent re-reads every kept point and compares its checksum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySpec>,
+}
+
+/// Which backups to keep: options applied in this order, newest first, each keeping the newest
+/// backup of each period (local time; ISO weeks) not already kept, up to N periods.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retention {
+    /// The N newest backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// The newest backup of each of the last N hours that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<u32>,
+    /// The newest backup of each of the last N days that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<u32>,
+    /// The newest backup of each of the last N ISO weeks that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<u32>,
+    /// The newest backup of each of the last N months that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<u32>,
+    /// The newest backup of each of the last N years that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_yearly: Option<u32>,
+}
+
+/// When to verify a repository.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VerifySpec {
+    /// Cron, 5 fields, local time.
+    pub schedule: String,
 }
 
 /// A revert request.

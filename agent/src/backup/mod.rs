@@ -1,0 +1,725 @@
+//! Backups: each disk with `spec.backup` backs up into its repository (see [`repo`]), a qcow2
+//! chain of points with a manifest; retention removes points with the cheapest merges
+//! ([`merge`]); `restore` writes a standalone image of a point; `verify` checks the structure
+//! and, deep, every point's checksum.
+//!
+//! What is built: offline disks (`source.file`, and a libvirt disk whose domain is shut off).
+//! The first backup is a full (`qemu-img convert` of the disk's chain into 64 KiB clusters);
+//! every later one is an incremental found by comparison: a new layer backed by the disk's
+//! active image is re-pointed at the previous point with `qemu-img rebase` in safe mode, which
+//! writes only the clusters where the disk now reads differently from the previous point. It
+//! needs no dirty bitmap, so nothing outside diskchain (a crash, a revert, a tool) can make it
+//! silently wrong; it reads the disk and the previous point whole.
+
+pub mod merge;
+pub mod repo;
+pub mod retention;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diskchain_crd::{BackupSpec, DesiredDisk, DiskKey};
+use diskchain_planner::Format;
+use serde::Serialize;
+
+use crate::execute::{ExecOptions, qemu_img};
+use crate::journal::Journal;
+use crate::observe::observe_chain;
+use crate::plan::{ErrorKind, Host};
+use repo::{Kind, Point, Repo};
+
+pub use merge::RetentionDone;
+
+/// Cluster size of repository files: with larger target clusters a backup copies whole
+/// clusters around each small change.
+const CLUSTER: &str = "cluster_size=65536";
+
+/// Why a backup command failed for one disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupError {
+    /// The disk.
+    #[serde(flatten)]
+    pub key: DiskKey,
+    /// What happened and what to do.
+    pub error: String,
+    /// Bad input (nothing touched), in use, or failed.
+    pub kind: ErrorKind,
+}
+
+/// A backup taken.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupDone {
+    /// The disk's name.
+    pub disk: String,
+    /// The disk's namespace.
+    pub namespace: String,
+    /// The point's name (its UTC time).
+    pub point: String,
+    /// `full`, `incremental` or `resync`.
+    pub kind: Kind,
+    /// Its file.
+    pub file: PathBuf,
+    /// Bytes written to the repository.
+    pub bytes: u64,
+    /// Why it is not an incremental, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The retention pass of one disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionReport {
+    /// The disk's name.
+    pub disk: String,
+    /// The disk's namespace.
+    pub namespace: String,
+    /// What retention did.
+    #[serde(flatten)]
+    pub done: RetentionDone,
+}
+
+/// What `diskchain backup` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BackupReport {
+    /// Backups taken.
+    pub backups: Vec<BackupDone>,
+    /// Retention merges.
+    pub retention: Vec<RetentionReport>,
+    /// Disks that failed.
+    pub errors: Vec<BackupError>,
+}
+
+impl BackupReport {
+    /// 0 all done; 2 bad input somewhere (those disks untouched); else 1.
+    pub fn exit_code(&self) -> i32 {
+        if self.errors.is_empty() {
+            0
+        } else if self.errors.iter().all(|e| e.kind == ErrorKind::BadInput) {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+fn err(disk: &DesiredDisk, kind: ErrorKind, message: String) -> BackupError {
+    BackupError {
+        key: disk.key.clone(),
+        error: format!("{}: {message}", disk.origin()),
+        kind,
+    }
+}
+
+/// The disk's backup policy and its repository directory (inside the roots).
+fn repository(disk: &DesiredDisk, host: &Host) -> Result<(BackupSpec, PathBuf), BackupError> {
+    let Some(b) = disk.spec().backup.clone() else {
+        return Err(err(
+            disk,
+            ErrorKind::BadInput,
+            "spec.backup: the disk has no backup policy; add spec.backup with a repository".into(),
+        ));
+    };
+    let dir = host
+        .roots
+        .confine_dir(&b.repository, "spec.backup.repository".into())
+        .map_err(|e| err(disk, ErrorKind::BadInput, e.to_string()))?;
+    Ok((b, dir))
+}
+
+/// The disk's active image, for an offline backup.
+fn offline_active(disk: &DesiredDisk) -> Result<PathBuf, BackupError> {
+    if let Some(f) = &disk.spec().source.file {
+        return Ok(f.clone());
+    }
+    let Some(live) = &disk.live else {
+        return Err(err(
+            disk,
+            ErrorKind::BadInput,
+            "spec.source: no disk".into(),
+        ));
+    };
+    match crate::libvirt::locate(live) {
+        Ok(d) if d.running => Err(err(
+            disk,
+            ErrorKind::Failed,
+            format!(
+                "spec.source.libvirt: domain {} is running; backups of a running domain (libvirt's backup API with checkpoints) are not built in this diskchain yet. Shut the domain down for an offline backup, or back it up with another tool meanwhile; nothing was done",
+                live.domain
+            ),
+        )),
+        Ok(d) => Ok(d.disk.active.clone()),
+        Err(e) => Err(err(
+            disk,
+            if e.is_bad_input() {
+                ErrorKind::BadInput
+            } else {
+                ErrorKind::Failed
+            },
+            format!("spec.source.libvirt: {e}"),
+        )),
+    }
+}
+
+fn run(mut c: Command, what: &str) -> Result<(), String> {
+    let out = c
+        .output()
+        .map_err(|e| format!("{what}: qemu-img could not run: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Backs up every disk of `disks` that has `spec.backup` (each under its disk lock, so no chain
+/// step of the disk runs meanwhile), then applies its retention.
+pub fn backup_all(disks: &[DesiredDisk], host: &Host, exec: ExecOptions) -> BackupReport {
+    let mut report = BackupReport::default();
+    for d in disks.iter().filter(|d| d.spec().backup.is_some()) {
+        match backup_disk(d, host, exec, chrono::Utc::now().timestamp()) {
+            Ok((b, r)) => {
+                report.backups.push(b);
+                report.retention.extend(r);
+            }
+            Err(e) => report.errors.push(e),
+        }
+    }
+    report
+}
+
+/// Backs up disk `disk` now (`now`: UTC seconds), then applies its retention.
+pub fn backup_disk(
+    disk: &DesiredDisk,
+    host: &Host,
+    exec: ExecOptions,
+    now: i64,
+) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
+    let (policy, dir) = repository(disk, host)?;
+    let active = offline_active(disk)?;
+    let failed = |m: String| err(disk, ErrorKind::Failed, m);
+    let _disk_lock = match host.state.lock_disk(&disk.key) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return Err(err(
+                disk,
+                ErrorKind::InUse,
+                "another diskchain process (an agent or an apply) is working on this disk; a backup waits for its chain steps: try again when it is done".into(),
+            ));
+        }
+        Err(e) => return Err(failed(e.to_string())),
+    };
+    if let Ok(Some(_)) = Journal::load(&host.state, &disk.key) {
+        return Err(failed(
+            "an earlier plan of this disk is unfinished; a backup is taken of a chain at rest: run `diskchain apply` (or let the agent) finish it first; nothing was done".into(),
+        ));
+    }
+    let chain = observe_chain(&host.roots, &active).map_err(|e| {
+        err(
+            disk,
+            if e.is_bad_input() {
+                ErrorKind::BadInput
+            } else {
+                ErrorKind::Failed
+            },
+            format!("spec.source: {e}"),
+        )
+    })?;
+    if let Some(l) = chain.layers.iter().find(|l| l.in_use.is_some()) {
+        return Err(err(
+            disk,
+            ErrorKind::InUse,
+            format!(
+                "layer {} is in use by {} (it holds QEMU's image lock); an offline backup of a disk being written would not be a point in time. Stop that process, or manage the disk through libvirt; nothing was done",
+                l.layer.path.display(),
+                l.in_use.as_deref().unwrap_or("another process")
+            ),
+        ));
+    }
+    let top = chain.active();
+    let (active, format, size) = (top.layer.path.clone(), top.layer.format, top.virtual_size);
+    let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
+        err(
+            disk,
+            if matches!(e, repo::RepoError::Busy(_)) {
+                ErrorKind::InUse
+            } else {
+                ErrorKind::Failed
+            },
+            e.to_string(),
+        )
+    })?;
+    merge::finish(&mut repo, &host.roots, &host.state, exec).map_err(|e| {
+        failed(format!(
+            "repository {}: finishing an interrupted retention merge: {e}",
+            dir.display()
+        ))
+    })?;
+    for p in repo.remove_partials().map_err(|e| failed(e.to_string()))? {
+        tracing::info!(disk = %disk.key, file = p, "removed what a killed backup left");
+    }
+    let (point, file) = repo.new_point_name(now);
+    let partial = dir.join(format!(".partial-{file}"));
+    let final_path = dir.join(&file);
+    let prev = repo.manifest.points.last().cloned();
+    let (kind, method, reason) = match &prev {
+        None => {
+            run(
+                qemu_img::convert(
+                    &active,
+                    format,
+                    &partial,
+                    Some(CLUSTER),
+                    exec.max_bytes_per_sec,
+                ),
+                "the full backup (qemu-img convert)",
+            )
+            .map_err(|e| failed(format!("{e}; nothing was recorded")))?;
+            (
+                Kind::Full,
+                None,
+                Some("the repository has no point yet".to_string()),
+            )
+        }
+        Some(p) => {
+            let prev_file = repo.file(p);
+            if !prev_file.exists() {
+                return Err(failed(format!(
+                    "repository {}: the newest point {} has lost its file {}; run `diskchain verify` and move the repository aside; nothing was done",
+                    dir.display(),
+                    p.point,
+                    prev_file.display()
+                )));
+            }
+            run(
+                qemu_img::create(
+                    &partial,
+                    Format::Qcow2,
+                    Some(size),
+                    Some((&active, format)),
+                    Some(CLUSTER),
+                    false,
+                ),
+                "creating the backup layer",
+            )
+            .map_err(|e| failed(format!("{e}; nothing was recorded")))?;
+            // Safe-mode rebase onto the previous point (by file name: the repository can move):
+            // writes only the clusters where the disk reads differently from it.
+            run(
+                qemu_img::rebase_copying(&partial, Some((Path::new(&p.file), Format::Qcow2))),
+                "the incremental backup (qemu-img rebase onto the previous point)",
+            )
+            .map_err(|e| failed(format!("{e}; nothing was recorded")))?;
+            (Kind::Incremental, Some("compare".to_string()), None)
+        }
+    };
+    let recorded = (|| -> Result<Point, String> {
+        repo::sync(&partial).map_err(|e| format!("cannot sync {}: {e}", partial.display()))?;
+        let sha256 = repo::view_sha256(&partial)?;
+        let bytes = repo::own_bytes(&partial)?;
+        std::fs::rename(&partial, &final_path)
+            .map_err(|e| format!("cannot rename {}: {e}", partial.display()))?;
+        repo::sync(&final_path)
+            .map_err(|e| format!("cannot sync {}: {e}", final_path.display()))?;
+        Ok(Point {
+            point: point.clone(),
+            time_unix: now,
+            kind,
+            method,
+            file: file.clone(),
+            bytes,
+            virtual_size: size,
+            sha256,
+            checkpoint: None,
+        })
+    })()
+    .map_err(|e| failed(format!("{e}; the backup was not recorded")))?;
+    let bytes = recorded.bytes;
+    repo.manifest.points.push(recorded);
+    if let Err(e) = repo.save() {
+        // Not recorded: the file is not a point; the next backup removes it.
+        let _ = std::fs::rename(&final_path, &partial);
+        return Err(failed(format!("{e}; the backup was not recorded")));
+    }
+    tracing::info!(disk = %disk.key, point, kind = kind.as_str(), bytes, "backup taken");
+    let done = BackupDone {
+        disk: disk.key.name.clone(),
+        namespace: disk.key.namespace.clone(),
+        point,
+        kind,
+        file: final_path,
+        bytes,
+        reason,
+    };
+    let retention = retain(&mut repo, &policy, disk, host, exec)?;
+    Ok((done, retention))
+}
+
+/// The points `policy` keeps, in local time.
+pub fn kept_points(repo: &Repo, policy: &BackupSpec) -> BTreeSet<String> {
+    let times: Vec<i64> = repo.manifest.points.iter().map(|p| p.time_unix).collect();
+    retention::kept(&times, &policy.retention, &chrono::Local)
+        .into_iter()
+        .map(|i| repo.manifest.points[i].point.clone())
+        .collect()
+}
+
+fn retain(
+    repo: &mut Repo,
+    policy: &BackupSpec,
+    disk: &DesiredDisk,
+    host: &Host,
+    exec: ExecOptions,
+) -> Result<Option<RetentionReport>, BackupError> {
+    let keep = kept_points(repo, policy);
+    let done = merge::run(repo, &keep, &host.roots, &host.state, &disk.key, exec).map_err(|e| {
+        err(
+            disk,
+            ErrorKind::Failed,
+            format!(
+                "repository {}: retention: {e}; the backup was taken and recorded, the merge resumes on the next backup",
+                repo.dir.display()
+            ),
+        )
+    })?;
+    Ok(done.map(|done| RetentionReport {
+        disk: disk.key.name.clone(),
+        namespace: disk.key.namespace.clone(),
+        done,
+    }))
+}
+
+/// One disk's points, for `diskchain backups`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskPoints {
+    /// The disk's name.
+    pub name: String,
+    /// The disk's namespace.
+    pub namespace: String,
+    /// The repository.
+    pub repository: PathBuf,
+    /// A retention merge was interrupted (the next backup, verify or restore finishes it).
+    pub merge_in_flight: bool,
+    /// The points, oldest first.
+    pub points: Vec<ListedPoint>,
+}
+
+/// A point as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedPoint {
+    /// Its name.
+    pub point: String,
+    /// When it was taken (RFC 3339, UTC).
+    pub time: String,
+    /// How.
+    pub kind: Kind,
+    /// Its file.
+    pub file: PathBuf,
+    /// Bytes written.
+    pub bytes: u64,
+    /// SHA-256 of its view.
+    pub sha256: String,
+}
+
+/// Lists the points of each disk with `spec.backup` (reads the manifests; changes nothing).
+pub fn list(disks: &[DesiredDisk], host: &Host) -> (Vec<DiskPoints>, Vec<BackupError>) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for d in disks.iter().filter(|d| d.spec().backup.is_some()) {
+        let dir = match repository(d, host) {
+            Ok((_, dir)) => dir,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let manifest = match crate::state::read_json::<repo::Manifest>(&dir.join("manifest.json")) {
+            Ok(m) => m,
+            Err(e) => {
+                errors.push(err(
+                    d,
+                    ErrorKind::Failed,
+                    format!("repository {}: {e}", dir.display()),
+                ));
+                continue;
+            }
+        };
+        let points = manifest
+            .map(|m| m.points)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| ListedPoint {
+                time: chrono::DateTime::<chrono::Utc>::from_timestamp(p.time_unix, 0)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                file: dir.join(&p.file),
+                point: p.point,
+                kind: p.kind,
+                bytes: p.bytes,
+                sha256: p.sha256,
+            })
+            .collect();
+        out.push(DiskPoints {
+            name: d.key.name.clone(),
+            namespace: d.key.namespace.clone(),
+            merge_in_flight: merge::in_flight(&dir),
+            repository: dir,
+            points,
+        });
+    }
+    (out, errors)
+}
+
+/// Opens disk `disk`'s repository for a read (restore, verify): locked, an interrupted merge
+/// finished first.
+fn open_settled(disk: &DesiredDisk, host: &Host, exec: ExecOptions) -> Result<Repo, BackupError> {
+    let (_, dir) = repository(disk, host)?;
+    if !dir.join("manifest.json").exists() {
+        return Err(err(
+            disk,
+            ErrorKind::BadInput,
+            format!(
+                "repository {}: no backup has been taken (no manifest.json); run `diskchain backup` first",
+                dir.display()
+            ),
+        ));
+    }
+    let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
+        err(
+            disk,
+            if matches!(e, repo::RepoError::Busy(_)) {
+                ErrorKind::InUse
+            } else {
+                ErrorKind::Failed
+            },
+            e.to_string(),
+        )
+    })?;
+    merge::finish(&mut repo, &host.roots, &host.state, exec).map_err(|e| {
+        err(
+            disk,
+            ErrorKind::Failed,
+            format!(
+                "repository {}: finishing an interrupted retention merge: {e}",
+                dir.display()
+            ),
+        )
+    })?;
+    Ok(repo)
+}
+
+/// The format a restore writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreFormat {
+    /// qcow2 (standalone: no backing file).
+    Qcow2,
+    /// raw.
+    Raw,
+}
+
+/// Writes a standalone image of point `point` of `disk` to `to`, never over an existing file;
+/// the result is checked against the point's recorded checksum before it appears at `to`.
+pub fn restore(
+    disk: &DesiredDisk,
+    host: &Host,
+    point: &str,
+    to: &Path,
+    format: RestoreFormat,
+) -> Result<PathBuf, BackupError> {
+    let bad = |m: String| err(disk, ErrorKind::BadInput, m);
+    if to.symlink_metadata().is_ok() {
+        return Err(bad(format!(
+            "--to {}: the file exists; restore never overwrites a file: give a new path",
+            to.display()
+        )));
+    }
+    let parent = match to.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => Path::new("/"),
+    };
+    if !parent.is_dir() {
+        return Err(bad(format!(
+            "--to {}: the directory {} does not exist",
+            to.display(),
+            parent.display()
+        )));
+    }
+    let repo = open_settled(disk, host, ExecOptions::default())?;
+    let Some(p) = repo.manifest.points.iter().find(|p| p.point == point) else {
+        return Err(bad(format!(
+            "--point {point:?}: no such point in repository {}; `diskchain backups` lists them ({})",
+            repo.dir.display(),
+            repo.manifest
+                .points
+                .iter()
+                .map(|p| p.point.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.diskchain-restore"));
+    let _ = std::fs::remove_file(&tmp);
+    let failed = |m: String| {
+        let _ = std::fs::remove_file(&tmp);
+        err(disk, ErrorKind::Failed, m)
+    };
+    let mut c = Command::new("qemu-img");
+    c.args(["convert", "-f", "qcow2", "-O"])
+        .arg(match format {
+            RestoreFormat::Qcow2 => "qcow2",
+            RestoreFormat::Raw => "raw",
+        })
+        .arg(repo.file(p))
+        .arg(&tmp);
+    run(c, "the restore (qemu-img convert)").map_err(failed)?;
+    repo::sync(&tmp).map_err(|e| failed(format!("cannot sync {}: {e}", tmp.display())))?;
+    let sha = match format {
+        RestoreFormat::Qcow2 => repo::view_sha256(&tmp),
+        RestoreFormat::Raw => repo::file_sha256(&tmp),
+    }
+    .map_err(failed)?;
+    if sha != p.sha256 {
+        return Err(failed(format!(
+            "point {} of repository {} reads back with SHA-256 {sha}, not the {} recorded when it was taken: the repository is damaged (`diskchain verify --deep` names the point); nothing was written to {}",
+            p.point,
+            repo.dir.display(),
+            p.sha256,
+            to.display()
+        )));
+    }
+    // A hard link never replaces an existing file: a file made at `to` meanwhile is kept.
+    std::fs::hard_link(&tmp, to).map_err(|e| {
+        failed(format!(
+            "cannot put the restored image at {}: {e}; nothing was written there",
+            to.display()
+        ))
+    })?;
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+    Ok(to.to_path_buf())
+}
+
+/// A problem `verify` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Damage {
+    /// The point (or `-` for the repository).
+    pub point: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// One disk's verify result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    /// The disk's name.
+    pub name: String,
+    /// The disk's namespace.
+    pub namespace: String,
+    /// The repository.
+    pub repository: PathBuf,
+    /// Points checked.
+    pub points: usize,
+    /// Checksums compared (`--deep`).
+    pub deep: bool,
+    /// What is damaged.
+    pub damaged: Vec<Damage>,
+}
+
+/// Checks disk `disk`'s repository: every point's file is there, passes `qemu-img check`, is
+/// backed by the point before it (the first by none) and has the recorded size; with `deep`,
+/// every point's view has its recorded SHA-256.
+pub fn verify(disk: &DesiredDisk, host: &Host, deep: bool) -> Result<Verified, BackupError> {
+    let repo = open_settled(disk, host, ExecOptions::default())?;
+    let mut damaged = Vec::new();
+    #[derive(serde::Deserialize)]
+    struct Info {
+        #[serde(rename = "backing-filename")]
+        backing: Option<String>,
+        #[serde(rename = "virtual-size")]
+        size: u64,
+    }
+    let mut before: Option<&Point> = None;
+    for p in &repo.manifest.points {
+        let f = repo.file(p);
+        let mut damage = |problem: String| {
+            damaged.push(Damage {
+                point: p.point.clone(),
+                problem,
+            })
+        };
+        if !f.exists() {
+            damage(format!("its file {} is missing", f.display()));
+            before = Some(p);
+            continue;
+        }
+        let check = qemu_img::check(&f, false).output();
+        match check {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => damage(format!(
+                "qemu-img check {} failed: {}",
+                f.display(),
+                String::from_utf8_lossy(&o.stdout).trim()
+            )),
+            Err(e) => damage(format!("qemu-img check could not run: {e}")),
+        }
+        let info = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json", "-f", "qcow2"])
+            .arg(&f)
+            .output();
+        match info.map(|o| serde_json::from_slice::<Info>(&o.stdout)) {
+            Ok(Ok(i)) => {
+                // A backing reference is relative to the file's directory (the backup writes the
+                // name alone; a merge may write the full path).
+                let want = before.map(|b| repo.file(b));
+                let got = i.backing.as_ref().map(|b| {
+                    let p = repo.dir.join(b);
+                    p.canonicalize().unwrap_or(p)
+                });
+                if got != want {
+                    damage(format!(
+                        "{} is backed by {}, not by the point before it ({})",
+                        f.display(),
+                        i.backing.as_deref().unwrap_or("nothing"),
+                        want.map_or("nothing".into(), |w| w.display().to_string())
+                    ));
+                }
+                if i.size != p.virtual_size {
+                    damage(format!(
+                        "{} is {} bytes, not the {} recorded",
+                        f.display(),
+                        i.size,
+                        p.virtual_size
+                    ));
+                }
+            }
+            _ => damage(format!("qemu-img info {} failed", f.display())),
+        }
+        if deep {
+            match repo::view_sha256(&f) {
+                Ok(sha) if sha == p.sha256 => {}
+                Ok(sha) => damage(format!(
+                    "its view reads with SHA-256 {sha}, not the {} recorded when it was taken",
+                    p.sha256
+                )),
+                Err(e) => damage(e),
+            }
+        }
+        before = Some(p);
+    }
+    Ok(Verified {
+        name: disk.key.name.clone(),
+        namespace: disk.key.namespace.clone(),
+        repository: repo.dir.clone(),
+        points: repo.manifest.points.len(),
+        deep,
+        damaged,
+    })
+}

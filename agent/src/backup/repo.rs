@@ -1,0 +1,428 @@
+//! A disk's backup repository: a directory holding a qcow2 chain (the full at the bottom, each
+//! later backup a layer backed by the one before, by file name, so the directory can be moved)
+//! and `manifest.json`, the list of points. A backup is written to a `.partial-*` file and
+//! counts only once it is synced, renamed and recorded in the manifest; a partial is never
+//! listed or restored, and the next backup removes it. `.lock` keeps two processes apart.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diskchain_crd::DiskKey;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::state::{read_json, write_atomic};
+
+/// How a backup was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The whole disk, into a file with no backing file.
+    Full,
+    /// Only what changed since the previous point, into a layer backed by it.
+    Incremental,
+    /// What differs from the previous point, found by comparing the two (when what changed was
+    /// not tracked), into a layer backed by it.
+    Resync,
+}
+
+impl Kind {
+    /// The name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Full => "full",
+            Kind::Incremental => "incremental",
+            Kind::Resync => "resync",
+        }
+    }
+}
+
+/// One backup point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    /// Its name: its UTC time (`2026-11-26T03:00:00Z`), `-2`, `-3`... when two fall in one
+    /// second.
+    pub point: String,
+    /// When the backup started, seconds since the Unix epoch.
+    pub time_unix: i64,
+    /// How it was taken.
+    pub kind: Kind,
+    /// How what changed was found: `compare` (the disk read against the previous point) or
+    /// `bitmap` (a dirty bitmap); none for a full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Its file, by name, in the repository.
+    pub file: String,
+    /// Bytes the backup wrote to the repository (allocated in its layer when it was taken).
+    pub bytes: u64,
+    /// The disk's size.
+    pub virtual_size: u64,
+    /// SHA-256 of the point's raw view (what a restore reads back), hex.
+    pub sha256: String,
+    /// The checkpoint or dirty bitmap it was taken against, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// The manifest of a repository.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The manifest's format version.
+    pub version: u32,
+    /// The disk's namespace.
+    pub namespace: String,
+    /// The disk's name.
+    pub disk: String,
+    /// The points, oldest first; each point's file is backed by the one before.
+    pub points: Vec<Point>,
+}
+
+/// Why a repository cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// I/O on a repository file.
+    #[error("repository {dir}: cannot {action} {path}: {source}")]
+    Io {
+        dir: PathBuf,
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process holds the repository.
+    #[error(
+        "repository {0}: another diskchain process is backing up, merging or verifying this repository; try again when it is done"
+    )]
+    Busy(PathBuf),
+    /// The manifest cannot be read.
+    #[error("repository {dir}: {message}")]
+    Damaged { dir: PathBuf, message: String },
+    /// The repository is another disk's.
+    #[error(
+        "repository {dir} holds the backups of disk {owner:?}, not of {disk:?}; give each disk a repository of its own (spec.backup.repository)"
+    )]
+    NotOurs {
+        dir: PathBuf,
+        owner: String,
+        disk: String,
+    },
+    /// A QEMU tool failed.
+    #[error("repository {dir}: {what}")]
+    Tool { dir: PathBuf, what: String },
+}
+
+/// An open, locked repository.
+pub struct Repo {
+    /// The directory (canonical).
+    pub dir: PathBuf,
+    /// The manifest as read (or new).
+    pub manifest: Manifest,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+const MANIFEST: &str = "manifest.json";
+
+impl Repo {
+    /// Opens (creating the directory when missing) and locks the repository of disk `key`.
+    pub fn open(dir: &Path, key: &DiskKey) -> Result<Repo, RepoError> {
+        let io = |action: &'static str, path: &Path| {
+            let (dir, path) = (dir.to_path_buf(), path.to_path_buf());
+            move |source| RepoError::Io {
+                dir,
+                action,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let lock_path = dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("open", &lock_path))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| RepoError::Busy(dir.to_path_buf()))?;
+        let path = dir.join(MANIFEST);
+        let manifest = match read_json::<Manifest>(&path) {
+            Ok(Some(m)) => m,
+            Ok(None) => Manifest {
+                version: 1,
+                namespace: key.namespace.clone(),
+                disk: key.name.clone(),
+                points: Vec::new(),
+            },
+            Err(e) => {
+                return Err(RepoError::Damaged {
+                    dir: dir.to_path_buf(),
+                    message: format!("{e}; move the repository aside, or restore the manifest"),
+                });
+            }
+        };
+        if (manifest.namespace.as_str(), manifest.disk.as_str())
+            != (key.namespace.as_str(), key.name.as_str())
+        {
+            return Err(RepoError::NotOurs {
+                dir: dir.to_path_buf(),
+                owner: DiskKey::new(Some(&manifest.namespace), &manifest.disk).to_string(),
+                disk: key.to_string(),
+            });
+        }
+        Ok(Repo {
+            dir: dir.to_path_buf(),
+            manifest,
+            _lock: lock,
+        })
+    }
+
+    /// Writes the manifest atomically (synced, with its directory).
+    pub fn save(&self) -> Result<(), RepoError> {
+        let bytes = serde_json::to_vec_pretty(&self.manifest).unwrap_or_default();
+        write_atomic(&self.dir.join(MANIFEST), &bytes).map_err(|e| RepoError::Damaged {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The path of a point's file.
+    pub fn file(&self, p: &Point) -> PathBuf {
+        self.dir.join(&p.file)
+    }
+
+    /// Removes what a killed backup left: `.partial-*` files. Returns their names.
+    pub fn remove_partials(&self) -> Result<Vec<String>, RepoError> {
+        let mut removed = Vec::new();
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| RepoError::Io {
+            dir: self.dir.clone(),
+            action: "list",
+            path: self.dir.clone(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".partial-") {
+                crate::state::remove_if_present(&e.path()).map_err(|e| RepoError::Damaged {
+                    dir: self.dir.clone(),
+                    message: e.to_string(),
+                })?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// A name for a point taken at `unix` (UTC seconds), unique among the points, and its file
+    /// name (no `:`; QEMU reads `NAME:` in a backing reference as a protocol).
+    pub fn new_point_name(&self, unix: i64) -> (String, String) {
+        let t = chrono::DateTime::<chrono::Utc>::from_timestamp(unix, 0).unwrap_or_default();
+        let base = t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let file_base = t.format("%Y%m%dT%H%M%SZ").to_string();
+        let taken = |n: &str, f: &str| {
+            self.manifest
+                .points
+                .iter()
+                .any(|p| p.point == n || p.file == f)
+                || self.dir.join(f).exists()
+        };
+        let mut i = 1;
+        loop {
+            let (n, f) = if i == 1 {
+                (base.clone(), format!("{file_base}.qcow2"))
+            } else {
+                (format!("{base}-{i}"), format!("{file_base}-{i}.qcow2"))
+            };
+            if !taken(&n, &f) {
+                return (n, f);
+            }
+            i += 1;
+        }
+    }
+}
+
+/// Fsyncs `path` (a file) and its directory.
+pub fn sync(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(Deserialize)]
+struct Extent {
+    start: u64,
+    length: u64,
+    depth: usize,
+    #[serde(default)]
+    zero: bool,
+    #[serde(default)]
+    data: bool,
+    #[serde(default)]
+    compressed: bool,
+    offset: Option<u64>,
+}
+
+/// The files of the chain under qcow2 image `top`, top first (as `qemu-img map` counts depth).
+pub fn chain_files(top: &Path) -> Result<Vec<PathBuf>, String> {
+    #[derive(Deserialize)]
+    struct Info {
+        filename: PathBuf,
+        format: String,
+    }
+    let out = Command::new("qemu-img")
+        .args([
+            "info",
+            "-U",
+            "--backing-chain",
+            "--output=json",
+            "-f",
+            "qcow2",
+        ])
+        .arg(top)
+        .output()
+        .map_err(|e| format!("qemu-img info could not run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img info {} failed: {}",
+            top.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let infos: Vec<Info> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("qemu-img info {} printed no chain: {e}", top.display()))?;
+    if let Some(i) = infos.iter().find(|i| i.format != "qcow2") {
+        return Err(format!(
+            "{} is {}, not qcow2: not a repository file",
+            i.filename.display(),
+            i.format
+        ));
+    }
+    Ok(infos.into_iter().map(|i| i.filename).collect())
+}
+
+/// SHA-256 of the raw view of the qcow2 chain under `top` (what `qemu-img convert -O raw`
+/// would write), read through `qemu-img map`: zero extents hash as zeros, data extents are
+/// read from the file at their depth at their offset. Repository files are uncompressed and
+/// unencrypted qcow2; anything else is refused.
+pub fn view_sha256(top: &Path) -> Result<String, String> {
+    let files = chain_files(top)?;
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", "-f", "qcow2"])
+        .arg(top)
+        .output()
+        .map_err(|e| format!("qemu-img map could not run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img map {} failed: {}",
+            top.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let extents: Vec<Extent> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("qemu-img map {} printed no extents: {e}", top.display()))?;
+    let mut handles: Vec<Option<std::fs::File>> = files.iter().map(|_| None).collect();
+    let mut h = sha2::Sha256::new();
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut expected = 0u64;
+    for e in extents {
+        if e.start != expected {
+            return Err(format!(
+                "qemu-img map {} skipped from {expected} to {}",
+                top.display(),
+                e.start
+            ));
+        }
+        expected = e.start + e.length;
+        if e.zero || !e.data {
+            let mut left = e.length;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                h.update(&zeros[..n]);
+                left -= n as u64;
+            }
+            continue;
+        }
+        let (Some(offset), false) = (e.offset, e.compressed) else {
+            return Err(format!(
+                "{}: data at {} is compressed or has no host offset; not a repository chain",
+                top.display(),
+                e.start
+            ));
+        };
+        let Some(path) = files.get(e.depth) else {
+            return Err(format!(
+                "qemu-img map {}: depth {} beyond the chain",
+                top.display(),
+                e.depth
+            ));
+        };
+        if handles[e.depth].is_none() {
+            handles[e.depth] = Some(
+                std::fs::File::open(path)
+                    .map_err(|err| format!("cannot open {}: {err}", path.display()))?,
+            );
+        }
+        let f = handles[e.depth].as_ref().expect("opened above");
+        let mut done = 0u64;
+        while done < e.length {
+            let n = (e.length - done).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], offset + done)
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+            h.update(&buf[..n]);
+            done += n as u64;
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// SHA-256 of a whole file (a raw image).
+pub fn file_sha256(path: &Path) -> Result<String, String> {
+    let mut f =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Bytes allocated in `file` alone (its own clusters, not its backing chain's), from
+/// `qemu-img map` at depth 0.
+pub fn own_bytes(file: &Path) -> Result<u64, String> {
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", "-f", "qcow2"])
+        .arg(file)
+        .output()
+        .map_err(|e| format!("qemu-img map could not run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img map {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    #[derive(Deserialize)]
+    struct E {
+        length: u64,
+        depth: usize,
+        #[serde(default)]
+        data: bool,
+    }
+    let extents: Vec<E> = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(extents
+        .iter()
+        .filter(|e| e.depth == 0 && e.data)
+        .map(|e| e.length)
+        .sum())
+}
