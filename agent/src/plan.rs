@@ -262,6 +262,14 @@ fn observe_disks<'a>(
     let mut observed: Vec<Observed<'a>> = Vec::new();
     for spec in loaded {
         let source = &spec.spec().source;
+        if let Some(b) = &spec.spec().backup
+            && let Err(e) = roots.confine_dir(&b.repository, "spec.backup.repository".into())
+        {
+            report
+                .errors
+                .push(fail(spec, format!("{}: {e}", spec.origin()), true));
+            continue;
+        }
         let target = spec.live.clone();
         let (active, live) = match (&source.file, &target) {
             (Some(_), _) if source.format == Some(diskchain_crd::DiskFormat::Raw) => {

@@ -1,0 +1,588 @@
+//! `diskchain backup`, `backups`, `restore` and `verify` on offline disks, end to end on real
+//! qcow2 chains. The oracles are QEMU's: `qemu-img convert` to raw (a point's view, hashed here),
+//! `qemu-img map` (what a layer holds) and `qemu-img check`.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use diskchain_tests::env::{Env, backing_chain, check, spec_yaml};
+use diskchain_tests::qemu::{cluster_states, create, io, view_sha256};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const CLUSTER: u64 = 64 * 1024;
+
+/// A disk: a 64 MiB base with 8 MiB of data under an active overlay; its spec keeps the base as
+/// point `golden` and backs up into `img/backups/NAME` with `retention` (YAML lines under
+/// `retention:`, or empty).
+struct Disk {
+    top: PathBuf,
+    base: PathBuf,
+    repo: PathBuf,
+    spec: PathBuf,
+}
+
+fn disk(env: &Env, name: &str, retention: &str) -> Disk {
+    let base = env.img(&format!("{name}-base.qcow2"));
+    create(&base, 64 * MIB, None, &[]);
+    io(&base, "qcow2", &["write -P 1 0 8M".into()]);
+    let top = env.img(&format!("{name}.qcow2"));
+    create(&top, 0, Some((&base, "qcow2")), &[]);
+    let repo = env.img(&format!("backups/{name}"));
+    let d = Disk {
+        spec: PathBuf::new(),
+        top,
+        base,
+        repo,
+    };
+    let spec = env.spec(
+        &format!("{name}.yaml"),
+        &yaml(&d, name, &[("golden", true)], retention),
+    );
+    Disk { spec, ..d }
+}
+
+/// The spec of disk `name`: `points` (name, bound to the base file or not), its backup policy.
+fn yaml(d: &Disk, name: &str, points: &[(&str, bool)], retention: &str) -> String {
+    let points: Vec<(String, Option<PathBuf>)> = points
+        .iter()
+        .map(|(n, bound)| (n.to_string(), bound.then(|| d.base.clone())))
+        .collect();
+    let mut backup = format!("  backup:\n    repository: {}\n", d.repo.display());
+    if !retention.is_empty() {
+        backup.push_str("    retention:\n");
+        for l in retention.lines() {
+            backup.push_str(&format!("      {l}\n"));
+        }
+    }
+    spec_yaml(name, &d.top, &points, &backup)
+}
+
+fn run(env: &Env, args: &[&str], spec: &Path) -> Output {
+    env.diskchain(args).arg("-f").arg(spec).output().unwrap()
+}
+
+/// `backup -o json`, which must succeed.
+fn backup(env: &Env, spec: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["backup", "-o", "json"];
+    args.extend_from_slice(extra);
+    let out = run(env, &args, spec);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `backups -o json`: the points of the first disk.
+fn points(env: &Env, spec: &Path) -> Vec<Value> {
+    let out = run(env, &["backups", "-o", "json"], spec);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["disks"][0]["points"].as_array().unwrap().clone()
+}
+
+/// Restores point `point` of disk `disk` as raw and hashes it.
+fn restored_sha(env: &Env, spec: &Path, disk: &str, point: &str) -> String {
+    use sha2::Digest;
+    let to = env
+        .dir
+        .path()
+        .join(format!("restore-{}.raw", point.replace(':', "")));
+    let out = env
+        .diskchain(&[
+            "restore", "--disk", disk, "--point", point, "--format", "raw", "--to",
+        ])
+        .arg(&to)
+        .arg("-f")
+        .arg(spec)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "restore {point}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&to).unwrap()));
+    std::fs::remove_file(&to).unwrap();
+    sha
+}
+
+fn view(env: &Env, f: &Path) -> String {
+    view_sha256(f, "qcow2", env.dir.path())
+}
+
+/// The clusters (of 64 KiB) a layer itself holds, data or explicit zero.
+fn own_clusters(f: &Path) -> BTreeSet<u64> {
+    cluster_states(f, "qcow2", CLUSTER)
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s != 0)
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// The 64 KiB clusters a write of `len` bytes at `at` touches.
+fn touched(at: u64, len: u64) -> BTreeSet<u64> {
+    (at / CLUSTER..(at + len).div_ceil(CLUSTER)).collect()
+}
+
+/// SIGKILLs `child`'s process group, its QEMU tools included (as a host crash would stop them),
+/// and waits until the group is gone.
+fn kill_group(mut child: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    child.wait().unwrap();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while pgrep -g {} >/dev/null; do sleep 0.02; done",
+            child.id()
+        ))
+        .status();
+}
+
+fn repo_files(repo: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(repo)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".qcow2"))
+        .collect()
+}
+
+#[test]
+fn rounds_of_writes_and_backups_restore_every_point_and_incrementals_hold_only_what_changed() {
+    let env = Env::new();
+    let d = disk(&env, "vda", "");
+    // (offset, length, pattern; 0 writes zeros): each round's guest writes.
+    let rounds: [&[(u64, u64, u8)]; 4] = [
+        &[(16 * MIB, MIB, 2)],
+        &[(20 * MIB, 128 * 1024, 3), (100 * 1024, 4096, 4)],
+        &[(MIB, 2 * MIB, 0)],
+        &[(16 * MIB, 64 * 1024, 2), (40 * MIB, 3 * MIB, 5)],
+    ];
+    let mut views = Vec::new();
+    for (i, writes) in rounds.iter().enumerate() {
+        let cmds: Vec<String> = writes
+            .iter()
+            .map(|(at, len, p)| {
+                if *p == 0 {
+                    format!("write -z {at} {len}")
+                } else {
+                    format!("write -P {p} {at} {len}")
+                }
+            })
+            .collect();
+        io(&d.top, "qcow2", &cmds);
+        let want = view(&env, &d.top);
+        let r = backup(&env, &d.spec, &[]);
+        let b = &r["backups"][0];
+        assert_eq!(
+            b["kind"],
+            if i == 0 { "full" } else { "incremental" },
+            "{r}"
+        );
+        let file = PathBuf::from(b["file"].as_str().unwrap());
+        assert_eq!(
+            view(&env, &file),
+            want,
+            "round {i}: the new point reads as the disk did"
+        );
+        if i > 0 {
+            // Only what this round wrote; an identical rewrite (round 3's first write) may
+            // even be left out.
+            let wrote: BTreeSet<u64> = writes
+                .iter()
+                .flat_map(|(a, l, _)| touched(*a, *l))
+                .collect();
+            let own = own_clusters(&file);
+            assert!(
+                own.is_subset(&wrote),
+                "round {i}: the incremental holds clusters nobody wrote: {:?}",
+                own.difference(&wrote).collect::<Vec<_>>()
+            );
+            assert!(!own.is_empty(), "round {i}: the incremental holds nothing");
+        }
+        views.push((b["point"].as_str().unwrap().to_string(), want));
+        // Two backups in one second get distinct names; keep them apart anyway.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed = points(&env, &d.spec);
+    assert_eq!(listed.len(), 4);
+    for ((name, want), p) in views.iter().zip(&listed) {
+        assert_eq!(p["point"], name.as_str());
+        assert_eq!(
+            p["sha256"],
+            want.as_str(),
+            "the manifest's checksum of {name}"
+        );
+        assert_eq!(
+            &restored_sha(&env, &d.spec, "vda", name),
+            want,
+            "restore of {name}"
+        );
+    }
+    for f in repo_files(&d.repo) {
+        assert_eq!(check(&d.repo.join(&f)), 0, "qemu-img check {f}");
+    }
+    let v = run(&env, &["verify", "--deep"], &d.spec);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    // The disk itself was only read.
+    assert_eq!(backing_chain(&d.top), vec![d.base.clone(), d.top.clone()]);
+}
+
+#[test]
+fn chain_steps_between_backups_keep_the_next_backup_incremental_and_correct() {
+    let env = Env::new();
+    let d = disk(&env, "vdb", "");
+    io(&d.top, "qcow2", &["write -P 2 16M 1M".into()]);
+    let mut views = vec![];
+    let r = backup(&env, &d.spec, &[]);
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+    // A new point (a snapshot), more writes, a backup.
+    std::fs::write(
+        &d.spec,
+        yaml(&d, "vdb", &[("golden", true), ("s1", false)], ""),
+    )
+    .unwrap();
+    env.apply_ok(&d.spec, &[]);
+    assert_eq!(backing_chain(&d.top).len(), 3);
+    io(&d.top, "qcow2", &["write -P 6 30M 256k".into()]);
+    let r = backup(&env, &d.spec, &[]);
+    assert_eq!(r["backups"][0]["kind"], "incremental");
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+    // The base point merged away (a commit or stream), more writes, a backup.
+    std::fs::write(&d.spec, yaml(&d, "vdb", &[("s1", false)], "")).unwrap();
+    env.apply_ok(&d.spec, &[]);
+    assert_eq!(backing_chain(&d.top).len(), 2);
+    io(&d.top, "qcow2", &["write -P 7 0 64k".into()]);
+    let r = backup(&env, &d.spec, &[]);
+    assert_eq!(r["backups"][0]["kind"], "incremental");
+    let file = PathBuf::from(r["backups"][0]["file"].as_str().unwrap());
+    assert_eq!(
+        own_clusters(&file),
+        touched(0, 64 * 1024),
+        "the chain steps moved data between layers, yet the guest view changed only there"
+    );
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+    for (name, want) in &views {
+        assert_eq!(
+            &restored_sha(&env, &d.spec, "vdb", name),
+            want,
+            "restore of {name}"
+        );
+    }
+    env.assert_images_clean("after chain steps and backups");
+}
+
+#[test]
+fn lowering_retention_merges_points_away_and_every_remaining_point_restores() {
+    let env = Env::new();
+    let d = disk(&env, "vdc", "");
+    let mut views = vec![];
+    for i in 0..5u64 {
+        io(
+            &d.top,
+            "qcow2",
+            &[format!("write -P {} {}M 1M", 10 + i, 10 + 4 * i)],
+        );
+        let r = backup(&env, &d.spec, &[]);
+        views.push((
+            r["backups"][0]["point"].as_str().unwrap().to_string(),
+            view(&env, &d.top),
+        ));
+    }
+    assert_eq!(repo_files(&d.repo).len(), 5);
+    std::fs::write(&d.spec, yaml(&d, "vdc", &[("golden", true)], "keepLast: 2")).unwrap();
+    io(&d.top, "qcow2", &["write -P 30 60M 64k".into()]);
+    let r = backup(&env, &d.spec, &[]);
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+    let ret = &r["retention"][0];
+    let removed: Vec<&str> = ret["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        removed,
+        views[..4]
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>(),
+        "{r}"
+    );
+    // Each of the removed points' 1 MiB is merged at most once: the planner never moves more
+    // than the points being removed hold.
+    let total = ret["total_bytes"].as_u64().unwrap();
+    assert!(
+        total > 0 && total <= 8 * MIB + 5 * MIB,
+        "retention moved {total} bytes: {r}"
+    );
+    let listed = points(&env, &d.spec);
+    let names: Vec<&str> = listed
+        .iter()
+        .map(|p| p["point"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec![views[4].0.as_str(), views[5].0.as_str()]);
+    assert_eq!(
+        repo_files(&d.repo).len(),
+        2,
+        "the merged-away files are deleted"
+    );
+    for (name, want) in &views[4..] {
+        assert_eq!(
+            &restored_sha(&env, &d.spec, "vdc", name),
+            want,
+            "restore of {name}"
+        );
+    }
+    let v = run(&env, &["verify", "--deep"], &d.spec);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    env.assert_images_clean("after retention");
+}
+
+#[test]
+fn verify_deep_names_the_point_whose_byte_was_flipped() {
+    let env = Env::new();
+    let d = disk(&env, "vdd", "");
+    let r1 = backup(&env, &d.spec, &[]);
+    io(&d.top, "qcow2", &["write -P 9 32M 64k".into()]);
+    let r2 = backup(&env, &d.spec, &[]);
+    let v = run(&env, &["verify", "--deep"], &d.spec);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    // One byte of the second point's data, found where QEMU says it is.
+    let file = PathBuf::from(r2["backups"][0]["file"].as_str().unwrap());
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow2"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let map: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let at = map
+        .iter()
+        .find(|e| e["depth"] == 0 && e["data"] == true)
+        .and_then(|e| e["offset"].as_u64())
+        .expect("the incremental holds data");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[at as usize + 100] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let v = run(&env, &["verify", "--deep"], &d.spec);
+    let err = String::from_utf8_lossy(&v.stderr);
+    assert_eq!(v.status.code(), Some(1), "{err}");
+    let second = r2["backups"][0]["point"].as_str().unwrap();
+    let first = r1["backups"][0]["point"].as_str().unwrap();
+    assert!(err.contains(&format!("point {second}")), "{err}");
+    assert!(
+        !err.contains(&format!("point {first}")),
+        "the sound point is not blamed: {err}"
+    );
+    // A restore of the damaged point is refused; nothing is written.
+    let to = env.dir.path().join("bad.qcow2");
+    let out = env
+        .diskchain(&["restore", "--disk", "vdd", "--point", second, "--to"])
+        .arg(&to)
+        .arg("-f")
+        .arg(&d.spec)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!to.exists());
+}
+
+#[test]
+fn a_backup_killed_midway_leaves_no_point_and_the_next_one_succeeds() {
+    let env = Env::new();
+    let d = disk(&env, "vde", "");
+    io(&d.top, "qcow2", &["write -P 4 8M 40M".into()]);
+    let want = view(&env, &d.top);
+    // 48 MiB at 8 MB/s: about 6 s.
+    let child = env
+        .diskchain(&["backup", "--max-bytes-per-sec", "8000000", "-f"])
+        .arg(&d.spec)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let partial_seen = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        std::fs::read_dir(&d.repo).is_ok_and(|r| {
+            r.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+        })
+    });
+    assert!(partial_seen, "the backup never started writing");
+    std::thread::sleep(Duration::from_millis(500));
+    kill_group(child);
+    assert!(
+        points(&env, &d.spec).is_empty(),
+        "a killed backup is not a point"
+    );
+    let r = backup(&env, &d.spec, &[]);
+    assert_eq!(r["backups"][0]["kind"], "full");
+    assert!(
+        std::fs::read_dir(&d.repo)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".partial-")),
+        "the partial is removed"
+    );
+    let p = r["backups"][0]["point"].as_str().unwrap();
+    assert_eq!(restored_sha(&env, &d.spec, "vde", p), want);
+}
+
+#[test]
+fn a_retention_merge_killed_midway_is_finished_by_the_next_command() {
+    let env = Env::new();
+    let d = disk(&env, "vdf", "");
+    let mut views = vec![];
+    for i in 0..3u64 {
+        io(
+            &d.top,
+            "qcow2",
+            &[format!("write -P {} {}M 16M", 20 + i, 8 + 16 * i)],
+        );
+        let r = backup(&env, &d.spec, &[]);
+        views.push((
+            r["backups"][0]["point"].as_str().unwrap().to_string(),
+            view(&env, &d.top),
+        ));
+    }
+    std::fs::write(&d.spec, yaml(&d, "vdf", &[("golden", true)], "keepLast: 1")).unwrap();
+    io(&d.top, "qcow2", &["write -P 40 60M 64k".into()]);
+    let newest_view = view(&env, &d.top);
+    // The merges run at 4 MB/s: tens of MiB take seconds.
+    let child = env
+        .diskchain(&["backup", "--max-bytes-per-sec", "4000000", "-f"])
+        .arg(&d.spec)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let journal = d.repo.join("retention.json");
+    let running = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("\"running\""))
+    });
+    assert!(running, "the retention merge never started");
+    std::thread::sleep(Duration::from_millis(300));
+    kill_group(child);
+    assert!(journal.exists(), "killed mid-merge, the journal stays");
+    let listed = run(&env, &["backups"], &d.spec);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("retention merge was interrupted"),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+    // verify finishes the merge first, then finds the repository sound.
+    let v = run(&env, &["verify", "--deep"], &d.spec);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(!journal.exists());
+    let listed = points(&env, &d.spec);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let p = listed[0]["point"].as_str().unwrap();
+    assert_eq!(restored_sha(&env, &d.spec, "vdf", p), newest_view);
+    assert_eq!(repo_files(&d.repo).len(), 1);
+    env.assert_images_clean("after a killed merge");
+}
+
+#[test]
+fn bad_backup_specs_are_refused_naming_the_field_and_touch_nothing() {
+    let env = Env::new();
+    let d = disk(&env, "vdg", "");
+    let outside = env.dir.path().join("elsewhere");
+    let good = yaml(&d, "vdg", &[("golden", true)], "");
+    let cases: [(&str, String, &str); 5] = [
+        (
+            "outside the roots",
+            good.replace(
+                &format!("repository: {}", d.repo.display()),
+                &format!("repository: {}", outside.display()),
+            ),
+            "spec.backup.repository",
+        ),
+        (
+            "negative retention",
+            yaml(&d, "vdg", &[("golden", true)], "keepLast: -1"),
+            "keepLast",
+        ),
+        (
+            "bad cron",
+            good.replace("  backup:\n", "  backup:\n    schedule: \"every day\"\n"),
+            "spec.backup.schedule",
+        ),
+        (
+            "six-field cron",
+            good.replace("  backup:\n", "  backup:\n    schedule: \"0 0 2 * * *\"\n"),
+            "spec.backup.schedule",
+        ),
+        (
+            "unknown field",
+            good.replace("  backup:\n", "  backup:\n    keep: 3\n"),
+            "keep",
+        ),
+    ];
+    let before = env.fingerprints();
+    for (what, text, field) in cases {
+        std::fs::write(&d.spec, &text).unwrap();
+        for cmd in ["plan", "apply", "backup"] {
+            let out = run(&env, &[cmd], &d.spec);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what}: {cmd}: {err}");
+            assert!(err.contains(field), "{what}: {cmd} names {field}: {err}");
+        }
+        assert!(
+            !d.repo.exists() && !outside.exists(),
+            "{what}: a repository was made"
+        );
+        assert_eq!(env.fingerprints(), before, "{what}: an image was touched");
+    }
+}
