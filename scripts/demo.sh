@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on local files: builds diskchain, creates small demo chains with qemu-img under
 # ./demo (once), renders the example specs from specs/ to point there, then runs `diskchain
-# plan`, `diskchain apply` and `diskchain status` on them. Nothing outside ./demo is touched.
-# Run it again: the chains already match, so the plan is empty and apply does nothing.
+# plan`, `diskchain apply` and `diskchain status` on them, takes a backup of the disk whose spec
+# has a backup policy, lists the repository and verifies it. Nothing outside ./demo is touched.
+# Run it again: the chains already match, so the plan is empty and apply does nothing, and the
+# backup is an incremental holding only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -40,7 +42,7 @@ rm -rf "$demo/specs"
 mkdir -p "$demo/specs"
 (cd specs && find . -path ./live -prune -o -name '*.yaml' -print0 | while IFS= read -r -d '' f; do
   mkdir -p "$demo/specs/$(dirname "$f")"
-  sed "s#/var/lib/diskchain/images#$img#g; s#/srv/fast#$demo/fast#g" "$f" > "$demo/specs/$f"
+  sed "s#/var/lib/diskchain/images#$img#g; s#/var/lib/diskchain/backups#$demo/backups#g; s#/srv/fast#$demo/fast#g" "$f" > "$demo/specs/$f"
 done)
 
 dc() { "$bin" --allowed-root "$demo" --state-dir "$demo/state" "$@"; }
@@ -52,3 +54,12 @@ dc apply -f "$demo/specs"
 echo
 echo "+ diskchain status --state-dir demo/state"
 dc status
+echo
+echo "+ diskchain backup -f demo/specs --allowed-root demo --state-dir demo/state"
+dc backup -f "$demo/specs"
+echo
+echo "+ diskchain backups -f demo/specs --allowed-root demo --state-dir demo/state"
+dc backups -f "$demo/specs"
+echo
+echo "+ diskchain verify --deep -f demo/specs --allowed-root demo --state-dir demo/state"
+dc verify --deep -f "$demo/specs"

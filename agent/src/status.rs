@@ -178,6 +178,46 @@ pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, S
     Ok(out)
 }
 
+/// A disk's backups in one line: points, the last and the next.
+fn backup_line(b: &crate::reconcile::schedule::BackupTrack) -> String {
+    let at = |t: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0)
+            .map(|d| {
+                d.with_timezone(&chrono::Local)
+                    .format("%Y-%m-%d %H:%M %Z")
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    let mut parts = vec![format!("{} point(s)", b.points)];
+    if let Some(p) = &b.last_point {
+        parts.push(format!("last {p}"));
+    }
+    if let (Some(k), n) = (&b.last_kind, b.last_bytes) {
+        parts.push(format!("last taken by the agent: {k}, {}", human_bytes(n)));
+    }
+    parts.push(if b.next_unix > 0 {
+        format!("next due {}", at(b.next_unix))
+    } else {
+        "no schedule".into()
+    });
+    if let Some(ok) = b.verify_ok {
+        parts.push(format!(
+            "verified {} ({})",
+            at(b.last_verify_unix),
+            if ok { "sound" } else { "DAMAGED" }
+        ));
+    }
+    if b.failures > 0 {
+        parts.push(format!("failures in a row: {}", b.failures));
+    }
+    let mut line = parts.join(", ");
+    if let Some(e) = &b.error {
+        line.push_str(&format!(": {e}"));
+    }
+    line
+}
+
 /// The status as text.
 pub fn text(disks: &[StatusDisk]) -> String {
     let mut out = String::new();
@@ -245,6 +285,9 @@ pub fn text(disks: &[StatusDisk]) -> String {
                 None => {
                     let _ = writeln!(out, "  agent: {result}");
                 }
+            }
+            if let Some(b) = &a.backup {
+                let _ = writeln!(out, "  backups: {}", backup_line(b));
             }
         }
         for r in &d.retired {

@@ -1061,3 +1061,124 @@ fn a_spec_claiming_a_disk_the_agent_is_working_on_is_refused() {
     drop(agent);
     env.assert_images_clean("after a refused claim");
 }
+
+/// The points listed in repository `repo`'s manifest.
+fn manifest_points(repo: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(repo.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|m| m["points"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// A disk (a 64 MiB base with data under an empty overlay) whose spec backs it up into
+/// `img/backups/NAME` with `backup` (YAML lines under `backup:`, the repository added).
+fn backed_up_disk(env: &Env, specs: &Path, name: &str, backup: &str) -> (PathBuf, PathBuf) {
+    let base = env.img(&format!("{name}-base.qcow2"));
+    create(&base, 64 << 20, None, &[]);
+    io(&base, "qcow2", &["write -P 1 0 4M".into()]);
+    let top = env.img(&format!("{name}.qcow2"));
+    create(&top, 0, Some((&base, "qcow2")), &[]);
+    let repo = env.img(&format!("backups/{name}"));
+    let mut extra = format!("  backup:\n    repository: {}\n", repo.display());
+    for l in backup.lines() {
+        extra.push_str(&format!("    {l}\n"));
+    }
+    let y = spec_yaml(name, &top, &[("golden".into(), Some(base))], &extra);
+    std::fs::write(specs.join(format!("{name}.yaml")), y).unwrap();
+    (top, repo)
+}
+
+/// A backup missed while the agent was down (the newest point is older than the schedule's last
+/// occurrence) runs once when the agent starts, not once per missed occurrence; `status` and
+/// `/metrics` show the points and the next due time.
+#[test]
+fn a_backup_missed_while_the_agent_was_down_runs_once_at_start() {
+    let env = Env::new();
+    let specs = env.dir.path().join("backup-specs");
+    std::fs::create_dir(&specs).unwrap();
+    let (top, repo) = backed_up_disk(&env, &specs, "vdb", "schedule: \"0 2 * * *\"");
+    let out = env
+        .diskchain(&["backup", "-f"])
+        .arg(&specs)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // As if that backup had been taken three days ago.
+    let path = repo.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let t = m["points"][0]["time_unix"].as_i64().unwrap();
+    m["points"][0]["time_unix"] = (t - 3 * 86_400).into();
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    io(&top, "qcow2", &["write -P 5 8M 64k".into()]);
+    let agent = Agent::start(&env, &specs, &[]);
+    wait_until(Duration::from_secs(30), "the missed backup", || {
+        manifest_points(&repo).len() == 2
+    });
+    let points = manifest_points(&repo);
+    assert_eq!(points[1]["kind"], "incremental");
+    // Due once, not three times: nothing more comes.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        manifest_points(&repo).len(),
+        2,
+        "more than one catch-up backup"
+    );
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    assert!(
+        metrics.contains("diskchain_backup_points{disk=\"vdb\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("diskchain_backups_total{disk=\"vdb\",result=\"incremental\"} 1"),
+        "{metrics}"
+    );
+    let status = env.diskchain(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("backups: 2 point(s)"), "{text}");
+    assert!(text.contains("next due"), "{text}");
+    drop(agent);
+    env.assert_images_clean("after a scheduled backup");
+}
+
+/// With an every-minute schedule the agent takes a full, then incrementals; a scheduled deep
+/// verify finds the repository sound.
+#[test]
+fn scheduled_backups_and_verifies_run_when_due() {
+    let env = Env::new();
+    let specs = env.dir.path().join("backup-specs");
+    std::fs::create_dir(&specs).unwrap();
+    let (top, repo) = backed_up_disk(
+        &env,
+        &specs,
+        "vdc",
+        "schedule: \"* * * * *\"\nverify:\n  schedule: \"* * * * *\"",
+    );
+    let agent = Agent::start(&env, &specs, &[]);
+    wait_until(
+        Duration::from_secs(75),
+        "the first scheduled backup",
+        || !manifest_points(&repo).is_empty(),
+    );
+    assert_eq!(manifest_points(&repo)[0]["kind"], "full");
+    io(&top, "qcow2", &["write -P 6 12M 64k".into()]);
+    wait_until(
+        Duration::from_secs(75),
+        "the second scheduled backup",
+        || manifest_points(&repo).len() >= 2,
+    );
+    assert_eq!(manifest_points(&repo)[1]["kind"], "incremental");
+    let record = env.state().join("agent.json");
+    wait_until(Duration::from_secs(75), "a scheduled verify", || {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .contains("\"verify_ok\": true")
+    });
+    drop(agent);
+}

@@ -51,6 +51,17 @@ pub struct Metrics {
     pub step_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     /// Spec documents that do not load.
     pub spec_errors: Gauge,
+    /// Scheduled backups and verifies, by disk and result (`full`, `incremental`,
+    /// `backup_failed`, `verify_failed`, `verify_damaged`).
+    pub backups: Family<ResultLabels, Counter>,
+    /// Bytes scheduled backups wrote to a disk's repository.
+    pub backup_bytes: Family<DiskLabels, Counter>,
+    /// When a disk's last scheduled backup succeeded (Unix seconds).
+    pub backup_last_success: Family<DiskLabels, Gauge>,
+    /// Points in a disk's backup repository.
+    pub backup_points: Family<DiskLabels, Gauge>,
+    /// When a disk's next scheduled backup is due (Unix seconds; 0: no schedule).
+    pub backup_next: Family<DiskLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -71,6 +82,36 @@ impl Metrics {
         let step_seconds =
             Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(step_histogram);
         let spec_errors = Gauge::default();
+        let backups = Family::<ResultLabels, Counter>::default();
+        let backup_bytes = Family::<DiskLabels, Counter>::default();
+        let backup_last_success = Family::<DiskLabels, Gauge>::default();
+        let backup_points = Family::<DiskLabels, Gauge>::default();
+        let backup_next = Family::<DiskLabels, Gauge>::default();
+        registry.register(
+            "backups",
+            "Scheduled backups and verifies of a disk, by result",
+            backups.clone(),
+        );
+        registry.register(
+            "backup_written_bytes",
+            "Bytes scheduled backups wrote to a disk's repository",
+            backup_bytes.clone(),
+        );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When a disk's last scheduled backup succeeded",
+            backup_last_success.clone(),
+        );
+        registry.register(
+            "backup_points",
+            "Points in a disk's backup repository",
+            backup_points.clone(),
+        );
+        registry.register(
+            "backup_next_timestamp_seconds",
+            "When a disk's next scheduled backup is due (0: no schedule)",
+            backup_next.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciles of a disk, by result",
@@ -115,6 +156,11 @@ impl Metrics {
             drift,
             step_seconds,
             spec_errors,
+            backups,
+            backup_bytes,
+            backup_last_success,
+            backup_points,
+            backup_next,
         }
     }
 

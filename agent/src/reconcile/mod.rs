@@ -17,6 +17,7 @@
 
 mod http;
 mod metrics;
+pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -81,6 +82,12 @@ pub struct DiskTrack {
     pub failures: u32,
     /// Seconds since the Unix epoch of the last reconcile.
     pub last_unix: u64,
+    /// Its backups (a disk with `spec.backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<schedule::BackupTrack>,
+    /// When a failed scheduled backup or verify may be tried again.
+    #[serde(skip)]
+    backup_retry: Option<Instant>,
     #[serde(skip)]
     next_attempt: Option<Instant>,
     /// What the disk's journal and spec were when its last run started.
@@ -184,7 +191,21 @@ async fn watchdog(shared: Arc<Shared>) {
     }
 }
 
-type TaskResult = (DiskKey, Result<crate::outcome::DiskResult, String>);
+/// What a task of the agent did.
+enum TaskResult {
+    /// A reconcile of a disk ended.
+    Reconcile(DiskKey, Result<crate::outcome::DiskResult, String>),
+    /// A scheduled backup (and its retention) ended.
+    Backup(
+        DiskKey,
+        Result<Result<crate::backup::BackupDone, crate::backup::BackupError>, String>,
+    ),
+    /// A scheduled verify ended.
+    Verify(
+        DiskKey,
+        Result<Result<crate::backup::Verified, crate::backup::BackupError>, String>,
+    ),
+}
 
 struct Agent {
     opts: AgentOptions,
@@ -198,6 +219,11 @@ struct Agent {
     claimed: BTreeMap<PathBuf, DiskKey>,
     tasks: JoinSet<TaskResult>,
     permits: Arc<Semaphore>,
+    /// The specs of the last pass with a backup schedule (the schedule tick starts their runs).
+    scheduled: Vec<DesiredDisk>,
+    /// When the agent first saw each disk's backup policy: without a point yet, the first
+    /// scheduled backup is the first occurrence after it.
+    policy_seen: BTreeMap<DiskKey, i64>,
     spec_errors: Vec<String>,
     started_unix: u64,
 }
@@ -241,16 +267,40 @@ pub fn run(opts: AgentOptions) -> i32 {
                 }
             }
         }
+        // What an earlier run knew of backups (when each disk was last verified).
+        let tracks: BTreeMap<DiskKey, DiskTrack> =
+            crate::state::read_json::<AgentRecord>(&opts.state.path().join("agent.json"))
+                .ok()
+                .flatten()
+                .map(|r| {
+                    r.disks
+                        .into_iter()
+                        .filter(|d| d.backup.is_some())
+                        .map(|d| {
+                            (
+                                d.key.clone(),
+                                DiskTrack {
+                                    key: d.key,
+                                    backup: d.backup,
+                                    ..Default::default()
+                                },
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
         let agent = Agent {
             permits: Arc::new(Semaphore::new(opts.max_parallel.max(1))),
             opts,
             roots,
             shared,
             stop: Arc::new(AtomicBool::new(false)),
-            tracks: BTreeMap::new(),
+            tracks,
             running: HashSet::new(),
             claimed: BTreeMap::new(),
             tasks: JoinSet::new(),
+            scheduled: Vec::new(),
+            policy_seen: BTreeMap::new(),
             spec_errors: Vec::new(),
             started_unix: now_unix(),
         };
@@ -271,6 +321,9 @@ impl Agent {
         }
         let mut tick = tokio::time::interval(self.opts.resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Backup and verify schedules are checked this often (cron has minute resolution).
+        let mut sched = tokio::time::interval(Duration::from_secs(5));
+        sched.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
@@ -291,6 +344,10 @@ impl Agent {
                     if let Ok(r) = done {
                         self.finished(r);
                     }
+                    continue;
+                }
+                _ = sched.tick() => {
+                    self.schedule();
                     continue;
                 }
                 _ = term.recv() => break,
@@ -387,6 +444,16 @@ impl Agent {
         // The checks that span disks see every spec of the pass, and the disks at work.
         let mut host = Host::new(&self.roots, &self.opts.state, &specs);
         host.claimed = self.claimed.clone();
+        let now = chrono::Utc::now().timestamp();
+        self.scheduled = specs
+            .iter()
+            .filter(|s| s.spec().backup.is_some() && !s.spec().suspend)
+            .cloned()
+            .collect();
+        for s in &self.scheduled {
+            self.policy_seen.entry(s.key.clone()).or_insert(now);
+        }
+        self.policy_seen.retain(|k, _| keys.contains(k));
         let mut candidates: Vec<DesiredDisk> = Vec::new();
         for s in specs {
             if s.spec().suspend {
@@ -418,6 +485,7 @@ impl Agent {
             }
         }
         let now = Instant::now();
+        self.schedule();
         for e in &report.errors {
             let result = Outcome::from(e.kind);
             self.shared
@@ -474,7 +542,10 @@ impl Agent {
                 .is_some();
             let drift = !d.plan.steps.is_empty();
             m.drift.get_or_create(&labels).set(i64::from(drift));
-            if !drift && !in_flight {
+            // A disk in sync that has no record yet gets one (as `apply` records it), so that
+            // `status` shows it and which file holds each point.
+            let recorded = !matches!(self.opts.state.load(&key), Ok(None));
+            if !drift && !in_flight && recorded {
                 let t = self.track(&key);
                 if t.result != Outcome::InSync {
                     tracing::info!(disk = %key, "in sync with its spec");
@@ -552,11 +623,236 @@ impl Agent {
             let result = tokio::task::spawn_blocking(move || reconcile_disk(&spec, &host, options))
                 .await
                 .map_err(|e| format!("the reconcile task failed: {e}"));
-            (key, result)
+            TaskResult::Reconcile(key, result)
         });
     }
 
-    fn finished(&mut self, (key, result): TaskResult) {
+    /// Starts the scheduled backups and verifies that are due, of disks not at work.
+    fn schedule(&mut self) {
+        if self.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = chrono::Utc::now().timestamp();
+        let host = Host::new(&self.roots, &self.opts.state, &self.scheduled);
+        let mut changed = false;
+        for spec in self.scheduled.clone() {
+            let Some(policy) = spec.spec().backup.clone() else {
+                continue;
+            };
+            // The repository's newest point is the last backup (whoever took it).
+            let newest = host
+                .roots
+                .confine_dir(&policy.repository, String::new())
+                .ok()
+                .and_then(|dir| {
+                    crate::state::read_json::<crate::backup::repo::Manifest>(
+                        &dir.join("manifest.json"),
+                    )
+                    .ok()
+                    .flatten()
+                })
+                .map(|m| (m.points.len(), m.points.last().cloned()));
+            let seen = self.policy_seen.get(&spec.key).copied().unwrap_or(now);
+            let t = self.track(&spec.key);
+            let b = t.backup.get_or_insert_with(Default::default);
+            let before = b.clone();
+            if let Some((n, last)) = &newest {
+                b.points = *n;
+                if let Some(p) = last {
+                    b.last_point = Some(p.point.clone());
+                    b.last_unix = p.time_unix;
+                }
+            }
+            let last_backup = if b.last_point.is_some() {
+                b.last_unix
+            } else {
+                seen
+            };
+            b.next_unix = policy
+                .schedule
+                .as_deref()
+                .and_then(|c| schedule::next_after(c, last_backup))
+                .unwrap_or(0);
+            let last_verify = if b.last_verify_unix > 0 {
+                b.last_verify_unix
+            } else {
+                seen
+            };
+            b.next_verify_unix = policy
+                .verify
+                .as_ref()
+                .and_then(|v| schedule::next_after(&v.schedule, last_verify))
+                .unwrap_or(0);
+            let backup_due = b.next_unix > 0 && b.next_unix <= now;
+            let verify_due = b.next_verify_unix > 0 && b.next_verify_unix <= now && b.points > 0;
+            changed |= *b != before;
+            let waiting = t.backup_retry.is_some_and(|at| at > Instant::now());
+            if waiting || self.running.contains(&spec.key) {
+                continue;
+            }
+            if backup_due {
+                tracing::info!(disk = %spec.key, "scheduled backup due");
+                self.start_backup(spec, &host, false);
+            } else if verify_due {
+                tracing::info!(disk = %spec.key, "scheduled verify due");
+                self.start_backup(spec, &host, true);
+            }
+        }
+        if changed {
+            self.export_backup_metrics();
+            self.write_record();
+        }
+    }
+
+    /// Starts a backup (or, with `verify`, a deep verify) of disk `spec` in a task of its own;
+    /// the disk counts as running meanwhile, so no reconcile of it starts.
+    fn start_backup(&mut self, spec: DesiredDisk, host: &Host, verify: bool) {
+        let key = spec.key.clone();
+        self.running.insert(key.clone());
+        let permits = self.permits.clone();
+        let host = host.clone();
+        let exec = self.opts.exec;
+        self.tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            if verify {
+                let r =
+                    tokio::task::spawn_blocking(move || crate::backup::verify(&spec, &host, true))
+                        .await
+                        .map_err(|e| format!("the verify task failed: {e}"));
+                TaskResult::Verify(key, r)
+            } else {
+                let r = tokio::task::spawn_blocking(move || {
+                    crate::backup::backup_disk(&spec, &host, exec, chrono::Utc::now().timestamp())
+                        .map(|(b, _)| b)
+                })
+                .await
+                .map_err(|e| format!("the backup task failed: {e}"));
+                TaskResult::Backup(key, r)
+            }
+        });
+    }
+
+    fn backup_failed(&mut self, key: &DiskKey, what: &str, e: String) {
+        let m = &self.shared.metrics;
+        m.backups
+            .get_or_create(&metrics::ResultLabels {
+                disk: key.to_string(),
+                result: format!("{what}_failed"),
+            })
+            .inc();
+        let t = self.track(key);
+        let b = t.backup.get_or_insert_with(Default::default);
+        b.failures += 1;
+        let backoff =
+            Duration::from_secs(60u64 << b.failures.min(6)).min(Duration::from_secs(3600));
+        tracing::warn!(disk = %key, error = %e, failures = b.failures, retry_in = %humantime::format_duration(backoff), "scheduled {what} failed");
+        b.error = Some(e);
+        t.backup_retry = Some(Instant::now() + backoff);
+    }
+
+    fn backup_finished(
+        &mut self,
+        key: DiskKey,
+        result: Result<Result<crate::backup::BackupDone, crate::backup::BackupError>, String>,
+    ) {
+        self.running.remove(&key);
+        match result.and_then(|r| r.map_err(|e| e.error)) {
+            Ok(done) => {
+                let m = &self.shared.metrics;
+                let labels = metrics::DiskLabels {
+                    disk: key.to_string(),
+                };
+                m.backups
+                    .get_or_create(&metrics::ResultLabels {
+                        disk: key.to_string(),
+                        result: done.kind.as_str().into(),
+                    })
+                    .inc();
+                m.backup_bytes.get_or_create(&labels).inc_by(done.bytes);
+                m.backup_last_success
+                    .get_or_create(&labels)
+                    .set(chrono::Utc::now().timestamp());
+                tracing::info!(disk = %key, point = done.point, kind = done.kind.as_str(), bytes = done.bytes, "scheduled backup taken");
+                let t = self.track(&key);
+                t.backup_retry = None;
+                let b = t.backup.get_or_insert_with(Default::default);
+                b.failures = 0;
+                b.error = None;
+                b.last_kind = Some(done.kind.as_str().into());
+                b.last_bytes = done.bytes;
+            }
+            Err(e) => self.backup_failed(&key, "backup", e),
+        }
+        // Points, next due and metrics from the repository as it is now.
+        self.schedule();
+        self.export_backup_metrics();
+        self.write_record();
+    }
+
+    fn verify_finished(
+        &mut self,
+        key: DiskKey,
+        result: Result<Result<crate::backup::Verified, crate::backup::BackupError>, String>,
+    ) {
+        self.running.remove(&key);
+        let now = chrono::Utc::now().timestamp();
+        match result.and_then(|r| r.map_err(|e| e.error)) {
+            Ok(v) => {
+                let sound = v.damaged.is_empty();
+                if sound {
+                    tracing::info!(disk = %key, points = v.points, "scheduled verify: every point sound");
+                } else {
+                    for d in &v.damaged {
+                        tracing::error!(disk = %key, point = d.point, problem = d.problem, "scheduled verify: the repository is damaged");
+                    }
+                    self.shared
+                        .metrics
+                        .backups
+                        .get_or_create(&metrics::ResultLabels {
+                            disk: key.to_string(),
+                            result: "verify_damaged".into(),
+                        })
+                        .inc();
+                }
+                let t = self.track(&key);
+                t.backup_retry = None;
+                let b = t.backup.get_or_insert_with(Default::default);
+                b.last_verify_unix = now;
+                b.verify_ok = Some(sound);
+                b.error = (!sound).then(|| {
+                    v.damaged
+                        .iter()
+                        .map(|d| format!("point {}: {}", d.point, d.problem))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                });
+            }
+            Err(e) => self.backup_failed(&key, "verify", e),
+        }
+        self.schedule();
+        self.write_record();
+    }
+
+    /// Per disk: points, when the next backup is due.
+    fn export_backup_metrics(&self) {
+        let m = &self.shared.metrics;
+        for (key, t) in &self.tracks {
+            if let Some(b) = &t.backup {
+                let labels = metrics::DiskLabels {
+                    disk: key.to_string(),
+                };
+                m.backup_points.get_or_create(&labels).set(b.points as i64);
+                m.backup_next.get_or_create(&labels).set(b.next_unix);
+            }
+        }
+    }
+
+    fn finished(&mut self, done: TaskResult) {
+        let (key, result) = match done {
+            TaskResult::Reconcile(key, result) => (key, result),
+            TaskResult::Backup(key, result) => return self.backup_finished(key, result),
+            TaskResult::Verify(key, result) => return self.verify_finished(key, result),
+        };
         self.running.remove(&key);
         self.claimed.retain(|_, k| *k != key);
         let m = &self.shared.metrics;
