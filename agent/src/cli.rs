@@ -128,10 +128,12 @@ pub enum Command {
     /// Back up now every disk with `spec.backup` into its repository, then apply its retention
     /// (the points it drops are merged away with the cheapest commits and streams).
     ///
-    /// The first backup of a disk is a full; later ones write only the clusters where the disk
-    /// reads differently from the previous point. Offline disks (`source.file`, or a libvirt disk
-    /// whose domain is shut off); a running domain is refused. Exit 0: done; 2: bad input (a
-    /// spec, a repository outside the allowed roots; nothing touched); 1: other failures.
+    /// The first backup of a disk is a full; later ones write only what changed. Offline disks
+    /// (`source.file`, or a libvirt disk whose domain is shut off): the disk is compared with
+    /// the previous point. Running domains: libvirt's backup API with a checkpoint per backup;
+    /// when the previous checkpoint cannot be trusted (a crash of QEMU, an offline backup in
+    /// between), a resync that writes only what differs. Exit 0: done; 2: bad input (a spec, a
+    /// repository outside the allowed roots; nothing touched); 1: other failures.
     Backup {
         /// A spec file, or a directory searched recursively for *.yaml and *.yml.
         #[arg(short = 'f', long = "file", value_name = "PATH")]

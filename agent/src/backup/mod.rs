@@ -3,13 +3,18 @@
 //! ([`merge`]); `restore` writes a standalone image of a point; `verify` checks the structure
 //! and, deep, every point's checksum.
 //!
-//! What is built: offline disks (`source.file`, and a libvirt disk whose domain is shut off).
-//! The first backup is a full (`qemu-img convert` of the disk's chain into 64 KiB clusters);
-//! every later one is an incremental found by comparison: a new layer backed by the disk's
-//! active image is re-pointed at the previous point with `qemu-img rebase` in safe mode, which
-//! writes only the clusters where the disk now reads differently from the previous point. It
-//! needs no dirty bitmap, so nothing outside diskchain (a crash, a revert, a tool) can make it
-//! silently wrong; it reads the disk and the previous point whole.
+//! Offline disks (`source.file`, and a libvirt disk whose domain is shut off): the first backup
+//! is a full (`qemu-img convert` of the disk's chain into 64 KiB clusters); every later one is an
+//! incremental found by comparison: a new layer backed by the disk's active image is re-pointed
+//! at the previous point with `qemu-img rebase` in safe mode, which writes only the clusters
+//! where the disk now reads differently from the previous point. It needs no dirty bitmap, so
+//! nothing outside diskchain (a crash, a revert, a tool) can make it silently wrong; it reads the
+//! disk and the previous point whole.
+//!
+//! Running domains: libvirt's backup API in push mode with a checkpoint per backup (see
+//! `libvirt::backup`): a full, then incrementals since the previous point's checkpoint into a
+//! layer backed by it; when that checkpoint cannot be trusted, a resync (a full into a scratch
+//! file compared with the previous point, keeping only the differences).
 
 pub mod merge;
 pub mod repo;
@@ -127,10 +132,18 @@ fn repository(disk: &DesiredDisk, host: &Host) -> Result<(BackupSpec, PathBuf), 
     Ok((b, dir))
 }
 
-/// The disk's active image, for an offline backup.
-fn offline_active(disk: &DesiredDisk) -> Result<PathBuf, BackupError> {
+/// Where a backup reads the disk from.
+enum Source {
+    /// An image at rest: `source.file`, or a libvirt disk whose domain is shut off.
+    Offline(PathBuf),
+    /// A running domain's disk: libvirt's backup API, with the active image (for its size).
+    Live(diskchain_crd::desired::LiveTarget, PathBuf),
+}
+
+/// The disk's source, for a backup.
+fn source(disk: &DesiredDisk) -> Result<Source, BackupError> {
     if let Some(f) = &disk.spec().source.file {
-        return Ok(f.clone());
+        return Ok(Source::Offline(f.clone()));
     }
     let Some(live) = &disk.live else {
         return Err(err(
@@ -140,15 +153,8 @@ fn offline_active(disk: &DesiredDisk) -> Result<PathBuf, BackupError> {
         ));
     };
     match crate::libvirt::locate(live) {
-        Ok(d) if d.running => Err(err(
-            disk,
-            ErrorKind::Failed,
-            format!(
-                "spec.source.libvirt: domain {} is running; backups of a running domain (libvirt's backup API with checkpoints) are not built in this diskchain yet. Shut the domain down for an offline backup, or back it up with another tool meanwhile; nothing was done",
-                live.domain
-            ),
-        )),
-        Ok(d) => Ok(d.disk.active.clone()),
+        Ok(d) if d.running => Ok(Source::Live(live.clone(), d.disk.active.clone())),
+        Ok(d) => Ok(Source::Offline(d.disk.active.clone())),
         Err(e) => Err(err(
             disk,
             if e.is_bad_input() {
@@ -199,7 +205,10 @@ pub fn backup_disk(
     now: i64,
 ) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
     let (policy, dir) = repository(disk, host)?;
-    let active = offline_active(disk)?;
+    let src = source(disk)?;
+    let active = match &src {
+        Source::Offline(a) | Source::Live(_, a) => a.clone(),
+    };
     let failed = |m: String| err(disk, ErrorKind::Failed, m);
     let _disk_lock = match host.state.lock_disk(&disk.key) {
         Ok(Some(l)) => l,
@@ -228,7 +237,16 @@ pub fn backup_disk(
             format!("spec.source: {e}"),
         )
     })?;
-    if let Some(l) = chain.layers.iter().find(|l| l.in_use.is_some()) {
+    let live = match &src {
+        Source::Live(t, _) => Some(t.clone()),
+        Source::Offline(_) => None,
+    };
+    // A running domain's QEMU holds its images: that is how a live disk is.
+    if let Some(l) = chain
+        .layers
+        .iter()
+        .find(|l| l.in_use.is_some() && live.is_none())
+    {
         return Err(err(
             disk,
             ErrorKind::InUse,
@@ -265,56 +283,19 @@ pub fn backup_disk(
     let partial = dir.join(format!(".partial-{file}"));
     let final_path = dir.join(&file);
     let prev = repo.manifest.points.last().cloned();
-    let (kind, method, reason) = match &prev {
-        None => {
-            run(
-                qemu_img::convert(
-                    &active,
-                    format,
-                    &partial,
-                    Some(CLUSTER),
-                    exec.max_bytes_per_sec,
-                ),
-                "the full backup (qemu-img convert)",
-            )
-            .map_err(|e| failed(format!("{e}; nothing was recorded")))?;
-            (
-                Kind::Full,
-                None,
-                Some("the repository has no point yet".to_string()),
-            )
+    let mut new_checkpoint = None;
+    let (kind, method, reason) = match &live {
+        Some(t) => {
+            let (kind, reason, ck) =
+                live_backup(t, prev.as_ref(), &partial, &file, size).map_err(|e| {
+                    let _ = std::fs::remove_file(&partial);
+                    failed(format!("{e}; nothing was recorded"))
+                })?;
+            new_checkpoint = Some(ck);
+            (kind, Some("bitmap".to_string()), reason)
         }
-        Some(p) => {
-            let prev_file = repo.file(p);
-            if !prev_file.exists() {
-                return Err(failed(format!(
-                    "repository {}: the newest point {} has lost its file {}; run `diskchain verify` and move the repository aside; nothing was done",
-                    dir.display(),
-                    p.point,
-                    prev_file.display()
-                )));
-            }
-            run(
-                qemu_img::create(
-                    &partial,
-                    Format::Qcow2,
-                    Some(size),
-                    Some((&active, format)),
-                    Some(CLUSTER),
-                    false,
-                ),
-                "creating the backup layer",
-            )
-            .map_err(|e| failed(format!("{e}; nothing was recorded")))?;
-            // Safe-mode rebase onto the previous point (by file name: the repository can move):
-            // writes only the clusters where the disk reads differently from it.
-            run(
-                qemu_img::rebase_copying(&partial, Some((Path::new(&p.file), Format::Qcow2))),
-                "the incremental backup (qemu-img rebase onto the previous point)",
-            )
-            .map_err(|e| failed(format!("{e}; nothing was recorded")))?;
-            (Kind::Incremental, Some("compare".to_string()), None)
-        }
+        None => offline_backup(&repo, prev.as_ref(), &active, format, size, &partial, exec)
+            .map_err(|e| failed(format!("{e}; nothing was recorded")))?,
     };
     let recorded = (|| -> Result<Point, String> {
         repo::sync(&partial).map_err(|e| format!("cannot sync {}: {e}", partial.display()))?;
@@ -333,7 +314,7 @@ pub fn backup_disk(
             bytes,
             virtual_size: size,
             sha256,
-            checkpoint: None,
+            checkpoint: new_checkpoint.clone(),
         })
     })()
     .map_err(|e| failed(format!("{e}; the backup was not recorded")))?;
@@ -345,6 +326,14 @@ pub fn backup_disk(
         return Err(failed(format!("{e}; the backup was not recorded")));
     }
     tracing::info!(disk = %disk.key, point, kind = kind.as_str(), bytes, "backup taken");
+    // Only the last good backup's checkpoint is kept (the next incremental starts from it).
+    if let (Some(t), Some(p)) = (&live, &prev)
+        && let Some(old) = &p.checkpoint
+        && Some(old) != new_checkpoint.as_ref()
+        && let Err(e) = crate::libvirt::backup::delete_checkpoint(t, old)
+    {
+        tracing::warn!(disk = %disk.key, checkpoint = old, error = %e, "cannot delete the previous backup's checkpoint; the next backup tries again");
+    }
     let done = BackupDone {
         disk: disk.key.name.clone(),
         namespace: disk.key.namespace.clone(),
@@ -356,6 +345,174 @@ pub fn backup_disk(
     };
     let retention = retain(&mut repo, &policy, disk, host, exec)?;
     Ok((done, retention))
+}
+
+/// An offline backup into `partial`: a full when the repository is empty, else only the
+/// clusters where the disk reads differently from the previous point.
+fn offline_backup(
+    repo: &Repo,
+    prev: Option<&Point>,
+    active: &Path,
+    format: Format,
+    size: u64,
+    partial: &Path,
+    exec: ExecOptions,
+) -> Result<(Kind, Option<String>, Option<String>), String> {
+    let Some(p) = prev else {
+        run(
+            qemu_img::convert(
+                active,
+                format,
+                partial,
+                Some(CLUSTER),
+                exec.max_bytes_per_sec,
+            ),
+            "the full backup (qemu-img convert)",
+        )?;
+        return Ok((
+            Kind::Full,
+            None,
+            Some("the repository has no point yet".into()),
+        ));
+    };
+    let prev_file = repo.file(p);
+    if !prev_file.exists() {
+        return Err(format!(
+            "repository {}: the newest point {} has lost its file {}; run `diskchain verify` and move the repository aside",
+            repo.dir.display(),
+            p.point,
+            prev_file.display()
+        ));
+    }
+    compare_onto(active, format, size, &p.file, partial)?;
+    Ok((Kind::Incremental, Some("compare".into()), None))
+}
+
+/// Writes into the new layer `partial` (backed by the previous point, by file name) only the
+/// clusters where `view` reads differently from it: `partial` is made on `view`, then re-pointed
+/// at the previous point by a safe-mode rebase, which copies exactly those clusters.
+fn compare_onto(
+    view: &Path,
+    format: Format,
+    size: u64,
+    prev_file: &str,
+    partial: &Path,
+) -> Result<(), String> {
+    run(
+        qemu_img::create(
+            partial,
+            Format::Qcow2,
+            Some(size),
+            Some((view, format)),
+            Some(CLUSTER),
+            false,
+        ),
+        "creating the backup layer",
+    )?;
+    run(
+        qemu_img::rebase_copying(partial, Some((Path::new(prev_file), Format::Qcow2))),
+        "the comparison with the previous point (qemu-img rebase)",
+    )
+}
+
+/// A backup of a running domain's disk through libvirt into `partial`, with a new checkpoint:
+/// a full when the repository is empty; an incremental since the previous point's checkpoint
+/// when libvirt still has it; otherwise (the previous point was taken offline, its checkpoint
+/// is gone, or the incremental failed: a bitmap lost in a crash of QEMU) a resync: a full into
+/// a scratch file, compared with the previous point so that only the differences are kept.
+/// Returns the kind, why it is not an incremental, and the new checkpoint.
+#[cfg(feature = "libvirt")]
+fn live_backup(
+    t: &diskchain_crd::desired::LiveTarget,
+    prev: Option<&Point>,
+    partial: &Path,
+    file: &str,
+    size: u64,
+) -> Result<(Kind, Option<String>, String), String> {
+    use crate::libvirt::backup as lb;
+    if lb::job_running(t).map_err(|e| e.to_string())? {
+        return Err(format!(
+            "a job (an earlier backup, a migration) runs on domain {}; try again when it is done",
+            t.domain
+        ));
+    }
+    let ck = format!("diskchain-{}", file.trim_end_matches(".qcow2"));
+    let prev_ck = prev.and_then(|p| p.checkpoint.clone());
+    // Checkpoints of ours no recorded point owns (a killed backup's) are removed first: only
+    // the last good backup's is kept.
+    for c in lb::checkpoints(t).map_err(|e| e.to_string())? {
+        if c.starts_with("diskchain-") && Some(&c) != prev_ck.as_ref() {
+            lb::delete_checkpoint(t, &c).map_err(|e| e.to_string())?;
+        }
+    }
+    let blank = |f: &Path, backing: Option<&str>| {
+        run(
+            qemu_img::create(
+                f,
+                Format::Qcow2,
+                Some(size),
+                backing.map(|b| (Path::new(b), Format::Qcow2)),
+                Some(CLUSTER),
+                false,
+            ),
+            "creating the backup target",
+        )
+    };
+    let Some(p) = prev else {
+        blank(partial, None)?;
+        lb::push(t, partial, None, &ck).map_err(|e| e.to_string())?;
+        return Ok((
+            Kind::Full,
+            Some("the repository has no point yet".into()),
+            ck,
+        ));
+    };
+    let have = lb::checkpoints(t).map_err(|e| e.to_string())?;
+    let why = match &prev_ck {
+        Some(c) if have.contains(c) => {
+            blank(partial, Some(&p.file))?;
+            match lb::push(t, partial, Some(c), &ck) {
+                Ok(()) => return Ok((Kind::Incremental, None, ck)),
+                Err(e) => {
+                    // Its bitmap cannot be trusted: the checkpoint goes, and a resync follows.
+                    let _ = std::fs::remove_file(partial);
+                    let _ = lb::delete_checkpoint(t, c);
+                    format!("the incremental since checkpoint {c} failed ({e})")
+                }
+            }
+        }
+        Some(c) => format!("libvirt no longer has the previous point's checkpoint {c}"),
+        None => "the previous point has no checkpoint (it was taken offline)".to_string(),
+    };
+    let scratch = partial.with_file_name(format!(".partial-scratch-{file}"));
+    let _ = std::fs::remove_file(&scratch);
+    blank(&scratch, None)?;
+    let pushed = lb::push(t, &scratch, None, &ck).map_err(|e| e.to_string());
+    let compared =
+        pushed.and_then(|()| compare_onto(&scratch, Format::Qcow2, size, &p.file, partial));
+    let _ = std::fs::remove_file(&scratch);
+    if let Err(e) = compared {
+        let _ = lb::delete_checkpoint(t, &ck);
+        return Err(e);
+    }
+    Ok((
+        Kind::Resync,
+        Some(format!(
+            "{why}: resynced, only what differs from the previous point was written"
+        )),
+        ck,
+    ))
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn live_backup(
+    _t: &diskchain_crd::desired::LiveTarget,
+    _prev: Option<&Point>,
+    _partial: &Path,
+    _file: &str,
+    _size: u64,
+) -> Result<(Kind, Option<String>, String), String> {
+    Err(crate::libvirt::LiveError::NotBuilt.to_string())
 }
 
 /// The points `policy` keeps, in local time.

@@ -35,12 +35,12 @@ const RECONNECT_FOR: Duration = Duration::from_secs(120);
 /// How often a job is polled.
 const POLL: Duration = Duration::from_millis(100);
 
-struct Session {
-    conn: Connect,
-    dom: Domain,
+pub(super) struct Session {
+    pub(super) conn: Connect,
+    pub(super) dom: Domain,
 }
 
-fn open(src: &LibvirtSource) -> Result<Session, LiveError> {
+pub(super) fn open(src: &LibvirtSource) -> Result<Session, LiveError> {
     virt::error::clear_error_callback();
     sys::start_event_loop();
     let conn = Connect::open(Some(&src.uri)).map_err(|e| LiveError::Connect {
@@ -57,7 +57,10 @@ fn open(src: &LibvirtSource) -> Result<Session, LiveError> {
     Ok(Session { conn, dom })
 }
 
-fn call(src: &LibvirtSource, what: &str) -> impl FnOnce(virt::error::Error) -> LiveError {
+pub(super) fn call(
+    src: &LibvirtSource,
+    what: &str,
+) -> impl FnOnce(virt::error::Error) -> LiveError + use<> {
     let (domain, what) = (src.domain.clone(), what.to_string());
     move |e| LiveError::Call {
         domain,

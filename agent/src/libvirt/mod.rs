@@ -12,6 +12,9 @@ pub mod xml;
 
 #[cfg(feature = "libvirt")]
 mod backend;
+/// Backups of a running domain's disk (libvirt's backup API).
+#[cfg(feature = "libvirt")]
+pub mod backup;
 #[cfg(feature = "libvirt")]
 #[allow(unsafe_code)]
 mod sys;

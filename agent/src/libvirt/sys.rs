@@ -449,3 +449,88 @@ pub fn watch_block_jobs(conn: &virt::connect::Connect, dom: &Domain) -> Result<J
         rx,
     })
 }
+
+/// Starts a backup job (`virDomainBackupBegin`, push mode) with the backup XML `backup` and the
+/// checkpoint XML `checkpoint` (created by the same call); `reuse_external`: the targets exist
+/// (pre-created by the caller).
+pub fn backup_begin(
+    dom: &Domain,
+    backup: &str,
+    checkpoint: Option<&str>,
+    reuse_external: bool,
+) -> Result<(), Error> {
+    let b = cstr(backup)?;
+    let c = checkpoint.map(cstr).transpose()?;
+    let flags = if reuse_external {
+        sys::VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
+    } else {
+        0
+    };
+    // SAFETY: live NUL-terminated strings (or NULL for no checkpoint).
+    check(unsafe {
+        sys::virDomainBackupBegin(
+            dom.as_ptr(),
+            b.as_ptr(),
+            c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            flags as c_uint,
+        )
+    })?;
+    Ok(())
+}
+
+/// Aborts the domain's job (a backup).
+pub fn abort_job(dom: &Domain) -> Result<(), Error> {
+    // SAFETY: a domain pointer the `Domain` keeps alive.
+    check(unsafe { sys::virDomainAbortJob(dom.as_ptr()) })?;
+    Ok(())
+}
+
+/// The names of the domain's checkpoints.
+pub fn checkpoints(dom: &Domain) -> Result<Vec<String>, Error> {
+    let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
+    // SAFETY: libvirt allocates the array and fills `list`; each element is freed below, then
+    // the array.
+    let n = check(unsafe { sys::virDomainListAllCheckpoints(dom.as_ptr(), &mut list, 0) })?;
+    let mut names = Vec::new();
+    for i in 0..n as usize {
+        // SAFETY: `i` is within the `n` elements libvirt returned.
+        let cp = unsafe { *list.add(i) };
+        // SAFETY: the name belongs to `cp`, read before it is freed.
+        let name = unsafe { std::ffi::CStr::from_ptr(sys::virDomainCheckpointGetName(cp)) };
+        names.push(name.to_string_lossy().into_owned());
+        // SAFETY: each checkpoint object is freed once.
+        unsafe { sys::virDomainCheckpointFree(cp) };
+    }
+    if !list.is_null() {
+        // SAFETY: the array libvirt allocated with malloc.
+        unsafe { libc_free(list as *mut std::ffi::c_void) };
+    }
+    Ok(names)
+}
+
+unsafe extern "C" {
+    #[link_name = "free"]
+    fn libc_free(p: *mut std::ffi::c_void);
+}
+
+/// Deletes checkpoint `name` (its bitmaps too; with `metadata_only`, libvirt's record alone,
+/// for a checkpoint whose bitmap is gone). Absent: nothing to do.
+pub fn checkpoint_delete(dom: &Domain, name: &str, metadata_only: bool) -> Result<(), Error> {
+    let n = cstr(name)?;
+    // SAFETY: a live NUL-terminated string; the returned object is freed below.
+    let cp = unsafe { sys::virDomainCheckpointLookupByName(dom.as_ptr(), n.as_ptr(), 0) };
+    if cp.is_null() {
+        return Ok(());
+    }
+    let flags = if metadata_only {
+        sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+    } else {
+        0
+    };
+    // SAFETY: `cp` is a checkpoint libvirt returned, freed once after the call.
+    let rc = unsafe { sys::virDomainCheckpointDelete(cp, flags as c_uint) };
+    // SAFETY: as above.
+    unsafe { sys::virDomainCheckpointFree(cp) };
+    check(rc)?;
+    Ok(())
+}

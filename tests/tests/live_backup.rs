@@ -1,0 +1,372 @@
+//! Backups of a running domain's disk through libvirt's backup API, on a real libvirtd: a TCG
+//! domain (no OS) whose guest writes arrive through its own virtio device. Oracles: the guest
+//! view read with `qemu-img convert -U` after a flush, restores hashed here, `qemu-img map` of
+//! each backup layer, and libvirt's own list of checkpoints.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use diskchain_tests::env::{Env, spec_yaml_source};
+use diskchain_tests::libvirt::{Domain, URI, live_view, open_up, sha, virsh};
+use diskchain_tests::qemu::{cluster_states, create, io};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const CLUSTER: u64 = 64 * 1024;
+
+struct Live {
+    env: Env,
+    base: PathBuf,
+    repo: PathBuf,
+    spec: PathBuf,
+    dom: Domain,
+}
+
+fn yaml(l: &Live, name: &str, points: &[(&str, Option<&Path>)]) -> String {
+    spec_yaml_source(
+        name,
+        &format!(
+            "libvirt: {{ uri: \"{URI}\", domain: {}, target: vda }}",
+            l.dom.name
+        ),
+        points,
+        &format!("  backup:\n    repository: {}\n", l.repo.display()),
+    )
+}
+
+/// A running domain on base (4 MiB of data) <- top, and a spec keeping the base as `golden`
+/// with a backup policy.
+fn live(tag: &str) -> Live {
+    let env = Env::new();
+    open_up(env.dir.path());
+    open_up(&env.root());
+    let base = env.img("base.qcow2");
+    create(&base, 64 * MIB, None, &[]);
+    io(&base, "qcow2", &["write -P 1 0 4M".into()]);
+    let top = env.img("top.qcow2");
+    create(&top, 0, Some((&base, "qcow2")), &[]);
+    let dom = Domain::start(&format!("dc-bk-{tag}-{}", std::process::id()), &top);
+    let repo = env.img("backups/vda");
+    let mut l = Live {
+        spec: PathBuf::new(),
+        env,
+        base,
+        repo,
+        dom,
+    };
+    let y = yaml(&l, "vda", &[("golden", Some(&l.base))]);
+    l.spec = l.env.spec("vda.yaml", &y);
+    l
+}
+
+fn backup(l: &Live) -> Value {
+    let want = guest_view(l);
+    let out = l
+        .env
+        .diskchain(&["backup", "-o", "json", "-f"])
+        .arg(&l.spec)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = PathBuf::from(r["backups"][0]["file"].as_str().unwrap());
+    assert_eq!(
+        sha(&live_view(&file)),
+        want,
+        "the new point reads as the guest did when its backup started: {r}"
+    );
+    r
+}
+
+/// The guest's view now (after a flush), hashed: the chain under the active image libvirt
+/// reports (a live snapshot puts a new file on top).
+fn guest_view(l: &Live) -> String {
+    l.dom.flush();
+    let active = l.dom.chain().pop().expect("the domain has a disk");
+    sha(&live_view(&active))
+}
+
+fn restored(l: &Live, point: &str) -> String {
+    let to = l
+        .env
+        .dir
+        .path()
+        .join(format!("r-{}.raw", point.replace(':', "")));
+    let out = l
+        .env
+        .diskchain(&[
+            "restore", "--disk", "vda", "--point", point, "--format", "raw", "--to",
+        ])
+        .arg(&to)
+        .arg("-f")
+        .arg(&l.spec)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "restore {point}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = sha(&std::fs::read(&to).unwrap());
+    std::fs::remove_file(&to).unwrap();
+    s
+}
+
+fn own_clusters(f: &Path) -> BTreeSet<u64> {
+    cluster_states(f, "qcow2", CLUSTER)
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s != 0)
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+fn checkpoints(dom: &Domain) -> Vec<String> {
+    virsh(&["checkpoint-list", "--name", &dom.name])
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_running_domain_is_backed_up_full_then_incremental_then_resynced_after_a_crash() {
+    let l = live("rounds");
+    l.dom.guest_write(2, 16 * MIB, MIB);
+    let mut views = vec![];
+    let want = guest_view(&l);
+    let r = backup(&l);
+    assert_eq!(r["backups"][0]["kind"], "full", "{r}");
+    views.push((r["backups"][0]["point"].as_str().unwrap().to_string(), want));
+    assert_eq!(checkpoints(&l.dom).len(), 1);
+
+    // Guest writes, then an incremental: only the written clusters.
+    l.dom.guest_write(3, 20 * MIB, 128 * 1024);
+    let want = guest_view(&l);
+    let r = backup(&l);
+    assert_eq!(r["backups"][0]["kind"], "incremental", "{r}");
+    let file = PathBuf::from(r["backups"][0]["file"].as_str().unwrap());
+    let wrote: BTreeSet<u64> = (20 * MIB / CLUSTER..(20 * MIB + 128 * 1024) / CLUSTER).collect();
+    assert_eq!(
+        own_clusters(&file),
+        wrote,
+        "the incremental holds only what the guest wrote"
+    );
+    views.push((r["backups"][0]["point"].as_str().unwrap().to_string(), want));
+    let cks = checkpoints(&l.dom);
+    assert_eq!(
+        cks.len(),
+        1,
+        "only the last good backup's checkpoint is kept: {cks:?}"
+    );
+
+    // A live chain step (a new point: an external snapshot through libvirt) between backups.
+    std::fs::write(
+        &l.spec,
+        yaml(&l, "vda", &[("golden", Some(&l.base)), ("s1", None)]),
+    )
+    .unwrap();
+    let out = l.env.apply(&l.spec, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    l.dom.guest_write(4, 30 * MIB, 64 * 1024);
+    let want = guest_view(&l);
+    let r = backup(&l);
+    assert_eq!(r["backups"][0]["kind"], "incremental", "{r}");
+    views.push((r["backups"][0]["point"].as_str().unwrap().to_string(), want));
+
+    // QEMU crashes: the checkpoint's bitmap cannot be trusted. The next backup says so and
+    // resyncs, writing only what differs.
+    l.dom.crash();
+    virsh(&["start", &l.dom.name]);
+    l.dom.guest_write(5, 40 * MIB, 64 * 1024);
+    let want = guest_view(&l);
+    let r = backup(&l);
+    assert_eq!(r["backups"][0]["kind"], "resync", "{r}");
+    assert!(
+        r["backups"][0]["reason"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{r}"
+    );
+    let file = PathBuf::from(r["backups"][0]["file"].as_str().unwrap());
+    assert!(
+        own_clusters(&file).len() <= 2,
+        "a resync writes only what differs: {:?}",
+        own_clusters(&file)
+    );
+    views.push((r["backups"][0]["point"].as_str().unwrap().to_string(), want));
+    // After the resync, incrementals again.
+    l.dom.guest_write(6, 50 * MIB, 64 * 1024);
+    let want = guest_view(&l);
+    let r = backup(&l);
+    assert_eq!(r["backups"][0]["kind"], "incremental", "{r}");
+    views.push((r["backups"][0]["point"].as_str().unwrap().to_string(), want));
+
+    for (point, want) in &views {
+        assert_eq!(&restored(&l, point), want, "restore of {point}");
+    }
+    let v = l
+        .env
+        .diskchain(&["verify", "--deep", "-f"])
+        .arg(&l.spec)
+        .output()
+        .unwrap();
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert_eq!(checkpoints(&l.dom).len(), 1);
+}
+
+fn listed(l: &Live) -> Vec<Value> {
+    let out = l
+        .env
+        .diskchain(&["backups", "-o", "json", "-f"])
+        .arg(&l.spec)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["disks"][0]["points"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `backup` until it succeeds (a job of the killed run may still be running in libvirt: the
+/// backup refuses to start beside it), up to `tries` times.
+fn backup_when_free(l: &Live, tries: usize) -> Value {
+    for _ in 0..tries {
+        let out = l
+            .env
+            .diskchain(&["backup", "-o", "json", "-f"])
+            .arg(&l.spec)
+            .output()
+            .unwrap();
+        if out.status.code() == Some(0) {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("a job"), "{err}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("the backup never got the domain free");
+}
+
+#[test]
+fn diskchain_or_qemu_killed_under_a_live_backup_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    let l = live("kill");
+    l.dom.guest_write(2, 8 * MIB, 40 * MIB);
+    let first = backup(&l);
+    let mut views = vec![(
+        first["backups"][0]["point"].as_str().unwrap().to_string(),
+        guest_view(&l),
+    )];
+    // diskchain SIGKILLed (with its process group) while its backup job runs in libvirt.
+    l.dom.guest_write(3, 8 * MIB, 40 * MIB);
+    let child = l
+        .env
+        .diskchain(&["backup", "-f"])
+        .arg(&l.spec)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let started = (0..400).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::fs::read_dir(&l.repo).is_ok_and(|r| {
+            r.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+        })
+    });
+    assert!(started, "the backup never started");
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let mut child = child;
+    child.wait().unwrap();
+    assert_eq!(listed(&l).len(), 1, "a killed backup is never listed");
+    let want = guest_view(&l);
+    let r = backup_when_free(&l, 100);
+    views.push((r["backups"][0]["point"].as_str().unwrap().to_string(), want));
+    assert_eq!(
+        checkpoints(&l.dom).len(),
+        1,
+        "the killed run's checkpoint is gone"
+    );
+
+    // QEMU killed under a backup job: the backup fails, nothing is recorded; after a restart
+    // the next backup resyncs.
+    l.dom.guest_write(4, 8 * MIB, 40 * MIB);
+    let child = l
+        .env
+        .diskchain(&["backup", "-f"])
+        .arg(&l.spec)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = (0..400).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::fs::read_dir(&l.repo).is_ok_and(|r| {
+            r.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".partial-"))
+        })
+    });
+    assert!(started, "the backup never started");
+    l.dom.crash();
+    let out = child.wait_with_output().unwrap();
+    let n = listed(&l).len();
+    assert!(
+        (out.status.code() == Some(1) && n == 2) || (out.status.code() == Some(0) && n == 3),
+        "a backup whose QEMU died is not recorded: exit {:?}, {n} points, {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if n == 3 {
+        // The job finished before QEMU died: its point is good.
+        let p = listed(&l)[2]["point"].as_str().unwrap().to_string();
+        views.push((p, String::new()));
+    }
+    virsh(&["start", &l.dom.name]);
+    l.dom.guest_write(5, 60 * MIB, 64 * 1024);
+    let want = guest_view(&l);
+    let r = backup_when_free(&l, 100);
+    views.push((r["backups"][0]["point"].as_str().unwrap().to_string(), want));
+    assert!(
+        listed(&l)
+            .iter()
+            .all(|p| !p["file"].as_str().unwrap().contains(".partial")),
+        "no partial is listed"
+    );
+    for (point, want) in &views {
+        let got = restored(&l, point);
+        if !want.is_empty() {
+            assert_eq!(&got, want, "restore of {point}");
+        }
+    }
+    let v = l
+        .env
+        .diskchain(&["verify", "--deep", "-f"])
+        .arg(&l.spec)
+        .output()
+        .unwrap();
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
