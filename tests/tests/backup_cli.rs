@@ -586,3 +586,125 @@ fn bad_backup_specs_are_refused_naming_the_field_and_touch_nothing() {
         assert_eq!(env.fingerprints(), before, "{what}: an image was touched");
     }
 }
+
+/// The `method` the manifest records for point `i`.
+fn method(repo: &Path, i: usize) -> Value {
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("manifest.json")).unwrap())
+            .unwrap();
+    m["points"][i]["method"].clone()
+}
+
+/// Offline incrementals come from the previous backup's persistent bitmap. A bitmap removed by
+/// a tool outside diskchain, or left in use by a QEMU that died with the image open, is never
+/// trusted: the next backup is a resync that says why and writes only what differs, and the
+/// one after is an incremental again.
+#[test]
+fn an_untrustworthy_bitmap_makes_a_resync_never_a_wrong_incremental() {
+    use std::io::Write;
+    let env = Env::new();
+    let d = disk(&env, "vdh", "");
+    let mut views = vec![];
+    let r = backup(&env, &d.spec, &[]);
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+    io(&d.top, "qcow2", &["write -P 2 16M 64k".into()]);
+    let r = backup(&env, &d.spec, &[]);
+    assert_eq!(r["backups"][0]["kind"], "incremental");
+    assert_eq!(method(&d.repo, 1), "bitmap");
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+
+    // A tool removes diskchain's bitmap; then the guest writes.
+    let bitmap = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(d.repo.join("manifest.json")).unwrap(),
+    )
+    .unwrap()["points"][1]["checkpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let st = Command::new("qemu-img")
+        .args(["bitmap", "--remove", "-f", "qcow2"])
+        .arg(&d.top)
+        .arg(&bitmap)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    io(&d.top, "qcow2", &["write -P 3 20M 64k".into()]);
+    let r = backup(&env, &d.spec, &[]);
+    assert_eq!(r["backups"][0]["kind"], "resync", "{r}");
+    assert!(
+        r["backups"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("has no bitmap"),
+        "{r}"
+    );
+    let file = PathBuf::from(r["backups"][0]["file"].as_str().unwrap());
+    assert_eq!(own_clusters(&file), touched(20 * MIB, 64 * 1024));
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+
+    // A QEMU dies with the image open (its bitmap stays marked in use) after writing.
+    let mut q = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&d.top)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(q.stdin.as_mut().unwrap(), "write -P 4 24M 64k").unwrap();
+    writeln!(q.stdin.as_mut().unwrap(), "flush").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    q.kill().unwrap();
+    q.wait().unwrap();
+    let r = backup(&env, &d.spec, &[]);
+    assert_eq!(r["backups"][0]["kind"], "resync", "{r}");
+    assert!(
+        r["backups"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("in use"),
+        "{r}"
+    );
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+
+    // And incrementals again.
+    io(&d.top, "qcow2", &["write -P 5 28M 64k".into()]);
+    let r = backup(&env, &d.spec, &[]);
+    assert_eq!(r["backups"][0]["kind"], "incremental", "{r}");
+    let file = PathBuf::from(r["backups"][0]["file"].as_str().unwrap());
+    assert_eq!(own_clusters(&file), touched(28 * MIB, 64 * 1024));
+    views.push((
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        view(&env, &d.top),
+    ));
+    for (name, want) in &views {
+        assert_eq!(
+            &restored_sha(&env, &d.spec, "vdh", name),
+            want,
+            "restore of {name}"
+        );
+    }
+    // One bitmap of diskchain's is left: the newest point's.
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(&d.top)
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names.len(), 1, "{names:?}");
+}

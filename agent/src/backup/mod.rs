@@ -3,13 +3,14 @@
 //! ([`merge`]); `restore` writes a standalone image of a point; `verify` checks the structure
 //! and, deep, every point's checksum.
 //!
-//! Offline disks (`source.file`, and a libvirt disk whose domain is shut off): the first backup
-//! is a full (`qemu-img convert` of the disk's chain into 64 KiB clusters); every later one is an
-//! incremental found by comparison: a new layer backed by the disk's active image is re-pointed
-//! at the previous point with `qemu-img rebase` in safe mode, which writes only the clusters
-//! where the disk now reads differently from the previous point. It needs no dirty bitmap, so
-//! nothing outside diskchain (a crash, a revert, a tool) can make it silently wrong; it reads the
-//! disk and the previous point whole.
+//! Offline disks (`source.file`, and a libvirt disk whose domain is shut off): QEMU's
+//! `blockdev-backup` job in a `qemu-storage-daemon` (see `execute::qsd::backup`), which adds a
+//! persistent dirty bitmap to the active image as it starts; the first backup is a full, the
+//! next an incremental over the previous backup's bitmap merged from every layer. A bitmap that
+//! cannot be trusted (gone, disabled, left in use by a QEMU that died) makes a resync instead: a
+//! new layer backed by the disk's active image is re-pointed at the previous point with
+//! `qemu-img rebase` in safe mode, which writes only the clusters where the disk reads
+//! differently from it (never silently wrong; it reads both whole).
 //!
 //! Running domains: libvirt's backup API in push mode with a checkpoint per backup (see
 //! `libvirt::backup`): a full, then incrementals since the previous point's checkpoint into a
@@ -258,7 +259,7 @@ pub fn backup_disk(
         ));
     }
     let top = chain.active();
-    let (active, format, size) = (top.layer.path.clone(), top.layer.format, top.virtual_size);
+    let size = top.virtual_size;
     let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
         err(
             disk,
@@ -283,19 +284,27 @@ pub fn backup_disk(
     let partial = dir.join(format!(".partial-{file}"));
     let final_path = dir.join(&file);
     let prev = repo.manifest.points.last().cloned();
-    let mut new_checkpoint = None;
+    let ck = format!("diskchain-{}", file.trim_end_matches(".qcow2"));
+    // The checkpoint (live) or persistent bitmap (offline) this backup starts.
+    let new_checkpoint = Some(ck.clone());
     let (kind, method, reason) = match &live {
         Some(t) => {
-            let (kind, reason, ck) =
-                live_backup(t, prev.as_ref(), &partial, &file, size).map_err(|e| {
+            let (kind, reason) =
+                live_backup(t, prev.as_ref(), &partial, &ck, size).map_err(|e| {
                     let _ = std::fs::remove_file(&partial);
                     failed(format!("{e}; nothing was recorded"))
                 })?;
-            new_checkpoint = Some(ck);
-            (kind, Some("bitmap".to_string()), reason)
+            let method = match kind {
+                Kind::Full => None,
+                Kind::Incremental => Some("bitmap".to_string()),
+                Kind::Resync => Some("compare".to_string()),
+            };
+            (kind, method, reason)
         }
-        None => offline_backup(&repo, prev.as_ref(), &active, format, size, &partial, exec)
-            .map_err(|e| failed(format!("{e}; nothing was recorded")))?,
+        None => offline_backup(&repo, prev.as_ref(), &chain, &partial, &ck, exec).map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            failed(format!("{e}; nothing was recorded"))
+        })?,
     };
     let recorded = (|| -> Result<Point, String> {
         repo::sync(&partial).map_err(|e| format!("cannot sync {}: {e}", partial.display()))?;
@@ -326,6 +335,13 @@ pub fn backup_disk(
         return Err(failed(format!("{e}; the backup was not recorded")));
     }
     tracing::info!(disk = %disk.key, point, kind = kind.as_str(), bytes, "backup taken");
+    // Offline, the previous point's bitmap leaves every layer: the new one records from here.
+    if live.is_none()
+        && let Some(old) = prev.as_ref().and_then(|p| p.checkpoint.as_ref())
+        && let Err(e) = remove_bitmap(&chain, old)
+    {
+        tracing::warn!(disk = %disk.key, bitmap = old, error = %e, "cannot remove the previous backup's bitmap; the next backup tries again");
+    }
     // Only the last good backup's checkpoint is kept (the next incremental starts from it).
     if let (Some(t), Some(p)) = (&live, &prev)
         && let Some(old) = &p.checkpoint
@@ -347,28 +363,100 @@ pub fn backup_disk(
     Ok((done, retention))
 }
 
-/// An offline backup into `partial`: a full when the repository is empty, else only the
-/// clusters where the disk reads differently from the previous point.
+/// Removes bitmap `name` from every layer of `chain` that holds it.
+fn remove_bitmap(chain: &crate::observe::ObservedChain, name: &str) -> Result<(), String> {
+    for l in &chain.layers {
+        let now = crate::execute::bitmaps::of(&l.layer.path).map_err(|e| e.to_string())?;
+        if now.iter().any(|b| b.name == name) {
+            run(
+                qemu_img::bitmap(&l.layer.path, &["--remove".as_ref()], name),
+                &format!("removing bitmap {name} from {}", l.layer.path.display()),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether bitmap `name` tells exactly what the guest wrote since it was added: it is in the
+/// top layer and recording there, and sound (not left in use by a QEMU that died) in every layer
+/// that holds it. The layers holding it (indexes), or why it cannot be trusted.
+fn trusted(chain: &crate::observe::ObservedChain, name: &str) -> Result<Vec<usize>, String> {
+    let top = chain.layers.len() - 1;
+    let mut holders = Vec::new();
+    for (i, l) in chain.layers.iter().enumerate() {
+        if let Some(b) = l.extras.bitmaps.iter().find(|b| b.name == name) {
+            if b.in_use {
+                return Err(format!(
+                    "bitmap {name} in {} was left in use by a QEMU that did not close the image (a crash): it may miss writes",
+                    l.layer.path.display()
+                ));
+            }
+            if i == top && !b.auto {
+                return Err(format!(
+                    "bitmap {name} in the active image {} is disabled: it does not record",
+                    l.layer.path.display()
+                ));
+            }
+            holders.push(i);
+        }
+    }
+    if !holders.contains(&top) {
+        return Err(format!(
+            "the active image {} has no bitmap {name} (something outside diskchain removed it, or rewrote the chain)",
+            chain.layers[top].layer.path.display()
+        ));
+    }
+    Ok(holders)
+}
+
+/// An offline backup into `partial`, with a new persistent bitmap `checkpoint` added to the
+/// active image as it is taken (what the guest writes from then on is what the next backup
+/// copies). A full when the repository is empty; an incremental (QEMU's `blockdev-backup
+/// sync=incremental` in a `qemu-storage-daemon`, over the previous point's bitmap merged from
+/// every layer) when that bitmap can be trusted; else a resync: only the clusters where the disk
+/// reads differently from the previous point.
 fn offline_backup(
     repo: &Repo,
     prev: Option<&Point>,
-    active: &Path,
-    format: Format,
-    size: u64,
+    chain: &crate::observe::ObservedChain,
     partial: &Path,
+    checkpoint: &str,
     exec: ExecOptions,
 ) -> Result<(Kind, Option<String>, Option<String>), String> {
-    let Some(p) = prev else {
+    let top = chain.active();
+    let (active, format, size) = (&top.layer.path, top.layer.format, top.virtual_size);
+    // Bitmaps of ours no recorded point owns (a killed backup's) go first.
+    let keep = prev.and_then(|p| p.checkpoint.clone());
+    for l in &chain.layers {
+        for b in &l.extras.bitmaps {
+            if b.name.starts_with("diskchain-") && Some(&b.name) != keep.as_ref() {
+                remove_bitmap(chain, &b.name)?;
+            }
+        }
+    }
+    let layers: Vec<(PathBuf, Format)> = chain
+        .layers
+        .iter()
+        .map(|l| (l.layer.path.clone(), l.layer.format))
+        .collect();
+    let speed = exec.max_bytes_per_sec.unwrap_or(0);
+    let blank = |backing: Option<&str>| {
         run(
-            qemu_img::convert(
-                active,
-                format,
+            qemu_img::create(
                 partial,
+                Format::Qcow2,
+                Some(size),
+                backing.map(|b| (Path::new(b), Format::Qcow2)),
                 Some(CLUSTER),
-                exec.max_bytes_per_sec,
+                false,
             ),
-            "the full backup (qemu-img convert)",
-        )?;
+            "creating the backup target",
+        )
+    };
+    let Some(p) = prev else {
+        blank(None)?;
+        crate::execute::qsd::backup(&layers, partial, None, checkpoint, speed)
+            .map_err(|e| format!("the full backup: {e}"))?;
         return Ok((
             Kind::Full,
             None,
@@ -384,8 +472,37 @@ fn offline_backup(
             prev_file.display()
         ));
     }
+    let why = match &p.checkpoint {
+        None => "the previous point has no bitmap (taken before bitmaps were kept)".to_string(),
+        Some(name) => match trusted(chain, name) {
+            Ok(holders) => {
+                blank(Some(&p.file))?;
+                crate::execute::qsd::backup(
+                    &layers,
+                    partial,
+                    Some((name, &holders)),
+                    checkpoint,
+                    speed,
+                )
+                .map_err(|e| format!("the incremental backup: {e}"))?;
+                return Ok((Kind::Incremental, Some("bitmap".into()), None));
+            }
+            Err(why) => why,
+        },
+    };
     compare_onto(active, format, size, &p.file, partial)?;
-    Ok((Kind::Incremental, Some("compare".into()), None))
+    // The new bitmap records from this point on.
+    run(
+        qemu_img::bitmap(active, &["--add".as_ref()], checkpoint),
+        &format!("adding bitmap {checkpoint} to {}", active.display()),
+    )?;
+    Ok((
+        Kind::Resync,
+        Some("compare".into()),
+        Some(format!(
+            "{why}: resynced, only what differs from the previous point was written"
+        )),
+    ))
 }
 
 /// Writes into the new layer `partial` (backed by the previous point, by file name) only the
@@ -426,9 +543,9 @@ fn live_backup(
     t: &diskchain_crd::desired::LiveTarget,
     prev: Option<&Point>,
     partial: &Path,
-    file: &str,
+    ck: &str,
     size: u64,
-) -> Result<(Kind, Option<String>, String), String> {
+) -> Result<(Kind, Option<String>), String> {
     use crate::libvirt::backup as lb;
     if lb::job_running(t).map_err(|e| e.to_string())? {
         return Err(format!(
@@ -436,7 +553,6 @@ fn live_backup(
             t.domain
         ));
     }
-    let ck = format!("diskchain-{}", file.trim_end_matches(".qcow2"));
     let prev_ck = prev.and_then(|p| p.checkpoint.clone());
     // Checkpoints of ours no recorded point owns (a killed backup's) are removed first: only
     // the last good backup's is kept.
@@ -460,19 +576,15 @@ fn live_backup(
     };
     let Some(p) = prev else {
         blank(partial, None)?;
-        lb::push(t, partial, None, &ck).map_err(|e| e.to_string())?;
-        return Ok((
-            Kind::Full,
-            Some("the repository has no point yet".into()),
-            ck,
-        ));
+        lb::push(t, partial, None, ck).map_err(|e| e.to_string())?;
+        return Ok((Kind::Full, Some("the repository has no point yet".into())));
     };
     let have = lb::checkpoints(t).map_err(|e| e.to_string())?;
     let why = match &prev_ck {
         Some(c) if have.contains(c) => {
             blank(partial, Some(&p.file))?;
-            match lb::push(t, partial, Some(c), &ck) {
-                Ok(()) => return Ok((Kind::Incremental, None, ck)),
+            match lb::push(t, partial, Some(c), ck) {
+                Ok(()) => return Ok((Kind::Incremental, None)),
                 Err(e) => {
                     // Its bitmap cannot be trusted: the checkpoint goes, and a resync follows.
                     let _ = std::fs::remove_file(partial);
@@ -484,15 +596,15 @@ fn live_backup(
         Some(c) => format!("libvirt no longer has the previous point's checkpoint {c}"),
         None => "the previous point has no checkpoint (it was taken offline)".to_string(),
     };
-    let scratch = partial.with_file_name(format!(".partial-scratch-{file}"));
+    let scratch = partial.with_file_name(format!(".partial-scratch-{ck}.qcow2"));
     let _ = std::fs::remove_file(&scratch);
     blank(&scratch, None)?;
-    let pushed = lb::push(t, &scratch, None, &ck).map_err(|e| e.to_string());
+    let pushed = lb::push(t, &scratch, None, ck).map_err(|e| e.to_string());
     let compared =
         pushed.and_then(|()| compare_onto(&scratch, Format::Qcow2, size, &p.file, partial));
     let _ = std::fs::remove_file(&scratch);
     if let Err(e) = compared {
-        let _ = lb::delete_checkpoint(t, &ck);
+        let _ = lb::delete_checkpoint(t, ck);
         return Err(e);
     }
     Ok((
@@ -500,7 +612,6 @@ fn live_backup(
         Some(format!(
             "{why}: resynced, only what differs from the previous point was written"
         )),
-        ck,
     ))
 }
 
@@ -509,9 +620,9 @@ fn live_backup(
     _t: &diskchain_crd::desired::LiveTarget,
     _prev: Option<&Point>,
     _partial: &Path,
-    _file: &str,
+    _ck: &str,
     _size: u64,
-) -> Result<(Kind, Option<String>, String), String> {
+) -> Result<(Kind, Option<String>), String> {
     Err(crate::libvirt::LiveError::NotBuilt.to_string())
 }
 

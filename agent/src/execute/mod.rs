@@ -7,12 +7,12 @@
 //! implements [`Executor`] with libvirt's block jobs on the disks of
 //! running VMs.
 
-mod bitmaps;
+pub(crate) mod bitmaps;
 pub mod offline;
 pub(crate) mod process;
 pub(crate) mod qemu_img;
 #[allow(unsafe_code)]
-mod qsd;
+pub(crate) mod qsd;
 #[allow(unsafe_code)]
 mod xattr;
 

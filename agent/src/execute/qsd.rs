@@ -135,16 +135,10 @@ pub(crate) fn stream(
     speed: u64,
     progress: &mut dyn FnMut(f64),
 ) -> Result<u64, ExecError> {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let Some((_, top_fmt)) = layers.last() else {
         return Ok(0);
     };
-    let sock = std::env::temp_dir().join(format!(
-        "diskchain-qsd-{}-{}.sock",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_file(&sock);
+    let sock = socket_path();
     // A stream with no base runs on an empty image of the old top's format, so that the job
     // can keep the reference and its format.
     let empty = super::beside(into, "empty");
@@ -209,12 +203,6 @@ fn run_job(
     progress: &mut dyn FnMut(f64),
 ) -> Result<u64, ExecError> {
     let mut c = Command::new("qemu-storage-daemon");
-    c.arg("--chardev")
-        .arg(format!(
-            "socket,path={},server=on,wait=off,id=qmp",
-            sock.to_string_lossy().replace(',', ",,")
-        ))
-        .args(["--monitor", "chardev=qmp"]);
     let mut below: Option<String> = None;
     if let Some((b, f)) = base {
         c.args(blockdev(0, b, *f, None, true)?);
@@ -230,6 +218,60 @@ fn run_job(
     c.args(blockdev(i, into, Format::Qcow2, below.as_deref(), false)?);
     let top = format!("n{i}");
     let what = format!("qemu-storage-daemon block-stream into {}", into.display());
+    let (mut daemon, mut qmp, pid) = start(c, &what, sock)?;
+    let failed = |daemon: &mut Daemon, why: String| {
+        let _ = daemon.child.kill();
+        let out = daemon.child.wait_with_output_stderr().unwrap_or_default();
+        ExecError::Qemu {
+            command: what.clone(),
+            status: why,
+            stderr: out,
+        }
+    };
+    let run = |qmp: &mut Qmp, progress: &mut dyn FnMut(f64)| -> Result<(), ExecError> {
+        // The reference written on completion is the one `into` has now (see the module).
+        let mut args = json!({
+            "job-id": "stream",
+            "device": top,
+            "speed": speed,
+            "auto-dismiss": false,
+        });
+        if let Some(b) = &base_node {
+            args["base-node"] = json!(b);
+            if let Some(r) = reference {
+                args["backing-file"] = json!(r);
+            }
+        }
+        qmp.call("block-stream", args)?;
+        wait_job(qmp, "stream", progress)
+    };
+    if let Err(e) = run(&mut qmp, progress) {
+        let _ = failed(&mut daemon, String::new());
+        return Err(e);
+    }
+    let written = process::wchar(pid).unwrap_or(0);
+    // `quit` flushes and closes every image before the daemon exits.
+    let _ = qmp.call("quit", json!({}));
+    let status = daemon.child.wait().map_err(|source| ExecError::Io {
+        action: "wait for",
+        path: PathBuf::from("qemu-storage-daemon"),
+        source,
+    })?;
+    if !status.success() {
+        return Err(failed(&mut daemon, status.to_string()));
+    }
+    Ok(written)
+}
+
+/// Starts the daemon `c` (its images on the command line) with a QMP monitor on `sock`, and
+/// connects. The daemon gets SIGTERM if diskchain dies.
+fn start(mut c: Command, what: &str, sock: &Path) -> Result<(Daemon, Qmp, u32), ExecError> {
+    c.arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qmp",
+            sock.to_string_lossy().replace(',', ",,")
+        ))
+        .args(["--monitor", "chardev=qmp"]);
     tracing::debug!(command = ?c, "running");
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -257,7 +299,7 @@ fn run_job(
         let _ = daemon.child.kill();
         let out = daemon.child.wait_with_output_stderr().unwrap_or_default();
         ExecError::Qemu {
-            command: what.clone(),
+            command: what.to_string(),
             status: why,
             stderr: out,
         }
@@ -284,56 +326,124 @@ fn run_job(
     let mut qmp = Qmp {
         reader: BufReader::new(stream),
         writer,
-        what: what.clone(),
+        what: what.to_string(),
     };
     let mut greeting = String::new();
     let _ = qmp.reader.read_line(&mut greeting);
-    let run = |qmp: &mut Qmp, progress: &mut dyn FnMut(f64)| -> Result<(), ExecError> {
-        qmp.call("qmp_capabilities", json!({}))?;
-        // The reference written on completion is the one `into` has now (see the module).
-        let mut args = json!({
-            "job-id": "stream",
-            "device": top,
-            "speed": speed,
-            "auto-dismiss": false,
-        });
-        if let Some(b) = &base_node {
-            args["base-node"] = json!(b);
-            if let Some(r) = reference {
-                args["backing-file"] = json!(r);
-            }
+    qmp.call("qmp_capabilities", json!({}))?;
+    Ok((daemon, qmp, pid))
+}
+
+/// A fresh path for a daemon's QMP socket.
+fn socket_path() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let sock = std::env::temp_dir().join(format!(
+        "diskchain-qsd-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_file(&sock);
+    sock
+}
+
+/// Waits for job `id` to conclude and dismisses it; `Err` when it failed.
+fn wait_job(qmp: &mut Qmp, id: &str, progress: &mut dyn FnMut(f64)) -> Result<(), ExecError> {
+    loop {
+        let jobs = qmp.call("query-jobs", json!({}))?;
+        let job = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == id))
+            .cloned()
+            .ok_or_else(|| qmp.error(format!("the {id} job vanished")))?;
+        let (cur, total) = (
+            job["current-progress"].as_f64().unwrap_or(0.0),
+            job["total-progress"].as_f64().unwrap_or(0.0),
+        );
+        if total > 0.0 {
+            progress((cur / total).clamp(0.0, 1.0));
         }
-        qmp.call("block-stream", args)?;
-        loop {
-            let jobs = qmp.call("query-jobs", json!({}))?;
-            let job = jobs
-                .as_array()
-                .and_then(|a| a.iter().find(|j| j["id"] == "stream"))
-                .cloned()
-                .ok_or_else(|| qmp.error("the stream job vanished".into()))?;
-            let (cur, total) = (
-                job["current-progress"].as_f64().unwrap_or(0.0),
-                job["total-progress"].as_f64().unwrap_or(0.0),
-            );
-            if total > 0.0 {
-                progress((cur / total).clamp(0.0, 1.0));
+        if job["status"] == "concluded" {
+            qmp.call("job-dismiss", json!({ "id": id }))?;
+            if let Some(e) = job.get("error") {
+                return Err(qmp.error(format!("the {id} job failed: {e}")));
             }
-            if job["status"] == "concluded" {
-                qmp.call("job-dismiss", json!({ "id": "stream" }))?;
-                if let Some(e) = job.get("error") {
-                    return Err(qmp.error(format!("the stream job failed: {e}")));
-                }
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            return Ok(());
         }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An offline backup as QEMU's own `blockdev-backup` job, the one libvirt runs live: the chain
+/// `layers` (base first; only the top is opened writable, to add the new bitmap) is backed up
+/// into `target` (which exists: standalone for a full, backed by the previous point for an
+/// incremental). In one transaction: the new persistent bitmap `new_bitmap` is added to the top
+/// (it records what changes from this point on), and the job starts; with `since`, the job is
+/// `sync=incremental` over a temporary bitmap merged from `since` in every layer that holds it
+/// (the layers' indexes in `holders`), so only the clusters written since are copied. Returns the
+/// bytes the daemon wrote. On failure the new bitmap is removed.
+pub(crate) fn backup(
+    layers: &[(PathBuf, Format)],
+    target: &Path,
+    since: Option<(&str, &[usize])>,
+    new_bitmap: &str,
+    speed: u64,
+) -> Result<u64, ExecError> {
+    let sock = socket_path();
+    let mut c = Command::new("qemu-storage-daemon");
+    let mut below: Option<String> = None;
+    for (i, (l, fmt)) in layers.iter().enumerate() {
+        let top = i + 1 == layers.len();
+        c.args(blockdev(i, l, *fmt, below.as_deref(), !top)?);
+        below = Some(format!("n{i}"));
+    }
+    let top = below.unwrap_or_default();
+    let t = layers.len();
+    c.args(blockdev(t, target, Format::Qcow2, None, false)?);
+    let tgt = format!("n{t}");
+    let what = format!(
+        "qemu-storage-daemon blockdev-backup into {}",
+        target.display()
+    );
+    let (mut daemon, mut qmp, pid) = start(c, &what, &sock)?;
+    let mut actions = Vec::new();
+    let mut job = json!({
+        "job-id": "backup",
+        "device": top,
+        "target": tgt,
+        "sync": "full",
+        "speed": speed,
+        "auto-dismiss": false,
+    });
+    if let Some((name, holders)) = since {
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": top, "name": "diskchain-since", "persistent": false, "disabled": true}}));
+        let sources: Vec<Value> = holders
+            .iter()
+            .map(|i| json!({"node": format!("n{i}"), "name": name}))
+            .collect();
+        actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+            "node": top, "target": "diskchain-since", "bitmaps": sources}}));
+        job["sync"] = json!("incremental");
+        job["bitmap"] = json!("diskchain-since");
+    }
+    actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+        "node": top, "name": new_bitmap, "persistent": true}}));
+    actions.push(json!({"type": "blockdev-backup", "data": job}));
+    let run = |qmp: &mut Qmp| -> Result<(), ExecError> {
+        qmp.call("transaction", json!({ "actions": actions }))?;
+        wait_job(qmp, "backup", &mut |_| {})
     };
-    if let Err(e) = run(&mut qmp, progress) {
-        let _ = failed(&mut daemon, String::new());
+    if let Err(e) = run(&mut qmp) {
+        let _ = qmp.call(
+            "block-dirty-bitmap-remove",
+            json!({"node": top, "name": new_bitmap}),
+        );
+        let _ = qmp.call("quit", json!({}));
+        let _ = daemon.child.wait();
         return Err(e);
     }
     let written = process::wchar(pid).unwrap_or(0);
-    // `quit` flushes and closes every image before the daemon exits.
+    // `quit` flushes and closes every image (the new bitmap is stored) before the daemon exits.
     let _ = qmp.call("quit", json!({}));
     let status = daemon.child.wait().map_err(|source| ExecError::Io {
         action: "wait for",
@@ -341,7 +451,12 @@ fn run_job(
         source,
     })?;
     if !status.success() {
-        return Err(failed(&mut daemon, status.to_string()));
+        let err = daemon.child.wait_with_output_stderr().unwrap_or_default();
+        return Err(ExecError::Qemu {
+            command: what,
+            status: status.to_string(),
+            stderr: err,
+        });
     }
     Ok(written)
 }
