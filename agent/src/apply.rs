@@ -58,6 +58,9 @@ pub struct ApplyReport {
     pub disks: Vec<DiskOutcome>,
     /// Disks that could not be applied.
     pub errors: Vec<DiskError>,
+    /// Backup repositories whose retention merged points away.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retention: Vec<crate::backup::RetentionReport>,
 }
 
 impl ApplyReport {
@@ -223,6 +226,25 @@ pub fn apply_loaded(
     for spec in loaded {
         if !c.failed.contains(&spec.key) {
             reconcile_into(spec, &host, &options, &mut c)?;
+        }
+        // A lowered retention merges its repository's dropped points now (under the disk's
+        // lock, so never beside a backup of the disk).
+        if spec.spec().backup.is_some() && !c.failed.contains(&spec.key) {
+            match crate::backup::retain_now(spec, &host, options.exec) {
+                Ok(Some(r)) => {
+                    options.progress.note(
+                        &spec.key,
+                        &format!(
+                            "retention merged {} backup point(s) away ({})",
+                            r.done.removed.len(),
+                            r.done.removed.join(", ")
+                        ),
+                    );
+                    c.report.retention.push(r);
+                }
+                Ok(None) => {}
+                Err(e) => c.fail(spec, e.error, e.kind),
+            }
         }
     }
     Ok(c.into_report())

@@ -87,6 +87,14 @@ fn main() {
                             diskchain::units::human_bytes(d.written_bytes)
                         );
                     }
+                    for r in &report.retention {
+                        out!(
+                            "disk {}: retention removed {} backup point(s), {} merged",
+                            diskchain_crd::DiskKey::new(Some(&r.namespace), &r.disk),
+                            r.done.removed.len(),
+                            diskchain::units::human_bytes(r.done.total_bytes)
+                        );
+                    }
                     for e in &report.errors {
                         eprintln!("error: {}", e.error);
                     }
@@ -133,9 +141,54 @@ fn main() {
         Command::Plan { path, output } => {
             match run(&path, &cli.allowed_roots, &StateDir::new(&cli.state_dir)) {
                 Ok(report) => {
+                    // The retention merges each backup repository's policy asks for now.
+                    let retention = match (
+                        diskchain_crd::load_path(&path),
+                        diskchain::observe::Roots::new(&cli.allowed_roots),
+                    ) {
+                        (Ok(specs), Ok(roots)) => diskchain::backup::retention_plans(
+                            &specs,
+                            &diskchain::plan::Host::new(
+                                &roots,
+                                &StateDir::new(&cli.state_dir),
+                                &specs,
+                            ),
+                        ),
+                        _ => Vec::new(),
+                    };
                     match output {
-                        Output::Json => out!("{}", render::json(&report)),
-                        Output::Text => outp!("{}", render::text(&report)),
+                        Output::Json => {
+                            let mut v = serde_json::to_value(&report).expect("plans serialise");
+                            if !retention.is_empty() {
+                                v["retention"] =
+                                    serde_json::to_value(&retention).expect("plans serialise");
+                            }
+                            out!(
+                                "{}",
+                                serde_json::to_string_pretty(&v).expect("plans serialise")
+                            )
+                        }
+                        Output::Text => {
+                            outp!("{}", render::text(&report));
+                            for r in &retention {
+                                out!(
+                                    "backups of disk {}: retention removes {} point(s) ({}) with {} step(s), {} merged:",
+                                    diskchain_crd::DiskKey::new(Some(&r.namespace), &r.disk),
+                                    r.done.removed.len(),
+                                    r.done.removed.join(", "),
+                                    r.done.steps.len(),
+                                    diskchain::units::human_bytes(r.done.total_bytes)
+                                );
+                                for s in &r.done.steps {
+                                    out!(
+                                        "  {} {}: {}",
+                                        s.op,
+                                        diskchain::units::human_bytes(s.bytes),
+                                        s.reason
+                                    );
+                                }
+                            }
+                        }
                     }
                     for e in &report.errors {
                         eprintln!("error: {}", e.error);

@@ -708,3 +708,113 @@ fn an_untrustworthy_bitmap_makes_a_resync_never_a_wrong_incremental() {
         .unwrap_or_default();
     assert_eq!(names.len(), 1, "{names:?}");
 }
+
+/// Lowering retention: `plan` shows the merges with their bytes and changes nothing; their bytes
+/// are the brute-force oracle's minimum for the repository chain; `apply` carries them out and
+/// every remaining point restores to its view.
+#[test]
+fn a_lowered_retention_is_planned_at_the_oracle_minimum_and_applied() {
+    use diskchain_tests::oracle::{Cell, Problem, min_cost};
+    let env = Env::new();
+    let d = disk(&env, "vdi", "");
+    let mut views = vec![];
+    // Overlapping writes of different sizes, so that commit and stream cost differently.
+    let rounds: [&[(u64, u64)]; 5] = [
+        &[(8, 4)],
+        &[(9, 1), (20, 2)],
+        &[(8, 1), (30, 3)],
+        &[(21, 1)],
+        &[(31, 2), (40, 1)],
+    ];
+    for (i, writes) in rounds.iter().enumerate() {
+        let cmds: Vec<String> = writes
+            .iter()
+            .map(|(at, len)| format!("write -P {} {at}M {len}M", 50 + i))
+            .collect();
+        io(&d.top, "qcow2", &cmds);
+        let r = backup(&env, &d.spec, &[]);
+        views.push((
+            r["backups"][0]["point"].as_str().unwrap().to_string(),
+            view(&env, &d.top),
+        ));
+    }
+    // keepLast 2: the fourth point and the newest stay.
+    std::fs::write(&d.spec, yaml(&d, "vdi", &[("golden", true)], "keepLast: 2")).unwrap();
+    let files: Vec<PathBuf> = points(&env, &d.spec)
+        .iter()
+        .map(|p| PathBuf::from(p["file"].as_str().unwrap()))
+        .collect();
+    let before: Vec<_> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let out = run(&env, &["plan", "-o", "json"], &d.spec);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ret = &plan["retention"][0];
+    assert_eq!(ret["removed"].as_array().unwrap().len(), 3, "{plan}");
+    let planned = ret["total_bytes"].as_u64().unwrap();
+    for (f, b) in files.iter().zip(&before) {
+        assert_eq!(
+            &std::fs::read(f).unwrap(),
+            b,
+            "plan changed {}",
+            f.display()
+        );
+    }
+    // The oracle: each repository layer's own clusters, data identified by (layer, cluster).
+    let layers: Vec<Vec<Cell>> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            cluster_states(f, "qcow2", CLUSTER)
+                .iter()
+                .enumerate()
+                .map(|(c, s)| match s {
+                    0 => Cell::U,
+                    1 => Cell::D((i * 100_000 + c) as u32),
+                    _ => Cell::Z,
+                })
+                .collect()
+        })
+        .collect();
+    let p = Problem {
+        shared: vec![false; layers.len()],
+        keep: vec![3],
+        layers,
+    };
+    let minimum = min_cost(&p).expect("the oracle reaches the goal") * CLUSTER;
+    assert_eq!(
+        planned, minimum,
+        "planned {planned} bytes, the oracle's minimum is {minimum}"
+    );
+    // apply merges them.
+    let out = run(&env, &["apply"], &d.spec);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("retention removed 3 backup point(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let listed = points(&env, &d.spec);
+    assert_eq!(listed.len(), 2);
+    for (name, want) in &views[3..] {
+        assert_eq!(
+            &restored_sha(&env, &d.spec, "vdi", name),
+            want,
+            "restore of {name}"
+        );
+    }
+    assert_eq!(repo_files(&d.repo).len(), 2);
+    // Nothing left to plan.
+    let out = run(&env, &["plan", "-o", "json"], &d.spec);
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(plan.get("retention").is_none(), "{plan}");
+}

@@ -55,22 +55,43 @@ pub struct MergeStep {
     pub reason: String,
 }
 
+/// What a retention plan does, as reported.
+pub fn summary(points: &[Point], keep: &BTreeSet<String>, plan: &DiskPlan) -> RetentionDone {
+    RetentionDone {
+        removed: points
+            .iter()
+            .filter(|p| !keep.contains(&p.point))
+            .map(|p| p.point.clone())
+            .collect(),
+        steps: plan
+            .steps
+            .iter()
+            .map(|s| MergeStep {
+                op: s.action.op(),
+                bytes: s.bytes,
+                reason: s.reason.clone(),
+            })
+            .collect(),
+        total_bytes: plan.total_bytes,
+    }
+}
+
 /// Plans the merges that leave only `keep` (point names; the newest must be among them) in the
 /// repository chain. `None` when nothing is to be removed.
 pub fn plan(
-    repo: &Repo,
+    dir: &Path,
+    points: &[Point],
     keep: &BTreeSet<String>,
     roots: &Roots,
     key: &DiskKey,
 ) -> Result<Option<(DiskPlan, Vec<Point>)>, String> {
-    let points = &repo.manifest.points;
     let Some(newest) = points.last() else {
         return Ok(None);
     };
     if points.iter().all(|p| keep.contains(&p.point)) {
         return Ok(None);
     }
-    let top = repo.file(newest);
+    let top = dir.join(&newest.file);
     let chain = observe_chain(roots, &top).map_err(|e| e.to_string())?;
     let files: Vec<PathBuf> = chain.layers.iter().map(|l| l.layer.path.clone()).collect();
     if files.len() != points.len() {
@@ -124,7 +145,7 @@ pub fn plan(
                 p.point
             ));
         };
-        if layer.file.parent() != Some(repo.dir.as_path()) {
+        if layer.file.parent() != Some(dir) {
             return Err(format!(
                 "the retention plan puts point {} in {}, outside the repository; nothing was done",
                 p.point,
@@ -153,29 +174,11 @@ pub fn run(
     exec: ExecOptions,
 ) -> Result<Option<RetentionDone>, String> {
     finish(repo, roots, state, exec)?;
-    let Some((plan, after)) = plan(repo, keep, roots, key)? else {
+    let Some((plan, after)) = plan(&repo.dir, &repo.manifest.points, keep, roots, key)? else {
         return Ok(None);
     };
-    let removed: Vec<String> = repo
-        .manifest
-        .points
-        .iter()
-        .filter(|p| !keep.contains(&p.point))
-        .map(|p| p.point.clone())
-        .collect();
-    let done = RetentionDone {
-        removed: removed.clone(),
-        steps: plan
-            .steps
-            .iter()
-            .map(|s| MergeStep {
-                op: s.action.op(),
-                bytes: s.bytes,
-                reason: s.reason.clone(),
-            })
-            .collect(),
-        total_bytes: plan.total_bytes,
-    };
+    let done = summary(&repo.manifest.points, keep, &plan);
+    let removed = done.removed.clone();
     let journal = MergeJournal {
         steps: plan
             .steps

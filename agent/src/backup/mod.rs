@@ -628,10 +628,14 @@ fn live_backup(
 
 /// The points `policy` keeps, in local time.
 pub fn kept_points(repo: &Repo, policy: &BackupSpec) -> BTreeSet<String> {
-    let times: Vec<i64> = repo.manifest.points.iter().map(|p| p.time_unix).collect();
+    kept_of(&repo.manifest.points, policy)
+}
+
+fn kept_of(points: &[Point], policy: &BackupSpec) -> BTreeSet<String> {
+    let times: Vec<i64> = points.iter().map(|p| p.time_unix).collect();
     retention::kept(&times, &policy.retention, &chrono::Local)
         .into_iter()
-        .map(|i| repo.manifest.points[i].point.clone())
+        .map(|i| points[i].point.clone())
         .collect()
 }
 
@@ -990,4 +994,66 @@ pub fn verify(disk: &DesiredDisk, host: &Host, deep: bool) -> Result<Verified, B
         deep,
         damaged,
     })
+}
+
+/// The retention merges each disk's policy asks for now, from the manifests as they are (for
+/// `plan`; changes nothing). A repository with no backup yet, or with a merge in flight (the
+/// next backup, apply or verify finishes it first), has none.
+pub fn retention_plans(disks: &[DesiredDisk], host: &Host) -> Vec<RetentionReport> {
+    let mut out = Vec::new();
+    for d in disks {
+        let Some(policy) = d.spec().backup.as_ref() else {
+            continue;
+        };
+        let Ok(dir) = host
+            .roots
+            .confine_dir(&policy.repository, "spec.backup.repository".into())
+        else {
+            continue;
+        };
+        if merge::in_flight(&dir) {
+            continue;
+        }
+        let Ok(Some(m)) = crate::state::read_json::<repo::Manifest>(&dir.join("manifest.json"))
+        else {
+            continue;
+        };
+        let keep = kept_of(&m.points, policy);
+        match merge::plan(&dir, &m.points, &keep, &host.roots, &d.key) {
+            Ok(Some((plan, _))) => out.push(RetentionReport {
+                disk: d.key.name.clone(),
+                namespace: d.key.namespace.clone(),
+                done: merge::summary(&m.points, &keep, &plan),
+            }),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(disk = %d.key, error = %e, "cannot plan the retention merges"),
+        }
+    }
+    out
+}
+
+/// Runs disk `disk`'s retention merges now (an interrupted one finished first), under its
+/// repository's lock; the caller holds the disk's lock. `None`: nothing to remove, or no backup
+/// yet.
+pub fn retain_now(
+    disk: &DesiredDisk,
+    host: &Host,
+    exec: ExecOptions,
+) -> Result<Option<RetentionReport>, BackupError> {
+    let (policy, dir) = repository(disk, host)?;
+    if !dir.join("manifest.json").exists() {
+        return Ok(None);
+    }
+    let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
+        err(
+            disk,
+            if matches!(e, repo::RepoError::Busy(_)) {
+                ErrorKind::InUse
+            } else {
+                ErrorKind::Failed
+            },
+            e.to_string(),
+        )
+    })?;
+    retain(&mut repo, &policy, disk, host, exec)
 }
