@@ -209,8 +209,12 @@ fn main() {
             &path,
             disk.as_deref(),
             |disks, host| {
-                let report =
-                    diskchain::backup::backup_all(disks, host, ExecOptions { max_bytes_per_sec });
+                let report = diskchain::backup::backup_all(
+                    disks,
+                    host,
+                    ExecOptions { max_bytes_per_sec },
+                    &diskchain::progress::Terminal::detect(),
+                );
                 match output {
                     Output::Json => out!(
                         "{}",

@@ -184,10 +184,15 @@ fn run(mut c: Command, what: &str) -> Result<(), String> {
 
 /// Backs up every disk of `disks` that has `spec.backup` (each under its disk lock, so no chain
 /// step of the disk runs meanwhile), then applies its retention.
-pub fn backup_all(disks: &[DesiredDisk], host: &Host, exec: ExecOptions) -> BackupReport {
+pub fn backup_all(
+    disks: &[DesiredDisk],
+    host: &Host,
+    exec: ExecOptions,
+    progress: &dyn crate::progress::Progress,
+) -> BackupReport {
     let mut report = BackupReport::default();
     for d in disks.iter().filter(|d| d.spec().backup.is_some()) {
-        match backup_disk(d, host, exec, chrono::Utc::now().timestamp()) {
+        match backup_disk(d, host, exec, chrono::Utc::now().timestamp(), progress) {
             Ok((b, r)) => {
                 report.backups.push(b);
                 report.retention.extend(r);
@@ -204,6 +209,7 @@ pub fn backup_disk(
     host: &Host,
     exec: ExecOptions,
     now: i64,
+    progress: &dyn crate::progress::Progress,
 ) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
     let (policy, dir) = repository(disk, host)?;
     let src = source(disk)?;
@@ -287,10 +293,13 @@ pub fn backup_disk(
     let ck = format!("diskchain-{}", file.trim_end_matches(".qcow2"));
     // The checkpoint (live) or persistent bitmap (offline) this backup starts.
     let new_checkpoint = Some(ck.clone());
+    progress.step_started(&disk.key, 1, 1, "backup", size);
+    let mut fraction = |f: f64| progress.step_progress(f);
     let (kind, method, reason) = match &live {
         Some(t) => {
-            let (kind, reason) =
-                live_backup(t, prev.as_ref(), &partial, &ck, size).map_err(|e| {
+            let (kind, reason) = live_backup(t, prev.as_ref(), &partial, &ck, size, &mut fraction)
+                .map_err(|e| {
+                    progress.step_abandoned();
                     let _ = std::fs::remove_file(&partial);
                     failed(format!("{e}; nothing was recorded"))
                 })?;
@@ -301,11 +310,22 @@ pub fn backup_disk(
             };
             (kind, method, reason)
         }
-        None => offline_backup(&repo, prev.as_ref(), &chain, &partial, &ck, exec).map_err(|e| {
+        None => offline_backup(
+            &repo,
+            prev.as_ref(),
+            &chain,
+            &partial,
+            &ck,
+            exec,
+            &mut fraction,
+        )
+        .map_err(|e| {
+            progress.step_abandoned();
             let _ = std::fs::remove_file(&partial);
             failed(format!("{e}; nothing was recorded"))
         })?,
     };
+    progress.step_abandoned();
     let recorded = (|| -> Result<Point, String> {
         repo::sync(&partial).map_err(|e| format!("cannot sync {}: {e}", partial.display()))?;
         let sha256 = repo::view_sha256(&partial)?;
@@ -422,6 +442,7 @@ fn offline_backup(
     partial: &Path,
     checkpoint: &str,
     exec: ExecOptions,
+    progress: &mut dyn FnMut(f64),
 ) -> Result<(Kind, Option<String>, Option<String>), String> {
     let top = chain.active();
     let (active, format, size) = (&top.layer.path, top.layer.format, top.virtual_size);
@@ -455,7 +476,7 @@ fn offline_backup(
     };
     let Some(p) = prev else {
         blank(None)?;
-        crate::execute::qsd::backup(&layers, partial, None, checkpoint, speed)
+        crate::execute::qsd::backup(&layers, partial, None, checkpoint, speed, progress)
             .map_err(|e| format!("the full backup: {e}"))?;
         return Ok((
             Kind::Full,
@@ -483,6 +504,7 @@ fn offline_backup(
                     Some((name, &holders)),
                     checkpoint,
                     speed,
+                    progress,
                 )
                 .map_err(|e| format!("the incremental backup: {e}"))?;
                 return Ok((Kind::Incremental, Some("bitmap".into()), None));
@@ -545,6 +567,7 @@ fn live_backup(
     partial: &Path,
     ck: &str,
     size: u64,
+    progress: &mut dyn FnMut(f64),
 ) -> Result<(Kind, Option<String>), String> {
     use crate::libvirt::backup as lb;
     if lb::job_running(t).map_err(|e| e.to_string())? {
@@ -576,14 +599,14 @@ fn live_backup(
     };
     let Some(p) = prev else {
         blank(partial, None)?;
-        lb::push(t, partial, None, ck).map_err(|e| e.to_string())?;
+        lb::push(t, partial, None, ck, progress).map_err(|e| e.to_string())?;
         return Ok((Kind::Full, Some("the repository has no point yet".into())));
     };
     let have = lb::checkpoints(t).map_err(|e| e.to_string())?;
     let why = match &prev_ck {
         Some(c) if have.contains(c) => {
             blank(partial, Some(&p.file))?;
-            match lb::push(t, partial, Some(c), ck) {
+            match lb::push(t, partial, Some(c), ck, progress) {
                 Ok(()) => return Ok((Kind::Incremental, None)),
                 Err(e) => {
                     // Its bitmap cannot be trusted: the checkpoint goes, and a resync follows.
@@ -599,7 +622,7 @@ fn live_backup(
     let scratch = partial.with_file_name(format!(".partial-scratch-{ck}.qcow2"));
     let _ = std::fs::remove_file(&scratch);
     blank(&scratch, None)?;
-    let pushed = lb::push(t, &scratch, None, ck).map_err(|e| e.to_string());
+    let pushed = lb::push(t, &scratch, None, ck, progress).map_err(|e| e.to_string());
     let compared =
         pushed.and_then(|()| compare_onto(&scratch, Format::Qcow2, size, &p.file, partial));
     let _ = std::fs::remove_file(&scratch);
@@ -622,6 +645,7 @@ fn live_backup(
     _partial: &Path,
     _ck: &str,
     _size: u64,
+    _progress: &mut dyn FnMut(f64),
 ) -> Result<(Kind, Option<String>), String> {
     Err(crate::libvirt::LiveError::NotBuilt.to_string())
 }

@@ -387,6 +387,7 @@ pub(crate) fn backup(
     since: Option<(&str, &[usize])>,
     new_bitmap: &str,
     speed: u64,
+    progress: &mut dyn FnMut(f64),
 ) -> Result<u64, ExecError> {
     let sock = socket_path();
     let mut c = Command::new("qemu-storage-daemon");
@@ -429,11 +430,11 @@ pub(crate) fn backup(
     actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
         "node": top, "name": new_bitmap, "persistent": true}}));
     actions.push(json!({"type": "blockdev-backup", "data": job}));
-    let run = |qmp: &mut Qmp| -> Result<(), ExecError> {
+    let run = |qmp: &mut Qmp, progress: &mut dyn FnMut(f64)| -> Result<(), ExecError> {
         qmp.call("transaction", json!({ "actions": actions }))?;
-        wait_job(qmp, "backup", &mut |_| {})
+        wait_job(qmp, "backup", progress)
     };
-    if let Err(e) = run(&mut qmp) {
+    if let Err(e) = run(&mut qmp, progress) {
         let _ = qmp.call(
             "block-dirty-bitmap-remove",
             json!({"node": top, "name": new_bitmap}),

@@ -20,6 +20,7 @@ pub fn push(
     target: &Path,
     since: Option<&str>,
     checkpoint: &str,
+    progress: &mut dyn FnMut(f64),
 ) -> Result<(), LiveError> {
     let s = open(src)?;
     let x = s.dom.xml_desc(0).map_err(call(src, "reading its XML"))?;
@@ -54,7 +55,7 @@ pub fn push(
     );
     sys::backup_begin(&s.dom, &backup, Some(&ck), true)
         .map_err(call(src, "starting the backup job"))?;
-    let result = wait(&s.dom, src);
+    let result = wait(&s.dom, src, progress);
     if result.is_err() {
         let _ = sys::checkpoint_delete(&s.dom, checkpoint, false)
             .or_else(|_| sys::checkpoint_delete(&s.dom, checkpoint, true));
@@ -63,7 +64,11 @@ pub fn push(
 }
 
 /// Waits for the domain's backup job to end; `Ok` when it completed.
-fn wait(dom: &virt::domain::Domain, src: &LibvirtSource) -> Result<(), LiveError> {
+fn wait(
+    dom: &virt::domain::Domain,
+    src: &LibvirtSource,
+    progress: &mut dyn FnMut(f64),
+) -> Result<(), LiveError> {
     let start = Instant::now();
     loop {
         let info = dom
@@ -71,6 +76,11 @@ fn wait(dom: &virt::domain::Domain, src: &LibvirtSource) -> Result<(), LiveError
             .map_err(call(src, "reading the backup job"))?;
         if info.r#type == virt::sys::VIR_DOMAIN_JOB_NONE as i32 {
             break;
+        }
+        if let (Some(done), Some(total)) = (info.data_processed, info.data_total)
+            && total > 0
+        {
+            progress((done as f64 / total as f64).clamp(0.0, 1.0));
         }
         if start.elapsed() > Duration::from_secs(24 * 3600) {
             let _ = sys::abort_job(dom);

@@ -722,8 +722,14 @@ impl Agent {
                 TaskResult::Verify(key, r)
             } else {
                 let r = tokio::task::spawn_blocking(move || {
-                    crate::backup::backup_disk(&spec, &host, exec, chrono::Utc::now().timestamp())
-                        .map(|(b, _)| b)
+                    crate::backup::backup_disk(
+                        &spec,
+                        &host,
+                        exec,
+                        chrono::Utc::now().timestamp(),
+                        &crate::progress::Silent,
+                    )
+                    .map(|(b, _)| b)
                 })
                 .await
                 .map_err(|e| format!("the backup task failed: {e}"));
