@@ -139,6 +139,9 @@ enum Source {
     Offline(PathBuf),
     /// A running domain's disk: libvirt's backup API, with the active image (for its size).
     Live(diskchain_crd::desired::LiveTarget, PathBuf),
+    /// A shut-off domain's disk: backed up offline, then its new bitmap recorded as a
+    /// checkpoint in libvirt.
+    ShutOff(diskchain_crd::desired::LiveTarget, PathBuf),
 }
 
 /// The disk's source, for a backup.
@@ -155,7 +158,7 @@ fn source(disk: &DesiredDisk) -> Result<Source, BackupError> {
     };
     match crate::libvirt::locate(live) {
         Ok(d) if d.running => Ok(Source::Live(live.clone(), d.disk.active.clone())),
-        Ok(d) => Ok(Source::Offline(d.disk.active.clone())),
+        Ok(d) => Ok(Source::ShutOff(live.clone(), d.disk.active.clone())),
         Err(e) => Err(err(
             disk,
             if e.is_bad_input() {
@@ -214,7 +217,7 @@ pub fn backup_disk(
     let (policy, dir) = repository(disk, host)?;
     let src = source(disk)?;
     let active = match &src {
-        Source::Offline(a) | Source::Live(_, a) => a.clone(),
+        Source::Offline(a) | Source::Live(_, a) | Source::ShutOff(_, a) => a.clone(),
     };
     let failed = |m: String| err(disk, ErrorKind::Failed, m);
     let _disk_lock = match host.state.lock_disk(&disk.key) {
@@ -246,7 +249,7 @@ pub fn backup_disk(
     })?;
     let live = match &src {
         Source::Live(t, _) => Some(t.clone()),
-        Source::Offline(_) => None,
+        Source::Offline(_) | Source::ShutOff(..) => None,
     };
     // A running domain's QEMU holds its images: that is how a live disk is.
     if let Some(l) = chain
@@ -361,6 +364,13 @@ pub fn backup_disk(
         && let Err(e) = remove_bitmap(&chain, old)
     {
         tracing::warn!(disk = %disk.key, bitmap = old, error = %e, "cannot remove the previous backup's bitmap; the next backup tries again");
+    }
+    // A shut-off domain: the new bitmap becomes libvirt's checkpoint, so that the next backup of
+    // the running domain is an incremental since it.
+    if let Source::ShutOff(t, _) = &src
+        && let Err(e) = adopt_checkpoint(t, &ck, now)
+    {
+        tracing::warn!(disk = %disk.key, checkpoint = ck, error = %e, "cannot record the backup's bitmap as a libvirt checkpoint; the next backup of the running domain resyncs");
     }
     // Only the last good backup's checkpoint is kept (the next incremental starts from it).
     if let (Some(t), Some(p)) = (&live, &prev)
@@ -647,6 +657,24 @@ fn live_backup(
     _size: u64,
     _progress: &mut dyn FnMut(f64),
 ) -> Result<(Kind, Option<String>), String> {
+    Err(crate::libvirt::LiveError::NotBuilt.to_string())
+}
+
+#[cfg(feature = "libvirt")]
+fn adopt_checkpoint(
+    t: &diskchain_crd::desired::LiveTarget,
+    ck: &str,
+    now: i64,
+) -> Result<(), String> {
+    crate::libvirt::backup::adopt_offline_checkpoint(t, ck, now).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn adopt_checkpoint(
+    _t: &diskchain_crd::desired::LiveTarget,
+    _ck: &str,
+    _now: i64,
+) -> Result<(), String> {
     Err(crate::libvirt::LiveError::NotBuilt.to_string())
 }
 

@@ -130,3 +130,47 @@ pub fn job_running(src: &LibvirtSource) -> Result<bool, LiveError> {
     let info = s.dom.job_info().map_err(call(src, "reading its job"))?;
     Ok(info.r#type != virt::sys::VIR_DOMAIN_JOB_NONE as i32)
 }
+
+/// After an offline backup of a shut-off domain's disk that added bitmap `name` to its active
+/// image: records checkpoint `name` in libvirt (redefined: the bitmap exists), so the next backup
+/// of the running domain is an incremental since it, and drops libvirt's record of the other
+/// checkpoints of ours (a shut-off domain's checkpoints can only be dropped as metadata; their
+/// bitmaps left the images with the backup).
+pub fn adopt_offline_checkpoint(
+    src: &LibvirtSource,
+    name: &str,
+    created_unix: i64,
+) -> Result<(), LiveError> {
+    let s = open(src)?;
+    let x = s
+        .dom
+        .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .map_err(call(src, "reading its XML"))?;
+    let others = xml::other_disks(&x, &src.target).map_err(|source| LiveError::Xml {
+        domain: src.domain.clone(),
+        source,
+    })?;
+    for c in sys::checkpoints(&s.dom).map_err(call(src, "listing its checkpoints"))? {
+        if c.starts_with("diskchain-") && c != name {
+            sys::checkpoint_delete(&s.dom, &c, true)
+                .map_err(call(src, &format!("dropping checkpoint {c}")))?;
+        }
+    }
+    let mut disks = format!(
+        "<disk name='{}' checkpoint='bitmap' bitmap='{}'/>",
+        xml::escape(&src.target),
+        xml::escape(name)
+    );
+    for o in &others {
+        disks.push_str(&format!(
+            "<disk name='{}' checkpoint='no'/>",
+            xml::escape(o)
+        ));
+    }
+    let ck = format!(
+        "<domaincheckpoint><name>{}</name><creationTime>{created_unix}</creationTime><disks>{disks}</disks></domaincheckpoint>",
+        xml::escape(name)
+    );
+    sys::checkpoint_redefine(&s.dom, &ck)
+        .map_err(call(src, &format!("redefining checkpoint {name}")))
+}

@@ -534,3 +534,23 @@ pub fn checkpoint_delete(dom: &Domain, name: &str, metadata_only: bool) -> Resul
     check(rc)?;
     Ok(())
 }
+
+/// Records checkpoint `xml` in libvirt without creating anything (`REDEFINE`): the bitmap it
+/// names already exists in the disk's image.
+pub fn checkpoint_redefine(dom: &Domain, xml: &str) -> Result<(), Error> {
+    let x = cstr(xml)?;
+    // SAFETY: a live NUL-terminated string; the returned object is freed below.
+    let cp = unsafe {
+        sys::virDomainCheckpointCreateXML(
+            dom.as_ptr(),
+            x.as_ptr(),
+            sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE as c_uint,
+        )
+    };
+    if cp.is_null() {
+        return Err(Error::last_error());
+    }
+    // SAFETY: `cp` is a checkpoint libvirt returned, freed once.
+    unsafe { sys::virDomainCheckpointFree(cp) };
+    Ok(())
+}
