@@ -124,6 +124,55 @@ impl Domain {
             .expect("a disk source")
     }
 
+    /// Defines and starts a domain named `name` with two virtio disks, `vda` on `a` and `vdb`
+    /// on `b` (qcow2).
+    pub fn start_two(name: &str, a: &Path, b: &Path) -> Domain {
+        require();
+        let _ = Command::new("virsh")
+            .args(["-c", URI, "destroy", name])
+            .output();
+        let _ = Command::new("virsh")
+            .args(["-c", URI, "undefine", "--checkpoints-metadata", name])
+            .output();
+        let disk = |f: &Path, t: &str| {
+            format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='{t}' bus='virtio'/></disk>",
+                f.display()
+            )
+        };
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{}{}</devices></domain>",
+            disk(a, "vda"),
+            disk(b, "vdb")
+        );
+        let file = std::env::temp_dir().join(format!("{name}.xml"));
+        std::fs::write(&file, xml).expect("write domain XML");
+        virsh(&["define", &file.to_string_lossy()]);
+        let _ = std::fs::remove_file(&file);
+        virsh(&["start", name]);
+        Domain {
+            name: name.to_string(),
+        }
+    }
+
+    /// A guest write to the domain's `index`th virtio disk (0: `vda`, 1: `vdb`).
+    pub fn guest_write_to(&self, index: usize, pattern: u8, offset: u64, len: u64) {
+        virsh(&[
+            "qemu-monitor-command",
+            &self.name,
+            "--hmp",
+            &format!(
+                "qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend \"write -P {pattern} {offset} {len}\""
+            ),
+        ]);
+        virsh(&[
+            "qemu-monitor-command",
+            &self.name,
+            "--hmp",
+            &format!("qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend \"flush\""),
+        ]);
+    }
+
     /// Is it running?
     pub fn running(&self) -> bool {
         virsh(&["domstate", &self.name]).trim() == "running"

@@ -418,3 +418,107 @@ fn backups_stay_incremental_across_a_shut_off_domain() {
         assert_eq!(&restored(&l, point), want, "restore of {point}");
     }
 }
+
+/// The disks of one running domain, each with its own spec and repository, are backed up in one
+/// libvirt job with one checkpoint (one instant for the whole machine): a full each, then an
+/// incremental each holding only what the guest wrote to that disk.
+#[test]
+fn the_disks_of_one_domain_are_backed_up_in_one_job() {
+    let env = Env::new();
+    open_up(env.dir.path());
+    open_up(&env.root());
+    let mut tops = vec![];
+    for n in ["a", "b"] {
+        let f = env.img(&format!("{n}.qcow2"));
+        create(&f, 64 * MIB, None, &[]);
+        tops.push(f);
+    }
+    let dom = Domain::start_two(
+        &format!("dc-bk-two-{}", std::process::id()),
+        &tops[0],
+        &tops[1],
+    );
+    let specs = env.dir.path().join("two-specs");
+    std::fs::create_dir(&specs).unwrap();
+    for (name, target) in [("sys", "vda"), ("data", "vdb")] {
+        let y = spec_yaml_source(
+            name,
+            &format!(
+                "libvirt: {{ uri: \"{URI}\", domain: {}, target: {target} }}",
+                dom.name
+            ),
+            &[],
+            &format!(
+                "  backup:\n    repository: {}\n",
+                env.img(&format!("backups/{name}")).display()
+            ),
+        );
+        std::fs::write(specs.join(format!("{name}.yaml")), y).unwrap();
+    }
+    let backup = || -> Value {
+        let out = env
+            .diskchain(&["backup", "-o", "json", "-f"])
+            .arg(&specs)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let manifest = |name: &str| -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(env.img(&format!("backups/{name}/manifest.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    dom.guest_write_to(0, 2, 4 * MIB, MIB);
+    dom.guest_write_to(1, 3, 8 * MIB, MIB);
+    let r = backup();
+    assert_eq!(r["backups"].as_array().unwrap().len(), 2, "{r}");
+    let (s, d) = (manifest("sys"), manifest("data"));
+    assert_eq!(
+        s["points"][0]["checkpoint"], d["points"][0]["checkpoint"],
+        "one checkpoint covers both disks"
+    );
+    assert_eq!(checkpoints(&dom).len(), 1);
+    dom.guest_write_to(0, 4, 20 * MIB, 64 * 1024);
+    dom.guest_write_to(1, 5, 30 * MIB, 128 * 1024);
+    let want: Vec<String> = tops.iter().map(|t| sha(&live_view(t))).collect();
+    let r = backup();
+    for b in r["backups"].as_array().unwrap() {
+        assert_eq!(b["kind"], "incremental", "{r}");
+    }
+    let (s, d) = (manifest("sys"), manifest("data"));
+    assert_eq!(s["points"][1]["checkpoint"], d["points"][1]["checkpoint"]);
+    assert_eq!(
+        checkpoints(&dom).len(),
+        1,
+        "the previous checkpoint is gone"
+    );
+    for (i, (name, m, at, len)) in [
+        ("sys", &s, 20 * MIB, 64 * 1024),
+        ("data", &d, 30 * MIB, 128 * 1024),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let file = env
+            .img(&format!("backups/{name}"))
+            .join(m["points"][1]["file"].as_str().unwrap());
+        let wrote: BTreeSet<u64> = (at / CLUSTER..(at + len) / CLUSTER).collect();
+        assert_eq!(
+            own_clusters(&file),
+            wrote,
+            "{name}: only what the guest wrote to it"
+        );
+        assert_eq!(
+            sha(&live_view(&file)),
+            want[i],
+            "{name}: the point reads as the disk"
+        );
+    }
+}

@@ -21,7 +21,7 @@ pub mod merge;
 pub mod repo;
 pub mod retention;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -194,33 +194,110 @@ pub fn backup_all(
     progress: &dyn crate::progress::Progress,
 ) -> BackupReport {
     let mut report = BackupReport::default();
+    let mut push = |r: Result<(BackupDone, Option<RetentionReport>), BackupError>| match r {
+        Ok((b, r)) => {
+            report.backups.push(b);
+            report.retention.extend(r);
+        }
+        Err(e) => report.errors.push(e),
+    };
+    // Disks of one running domain go in one job (one instant, one checkpoint).
+    let mut domains: BTreeMap<(String, String), Vec<(&DesiredDisk, Source)>> = BTreeMap::new();
     for d in disks.iter().filter(|d| d.spec().backup.is_some()) {
-        match backup_disk(d, host, exec, chrono::Utc::now().timestamp(), progress) {
-            Ok((b, r)) => {
-                report.backups.push(b);
-                report.retention.extend(r);
+        if let Err(e) = repository(d, host) {
+            push(Err(e));
+            continue;
+        }
+        match source(d) {
+            Ok(Source::Live(t, a)) => domains
+                .entry((t.uri.clone(), t.domain.clone()))
+                .or_default()
+                .push((d, Source::Live(t, a))),
+            Ok(src) => {
+                let now = chrono::Utc::now().timestamp();
+                let r = prepare(d, src, host, exec, now).and_then(|p| {
+                    let ck = format!("diskchain-{}", p.file.trim_end_matches(".qcow2"));
+                    progress.step_started(&d.key, 1, 1, "backup", p.size);
+                    let mut fraction = |f: f64| progress.step_progress(f);
+                    let taken = offline_backup(
+                        &p.repo,
+                        p.prev.as_ref(),
+                        &p.chain,
+                        &p.partial,
+                        &ck,
+                        exec,
+                        &mut fraction,
+                    );
+                    progress.step_abandoned();
+                    let taken = taken.map_err(|e| {
+                        let _ = std::fs::remove_file(&p.partial);
+                        p.failed(format!("{e}; nothing was recorded"))
+                    })?;
+                    record(p, taken, &ck, host, exec, now)
+                });
+                push(r);
             }
-            Err(e) => report.errors.push(e),
+            Err(e) => push(Err(e)),
+        }
+    }
+    for (_, group) in domains {
+        let now = chrono::Utc::now().timestamp();
+        if group.len() == 1 {
+            let (d, _) = &group[0];
+            push(backup_disk(d, host, exec, now, progress));
+            continue;
+        }
+        let (ds, srcs): (Vec<&DesiredDisk>, Vec<Source>) = group.into_iter().unzip();
+        for r in backup_domain(&ds, srcs, host, exec, now, progress) {
+            push(r);
         }
     }
     report
 }
 
-/// Backs up disk `disk` now (`now`: UTC seconds), then applies its retention.
-pub fn backup_disk(
-    disk: &DesiredDisk,
+/// A disk ready to be backed up: its lock held, its chain observed, its repository open (locked,
+/// an interrupted merge finished, partials removed), the new point named.
+struct Prepared<'a> {
+    disk: &'a DesiredDisk,
+    policy: BackupSpec,
+    src: Source,
+    chain: crate::observe::ObservedChain,
+    size: u64,
+    repo: Repo,
+    point: String,
+    file: String,
+    partial: PathBuf,
+    final_path: PathBuf,
+    prev: Option<Point>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Prepared<'_> {
+    fn failed(&self, m: String) -> BackupError {
+        err(self.disk, ErrorKind::Failed, m)
+    }
+
+    fn live(&self) -> Option<&diskchain_crd::desired::LiveTarget> {
+        match &self.src {
+            Source::Live(t, _) => Some(t),
+            Source::Offline(_) | Source::ShutOff(..) => None,
+        }
+    }
+}
+
+fn prepare<'a>(
+    disk: &'a DesiredDisk,
+    src: Source,
     host: &Host,
     exec: ExecOptions,
     now: i64,
-    progress: &dyn crate::progress::Progress,
-) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
+) -> Result<Prepared<'a>, BackupError> {
     let (policy, dir) = repository(disk, host)?;
-    let src = source(disk)?;
     let active = match &src {
         Source::Offline(a) | Source::Live(_, a) | Source::ShutOff(_, a) => a.clone(),
     };
     let failed = |m: String| err(disk, ErrorKind::Failed, m);
-    let _disk_lock = match host.state.lock_disk(&disk.key) {
+    let lock = match host.state.lock_disk(&disk.key) {
         Ok(Some(l)) => l,
         Ok(None) => {
             return Err(err(
@@ -247,16 +324,9 @@ pub fn backup_disk(
             format!("spec.source: {e}"),
         )
     })?;
-    let live = match &src {
-        Source::Live(t, _) => Some(t.clone()),
-        Source::Offline(_) | Source::ShutOff(..) => None,
-    };
     // A running domain's QEMU holds its images: that is how a live disk is.
-    if let Some(l) = chain
-        .layers
-        .iter()
-        .find(|l| l.in_use.is_some() && live.is_none())
-    {
+    let live = matches!(src, Source::Live(..));
+    if let Some(l) = chain.layers.iter().find(|l| l.in_use.is_some() && !live) {
         return Err(err(
             disk,
             ErrorKind::InUse,
@@ -267,8 +337,7 @@ pub fn backup_disk(
             ),
         ));
     }
-    let top = chain.active();
-    let size = top.virtual_size;
+    let size = chain.active().virtual_size;
     let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
         err(
             disk,
@@ -290,107 +359,207 @@ pub fn backup_disk(
         tracing::info!(disk = %disk.key, file = p, "removed what a killed backup left");
     }
     let (point, file) = repo.new_point_name(now);
-    let partial = dir.join(format!(".partial-{file}"));
-    let final_path = dir.join(&file);
     let prev = repo.manifest.points.last().cloned();
-    let ck = format!("diskchain-{}", file.trim_end_matches(".qcow2"));
-    // The checkpoint (live) or persistent bitmap (offline) this backup starts.
-    let new_checkpoint = Some(ck.clone());
-    progress.step_started(&disk.key, 1, 1, "backup", size);
-    let mut fraction = |f: f64| progress.step_progress(f);
-    let (kind, method, reason) = match &live {
-        Some(t) => {
-            let (kind, reason) = live_backup(t, prev.as_ref(), &partial, &ck, size, &mut fraction)
-                .map_err(|e| {
-                    progress.step_abandoned();
-                    let _ = std::fs::remove_file(&partial);
-                    failed(format!("{e}; nothing was recorded"))
-                })?;
-            let method = match kind {
-                Kind::Full => None,
-                Kind::Incremental => Some("bitmap".to_string()),
-                Kind::Resync => Some("compare".to_string()),
-            };
-            (kind, method, reason)
-        }
-        None => offline_backup(
-            &repo,
-            prev.as_ref(),
-            &chain,
-            &partial,
-            &ck,
-            exec,
-            &mut fraction,
-        )
-        .map_err(|e| {
-            progress.step_abandoned();
-            let _ = std::fs::remove_file(&partial);
-            failed(format!("{e}; nothing was recorded"))
-        })?,
-    };
-    progress.step_abandoned();
+    Ok(Prepared {
+        disk,
+        policy,
+        src,
+        chain,
+        size,
+        partial: dir.join(format!(".partial-{file}")),
+        final_path: dir.join(&file),
+        repo,
+        point,
+        file,
+        prev,
+        _lock: lock,
+    })
+}
+
+/// How a new point was taken.
+type Taken = (Kind, Option<String>, Option<String>);
+
+/// The method a kind of live backup used.
+fn live_method(kind: Kind) -> Option<String> {
+    match kind {
+        Kind::Full => None,
+        Kind::Incremental => Some("bitmap".to_string()),
+        Kind::Resync => Some("compare".to_string()),
+    }
+}
+
+/// Records the point `p.partial` now holds (synced, hashed, renamed, in the manifest), drops
+/// what the previous point's bitmap or checkpoint was, then applies retention.
+fn record(
+    mut p: Prepared<'_>,
+    (kind, method, reason): Taken,
+    ck: &str,
+    host: &Host,
+    exec: ExecOptions,
+    now: i64,
+) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
+    let disk = p.disk;
     let recorded = (|| -> Result<Point, String> {
-        repo::sync(&partial).map_err(|e| format!("cannot sync {}: {e}", partial.display()))?;
-        let sha256 = repo::view_sha256(&partial)?;
-        let bytes = repo::own_bytes(&partial)?;
-        std::fs::rename(&partial, &final_path)
-            .map_err(|e| format!("cannot rename {}: {e}", partial.display()))?;
-        repo::sync(&final_path)
-            .map_err(|e| format!("cannot sync {}: {e}", final_path.display()))?;
+        repo::sync(&p.partial).map_err(|e| format!("cannot sync {}: {e}", p.partial.display()))?;
+        let sha256 = repo::view_sha256(&p.partial)?;
+        let bytes = repo::own_bytes(&p.partial)?;
+        std::fs::rename(&p.partial, &p.final_path)
+            .map_err(|e| format!("cannot rename {}: {e}", p.partial.display()))?;
+        repo::sync(&p.final_path)
+            .map_err(|e| format!("cannot sync {}: {e}", p.final_path.display()))?;
         Ok(Point {
-            point: point.clone(),
+            point: p.point.clone(),
             time_unix: now,
             kind,
             method,
-            file: file.clone(),
+            file: p.file.clone(),
             bytes,
-            virtual_size: size,
+            virtual_size: p.size,
             sha256,
-            checkpoint: new_checkpoint.clone(),
+            checkpoint: Some(ck.to_string()),
         })
     })()
-    .map_err(|e| failed(format!("{e}; the backup was not recorded")))?;
+    .map_err(|e| p.failed(format!("{e}; the backup was not recorded")))?;
     let bytes = recorded.bytes;
-    repo.manifest.points.push(recorded);
-    if let Err(e) = repo.save() {
+    p.repo.manifest.points.push(recorded);
+    if let Err(e) = p.repo.save() {
         // Not recorded: the file is not a point; the next backup removes it.
-        let _ = std::fs::rename(&final_path, &partial);
-        return Err(failed(format!("{e}; the backup was not recorded")));
+        let _ = std::fs::rename(&p.final_path, &p.partial);
+        return Err(p.failed(format!("{e}; the backup was not recorded")));
     }
-    tracing::info!(disk = %disk.key, point, kind = kind.as_str(), bytes, "backup taken");
-    // Offline, the previous point's bitmap leaves every layer: the new one records from here.
-    if live.is_none()
-        && let Some(old) = prev.as_ref().and_then(|p| p.checkpoint.as_ref())
-        && let Err(e) = remove_bitmap(&chain, old)
-    {
-        tracing::warn!(disk = %disk.key, bitmap = old, error = %e, "cannot remove the previous backup's bitmap; the next backup tries again");
-    }
-    // A shut-off domain: the new bitmap becomes libvirt's checkpoint, so that the next backup of
-    // the running domain is an incremental since it.
-    if let Source::ShutOff(t, _) = &src
-        && let Err(e) = adopt_checkpoint(t, &ck, now)
-    {
-        tracing::warn!(disk = %disk.key, checkpoint = ck, error = %e, "cannot record the backup's bitmap as a libvirt checkpoint; the next backup of the running domain resyncs");
-    }
-    // Only the last good backup's checkpoint is kept (the next incremental starts from it).
-    if let (Some(t), Some(p)) = (&live, &prev)
-        && let Some(old) = &p.checkpoint
-        && Some(old) != new_checkpoint.as_ref()
-        && let Err(e) = crate::libvirt::backup::delete_checkpoint(t, old)
-    {
-        tracing::warn!(disk = %disk.key, checkpoint = old, error = %e, "cannot delete the previous backup's checkpoint; the next backup tries again");
+    tracing::info!(disk = %disk.key, point = p.point, kind = kind.as_str(), bytes, "backup taken");
+    let old = p.prev.as_ref().and_then(|q| q.checkpoint.clone());
+    match &p.src {
+        Source::Live(t, _) => {
+            // Only the last good backup's checkpoint is kept (the next incremental starts
+            // from it).
+            if let Some(old) = old.filter(|o| o != ck)
+                && let Err(e) = crate::libvirt::backup::delete_checkpoint(t, &old)
+            {
+                tracing::warn!(disk = %disk.key, checkpoint = old, error = %e, "cannot delete the previous backup's checkpoint; the next backup tries again");
+            }
+        }
+        Source::Offline(_) | Source::ShutOff(..) => {
+            // Offline, the previous point's bitmap leaves every layer: the new one records from
+            // here.
+            if let Some(old) = &old
+                && let Err(e) = remove_bitmap(&p.chain, old)
+            {
+                tracing::warn!(disk = %disk.key, bitmap = old, error = %e, "cannot remove the previous backup's bitmap; the next backup tries again");
+            }
+            // A shut-off domain: the new bitmap becomes libvirt's checkpoint, so that the next
+            // backup of the running domain is an incremental since it.
+            if let Source::ShutOff(t, _) = &p.src
+                && let Err(e) = adopt_checkpoint(t, ck, now)
+            {
+                tracing::warn!(disk = %disk.key, checkpoint = ck, error = %e, "cannot record the backup's bitmap as a libvirt checkpoint; the next backup of the running domain resyncs");
+            }
+        }
     }
     let done = BackupDone {
         disk: disk.key.name.clone(),
         namespace: disk.key.namespace.clone(),
-        point,
+        point: p.point.clone(),
         kind,
-        file: final_path,
+        file: p.final_path.clone(),
         bytes,
         reason,
     };
-    let retention = retain(&mut repo, &policy, disk, host, exec)?;
+    let policy = p.policy.clone();
+    let retention = retain(&mut p.repo, &policy, disk, host, exec)?;
     Ok((done, retention))
+}
+
+/// Backs up disk `disk` now (`now`: UTC seconds), then applies its retention.
+pub fn backup_disk(
+    disk: &DesiredDisk,
+    host: &Host,
+    exec: ExecOptions,
+    now: i64,
+    progress: &dyn crate::progress::Progress,
+) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
+    repository(disk, host)?;
+    let src = source(disk)?;
+    let p = prepare(disk, src, host, exec, now)?;
+    let ck = format!("diskchain-{}", p.file.trim_end_matches(".qcow2"));
+    progress.step_started(&disk.key, 1, 1, "backup", p.size);
+    let mut fraction = |f: f64| progress.step_progress(f);
+    let taken = match p.live() {
+        Some(t) => live_backup(t, p.prev.as_ref(), &p.partial, &ck, p.size, &mut fraction)
+            .map(|(kind, reason)| (kind, live_method(kind), reason)),
+        None => offline_backup(
+            &p.repo,
+            p.prev.as_ref(),
+            &p.chain,
+            &p.partial,
+            &ck,
+            exec,
+            &mut fraction,
+        ),
+    };
+    progress.step_abandoned();
+    let taken = taken.map_err(|e| {
+        let _ = std::fs::remove_file(&p.partial);
+        p.failed(format!("{e}; nothing was recorded"))
+    })?;
+    record(p, taken, &ck, host, exec, now)
+}
+
+/// Backs up the disks of one running domain (two or more, each with `spec.backup`) in one
+/// libvirt job with one checkpoint covering them all, so their points are one instant; then
+/// records each in its own repository and applies each one's retention. A disk whose
+/// checkpoint cannot be trusted is resynced within the same job.
+fn backup_domain(
+    disks: &[&DesiredDisk],
+    srcs: Vec<Source>,
+    host: &Host,
+    exec: ExecOptions,
+    now: i64,
+    progress: &dyn crate::progress::Progress,
+) -> Vec<Result<(BackupDone, Option<RetentionReport>), BackupError>> {
+    let mut out: Vec<Option<Result<(BackupDone, Option<RetentionReport>), BackupError>>> =
+        disks.iter().map(|_| None).collect();
+    let mut ready = Vec::new();
+    for (i, (d, src)) in disks.iter().zip(srcs).enumerate() {
+        match prepare(d, src, host, exec, now) {
+            Ok(p) => ready.push((i, p)),
+            Err(e) => out[i] = Some(Err(e)),
+        }
+    }
+    if let Some((_, first)) = ready.first() {
+        let ck = format!("diskchain-{}", first.file.trim_end_matches(".qcow2"));
+        let total: u64 = ready.iter().map(|(_, p)| p.size).sum();
+        progress.step_started(&first.disk.key, 1, 1, "backup of the domain's disks", total);
+        let mut fraction = |f: f64| progress.step_progress(f);
+        let parts: Vec<&Prepared<'_>> = ready.iter().map(|(_, p)| p).collect();
+        let taken = live_group(&parts, &ck, &mut fraction);
+        progress.step_abandoned();
+        match taken {
+            Ok(kinds) => {
+                for ((i, p), (kind, reason)) in ready.into_iter().zip(kinds) {
+                    out[i] = Some(record(
+                        p,
+                        (kind, live_method(kind), reason),
+                        &ck,
+                        host,
+                        exec,
+                        now,
+                    ));
+                }
+            }
+            Err(e) => {
+                for (i, p) in ready {
+                    let _ = std::fs::remove_file(&p.partial);
+                    out[i] = Some(Err(p.failed(format!(
+                        "the backup of domain's disks in one job: {e}; nothing was recorded"
+                    ))));
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| r.expect("every disk has a result"))
+        .collect()
 }
 
 /// Removes bitmap `name` from every layer of `chain` that holds it.
@@ -646,6 +815,138 @@ fn live_backup(
             "{why}: resynced, only what differs from the previous point was written"
         )),
     ))
+}
+
+/// One job for the disks `parts` of one running domain, with checkpoint `ck` covering them
+/// all: per disk a full (no point yet), an incremental since its previous point's checkpoint,
+/// or (that checkpoint gone or failing) a full into a scratch file compared with the previous
+/// point. Returns each disk's kind and why it is not an incremental.
+#[cfg(feature = "libvirt")]
+fn live_group(
+    parts: &[&Prepared<'_>],
+    ck: &str,
+    progress: &mut dyn FnMut(f64),
+) -> Result<Vec<(Kind, Option<String>)>, String> {
+    use crate::libvirt::backup as lb;
+    let t = parts[0].live().ok_or("not a running domain")?.clone();
+    if lb::job_running(&t).map_err(|e| e.to_string())? {
+        return Err(format!(
+            "a job (an earlier backup, a migration) runs on domain {}; try again when it is done",
+            t.domain
+        ));
+    }
+    let owned: BTreeSet<String> = parts
+        .iter()
+        .filter_map(|p| p.prev.as_ref().and_then(|q| q.checkpoint.clone()))
+        .collect();
+    for c in lb::checkpoints(&t).map_err(|e| e.to_string())? {
+        if c.starts_with("diskchain-") && !owned.contains(&c) {
+            lb::delete_checkpoint(&t, &c).map_err(|e| e.to_string())?;
+        }
+    }
+    let have = lb::checkpoints(&t).map_err(|e| e.to_string())?;
+    // Per disk: `Ok(Some(ck))` incremental since ck, `Ok(None)` full, `Err(why)` resync.
+    let mut modes: Vec<Result<Option<String>, String>> = parts
+        .iter()
+        .map(
+            |p| match (&p.prev, p.prev.as_ref().and_then(|q| q.checkpoint.clone())) {
+                (None, _) => Ok(None),
+                (Some(_), Some(c)) if have.contains(&c) => Ok(Some(c)),
+                (Some(_), Some(c)) => Err(format!(
+                    "libvirt no longer has the previous point's checkpoint {c}"
+                )),
+                (Some(_), None) => {
+                    Err("the previous point has no checkpoint (it was taken offline)".into())
+                }
+            },
+        )
+        .collect();
+    let scratch = |p: &Prepared<'_>| {
+        p.partial
+            .with_file_name(format!(".partial-scratch-{}", p.file))
+    };
+    for attempt in 0..2 {
+        let mut entries = Vec::new();
+        for (p, m) in parts.iter().zip(&modes) {
+            let (target, backing, since) = match m {
+                Ok(None) => (p.partial.clone(), None, None),
+                Ok(Some(c)) => (
+                    p.partial.clone(),
+                    Some(p.prev.as_ref().map(|q| q.file.clone()).unwrap_or_default()),
+                    Some(c.clone()),
+                ),
+                Err(_) => (scratch(p), None, None),
+            };
+            let _ = std::fs::remove_file(&target);
+            run(
+                qemu_img::create(
+                    &target,
+                    Format::Qcow2,
+                    Some(p.size),
+                    backing.as_deref().map(|b| (Path::new(b), Format::Qcow2)),
+                    Some(CLUSTER),
+                    false,
+                ),
+                "creating the backup target",
+            )?;
+            let live = p.live().ok_or("not a running domain")?;
+            entries.push(lb::DiskTarget {
+                target: live.target.clone(),
+                file: target,
+                since,
+            });
+        }
+        match lb::push_disks(&t, &entries, ck, progress) {
+            Ok(()) => break,
+            Err(e) if attempt == 0 && modes.iter().any(|m| matches!(m, Ok(Some(_)))) => {
+                // A checkpoint's bitmap cannot be trusted (a crash of QEMU): every incremental
+                // becomes a resync, in one more job.
+                for (p, m) in parts.iter().zip(modes.iter_mut()) {
+                    if let Ok(Some(c)) = m {
+                        let _ = std::fs::remove_file(&p.partial);
+                        let _ = lb::delete_checkpoint(&t, c);
+                        *m = Err(format!("the incremental since checkpoint {c} failed ({e})"));
+                    }
+                }
+            }
+            Err(e) => {
+                for p in parts {
+                    let _ = std::fs::remove_file(scratch(p));
+                }
+                return Err(e.to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (p, m) in parts.iter().zip(modes) {
+        out.push(match m {
+            Ok(None) => (Kind::Full, Some("the repository has no point yet".into())),
+            Ok(Some(_)) => (Kind::Incremental, None),
+            Err(why) => {
+                let s = scratch(p);
+                let prev = p.prev.as_ref().map(|q| q.file.clone()).unwrap_or_default();
+                let r = compare_onto(&s, Format::Qcow2, p.size, &prev, &p.partial);
+                let _ = std::fs::remove_file(&s);
+                r?;
+                (
+                    Kind::Resync,
+                    Some(format!(
+                        "{why}: resynced, only what differs from the previous point was written"
+                    )),
+                )
+            }
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn live_group(
+    _parts: &[&Prepared<'_>],
+    _ck: &str,
+    _progress: &mut dyn FnMut(f64),
+) -> Result<Vec<(Kind, Option<String>)>, String> {
+    Err(crate::libvirt::LiveError::NotBuilt.to_string())
 }
 
 #[cfg(not(feature = "libvirt"))]

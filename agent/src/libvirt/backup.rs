@@ -12,9 +12,19 @@ use diskchain_crd::desired::LiveTarget as LibvirtSource;
 use super::backend::{call, open};
 use super::{LiveError, sys, xml};
 
+/// One disk of a backup job: its target device, the file written (which exists), and the
+/// checkpoint an incremental starts from (`None`: a full).
+pub struct DiskTarget {
+    /// The disk's target device (`vda`).
+    pub target: String,
+    /// The file the job writes.
+    pub file: std::path::PathBuf,
+    /// Only what changed since this checkpoint.
+    pub since: Option<String>,
+}
+
 /// A push-mode backup of the disk into `target` (which exists), creating checkpoint
-/// `checkpoint`; `since`: only what changed since that checkpoint. Waits until the job is over;
-/// when it fails, the new checkpoint is deleted (libvirt keeps it) and the error returned.
+/// `checkpoint`; `since`: only what changed since that checkpoint.
 pub fn push(
     src: &LibvirtSource,
     target: &Path,
@@ -22,33 +32,66 @@ pub fn push(
     checkpoint: &str,
     progress: &mut dyn FnMut(f64),
 ) -> Result<(), LiveError> {
+    push_disks(
+        src,
+        &[DiskTarget {
+            target: src.target.clone(),
+            file: target.to_path_buf(),
+            since: since.map(str::to_string),
+        }],
+        checkpoint,
+        progress,
+    )
+}
+
+/// One push-mode backup job over `disks` of the domain (the others left out), creating
+/// checkpoint `checkpoint` over them. Waits until the job is over; when it fails, the new
+/// checkpoint is deleted (libvirt keeps it) and the error returned.
+pub fn push_disks(
+    src: &LibvirtSource,
+    disks: &[DiskTarget],
+    checkpoint: &str,
+    progress: &mut dyn FnMut(f64),
+) -> Result<(), LiveError> {
     let s = open(src)?;
     let x = s.dom.xml_desc(0).map_err(call(src, "reading its XML"))?;
-    let others = xml::other_disks(&x, &src.target).map_err(|source| LiveError::Xml {
-        domain: src.domain.clone(),
-        source,
-    })?;
-    let mut disks = format!(
-        "<disk name='{}' backup='yes' type='file'><target file='{}'/><driver type='qcow2'/></disk>",
-        xml::escape(&src.target),
-        xml::escape(&target.to_string_lossy())
-    );
-    let mut ck_disks = format!(
-        "<disk name='{}' checkpoint='bitmap'/>",
-        xml::escape(&src.target)
-    );
+    // Every other device of the domain is left out of the job and the checkpoint.
+    let first = disks
+        .first()
+        .map_or(src.target.as_str(), |d| d.target.as_str());
+    let others: Vec<String> = xml::other_disks(&x, first)
+        .map_err(|source| LiveError::Xml {
+            domain: src.domain.clone(),
+            source,
+        })?
+        .into_iter()
+        .filter(|o| !disks.iter().any(|d| &d.target == o))
+        .collect();
+    let mut backup_disks = String::new();
+    let mut ck_disks = String::new();
+    for d in disks {
+        let mode = match &d.since {
+            Some(c) => format!(" backupmode='incremental' incremental='{}'", xml::escape(c)),
+            None => " backupmode='full'".to_string(),
+        };
+        backup_disks.push_str(&format!(
+            "<disk name='{}' backup='yes'{mode} type='file'><target file='{}'/><driver type='qcow2'/></disk>",
+            xml::escape(&d.target),
+            xml::escape(&d.file.to_string_lossy())
+        ));
+        ck_disks.push_str(&format!(
+            "<disk name='{}' checkpoint='bitmap'/>",
+            xml::escape(&d.target)
+        ));
+    }
     for o in &others {
-        disks.push_str(&format!("<disk name='{}' backup='no'/>", xml::escape(o)));
+        backup_disks.push_str(&format!("<disk name='{}' backup='no'/>", xml::escape(o)));
         ck_disks.push_str(&format!(
             "<disk name='{}' checkpoint='no'/>",
             xml::escape(o)
         ));
     }
-    let incremental = since
-        .map(|c| format!("<incremental>{}</incremental>", xml::escape(c)))
-        .unwrap_or_default();
-    let backup =
-        format!("<domainbackup mode='push'>{incremental}<disks>{disks}</disks></domainbackup>");
+    let backup = format!("<domainbackup mode='push'><disks>{backup_disks}</disks></domainbackup>");
     let ck = format!(
         "<domaincheckpoint><name>{}</name><disks>{ck_disks}</disks></domaincheckpoint>",
         xml::escape(checkpoint)
