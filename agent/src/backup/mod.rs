@@ -194,7 +194,7 @@ pub fn backup_all(
     progress: &dyn crate::progress::Progress,
 ) -> BackupReport {
     let mut report = BackupReport::default();
-    let mut push = |r: Result<(BackupDone, Option<RetentionReport>), BackupError>| match r {
+    let mut push = |r: DiskBackup| match r {
         Ok((b, r)) => {
             report.backups.push(b);
             report.retention.extend(r);
@@ -376,6 +376,9 @@ fn prepare<'a>(
     })
 }
 
+/// One disk's backup, and its retention pass.
+type DiskBackup = Result<(BackupDone, Option<RetentionReport>), BackupError>;
+
 /// How a new point was taken.
 type Taken = (Kind, Option<String>, Option<String>);
 
@@ -397,7 +400,7 @@ fn record(
     host: &Host,
     exec: ExecOptions,
     now: i64,
-) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
+) -> DiskBackup {
     let disk = p.disk;
     let recorded = (|| -> Result<Point, String> {
         repo::sync(&p.partial).map_err(|e| format!("cannot sync {}: {e}", p.partial.display()))?;
@@ -477,7 +480,7 @@ pub fn backup_disk(
     exec: ExecOptions,
     now: i64,
     progress: &dyn crate::progress::Progress,
-) -> Result<(BackupDone, Option<RetentionReport>), BackupError> {
+) -> DiskBackup {
     repository(disk, host)?;
     let src = source(disk)?;
     let p = prepare(disk, src, host, exec, now)?;
@@ -516,8 +519,8 @@ fn backup_domain(
     exec: ExecOptions,
     now: i64,
     progress: &dyn crate::progress::Progress,
-) -> Vec<Result<(BackupDone, Option<RetentionReport>), BackupError>> {
-    let mut out: Vec<Option<Result<(BackupDone, Option<RetentionReport>), BackupError>>> =
+) -> Vec<DiskBackup> {
+    let mut out: Vec<Option<DiskBackup>> =
         disks.iter().map(|_| None).collect();
     let mut ready = Vec::new();
     for (i, (d, src)) in disks.iter().zip(srcs).enumerate() {
