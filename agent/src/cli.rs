@@ -87,7 +87,9 @@ pub enum Command {
     ///
     /// Changes to the directory are acted on once it has been quiet for --debounce; every disk is
     /// also re-observed every --resync, so chains changed by hand are corrected (or reported when
-    /// that would lose a point). Removing a spec releases its disk; nothing is deleted.
+    /// that would lose a point). Removing a spec releases its disk; nothing is deleted. A disk
+    /// with `spec.backup.schedule` is backed up when the schedule is due (one missed while the
+    /// agent was down runs once at start), and verified when `spec.backup.verify.schedule` is.
     Agent {
         /// The spec directory (e.g. a git checkout).
         #[arg(long, value_name = "DIR")]
