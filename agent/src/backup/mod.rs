@@ -520,8 +520,7 @@ fn backup_domain(
     now: i64,
     progress: &dyn crate::progress::Progress,
 ) -> Vec<DiskBackup> {
-    let mut out: Vec<Option<DiskBackup>> =
-        disks.iter().map(|_| None).collect();
+    let mut out: Vec<Option<DiskBackup>> = disks.iter().map(|_| None).collect();
     let mut ready = Vec::new();
     for (i, (d, src)) in disks.iter().zip(srcs).enumerate() {
         match prepare(d, src, host, exec, now) {
