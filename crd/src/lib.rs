@@ -24,9 +24,9 @@ pub use load::{
     DesiredDisk, Origin, SpecError, SpecErrors, load_path, load_path_lenient, load_str, parse_cron,
 };
 pub use types::{
-    API_VERSION, BackupSpec, Converge, ConvergeAction, DiskChain, DiskChainSpec, DiskChainStatus,
-    DiskFormat, KIND, LibvirtSource, Placement, Retention, RevertSpec, SnapshotSpec, Source,
-    SpecDocument, SpecMetadata, VerifySpec,
+    API_VERSION, BackupSpec, BackupStatus, Condition, Converge, ConvergeAction, DiskChain,
+    DiskChainSpec, DiskChainStatus, DiskFormat, KIND, LibvirtSource, Placement, Retention,
+    RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata, VerifySpec,
 };
 
 /// The CustomResourceDefinition for `DiskChain`, as YAML, generated from the Rust types.

@@ -605,6 +605,11 @@ fn validate_document(doc: &SpecDocument, push: &mut dyn FnMut(&str, String)) {
         push("metadata.namespace", m);
     }
     let spec = &doc.spec;
+    if let Some(n) = &spec.node_name
+        && let Err(m) = crate::key::check_name(n)
+    {
+        push("spec.nodeName", m);
+    }
     match (&spec.source.file, &spec.source.libvirt) {
         (Some(_), Some(_)) => push(
             "spec.source",
@@ -1137,6 +1142,70 @@ spec:
         let crd = crate::crd_yaml();
         assert!(crd.contains("diskchain.dev"));
         assert!(crd.contains("placement"));
+    }
+
+    #[test]
+    fn a_bad_node_name_is_refused_naming_the_field() {
+        let y = "apiVersion: diskchain.dev/v1alpha1\nkind: DiskChain\nmetadata:\n  name: vda\nspec:\n  nodeName: Kvm_01\n  source:\n    file: /img/top.qcow2\n";
+        let e = load_str(Path::new("/specs/vda.yaml"), y).unwrap_err();
+        assert_eq!(e.0[0].field, "spec.nodeName", "{e}");
+        let ok = y.replace("Kvm_01", "kvm01.example");
+        let d = load_str(Path::new("/specs/vda.yaml"), &ok).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d[0].spec().node_name.as_deref(), Some("kvm01.example"));
+    }
+
+    /// `diskchain crd` is a `CustomResourceDefinition` Kubernetes reads: the status
+    /// subresource, the printer columns `kubectl get dc` shows, `spec.nodeName` selectable (each
+    /// node's agent picks its resources with a field selector), and the rule that spans fields
+    /// (exactly one source) as CEL.
+    #[test]
+    fn the_crd_parses_with_status_columns_selectable_node_and_cel() {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let crd: CustomResourceDefinition =
+            serde_saphyr::from_str(&crate::crd_yaml()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(crd.spec.names.short_names, Some(vec!["dc".to_string()]));
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(
+            v.subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
+        let columns: Vec<&str> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            columns,
+            ["Node", "Points", "Ready", "Planned", "Last backup", "Age"]
+        );
+        let selectable: Vec<&str> = v
+            .selectable_fields
+            .iter()
+            .flatten()
+            .map(|f| f.json_path.as_str())
+            .collect();
+        assert_eq!(selectable, [".spec.nodeName"]);
+        let schema = serde_json::to_value(&v.schema).unwrap();
+        let source = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["source"];
+        assert_eq!(
+            source["x-kubernetes-validations"][0]["rule"], "has(self.file) != has(self.libvirt)",
+            "{source}"
+        );
+        let status = &schema["openAPIV3Schema"]["properties"]["status"]["properties"];
+        for field in [
+            "observedGeneration",
+            "conditions",
+            "chain",
+            "lastPlan",
+            "backups",
+        ] {
+            assert!(status.get(field).is_some(), "status.{field}: {status}");
+        }
     }
 }
 

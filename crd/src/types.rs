@@ -21,10 +21,20 @@ pub const KIND: &str = "DiskChain";
     status = "DiskChainStatus",
     shortname = "dc",
     derive = "PartialEq",
-    printcolumn = r#"{"name":"Points","type":"integer","jsonPath":".status.points"}"#
+    selectable = ".spec.nodeName",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.nodeName"}"#,
+    printcolumn = r#"{"name":"Points","type":"integer","jsonPath":".status.points"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Planned","type":"integer","description":"data bytes the last plan writes","jsonPath":".status.lastPlan.totalBytes"}"#,
+    printcolumn = r#"{"name":"Last backup","type":"string","jsonPath":".status.backups.last"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DiskChainSpec {
+    /// Kubernetes mode: the node whose agent manages this disk (a field selector picks each
+    /// node's resources; a resource without it is left alone). File mode ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
     /// Where the disk is: exactly one of `file` (an offline disk) or `libvirt` (a live one).
     pub source: Source,
     /// The points in time to keep, oldest first. A point of the real chain that is not listed
@@ -132,6 +142,10 @@ fn default_shutdown_timeout() -> String {
 /// Where a disk is. Exactly one field is set.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.file) != has(self.libvirt)",
+    "message": "set exactly one of file and libvirt"
+}]))]
 pub struct Source {
     /// The active image of an offline disk. This path stays stable: the active layer is never
     /// moved or renamed.
@@ -255,15 +269,95 @@ pub struct Placement {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DiskChainStatus {
+    /// The `metadata.generation` the agent last reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, with reasons from the reconcile's outcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
     /// Number of points in time the real chain has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub points: Option<u32>,
     /// Which file holds each named point now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bindings: Vec<SnapshotSpec>,
+    /// The chain as last observed, base first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<StatusLayer>,
+    /// The last plan made for this disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_plan: Option<PlanSummary>,
+    /// Its backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<BackupStatus>,
     /// A short human message about the last reconcile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// A condition of a `DiskChain` (the Kubernetes convention).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase reason (`InSync`, `BadInput`, `InUse`, `Failed`...).
+    pub reason: String,
+    /// What happened and what to do.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The generation the condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One layer of the chain as the status shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusLayer {
+    /// The point it holds (none for the active layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
+    /// The file.
+    pub file: PathBuf,
+    /// Data it holds itself, in bytes.
+    #[serde(default)]
+    pub data_bytes: u64,
+    /// Names of its persistent dirty bitmaps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<String>,
+}
+
+/// A plan, summed up.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSummary {
+    /// Its steps, as operation names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<String>,
+    /// Data bytes the steps write.
+    pub total_bytes: u64,
+}
+
+/// A disk's backups, as the status shows them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// The newest point (its UTC time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+    /// When the next scheduled backup is due (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// Points in the repository.
+    #[serde(default)]
+    pub points: u32,
 }
 
 /// One YAML document of a spec file, as written in git (the same shape `kubectl` takes).
