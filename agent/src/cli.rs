@@ -92,8 +92,22 @@ pub enum Command {
     /// agent was down runs once at start), and verified when `spec.backup.verify.schedule` is.
     Agent {
         /// The spec directory (e.g. a git checkout).
-        #[arg(long, value_name = "DIR")]
-        specs: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "kube",
+            conflicts_with = "kube"
+        )]
+        specs: Option<PathBuf>,
+        /// Kubernetes mode: reconcile the `DiskChain` resources whose `spec.nodeName` is this
+        /// node, through the Kubernetes API (in-cluster config, or the kubeconfig), instead of a
+        /// spec directory. Each resource gets a finalizer, its status (conditions, points, last
+        /// plan) and events.
+        #[arg(long)]
+        kube: bool,
+        /// With --kube: this node's name.
+        #[arg(long, value_name = "NAME", env = "NODE_NAME", requires = "kube")]
+        node: Option<String>,
         /// Re-observe every disk this often (e.g. 30s, 5m).
         #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
         resync: std::time::Duration,

@@ -21,6 +21,7 @@ pub mod bind;
 pub mod cli;
 pub mod execute;
 pub mod journal;
+pub mod kubernetes;
 pub mod libvirt;
 pub mod observe;
 pub mod outcome;

@@ -42,6 +42,29 @@ fn main() {
             0
         }
         Command::Agent {
+            kube: true,
+            node,
+            resync,
+            max_parallel,
+            max_bytes_per_sec,
+            ..
+        } => match node {
+            Some(node) => diskchain::kubernetes::run(diskchain::kubernetes::KubeOptions {
+                node,
+                roots: cli.allowed_roots.clone(),
+                state: StateDir::new(&cli.state_dir),
+                resync,
+                max_parallel,
+                exec: ExecOptions { max_bytes_per_sec },
+            }),
+            None => {
+                eprintln!(
+                    "error: --kube needs this node's name: --node NAME, or NODE_NAME in the environment (the Helm chart sets it from the downward API)"
+                );
+                2
+            }
+        },
+        Command::Agent {
             specs,
             resync,
             max_parallel,
@@ -50,8 +73,10 @@ fn main() {
             debounce,
             stuck_after,
             max_bytes_per_sec,
+            ..
         } => diskchain::reconcile::run(diskchain::reconcile::AgentOptions {
-            specs,
+            // (clap requires --specs without --kube.)
+            specs: specs.unwrap_or_default(),
             roots: cli.allowed_roots.clone(),
             state: StateDir::new(&cli.state_dir),
             resync,

@@ -145,6 +145,16 @@ impl StateDir {
         &self.dir
     }
 
+    /// Drops disk `key`'s record (which file holds each point, its last apply): the disk is no
+    /// longer managed. An unfinished plan's journal is kept, so that a spec for the same disk
+    /// resumes it. True when there was a record.
+    pub fn forget(&self, key: &DiskKey) -> Result<bool, StateError> {
+        let f = self.disk_file(key);
+        let had = f.exists();
+        remove_if_present(&f)?;
+        Ok(had)
+    }
+
     fn disk_file(&self, key: &DiskKey) -> PathBuf {
         self.dir
             .join("disks")

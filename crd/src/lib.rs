@@ -25,8 +25,9 @@ pub use load::{
 };
 pub use types::{
     API_VERSION, BackupSpec, BackupStatus, Condition, Converge, ConvergeAction, DiskChain,
-    DiskChainSpec, DiskChainStatus, DiskFormat, KIND, LibvirtSource, Placement, Retention,
-    RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata, VerifySpec,
+    DiskChainSpec, DiskChainStatus, DiskFormat, KIND, LibvirtSource, Placement, PlanSummary,
+    Retention, RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata, StatusLayer,
+    VerifySpec,
 };
 
 /// The CustomResourceDefinition for `DiskChain`, as YAML, generated from the Rust types.

@@ -1,0 +1,373 @@
+//! Kubernetes mode: `DiskChain` resources of this node reconciled by a kube-rs `Controller`
+//! through the same per-disk reconcile as file mode ([`crate::apply::reconcile_disk`]).
+//!
+//! Per resource: a finalizer (`diskchain.dev/cleanup`) so a deletion is seen; the spec taken
+//! past the boundary ([`DesiredDisk::from_object`], the same checks as a file); the reconcile run
+//! on a blocking thread; the status written by server-side apply on the status subresource
+//! (`observedGeneration`, `Ready`/`Progressing`/`Degraded` conditions with the outcome as
+//! reason, the points and bindings, the last plan); an event when the outcome changes (not one
+//! per resync). A deletion deletes no image: the finalizer drops the disk's record (an unfinished
+//! plan's journal stays, so a spec for the same disk resumes it) and lets the resource go.
+//! A resource without `spec.nodeName`, or of another node, is never acted on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diskchain_crd::{Condition, DesiredDisk, DiskChain, DiskChainStatus, DiskKey, PlanSummary};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::apply::{ApplyOptions, reconcile_disk};
+use crate::execute::ExecOptions;
+use crate::observe::Roots;
+use crate::outcome::Outcome;
+use crate::plan::Host;
+use crate::state::StateDir;
+
+/// The finalizer diskchain puts on every resource it manages.
+pub const FINALIZER: &str = "diskchain.dev/cleanup";
+
+/// The field manager of diskchain's status writes.
+const MANAGER: &str = "diskchain";
+
+/// What every reconcile of this node's agent shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// This node's name.
+    pub node: String,
+    /// Where images may be.
+    pub roots: Roots,
+    /// Records, journals and locks.
+    pub state: StateDir,
+    /// Passed to the executors.
+    pub exec: ExecOptions,
+    /// How long a disk in sync waits before it is observed again.
+    pub resync: Duration,
+    /// Publishes events.
+    pub recorder: Recorder,
+}
+
+/// Why a reconcile failed (the controller requeues it with a backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    /// The disk's reconcile did not end well; the status says why.
+    #[error("{0}")]
+    Disk(String),
+    /// The finalizer could not be added or removed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// True when `obj` is this node's to manage.
+fn ours(obj: &DiskChain, node: &str) -> bool {
+    obj.spec.node_name.as_deref() == Some(node)
+}
+
+/// Reconciles one `DiskChain`.
+pub async fn reconcile(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ours(&obj, &ctx.node) {
+        // Another node's (or nobody's): never touched, not even the finalizer.
+        return Ok(Action::await_change());
+    }
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<DiskChain> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(obj) => apply(obj, ctx.clone()).await,
+            Finalizer::Cleanup(obj) => cleanup(obj, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// The conditions for an outcome.
+fn conditions(outcome: Outcome, message: &str, generation: Option<i64>) -> Vec<Condition> {
+    let (ready, progressing, degraded, reason) = match outcome {
+        Outcome::InSync | Outcome::Ok => ("True", "False", "False", "InSync"),
+        Outcome::Running => ("False", "True", "False", "Running"),
+        Outcome::Suspended => ("False", "False", "False", "Suspended"),
+        Outcome::BadInput => ("False", "False", "True", "BadInput"),
+        Outcome::InUse => ("False", "False", "True", "InUse"),
+        Outcome::Failed => ("False", "False", "True", "Failed"),
+        Outcome::Stopped => ("False", "True", "False", "Stopped"),
+        Outcome::NeedsOperator => ("False", "False", "True", "NeedsOperator"),
+    };
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    [
+        ("Ready", ready),
+        ("Progressing", progressing),
+        ("Degraded", degraded),
+    ]
+    .into_iter()
+    .map(|(t, status)| Condition {
+        type_: t.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.to_string(),
+        last_transition_time: Some(now.clone()),
+        observed_generation: generation,
+    })
+    .collect()
+}
+
+/// Writes `status` by server-side apply on the status subresource.
+async fn patch_status(
+    api: &Api<DiskChain>,
+    name: &str,
+    status: DiskChainStatus,
+) -> Result<(), Error> {
+    let body = serde_json::json!({
+        "apiVersion": diskchain_crd::API_VERSION,
+        "kind": diskchain_crd::KIND,
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Publishes an event about `obj` when its `Ready` reason changes (not once per resync).
+async fn event_on_change(
+    ctx: &Context,
+    obj: &DiskChain,
+    reason: &str,
+    note: String,
+    warning: bool,
+) -> Result<(), Error> {
+    let before = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.reason.clone());
+    if before.as_deref() == Some(reason) {
+        return Ok(());
+    }
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+    Ok(())
+}
+
+async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = obj.name_any();
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<DiskChain> = Api::namespaced(ctx.client.clone(), &ns);
+    let generation = obj.metadata.generation;
+    let disk = match DesiredDisk::from_object(&obj) {
+        Ok(d) => d,
+        Err(e) => {
+            let message = e.to_string();
+            patch_status(
+                &api,
+                &name,
+                DiskChainStatus {
+                    observed_generation: generation,
+                    conditions: conditions(Outcome::BadInput, &message, generation),
+                    message: Some(message.clone()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            event_on_change(&ctx, &obj, "BadInput", message, true).await?;
+            // Nothing to retry until the spec changes.
+            return Ok(Action::await_change());
+        }
+    };
+    let host = Host::new(&ctx.roots, &ctx.state, std::slice::from_ref(&disk));
+    let options = ApplyOptions {
+        exec: ctx.exec,
+        progress: Arc::new(crate::progress::Silent),
+        stop: None,
+    };
+    let key = disk.key.clone();
+    let result = tokio::task::spawn_blocking(move || reconcile_disk(&disk, &host, options))
+        .await
+        .map_err(|e| Error::Disk(format!("the reconcile task failed: {e}")))?;
+    let record = ctx.state.load(&key).ok().flatten();
+    let message = result.message.clone().unwrap_or_else(|| {
+        if result.steps.is_empty() {
+            "in sync with its spec".into()
+        } else {
+            format!("{} step(s) ran", result.steps.len())
+        }
+    });
+    let status = DiskChainStatus {
+        observed_generation: generation,
+        conditions: conditions(result.outcome, &message, generation),
+        points: record.as_ref().map(|r| r.bindings.len() as u32),
+        bindings: record
+            .as_ref()
+            .map(|r| {
+                r.bindings
+                    .iter()
+                    .map(|b| diskchain_crd::SnapshotSpec {
+                        name: b.name.clone(),
+                        file: Some(b.file.clone()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        last_plan: Some(PlanSummary {
+            steps: result.steps.iter().map(|s| s.op.clone()).collect(),
+            total_bytes: result.predicted_bytes,
+        }),
+        message: Some(message.clone()),
+        ..Default::default()
+    };
+    patch_status(&api, &name, status).await?;
+    let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
+    let reason = conditions(result.outcome, "", None)[0].reason.clone();
+    event_on_change(&ctx, &obj, &reason, message.clone(), !ok).await?;
+    if ok {
+        Ok(Action::requeue(ctx.resync))
+    } else if result.outcome == Outcome::BadInput || result.outcome == Outcome::NeedsOperator {
+        Ok(Action::await_change())
+    } else {
+        Err(Error::Disk(message))
+    }
+}
+
+async fn cleanup(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = DiskKey::new(obj.namespace().as_deref(), &obj.name_any());
+    let state = ctx.state.clone();
+    let k = key.clone();
+    // The disk's lock is taken (a step of it in another process reaches its end first), then
+    // its record goes. No image is deleted.
+    let dropped = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+        let _lock = loop {
+            match state.lock_disk(&k) {
+                Ok(Some(l)) => break l,
+                Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        state.forget(&k).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| Error::Disk(format!("the cleanup task failed: {e}")))?
+    .map_err(Error::Disk)?;
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Released".into(),
+        note: Some(if dropped {
+            "the resource was deleted: diskchain dropped its record of the disk; no image was deleted".into()
+        } else {
+            "the resource was deleted; no image was deleted".into()
+        }),
+        action: "Finalize".into(),
+        secondary: None,
+    };
+    ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+    Ok(Action::await_change())
+}
+
+/// How long a failing resource waits before it is tried again.
+pub fn error_policy(_obj: Arc<DiskChain>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(30))
+}
+
+/// What `diskchain agent --kube` is told.
+pub struct KubeOptions {
+    /// This node's name.
+    pub node: String,
+    /// Allowed roots.
+    pub roots: Vec<std::path::PathBuf>,
+    /// The state directory.
+    pub state: StateDir,
+    /// Re-observe every disk this often.
+    pub resync: Duration,
+    /// Disks reconciled at once.
+    pub max_parallel: usize,
+    /// Passed to the executors.
+    pub exec: ExecOptions,
+}
+
+/// Runs the controller until SIGTERM or SIGINT. Returns the exit code.
+pub fn run(opts: KubeOptions) -> i32 {
+    let roots = match Roots::new(&opts.roots) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        let client = match Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: cannot reach the Kubernetes API (in-cluster config or kubeconfig): {e}");
+                return 1;
+            }
+        };
+        let ctx = Arc::new(Context {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "diskchain".into(),
+                    instance: Some(opts.node.clone()),
+                },
+            ),
+            client: client.clone(),
+            node: opts.node.clone(),
+            roots,
+            state: opts.state,
+            exec: opts.exec,
+            resync: opts.resync,
+        });
+        let api: Api<DiskChain> = Api::all(client);
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
+        tracing::info!(node = %opts.node, "Kubernetes mode: watching this node's DiskChain resources");
+        Controller::new(api, config)
+            .with_config(
+                kube::runtime::controller::Config::default()
+                    .concurrency(opts.max_parallel.max(1) as u16),
+            )
+            .shutdown_on_signal()
+            .run(reconcile, error_policy, ctx)
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "reconcile");
+                }
+            })
+            .await;
+        0
+    })
+}
