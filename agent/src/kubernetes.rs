@@ -308,6 +308,8 @@ pub struct KubeOptions {
     pub max_parallel: usize,
     /// Passed to the executors.
     pub exec: ExecOptions,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics`.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the controller until SIGTERM or SIGINT. Returns the exit code.
@@ -352,9 +354,30 @@ pub fn run(opts: KubeOptions) -> i32 {
             exec: opts.exec,
             resync: opts.resync,
         });
+        // `/healthz`, `/readyz` (ready once the controller runs) and `/metrics`, as in file mode.
+        let shared = Arc::new(crate::reconcile::Shared {
+            metrics: crate::reconcile::Metrics::new(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            pass_started_ms: std::sync::atomic::AtomicU64::new(0),
+            stuck_after: Duration::from_secs(300),
+        });
+        if let Some(addr) = opts.listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+                    tokio::spawn(crate::reconcile::http::serve(listener, shared.clone()));
+                }
+                Err(e) => {
+                    eprintln!("error: failed to listen on {addr}: {e}");
+                    return 2;
+                }
+            }
+        }
         let api: Api<DiskChain> = Api::all(client);
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
         tracing::info!(node = %opts.node, "Kubernetes mode: watching this node's DiskChain resources");
+        shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        let metrics = shared.clone();
         Controller::new(api, config)
             .with_config(
                 kube::runtime::controller::Config::default()
@@ -362,9 +385,26 @@ pub fn run(opts: KubeOptions) -> i32 {
             )
             .shutdown_on_signal()
             .run(reconcile, error_policy, ctx)
-            .for_each(|r| async move {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "reconcile");
+            .for_each(|r| {
+                let m = metrics.clone();
+                async move {
+                    let (disk, result) = match &r {
+                        Ok((obj, _)) => (
+                            format!("{}/{}", obj.namespace.as_deref().unwrap_or("default"), obj.name),
+                            "ok",
+                        ),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "reconcile");
+                            ("-".to_string(), "failed")
+                        }
+                    };
+                    m.metrics
+                        .reconciles
+                        .get_or_create(&crate::reconcile::metrics::ResultLabels {
+                            disk,
+                            result: result.into(),
+                        })
+                        .inc();
                 }
             })
             .await;

@@ -47,6 +47,7 @@ fn main() {
             resync,
             max_parallel,
             max_bytes_per_sec,
+            listen,
             ..
         } => match node {
             Some(node) => diskchain::kubernetes::run(diskchain::kubernetes::KubeOptions {
@@ -56,6 +57,7 @@ fn main() {
                 resync,
                 max_parallel,
                 exec: ExecOptions { max_bytes_per_sec },
+                listen,
             }),
             None => {
                 eprintln!(

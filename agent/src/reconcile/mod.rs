@@ -15,8 +15,8 @@
 //! steps get `--grace` to finish, then the QEMU processes are stopped at a point the journal
 //! resumes from; exit 0.
 
-mod http;
-mod metrics;
+pub mod http;
+pub mod metrics;
 pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
