@@ -51,6 +51,25 @@ pub struct Context {
     pub resync: Duration,
     /// Publishes events.
     pub recorder: Recorder,
+    /// Failed reconciles in a row, per resource (`namespace/name`): the requeue backs off.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Context {
+    /// How long resource `key` waits after another failure: 5 s doubling to 5 min.
+    fn failed(&self, key: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key.to_string()).or_default();
+        *n = n.saturating_add(1);
+        Duration::from_secs(5u64 << (*n - 1).min(6)).min(Duration::from_secs(300))
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
 }
 
 /// Why a reconcile failed (the controller requeues it with a backoff).
@@ -122,6 +141,61 @@ fn conditions(outcome: Outcome, message: &str, generation: Option<i64>) -> Vec<C
         observed_generation: generation,
     })
     .collect()
+}
+
+/// The chain as the status shows it: each layer with the point it holds, its data and bitmaps.
+fn chain_status(
+    disk: &DesiredDisk,
+    roots: &Roots,
+    state: &StateDir,
+) -> Vec<diskchain_crd::StatusLayer> {
+    let Some(record) = state.load(&disk.key).ok().flatten() else {
+        return Vec::new();
+    };
+    let Ok(chain) = crate::observe::observe_chain(roots, &record.active) else {
+        return Vec::new();
+    };
+    chain
+        .layers
+        .iter()
+        .map(|l| diskchain_crd::StatusLayer {
+            point: record
+                .bindings
+                .iter()
+                .find(|b| b.file == l.layer.path)
+                .map(|b| b.name.clone()),
+            file: l.layer.path.clone(),
+            data_bytes: l.layer.alloc.as_ref().map_or(0, |a| a.data_bytes()),
+            bitmaps: l.extras.bitmaps.iter().map(|b| b.name.clone()).collect(),
+        })
+        .collect()
+}
+
+/// The disk's backups as the status shows them: the newest point, when the next is due, how
+/// many points the repository holds.
+fn backup_status(disk: &DesiredDisk, roots: &Roots) -> Option<diskchain_crd::BackupStatus> {
+    let policy = disk.spec().backup.as_ref()?;
+    let dir = roots
+        .confine_dir(&policy.repository, "spec.backup.repository".into())
+        .ok()?;
+    let points =
+        crate::state::read_json::<crate::backup::repo::Manifest>(&dir.join("manifest.json"))
+            .ok()
+            .flatten()
+            .map(|m| m.points)
+            .unwrap_or_default();
+    let last = points.last();
+    let after = last.map_or_else(|| chrono::Utc::now().timestamp(), |p| p.time_unix);
+    Some(diskchain_crd::BackupStatus {
+        last: last.map(|p| p.point.clone()),
+        next: policy
+            .schedule
+            .as_deref()
+            .and_then(|c| crate::reconcile::schedule::next_after(c, after))
+            .and_then(|t| chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        points: points.len() as u32,
+    })
 }
 
 /// Writes `status` by server-side apply on the status subresource.
@@ -207,9 +281,18 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         stop: None,
     };
     let key = disk.key.clone();
-    let result = tokio::task::spawn_blocking(move || reconcile_disk(&disk, &host, options))
-        .await
-        .map_err(|e| Error::Disk(format!("the reconcile task failed: {e}")))?;
+    let roots = ctx.roots.clone();
+    let state = ctx.state.clone();
+    let (result, chain, backups) = tokio::task::spawn_blocking(move || {
+        let result = reconcile_disk(&disk, &host, options);
+        (
+            result,
+            chain_status(&disk, &roots, &state),
+            backup_status(&disk, &roots),
+        )
+    })
+    .await
+    .map_err(|e| Error::Disk(format!("the reconcile task failed: {e}")))?;
     let record = ctx.state.load(&key).ok().flatten();
     let message = result.message.clone().unwrap_or_else(|| {
         if result.steps.is_empty() {
@@ -234,18 +317,20 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                     .collect()
             })
             .unwrap_or_default(),
+        chain,
+        backups,
         last_plan: Some(PlanSummary {
             steps: result.steps.iter().map(|s| s.op.clone()).collect(),
             total_bytes: result.predicted_bytes,
         }),
         message: Some(message.clone()),
-        ..Default::default()
     };
     patch_status(&api, &name, status).await?;
     let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
     let reason = conditions(result.outcome, "", None)[0].reason.clone();
     event_on_change(&ctx, &obj, &reason, message.clone(), !ok).await?;
     if ok {
+        ctx.succeeded(&format!("{ns}/{name}"));
         Ok(Action::requeue(ctx.resync))
     } else if result.outcome == Outcome::BadInput || result.outcome == Outcome::NeedsOperator {
         Ok(Action::await_change())
@@ -288,10 +373,17 @@ async fn cleanup(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error
     Ok(Action::await_change())
 }
 
-/// How long a failing resource waits before it is tried again.
-pub fn error_policy(_obj: Arc<DiskChain>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(30))
+/// How long a failing resource waits before it is tried again: 5 s, doubling with each failure
+/// in a row, up to 5 min.
+pub fn error_policy(obj: Arc<DiskChain>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!(
+        "{}/{}",
+        obj.namespace().unwrap_or_else(|| "default".into()),
+        obj.name_any()
+    );
+    let wait = ctx.failed(&key);
+    tracing::warn!(disk = %key, error = %error, retry_in = %humantime::format_duration(wait), "reconcile failed");
+    Action::requeue(wait)
 }
 
 /// What `diskchain agent --kube` is told.
@@ -353,6 +445,7 @@ pub fn run(opts: KubeOptions) -> i32 {
             state: opts.state,
             exec: opts.exec,
             resync: opts.resync,
+            failures: Default::default(),
         });
         // `/healthz`, `/readyz` (ready once the controller runs) and `/metrics`, as in file mode.
         let shared = Arc::new(crate::reconcile::Shared {

@@ -56,6 +56,7 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         state: StateDir::new(h.dir.path().join("state")),
         exec: Default::default(),
         resync: Duration::from_secs(300),
+        failures: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -282,11 +283,225 @@ async fn a_failing_disk_is_degraded_with_the_reason_and_requeued() {
         assert_eq!(body["type"], "Warning");
         reply(send, &body);
     });
-    let r = reconcile(Arc::new(obj), ctx.clone()).await;
+    let obj = Arc::new(obj);
+    let r = reconcile(obj.clone(), ctx.clone()).await;
     server.await.unwrap();
-    assert!(
-        r.is_err(),
-        "a failure is returned, so the controller requeues with backoff"
-    );
+    let err = r.expect_err("a failure is returned, so the controller requeues");
+    // With a backoff that grows with each failure in a row.
+    use kube::runtime::controller::Action;
+    let first = diskchain::kubernetes::error_policy(obj.clone(), &err, ctx.clone());
+    let second = diskchain::kubernetes::error_policy(obj, &err, ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(10)));
     assert_eq!(backing_chain(&h.top).len(), 2, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spec_edit_replans_and_an_unchanged_outcome_sends_no_event() {
+    let h = host();
+    let (ctx, mut api) = context(&h);
+    let view = view_sha256(&h.top, "qcow2", h.dir.path());
+    // Generation 3 keeps the base: in sync, nothing to do; the status shows the chain.
+    let obj = object("node-a", &h.top, &[("golden", &h.base)], true, false);
+    let obj_json = serde_json::to_value(&obj).unwrap();
+    let server = tokio::spawn(async move {
+        let (_, uri, body, send) = next(&mut api).await;
+        assert!(uri.contains("/status?"), "{uri}");
+        let chain: Vec<&str> = body["status"]["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["point"].as_str().unwrap_or("(active)"))
+            .collect();
+        assert_eq!(chain, ["golden", "(active)"], "{body}");
+        let status = body["status"].clone();
+        reply(send, &obj_json);
+        let (m, _, body, send) = next(&mut api).await;
+        assert_eq!(m, "POST");
+        reply(send, &body);
+        (api, status)
+    });
+    reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
+    let (mut api, status) = server.await.unwrap();
+    assert_eq!(backing_chain(&h.top).len(), 2);
+    // Generation 4 drops the point: replanned and flattened; the outcome (InSync) is the one
+    // the status already shows, so no event.
+    let mut obj = object("node-a", &h.top, &[], true, false);
+    obj.metadata.generation = Some(4);
+    obj.status = Some(serde_json::from_value(status).unwrap());
+    let obj_json = serde_json::to_value(&obj).unwrap();
+    let server = tokio::spawn(async move {
+        let (_, uri, body, send) = next(&mut api).await;
+        assert!(uri.contains("/status?"), "{uri}");
+        assert_eq!(body["status"]["observedGeneration"], 4, "{body}");
+        assert!(
+            body["status"]["lastPlan"]["steps"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty()),
+            "the edit was planned and carried out: {body}"
+        );
+        reply(send, &obj_json);
+        api
+    });
+    reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
+    let mut api = server.await.unwrap();
+    let nothing = tokio::time::timeout(Duration::from_millis(300), api.next_request()).await;
+    assert!(
+        nothing.is_err(),
+        "an event for an outcome that did not change"
+    );
+    assert_eq!(backing_chain(&h.top), vec![h.top.clone()]);
+    assert_eq!(view_sha256(&h.top, "qcow2", h.dir.path()), view);
+}
+
+/// Answers every request like an API server that accepts it: a status patch with the object
+/// named in the path (from `objects`), an event with itself. Returns each status written.
+fn auto_server(
+    mut api: Handle,
+    objects: std::collections::HashMap<String, Value>,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_secs(5), api.next_request()).await
+        {
+            let uri = req.uri().path().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if uri.ends_with("/status") {
+                let name = uri.trim_end_matches("/status").rsplit('/').next().unwrap();
+                statuses.push(json!({"name": name, "status": body["status"].clone()}));
+                reply(send, &objects[name]);
+            } else {
+                reply(send, &body);
+            }
+        }
+        statuses
+    })
+}
+
+/// File mode (`apply`) and Kubernetes mode over the same specs on identical chains: the same
+/// outcome per disk, and the same chains after.
+#[tokio::test(flavor = "multi_thread")]
+async fn file_mode_and_kubernetes_mode_reach_the_same_outcomes() {
+    // Per disk: (name, keep the base?, held open by another process?).
+    let disks = [
+        ("keep", true, false),
+        ("flat", false, false),
+        ("busy", false, true),
+    ];
+    let build = || {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("img")).unwrap();
+        for (n, ..) in &disks {
+            let base = dir.path().join(format!("img/{n}-base.qcow2"));
+            create(&base, 64 << 20, None, &[]);
+            io(&base, "qcow2", &["write -P 1 0 4M".into()]);
+            let top = dir.path().join(format!("img/{n}.qcow2"));
+            create(&top, 0, Some((&base, "qcow2")), &[]);
+            io(&top, "qcow2", &["write -P 2 8M 1M".into()]);
+        }
+        dir
+    };
+    let spec_of = |dir: &Path, n: &str, keep: bool| -> DiskChain {
+        let top = dir.join(format!("img/{n}.qcow2"));
+        let base = dir.join(format!("img/{n}-base.qcow2"));
+        let mut o = if keep {
+            object("node-a", &top, &[("golden", &base)], true, false)
+        } else {
+            object("node-a", &top, &[], true, false)
+        };
+        o.metadata.name = Some(n.to_string());
+        o
+    };
+
+    // File mode.
+    let file_host = build();
+    let held_f = diskchain_tests::qemu::hold_open(
+        &file_host.path().join("img/busy.qcow2"),
+        file_host.path(),
+    );
+    let desired: Vec<diskchain_crd::DesiredDisk> = disks
+        .iter()
+        .map(|(n, keep, _)| {
+            diskchain_crd::DesiredDisk::from_object(&spec_of(file_host.path(), n, *keep)).unwrap()
+        })
+        .collect();
+    let roots = Roots::new(&[file_host.path().join("img")]).unwrap();
+    let state = StateDir::new(file_host.path().join("state"));
+    let report = diskchain::apply::apply_loaded(
+        &desired,
+        &roots,
+        &state,
+        diskchain::apply::ApplyOptions {
+            exec: Default::default(),
+            progress: Arc::new(diskchain::progress::Silent),
+            stop: None,
+        },
+    )
+    .unwrap();
+    drop(held_f);
+    let file_outcomes: Vec<String> = desired
+        .iter()
+        .map(|d| format!("{:?}", report.result_of(&d.key).outcome))
+        .collect();
+
+    // Kubernetes mode.
+    let kube_host = build();
+    let held_k = diskchain_tests::qemu::hold_open(
+        &kube_host.path().join("img/busy.qcow2"),
+        kube_host.path(),
+    );
+    let h = Host {
+        base: PathBuf::new(),
+        top: PathBuf::new(),
+        dir: kube_host,
+    };
+    let (ctx, api) = context(&h);
+    let objs: Vec<DiskChain> = disks
+        .iter()
+        .map(|(n, keep, _)| spec_of(h.dir.path(), n, *keep))
+        .collect();
+    let by_name = objs
+        .iter()
+        .map(|o| {
+            (
+                o.metadata.name.clone().unwrap(),
+                serde_json::to_value(o).unwrap(),
+            )
+        })
+        .collect();
+    let server = auto_server(api, by_name);
+    for o in &objs {
+        let _ = reconcile(Arc::new(o.clone()), ctx.clone()).await;
+    }
+    drop(ctx);
+    let statuses = server.await.unwrap();
+    drop(held_k);
+    let kube_outcomes: Vec<String> = disks
+        .iter()
+        .map(|(n, ..)| {
+            let s = statuses.iter().rev().find(|s| s["name"] == *n).unwrap();
+            let ready = s["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .unwrap();
+            ready["reason"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // The outcome names of the two drivers, side by side.
+    let as_reason = |o: &str| match o {
+        "Ok" | "InSync" => "InSync".to_string(),
+        other => other.to_string(),
+    };
+    let file_reasons: Vec<String> = file_outcomes.iter().map(|o| as_reason(o)).collect();
+    assert_eq!(file_reasons, kube_outcomes, "file mode {file_outcomes:?}");
+    assert_eq!(kube_outcomes, ["InSync", "InSync", "InUse"]);
+    for (n, ..) in &disks {
+        let f = backing_chain(&file_host.path().join(format!("img/{n}.qcow2"))).len();
+        let k = backing_chain(&h.dir.path().join(format!("img/{n}.qcow2"))).len();
+        assert_eq!(f, k, "{n}: the same chain after both drivers");
+    }
 }
