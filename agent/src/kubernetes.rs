@@ -402,6 +402,10 @@ pub struct KubeOptions {
     pub exec: ExecOptions,
     /// Where to serve `/healthz`, `/readyz` and `/metrics`.
     pub listen: Option<std::net::SocketAddr>,
+    /// The namespace of the node's Lease (the agent's own).
+    pub lease_namespace: String,
+    /// This agent's identity in the Lease (its pod's name).
+    pub identity: String,
 }
 
 /// Runs the controller until SIGTERM or SIGINT. Returns the exit code.
@@ -466,12 +470,60 @@ pub fn run(opts: KubeOptions) -> i32 {
                 }
             }
         }
+        // One agent per node: wait for the node's lease, then keep renewing it.
+        let node_lease = lease::NodeLease::new(
+            client.clone(),
+            &opts.lease_namespace,
+            &opts.node,
+            &opts.identity,
+            Duration::from_secs(15),
+        );
+        let mut told = false;
+        loop {
+            match node_lease.try_hold().await {
+                Ok(true) => break,
+                Ok(false) => {
+                    if !told {
+                        let holder = node_lease.holder().await.ok().flatten().unwrap_or_default();
+                        tracing::info!(node = %opts.node, holder, "another agent holds this node's lease; waiting");
+                        told = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read or take this node's lease; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(node_lease.renew_every()) => {}
+                _ = tokio::signal::ctrl_c() => return 0,
+            }
+        }
+        tracing::info!(node = %opts.node, identity = %opts.identity, "holding this node's lease");
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
+        tokio::spawn(async move {
+            let mut failing_since: Option<std::time::Instant> = None;
+            loop {
+                tokio::time::sleep(node_lease.renew_every()).await;
+                match node_lease.try_hold().await {
+                    Ok(true) => failing_since = None,
+                    Ok(false) => {
+                        let _ = lost_tx.send("another agent took it".into());
+                        return;
+                    }
+                    Err(e) => {
+                        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() > node_lease.renew_every() * 2 {
+                            let _ = lost_tx.send(format!("it could not be renewed: {e}"));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
         let api: Api<DiskChain> = Api::all(client);
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
         tracing::info!(node = %opts.node, "Kubernetes mode: watching this node's DiskChain resources");
         shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
         let metrics = shared.clone();
-        Controller::new(api, config)
+        let controller = Controller::new(api, config)
             .with_config(
                 kube::runtime::controller::Config::default()
                     .concurrency(opts.max_parallel.max(1) as u16),
@@ -499,8 +551,122 @@ pub fn run(opts: KubeOptions) -> i32 {
                         })
                         .inc();
                 }
-            })
-            .await;
-        0
+            });
+        tokio::select! {
+            _ = controller => 0,
+            Ok(why) = lost_rx => {
+                tracing::error!(node = %opts.node, why, "lost this node's lease: exiting, so that only one agent works on this node");
+                1
+            }
+        }
     })
+}
+
+/// One agent per node: a `coordination.k8s.io` Lease named after the node. An agent acquires it
+/// when nobody holds it or its holder stopped renewing (longer than the lease's duration), and
+/// renews it every third of the duration. Writes carry the `resourceVersion` read, so of two
+/// agents racing, the API server lets one through and answers the other 409.
+pub mod lease {
+    use std::time::Duration;
+
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use kube::api::{ObjectMeta, PostParams};
+    use kube::{Api, Client};
+
+    /// The node's lease, as one agent sees it.
+    pub struct NodeLease {
+        api: Api<Lease>,
+        name: String,
+        identity: String,
+        duration: Duration,
+    }
+
+    impl NodeLease {
+        /// The lease `diskchain-NODE` in `namespace`, for the agent `identity`.
+        pub fn new(
+            client: Client,
+            namespace: &str,
+            node: &str,
+            identity: &str,
+            duration: Duration,
+        ) -> NodeLease {
+            NodeLease {
+                api: Api::namespaced(client, namespace),
+                name: format!("diskchain-{node}"),
+                identity: identity.to_string(),
+                duration,
+            }
+        }
+
+        /// How often a holder renews.
+        pub fn renew_every(&self) -> Duration {
+            self.duration / 3
+        }
+
+        /// Acquires or renews the lease: `Ok(true)` when this agent holds it now, `Ok(false)`
+        /// when another agent does (or won a race).
+        pub async fn try_hold(&self) -> Result<bool, kube::Error> {
+            let now = Timestamp::now();
+            let spec = |acquired: Option<MicroTime>, transitions: i32| LeaseSpec {
+                holder_identity: Some(self.identity.clone()),
+                lease_duration_seconds: Some(self.duration.as_secs().max(1) as i32),
+                acquire_time: acquired.or(Some(MicroTime(now))),
+                renew_time: Some(MicroTime(now)),
+                lease_transitions: Some(transitions),
+                ..Default::default()
+            };
+            let conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
+            match self.api.get_opt(&self.name).await? {
+                None => {
+                    let lease = Lease {
+                        metadata: ObjectMeta {
+                            name: Some(self.name.clone()),
+                            ..Default::default()
+                        },
+                        spec: Some(spec(None, 0)),
+                    };
+                    match self.api.create(&PostParams::default(), &lease).await {
+                        Ok(_) => Ok(true),
+                        Err(e) if conflict(&e) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(mut lease) => {
+                    let s = lease.spec.clone().unwrap_or_default();
+                    let mine = s.holder_identity.as_deref() == Some(self.identity.as_str());
+                    let duration =
+                        SignedDuration::from_secs(i64::from(s.lease_duration_seconds.unwrap_or(0)));
+                    let expired = s.renew_time.as_ref().is_none_or(|r| r.0 + duration < now);
+                    let free = s.holder_identity.is_none() || expired;
+                    if !mine && !free {
+                        return Ok(false);
+                    }
+                    let transitions = s.lease_transitions.unwrap_or(0) + i32::from(!mine);
+                    let acquired = if mine { s.acquire_time } else { None };
+                    lease.spec = Some(spec(acquired, transitions));
+                    match self
+                        .api
+                        .replace(&self.name, &PostParams::default(), &lease)
+                        .await
+                    {
+                        Ok(_) => Ok(true),
+                        Err(e) if conflict(&e) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        }
+
+        /// The agent that holds the lease now, if any.
+        pub async fn holder(&self) -> Result<Option<String>, kube::Error> {
+            Ok(self
+                .api
+                .get_opt(&self.name)
+                .await?
+                .and_then(|l| l.spec)
+                .and_then(|s| s.holder_identity))
+        }
+    }
 }

@@ -58,6 +58,18 @@ fn main() {
                 max_parallel,
                 exec: ExecOptions { max_bytes_per_sec },
                 listen,
+                // The chart sets both from the downward API.
+                lease_namespace: std::env::var("POD_NAMESPACE")
+                    .unwrap_or_else(|_| "default".into()),
+                identity: std::env::var("POD_NAME").unwrap_or_else(|_| {
+                    format!(
+                        "{}-{}",
+                        std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_default(),
+                        std::process::id()
+                    )
+                }),
             }),
             None => {
                 eprintln!(

@@ -505,3 +505,99 @@ async fn file_mode_and_kubernetes_mode_reach_the_same_outcomes() {
         assert_eq!(f, k, "{n}: the same chain after both drivers");
     }
 }
+
+/// An API server that keeps one Lease in memory, as Kubernetes does: a create of an existing
+/// lease and a write carrying an old `resourceVersion` are answered 409.
+fn lease_server(
+    mut api: Handle,
+    store: Arc<std::sync::Mutex<Option<Value>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some((req, send)) = api.next_request().await {
+            let method = req.method().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let status = |code: u16, reason: &str| {
+                (
+                    code,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": reason, "code": code, "message": reason}),
+                )
+            };
+            let (code, out) = {
+                let mut s = store.lock().unwrap();
+                match method.as_str() {
+                    "GET" => match s.as_ref() {
+                        Some(l) => (200, l.clone()),
+                        None => status(404, "NotFound"),
+                    },
+                    "POST" if s.is_some() => status(409, "AlreadyExists"),
+                    "POST" => {
+                        let mut l = body;
+                        l["metadata"]["resourceVersion"] = json!("1");
+                        *s = Some(l.clone());
+                        (201, l)
+                    }
+                    "PUT" => {
+                        let current = s.as_ref().map(|l| l["metadata"]["resourceVersion"].clone());
+                        if current.as_ref() != Some(&body["metadata"]["resourceVersion"]) {
+                            status(409, "Conflict")
+                        } else {
+                            let n: u64 = current.unwrap().as_str().unwrap().parse().unwrap();
+                            let mut l = body;
+                            l["metadata"]["resourceVersion"] = json!((n + 1).to_string());
+                            *s = Some(l.clone());
+                            (200, l)
+                        }
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            };
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&out).unwrap()))
+                    .unwrap(),
+            );
+        }
+    })
+}
+
+/// Two agents for one node: only one holds the node's lease; the other takes it only once the
+/// holder stops renewing for longer than the lease's duration, and the old holder then learns
+/// it lost it.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_agents_for_one_node_only_one_holds_the_lease() {
+    use diskchain::kubernetes::lease::NodeLease;
+    let store = Arc::new(std::sync::Mutex::new(None));
+    let agent = |id: &str| {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = lease_server(handle, store.clone());
+        let lease = NodeLease::new(
+            Client::new(svc, "default"),
+            "diskchain-system",
+            "node-a",
+            id,
+            Duration::from_secs(1),
+        );
+        (lease, server)
+    };
+    let (a, _sa) = agent("pod-a");
+    let (b, _sb) = agent("pod-b");
+    assert!(a.try_hold().await.unwrap(), "a takes the free lease");
+    assert!(!b.try_hold().await.unwrap(), "b waits while a holds it");
+    assert!(a.try_hold().await.unwrap(), "a renews");
+    assert!(!b.try_hold().await.unwrap());
+    assert_eq!(b.holder().await.unwrap().as_deref(), Some("pod-a"));
+    // a stops renewing (it died): after the lease's duration b takes it over.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(b.try_hold().await.unwrap(), "b takes the expired lease");
+    assert!(
+        !a.try_hold().await.unwrap(),
+        "a, come back, learns it lost the lease"
+    );
+    assert_eq!(a.holder().await.unwrap().as_deref(), Some("pod-b"));
+    let l = store.lock().unwrap().clone().unwrap();
+    assert_eq!(l["metadata"]["name"], "diskchain-node-a");
+    assert_eq!(l["spec"]["leaseTransitions"], 1);
+}

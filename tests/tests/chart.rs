@@ -97,7 +97,7 @@ fn the_charts_crd_is_the_one_diskchain_prints() {
 fn every_template_renders_to_valid_objects_for_the_default_values() {
     use k8s_openapi::api::apps::v1::DaemonSet;
     use k8s_openapi::api::core::v1::{Service, ServiceAccount};
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     let objs = objects(&values());
     let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
     assert_eq!(
@@ -106,6 +106,8 @@ fn every_template_renders_to_valid_objects_for_the_default_values() {
             "ClusterRole",
             "ClusterRoleBinding",
             "DaemonSet",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount"
         ],
@@ -118,6 +120,8 @@ fn every_template_renders_to_valid_objects_for_the_default_values() {
                 serde_json::from_value::<ClusterRoleBinding>(o.clone()).map(|_| ())
             }
             "DaemonSet" => serde_json::from_value::<DaemonSet>(o.clone()).map(|_| ()),
+            "Role" => serde_json::from_value::<Role>(o.clone()).map(|_| ()),
+            "RoleBinding" => serde_json::from_value::<RoleBinding>(o.clone()).map(|_| ()),
             "Service" => serde_json::from_value::<Service>(o.clone()).map(|_| ()),
             "ServiceAccount" => serde_json::from_value::<ServiceAccount>(o.clone()).map(|_| ()),
             other => panic!("unexpected kind {other}"),
