@@ -171,6 +171,27 @@ fn chain_status(
         .collect()
 }
 
+/// True when the disk's backup schedule has an occurrence between its newest point (or, with no
+/// point yet, when the resource was created: `created`) and now, so a backup missed while the
+/// agent was down runs once.
+fn backup_due(disk: &DesiredDisk, roots: &Roots, created: i64) -> bool {
+    let Some(policy) = disk.spec().backup.as_ref() else {
+        return false;
+    };
+    let Some(cron) = policy.schedule.as_deref() else {
+        return false;
+    };
+    let Ok(dir) = roots.confine_dir(&policy.repository, "spec.backup.repository".into()) else {
+        return false;
+    };
+    let last = crate::state::read_json::<crate::backup::repo::Manifest>(&dir.join("manifest.json"))
+        .ok()
+        .flatten()
+        .and_then(|m| m.points.last().map(|p| p.time_unix))
+        .unwrap_or(created);
+    crate::reconcile::schedule::due(cron, last, chrono::Utc::now().timestamp())
+}
+
 /// The disk's backups as the status shows them: the newest point, when the next is due, how
 /// many points the repository holds.
 fn backup_status(disk: &DesiredDisk, roots: &Roots) -> Option<diskchain_crd::BackupStatus> {
@@ -283,10 +304,30 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let key = disk.key.clone();
     let roots = ctx.roots.clone();
     let state = ctx.state.clone();
-    let (result, chain, backups) = tokio::task::spawn_blocking(move || {
+    let created = obj
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(0, |t| t.0.as_second());
+    let exec = ctx.exec;
+    let (result, backup, chain, backups) = tokio::task::spawn_blocking(move || {
         let result = reconcile_disk(&disk, &host, options);
+        // A scheduled backup that is due runs after the reconcile, in the same task: never two
+        // at once for a disk.
+        let backup = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
+            && backup_due(&disk, &roots, created))
+        .then(|| {
+            crate::backup::backup_disk(
+                &disk,
+                &host,
+                exec,
+                chrono::Utc::now().timestamp(),
+                &crate::progress::Silent,
+            )
+        });
         (
             result,
+            backup,
             chain_status(&disk, &roots, &state),
             backup_status(&disk, &roots),
         )
@@ -318,7 +359,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
             })
             .unwrap_or_default(),
         chain,
-        backups,
+        backups: backups.clone(),
         last_plan: Some(PlanSummary {
             steps: result.steps.iter().map(|s| s.op.clone()).collect(),
             total_bytes: result.predicted_bytes,
@@ -329,9 +370,48 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
     let reason = conditions(result.outcome, "", None)[0].reason.clone();
     event_on_change(&ctx, &obj, &reason, message.clone(), !ok).await?;
+    if let Some(b) = backup {
+        let ev = match b {
+            Ok((done, retention)) => Event {
+                type_: EventType::Normal,
+                reason: "BackupTaken".into(),
+                note: Some(format!(
+                    "{} backup {} ({} bytes written){}",
+                    done.kind.as_str(),
+                    done.point,
+                    done.bytes,
+                    retention
+                        .map(|r| format!(
+                            "; retention merged {} point(s) away",
+                            r.done.removed.len()
+                        ))
+                        .unwrap_or_default()
+                )),
+                action: "Backup".into(),
+                secondary: None,
+            },
+            Err(e) => Event {
+                type_: EventType::Warning,
+                reason: "BackupFailed".into(),
+                note: Some(e.error),
+                action: "Backup".into(),
+                secondary: None,
+            },
+        };
+        ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+    }
     if ok {
         ctx.succeeded(&format!("{ns}/{name}"));
-        Ok(Action::requeue(ctx.resync))
+        // Observed again at the resync, or when the next backup is due if that is sooner.
+        let due_in = backups
+            .as_ref()
+            .and_then(|b| b.next.as_deref())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| (t.timestamp() - chrono::Utc::now().timestamp()).max(1) as u64)
+            .map(Duration::from_secs);
+        Ok(Action::requeue(
+            due_in.map_or(ctx.resync, |d| d.min(ctx.resync)),
+        ))
     } else if result.outcome == Outcome::BadInput || result.outcome == Outcome::NeedsOperator {
         Ok(Action::await_change())
     } else {

@@ -601,3 +601,52 @@ async fn two_agents_for_one_node_only_one_holds_the_lease() {
     assert_eq!(l["metadata"]["name"], "diskchain-node-a");
     assert_eq!(l["spec"]["leaseTransitions"], 1);
 }
+
+/// A scheduled backup due since the resource was created (the agent was down at 02:00) runs
+/// once after the reconcile: the status shows the point and when the next is due, and a
+/// `BackupTaken` event says what was written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_due_scheduled_backup_runs_after_the_reconcile() {
+    let h = host();
+    let (ctx, mut api) = context(&h);
+    let repo = h.dir.path().join("img/backups/vda");
+    let mut v = serde_json::to_value(object(
+        "node-a",
+        &h.top,
+        &[("golden", &h.base)],
+        true,
+        false,
+    ))
+    .unwrap();
+    v["spec"]["backup"] = json!({"repository": repo, "schedule": "0 2 * * *"});
+    v["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+    let obj: DiskChain = serde_json::from_value(v.clone()).unwrap();
+    let server = tokio::spawn(async move {
+        let (_, uri, body, send) = next(&mut api).await;
+        assert!(uri.contains("/status?"), "{uri}");
+        assert_eq!(body["status"]["backups"]["points"], 1, "{body}");
+        assert!(body["status"]["backups"]["next"].is_string(), "{body}");
+        reply(send, &v);
+        let (_, _, body, send) = next(&mut api).await;
+        assert_eq!(body["reason"], "InSync");
+        reply(send, &body);
+        let (_, _, body, send) = next(&mut api).await;
+        assert_eq!(body["reason"], "BackupTaken", "{body}");
+        assert!(
+            body["note"].as_str().unwrap().starts_with("full backup"),
+            "{body}"
+        );
+        reply(send, &body);
+    });
+    reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
+    server.await.unwrap();
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("manifest.json")).unwrap())
+            .unwrap();
+    let point = repo.join(m["points"][0]["file"].as_str().unwrap());
+    assert_eq!(
+        view_sha256(&point, "qcow2", h.dir.path()),
+        view_sha256(&h.top, "qcow2", h.dir.path()),
+        "the point reads as the disk"
+    );
+}
