@@ -53,6 +53,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Failed reconciles in a row, per resource (`namespace/name`): the requeue backs off.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Set on SIGTERM: no new step starts (a plan stays journaled and resumes on the next start).
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Context {
@@ -219,6 +221,31 @@ fn backup_status(disk: &DesiredDisk, roots: &Roots) -> Option<diskchain_crd::Bac
     })
 }
 
+/// Collects the steps a reconcile ran, for its event.
+#[derive(Default)]
+struct Steps(std::sync::Mutex<Vec<crate::progress::StepRecord>>);
+
+impl Steps {
+    fn take(&self) -> Vec<crate::progress::StepRecord> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl crate::progress::Progress for Steps {
+    fn step_done(
+        &self,
+        _disk: &DiskKey,
+        _index: usize,
+        _total: usize,
+        record: &crate::progress::StepRecord,
+    ) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record.clone());
+    }
+}
+
 /// Writes `status` by server-side apply on the status subresource.
 async fn patch_status(
     api: &Api<DiskChain>,
@@ -296,10 +323,11 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         }
     };
     let host = Host::new(&ctx.roots, &ctx.state, std::slice::from_ref(&disk));
+    let steps = Arc::new(Steps::default());
     let options = ApplyOptions {
         exec: ctx.exec,
-        progress: Arc::new(crate::progress::Silent),
-        stop: None,
+        progress: steps.clone(),
+        stop: Some(ctx.stop.clone()),
     };
     let key = disk.key.clone();
     let roots = ctx.roots.clone();
@@ -369,6 +397,43 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     patch_status(&api, &name, status).await?;
     let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
     let reason = conditions(result.outcome, "", None)[0].reason.clone();
+    // The steps that ran (one event per reconcile that changed the chain, with each step's
+    // bytes), then the outcome when it changed.
+    let ran = steps.take();
+    if !ran.is_empty() {
+        let was_in_sync = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.reason == "InSync" && c.observed_generation == generation);
+        let ev = Event {
+            type_: EventType::Normal,
+            // In sync for this generation before: the chain drifted and was put back.
+            reason: if was_in_sync {
+                "DriftCorrected"
+            } else {
+                "Applied"
+            }
+            .into(),
+            note: Some(
+                ran.iter()
+                    .map(|r| {
+                        format!(
+                            "{} ({} predicted, {} written, {:.2} s)",
+                            r.op,
+                            crate::units::human_bytes(r.predicted_bytes),
+                            crate::units::human_bytes(r.written_bytes),
+                            r.seconds
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            action: "Apply".into(),
+            secondary: None,
+        };
+        ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+    }
     event_on_change(&ctx, &obj, &reason, message.clone(), !ok).await?;
     if let Some(b) = backup {
         let ev = match b {
@@ -486,6 +551,8 @@ pub struct KubeOptions {
     pub lease_namespace: String,
     /// This agent's identity in the Lease (its pod's name).
     pub identity: String,
+    /// On shutdown, how long running steps may take to finish.
+    pub grace: Duration,
 }
 
 /// Runs the controller until SIGTERM or SIGINT. Returns the exit code.
@@ -507,7 +574,32 @@ pub fn run(opts: KubeOptions) -> i32 {
             return 1;
         }
     };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     rt.block_on(async move {
+        // SIGTERM or SIGINT: no new step starts; a running step gets `grace` to end, then its
+        // QEMU process is stopped (the journal resumes it on the next start), as in file mode.
+        {
+            let stop = stop.clone();
+            let grace = opts.grace;
+            tokio::spawn(async move {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new steps start; running steps may finish");
+                tokio::time::sleep(grace).await;
+                let n = crate::execute::terminate_running();
+                if n > 0 {
+                    tracing::warn!(stopped = n, "grace period over: stopped the running QEMU processes; their steps resume on the next start");
+                }
+            });
+        }
         let client = match Client::try_default().await {
             Ok(c) => c,
             Err(e) => {
@@ -530,6 +622,7 @@ pub fn run(opts: KubeOptions) -> i32 {
             exec: opts.exec,
             resync: opts.resync,
             failures: Default::default(),
+            stop: stop.clone(),
         });
         // `/healthz`, `/readyz` (ready once the controller runs) and `/metrics`, as in file mode.
         let shared = Arc::new(crate::reconcile::Shared {

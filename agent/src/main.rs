@@ -48,6 +48,7 @@ fn main() {
             max_parallel,
             max_bytes_per_sec,
             listen,
+            grace,
             ..
         } => match node {
             Some(node) => diskchain::kubernetes::run(diskchain::kubernetes::KubeOptions {
@@ -58,6 +59,7 @@ fn main() {
                 max_parallel,
                 exec: ExecOptions { max_bytes_per_sec },
                 listen,
+                grace,
                 // The chart sets both from the downward API.
                 lease_namespace: std::env::var("POD_NAMESPACE")
                     .unwrap_or_else(|_| "default".into()),

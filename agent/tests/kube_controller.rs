@@ -57,6 +57,7 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         exec: Default::default(),
         resync: Duration::from_secs(300),
         failures: Default::default(),
+        stop: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -183,12 +184,21 @@ async fn a_new_resource_gets_the_finalizer_then_status_and_an_event_and_its_disk
             "{body}"
         );
         reply(send, &obj_json);
+        // The steps that ran, with their bytes, then the outcome.
         let (m, uri, body, send) = next(&mut api).await;
         assert_eq!(m, "POST");
         assert!(
             uri.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"),
             "{uri}"
         );
+        assert_eq!(body["reason"], "Applied", "{body}");
+        assert!(
+            body["note"].as_str().unwrap().contains("predicted"),
+            "{body}"
+        );
+        reply(send, &body);
+        let (m, _, body, send) = next(&mut api).await;
+        assert_eq!(m, "POST");
         assert_eq!(body["reason"], "InSync", "{body}");
         reply(send, &body);
         api
@@ -341,6 +351,10 @@ async fn a_spec_edit_replans_and_an_unchanged_outcome_sends_no_event() {
             "the edit was planned and carried out: {body}"
         );
         reply(send, &obj_json);
+        // The steps of the new generation, but no second InSync.
+        let (_, _, body, send) = next(&mut api).await;
+        assert_eq!(body["reason"], "Applied", "{body}");
+        reply(send, &body);
         api
     });
     reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
@@ -649,4 +663,46 @@ async fn a_due_scheduled_backup_runs_after_the_reconcile() {
         view_sha256(&h.top, "qcow2", h.dir.path()),
         "the point reads as the disk"
     );
+}
+
+/// A chain changed by hand behind a resource in sync for its generation is put back, and the
+/// event says the drift was corrected.
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_by_hand_is_corrected_and_said_so() {
+    let h = host();
+    let (ctx, mut api) = context(&h);
+    let view = view_sha256(&h.top, "qcow2", h.dir.path());
+    // Someone slips an empty layer between the base and the top.
+    let mid = h.dir.path().join("img/mid.qcow2");
+    create(&mid, 0, Some((&h.base, "qcow2")), &[]);
+    let ok = std::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&mid)
+        .arg(&h.top)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut obj = object("node-a", &h.top, &[("golden", &h.base)], true, false);
+    obj.status = Some(
+        serde_json::from_value(json!({"observedGeneration": 3, "conditions": [
+            {"type": "Ready", "status": "True", "reason": "InSync", "message": "", "observedGeneration": 3}
+        ]}))
+        .unwrap(),
+    );
+    let obj_json = serde_json::to_value(&obj).unwrap();
+    let server = tokio::spawn(async move {
+        let (_, uri, _, send) = next(&mut api).await;
+        assert!(uri.contains("/status?"), "{uri}");
+        reply(send, &obj_json);
+        let (_, _, body, send) = next(&mut api).await;
+        assert_eq!(body["reason"], "DriftCorrected", "{body}");
+        reply(send, &body);
+        api
+    });
+    reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
+    let mut api = server.await.unwrap();
+    let nothing = tokio::time::timeout(Duration::from_millis(300), api.next_request()).await;
+    assert!(nothing.is_err(), "InSync again: no second event");
+    assert_eq!(backing_chain(&h.top), vec![h.base.clone(), h.top.clone()]);
+    assert_eq!(view_sha256(&h.top, "qcow2", h.dir.path()), view);
 }
