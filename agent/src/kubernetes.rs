@@ -194,6 +194,36 @@ fn backup_due(disk: &DesiredDisk, roots: &Roots, created: i64) -> bool {
     crate::reconcile::schedule::due(cron, last, chrono::Utc::now().timestamp())
 }
 
+/// True when the disk's verify schedule has an occurrence since its last deep verify (or, before
+/// the first, since the resource was created) and the repository has a point.
+fn verify_due(disk: &DesiredDisk, host: &Host, created: i64) -> bool {
+    let Some(cron) = disk
+        .spec()
+        .backup
+        .as_ref()
+        .and_then(|b| b.verify.as_ref())
+        .map(|v| v.schedule.clone())
+    else {
+        return false;
+    };
+    let Ok(dir) = host.roots.confine_dir(
+        &disk
+            .spec()
+            .backup
+            .as_ref()
+            .map(|b| b.repository.clone())
+            .unwrap_or_default(),
+        "spec.backup.repository".into(),
+    ) else {
+        return false;
+    };
+    if !dir.join("manifest.json").exists() {
+        return false;
+    }
+    let last = crate::backup::last_verified(disk, host).unwrap_or(created);
+    crate::reconcile::schedule::due(&cron, last, chrono::Utc::now().timestamp())
+}
+
 /// The disk's backups as the status shows them: the newest point, when the next is due, how
 /// many points the repository holds.
 fn backup_status(disk: &DesiredDisk, roots: &Roots) -> Option<diskchain_crd::BackupStatus> {
@@ -338,7 +368,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         .as_ref()
         .map_or(0, |t| t.0.as_second());
     let exec = ctx.exec;
-    let (result, backup, chain, backups) = tokio::task::spawn_blocking(move || {
+    let (result, backup, verify, chain, backups) = tokio::task::spawn_blocking(move || {
         let result = reconcile_disk(&disk, &host, options);
         // A scheduled backup that is due runs after the reconcile, in the same task: never two
         // at once for a disk.
@@ -353,9 +383,14 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                 &crate::progress::Silent,
             )
         });
+        // And a scheduled deep verify, when due since the last one (or the resource's creation).
+        let verify = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
+            && verify_due(&disk, &host, created))
+        .then(|| crate::backup::verify(&disk, &host, true));
         (
             result,
             backup,
+            verify,
             chain_status(&disk, &roots, &state),
             backup_status(&disk, &roots),
         )
@@ -465,6 +500,41 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         };
         ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
     }
+    if let Some(v) = verify {
+        let ev = match v {
+            Ok(v) if v.damaged.is_empty() => Event {
+                type_: EventType::Normal,
+                reason: "Verified".into(),
+                note: Some(format!(
+                    "{} point(s) read back with the checksums recorded when they were taken",
+                    v.points
+                )),
+                action: "Verify".into(),
+                secondary: None,
+            },
+            Ok(v) => Event {
+                type_: EventType::Warning,
+                reason: "BackupDamaged".into(),
+                note: Some(
+                    v.damaged
+                        .iter()
+                        .map(|d| format!("point {}: {}", d.point, d.problem))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+                action: "Verify".into(),
+                secondary: None,
+            },
+            Err(e) => Event {
+                type_: EventType::Warning,
+                reason: "VerifyFailed".into(),
+                note: Some(e.error),
+                action: "Verify".into(),
+                secondary: None,
+            },
+        };
+        ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+    }
     if ok {
         ctx.succeeded(&format!("{ns}/{name}"));
         // Observed again at the resync, or when the next backup is due if that is sooner.
@@ -516,6 +586,17 @@ async fn cleanup(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error
     };
     ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
     Ok(Action::await_change())
+}
+
+/// The `DiskChain` resources of the whole cluster without `spec.nodeName`: no agent acts on
+/// them (the field selector keeps them out of every node's watch), so they are counted.
+pub async fn count_unassigned(api: &Api<DiskChain>) -> Result<usize, kube::Error> {
+    let list = api.list(&kube::api::ListParams::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|d| d.spec.node_name.as_deref().is_none_or(str::is_empty))
+        .count())
 }
 
 /// How long a failing resource waits before it is tried again: 5 s, doubling with each failure
@@ -692,6 +773,20 @@ pub fn run(opts: KubeOptions) -> i32 {
             }
         });
         let api: Api<DiskChain> = Api::all(client);
+        {
+            let (api, shared, every) = (api.clone(), shared.clone(), opts.resync);
+            tokio::spawn(async move {
+                loop {
+                    match count_unassigned(&api).await {
+                        Ok(n) => {
+                            shared.metrics.unassigned.set(n as i64);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "cannot count unassigned resources"),
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
         tracing::info!(node = %opts.node, "Kubernetes mode: watching this node's DiskChain resources");
         shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);

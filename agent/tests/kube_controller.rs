@@ -632,7 +632,8 @@ async fn a_due_scheduled_backup_runs_after_the_reconcile() {
         false,
     ))
     .unwrap();
-    v["spec"]["backup"] = json!({"repository": repo, "schedule": "0 2 * * *"});
+    v["spec"]["backup"] = json!({"repository": repo, "schedule": "0 2 * * *",
+                                 "verify": {"schedule": "0 5 * * 0"}});
     v["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
     let obj: DiskChain = serde_json::from_value(v.clone()).unwrap();
     let server = tokio::spawn(async move {
@@ -651,9 +652,14 @@ async fn a_due_scheduled_backup_runs_after_the_reconcile() {
             "{body}"
         );
         reply(send, &body);
+        // The verify due since the resource was created reads every point back.
+        let (_, _, body, send) = next(&mut api).await;
+        assert_eq!(body["reason"], "Verified", "{body}");
+        reply(send, &body);
     });
     reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
     server.await.unwrap();
+    assert!(repo.join("last-verify.json").exists());
     let m: Value =
         serde_json::from_str(&std::fs::read_to_string(repo.join("manifest.json")).unwrap())
             .unwrap();
@@ -705,4 +711,31 @@ async fn drift_by_hand_is_corrected_and_said_so() {
     assert!(nothing.is_err(), "InSync again: no second event");
     assert_eq!(backing_chain(&h.top), vec![h.base.clone(), h.top.clone()]);
     assert_eq!(view_sha256(&h.top, "qcow2", h.dir.path()), view);
+}
+
+/// Resources without `spec.nodeName` are counted (no agent acts on them).
+#[tokio::test(flavor = "multi_thread")]
+async fn resources_without_a_node_are_counted() {
+    let h = host();
+    let (ctx, mut api) = context(&h);
+    let mut lost = object("x", &h.top, &[], false, false);
+    lost.spec.node_name = None;
+    lost.metadata.name = Some("lost".into());
+    let mine = object("node-a", &h.top, &[], false, false);
+    let list = json!({"apiVersion": "diskchain.dev/v1alpha1", "kind": "DiskChainList",
+                      "metadata": {"resourceVersion": "9"},
+                      "items": [serde_json::to_value(&lost).unwrap(), serde_json::to_value(&mine).unwrap()]});
+    let server = tokio::spawn(async move {
+        let (m, uri, _, send) = next(&mut api).await;
+        assert_eq!(m, "GET");
+        assert!(
+            uri.starts_with("/apis/diskchain.dev/v1alpha1/diskchains"),
+            "{uri}"
+        );
+        reply(send, &list);
+    });
+    let api: kube::Api<DiskChain> = kube::Api::all(ctx.client.clone());
+    let n = diskchain::kubernetes::count_unassigned(&api).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(n, 1);
 }

@@ -1341,6 +1341,15 @@ pub fn verify(disk: &DesiredDisk, host: &Host, deep: bool) -> Result<Verified, B
         }
         before = Some(p);
     }
+    if deep {
+        // When the repository was last read whole, and how it went (a schedule counts from it).
+        let record = serde_json::json!({
+            "time_unix": chrono::Utc::now().timestamp(),
+            "sound": damaged.is_empty(),
+        });
+        let _ =
+            crate::state::write_atomic(&repo.dir.join(LAST_VERIFY), record.to_string().as_bytes());
+    }
     Ok(Verified {
         name: disk.key.name.clone(),
         namespace: disk.key.namespace.clone(),
@@ -1349,6 +1358,17 @@ pub fn verify(disk: &DesiredDisk, host: &Host, deep: bool) -> Result<Verified, B
         deep,
         damaged,
     })
+}
+
+/// The file in a repository that records its last deep verify.
+const LAST_VERIFY: &str = "last-verify.json";
+
+/// When disk `disk`'s repository was last verified deep (UTC seconds), if ever.
+pub fn last_verified(disk: &DesiredDisk, host: &Host) -> Option<i64> {
+    let (_, dir) = repository(disk, host).ok()?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(LAST_VERIFY)).ok()?).ok()?;
+    v["time_unix"].as_i64()
 }
 
 /// The retention merges each disk's policy asks for now, from the manifests as they are (for

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub backup_points: Family<DiskLabels, Gauge>,
     /// When a disk's next scheduled backup is due (Unix seconds; 0: no schedule).
     pub backup_next: Family<DiskLabels, Gauge>,
+    /// Kubernetes mode: `DiskChain` resources without `spec.nodeName` (no agent acts on them).
+    pub unassigned: Gauge,
 }
 
 impl Default for Metrics {
@@ -87,6 +89,12 @@ impl Metrics {
         let backup_last_success = Family::<DiskLabels, Gauge>::default();
         let backup_points = Family::<DiskLabels, Gauge>::default();
         let backup_next = Family::<DiskLabels, Gauge>::default();
+        let unassigned = Gauge::default();
+        registry.register(
+            "resources_without_node",
+            "Kubernetes mode: DiskChain resources without spec.nodeName, which no agent acts on",
+            unassigned.clone(),
+        );
         registry.register(
             "backups",
             "Scheduled backups and verifies of a disk, by result",
@@ -161,6 +169,7 @@ impl Metrics {
             backup_last_success,
             backup_points,
             backup_next,
+            unassigned,
         }
     }
 
