@@ -712,17 +712,11 @@ pub fn run(opts: KubeOptions) -> i32 {
             pass_started_ms: std::sync::atomic::AtomicU64::new(0),
             stuck_after: Duration::from_secs(300),
         });
-        if let Some(addr) = opts.listen {
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-                    tokio::spawn(crate::reconcile::http::serve(listener, shared.clone()));
-                }
-                Err(e) => {
-                    eprintln!("error: failed to listen on {addr}: {e}");
-                    return 2;
-                }
-            }
+        if let Some(addr) = opts.listen
+            && let Err(e) = crate::reconcile::http::listen(addr, shared.clone()).await
+        {
+            eprintln!("error: {e}");
+            return 2;
         }
         // One agent per node: wait for the node's lease, then keep renewing it.
         let node_lease = lease::NodeLease::new(

@@ -213,38 +213,22 @@ pub fn backup_all(
                 .entry((t.uri.clone(), t.domain.clone()))
                 .or_default()
                 .push((d, Source::Live(t, a))),
-            Ok(src) => {
-                let now = chrono::Utc::now().timestamp();
-                let r = prepare(d, src, host, exec, now).and_then(|p| {
-                    let ck = format!("diskchain-{}", p.file.trim_end_matches(".qcow2"));
-                    progress.step_started(&d.key, 1, 1, "backup", p.size);
-                    let mut fraction = |f: f64| progress.step_progress(f);
-                    let taken = offline_backup(
-                        &p.repo,
-                        p.prev.as_ref(),
-                        &p.chain,
-                        &p.partial,
-                        &ck,
-                        exec,
-                        &mut fraction,
-                    );
-                    progress.step_abandoned();
-                    let taken = taken.map_err(|e| {
-                        let _ = std::fs::remove_file(&p.partial);
-                        p.failed(format!("{e}; nothing was recorded"))
-                    })?;
-                    record(p, taken, &ck, host, exec, now)
-                });
-                push(r);
-            }
+            Ok(src) => push(take(
+                d,
+                src,
+                host,
+                exec,
+                chrono::Utc::now().timestamp(),
+                progress,
+            )),
             Err(e) => push(Err(e)),
         }
     }
     for (_, group) in domains {
         let now = chrono::Utc::now().timestamp();
         if group.len() == 1 {
-            let (d, _) = &group[0];
-            push(backup_disk(d, host, exec, now, progress));
+            let (d, src) = group.into_iter().next().expect("one disk");
+            push(take(d, src, host, exec, now, progress));
             continue;
         }
         let (ds, srcs): (Vec<&DesiredDisk>, Vec<Source>) = group.into_iter().unzip();
@@ -273,6 +257,12 @@ struct Prepared<'a> {
 }
 
 impl Prepared<'_> {
+    /// The checkpoint (live) or persistent bitmap (offline) this backup starts: named after its
+    /// point's file, so unique per backup.
+    fn checkpoint(&self) -> String {
+        format!("diskchain-{}", self.file.trim_end_matches(".qcow2"))
+    }
+
     fn failed(&self, m: String) -> BackupError {
         err(self.disk, ErrorKind::Failed, m)
     }
@@ -338,23 +328,7 @@ fn prepare<'a>(
         ));
     }
     let size = chain.active().virtual_size;
-    let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
-        err(
-            disk,
-            if matches!(e, repo::RepoError::Busy(_)) {
-                ErrorKind::InUse
-            } else {
-                ErrorKind::Failed
-            },
-            e.to_string(),
-        )
-    })?;
-    merge::finish(&mut repo, &host.roots, &host.state, exec).map_err(|e| {
-        failed(format!(
-            "repository {}: finishing an interrupted retention merge: {e}",
-            dir.display()
-        ))
-    })?;
+    let repo = open_repo(disk, &dir, host, exec)?;
     for p in repo.remove_partials().map_err(|e| failed(e.to_string()))? {
         tracing::info!(disk = %disk.key, file = p, "removed what a killed backup left");
     }
@@ -378,6 +352,35 @@ fn prepare<'a>(
 
 /// One disk's backup, and its retention pass.
 type DiskBackup = Result<(BackupDone, Option<RetentionReport>), BackupError>;
+
+/// Opens and locks disk `disk`'s repository `dir`, finishing a retention merge an earlier run
+/// left (its manifest is only true once that is done).
+fn open_repo(
+    disk: &DesiredDisk,
+    dir: &Path,
+    host: &Host,
+    exec: ExecOptions,
+) -> Result<Repo, BackupError> {
+    let mut repo = Repo::open(dir, &disk.key).map_err(|e| {
+        let kind = if matches!(e, repo::RepoError::Busy(_)) {
+            ErrorKind::InUse
+        } else {
+            ErrorKind::Failed
+        };
+        err(disk, kind, e.to_string())
+    })?;
+    merge::finish(&mut repo, &host.roots, &host.state, exec).map_err(|e| {
+        err(
+            disk,
+            ErrorKind::Failed,
+            format!(
+                "repository {}: finishing an interrupted retention merge: {e}",
+                dir.display()
+            ),
+        )
+    })?;
+    Ok(repo)
+}
 
 /// How a new point was taken.
 type Taken = (Kind, Option<String>, Option<String>);
@@ -482,9 +485,20 @@ pub fn backup_disk(
     progress: &dyn crate::progress::Progress,
 ) -> DiskBackup {
     repository(disk, host)?;
-    let src = source(disk)?;
+    take(disk, source(disk)?, host, exec, now, progress)
+}
+
+/// Backs up one disk from `src` in a job of its own, records the point, applies retention.
+fn take(
+    disk: &DesiredDisk,
+    src: Source,
+    host: &Host,
+    exec: ExecOptions,
+    now: i64,
+    progress: &dyn crate::progress::Progress,
+) -> DiskBackup {
     let p = prepare(disk, src, host, exec, now)?;
-    let ck = format!("diskchain-{}", p.file.trim_end_matches(".qcow2"));
+    let ck = p.checkpoint();
     progress.step_started(&disk.key, 1, 1, "backup", p.size);
     let mut fraction = |f: f64| progress.step_progress(f);
     let taken = match p.live() {
@@ -529,7 +543,7 @@ fn backup_domain(
         }
     }
     if let Some((_, first)) = ready.first() {
-        let ck = format!("diskchain-{}", first.file.trim_end_matches(".qcow2"));
+        let ck = first.checkpoint();
         let total: u64 = ready.iter().map(|(_, p)| p.size).sum();
         progress.step_started(&first.disk.key, 1, 1, "backup of the domain's disks", total);
         let mut fraction = |f: f64| progress.step_progress(f);
@@ -1114,27 +1128,7 @@ fn open_settled(disk: &DesiredDisk, host: &Host, exec: ExecOptions) -> Result<Re
             ),
         ));
     }
-    let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
-        err(
-            disk,
-            if matches!(e, repo::RepoError::Busy(_)) {
-                ErrorKind::InUse
-            } else {
-                ErrorKind::Failed
-            },
-            e.to_string(),
-        )
-    })?;
-    merge::finish(&mut repo, &host.roots, &host.state, exec).map_err(|e| {
-        err(
-            disk,
-            ErrorKind::Failed,
-            format!(
-                "repository {}: finishing an interrupted retention merge: {e}",
-                dir.display()
-            ),
-        )
-    })?;
+    let repo = open_repo(disk, &dir, host, exec)?;
     Ok(repo)
 }
 
@@ -1419,16 +1413,6 @@ pub fn retain_now(
     if !dir.join("manifest.json").exists() {
         return Ok(None);
     }
-    let mut repo = Repo::open(&dir, &disk.key).map_err(|e| {
-        err(
-            disk,
-            if matches!(e, repo::RepoError::Busy(_)) {
-                ErrorKind::InUse
-            } else {
-                ErrorKind::Failed
-            },
-            e.to_string(),
-        )
-    })?;
+    let mut repo = open_repo(disk, &dir, host, exec)?;
     retain(&mut repo, &policy, disk, host, exec)
 }

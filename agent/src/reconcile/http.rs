@@ -12,6 +12,17 @@ use axum::routing::get;
 
 use super::Shared;
 
+/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` there in a task of its own (both
+/// modes of the agent). `Err` says why the address cannot be used.
+pub async fn listen(addr: std::net::SocketAddr, shared: Arc<Shared>) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("failed to listen on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    tokio::spawn(serve(listener, shared));
+    Ok(())
+}
+
 /// Serves until the process exits.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let app = Router::new()

@@ -255,17 +255,11 @@ pub fn run(opts: AgentOptions) -> i32 {
             stuck_after: opts.stuck_after,
         });
         tokio::spawn(watchdog(shared.clone()));
-        if let Some(addr) = opts.listen {
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-                    tokio::spawn(http::serve(listener, shared.clone()));
-                }
-                Err(e) => {
-                    eprintln!("error: failed to listen on {addr}: {e}");
-                    return 2;
-                }
-            }
+        if let Some(addr) = opts.listen
+            && let Err(e) = http::listen(addr, shared.clone()).await
+        {
+            eprintln!("error: {e}");
+            return 2;
         }
         // What an earlier run knew of backups (when each disk was last verified).
         let tracks: BTreeMap<DiskKey, DiskTrack> =
@@ -653,6 +647,9 @@ impl Agent {
                 })
                 .map(|m| (m.points.len(), m.points.last().cloned()));
             let seen = self.policy_seen.get(&spec.key).copied().unwrap_or(now);
+            // The repository records its last deep verify (whoever ran it: the agent, `verify
+            // --deep`, Kubernetes mode).
+            let verified = crate::backup::last_verified(&spec, &host);
             let t = self.track(&spec.key);
             let b = t.backup.get_or_insert_with(Default::default);
             let before = b.clone();
@@ -673,6 +670,9 @@ impl Agent {
                 .as_deref()
                 .and_then(|c| schedule::next_after(c, last_backup))
                 .unwrap_or(0);
+            if let Some(v) = verified {
+                b.last_verify_unix = b.last_verify_unix.max(v);
+            }
             let last_verify = if b.last_verify_unix > 0 {
                 b.last_verify_unix
             } else {
