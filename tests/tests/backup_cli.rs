@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use diskchain_tests::env::{Env, backing_chain, check, spec_yaml};
 use diskchain_tests::qemu::{cluster_states, create, io, view_sha256};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 64 * 1024;
@@ -818,4 +818,36 @@ fn a_lowered_retention_is_planned_at_the_oracle_minimum_and_applied() {
     let out = run(&env, &["plan", "-o", "json"], &d.spec);
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(plan.get("retention").is_none(), "{plan}");
+}
+
+/// A manifest edited to name a file outside its repository is refused, never read or merged:
+/// its points are the repository's own files, by name.
+#[test]
+fn a_manifest_naming_a_file_outside_the_repository_is_refused() {
+    let env = Env::new();
+    let d = disk(&env, "vdj", "");
+    backup(&env, &d.spec, &[]);
+    let path = d.repo.join("manifest.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // The disk's own base, reached from the repository, with its view's checksum.
+    m["points"][0]["file"] = json!("../../vdj-base.qcow2");
+    m["points"][0]["sha256"] = json!(view(&env, &d.base));
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let to = env.dir.path().join("out.raw");
+    let out = env
+        .diskchain(&["restore", "--disk", "vdj", "--format", "raw", "--to"])
+        .arg(&to)
+        .arg("--point")
+        .arg(m["points"][0]["point"].as_str().unwrap())
+        .arg("-f")
+        .arg(&d.spec)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("manifest.json") && err.contains("../../vdj-base.qcow2"),
+        "{err}"
+    );
+    assert!(!to.exists());
 }

@@ -161,6 +161,23 @@ impl Repo {
                 });
             }
         };
+        // A point's file is one of the repository's own, by name: never a path that leaves it.
+        if let Some(p) = manifest.points.iter().find(|p| {
+            p.file.is_empty()
+                || p.file.starts_with('.')
+                || p.file.contains('/')
+                || p.file.contains('\0')
+        }) {
+            return Err(RepoError::Damaged {
+                dir: dir.to_path_buf(),
+                message: format!(
+                    "{}: point {} names the file {:?}, which is not a file of this repository (a point's file is a plain name in it); the manifest was edited or damaged: restore it, or move the repository aside",
+                    path.display(),
+                    p.point,
+                    p.file
+                ),
+            });
+        }
         if (manifest.namespace.as_str(), manifest.disk.as_str())
             != (key.namespace.as_str(), key.name.as_str())
         {
