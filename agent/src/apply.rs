@@ -418,6 +418,7 @@ fn reconcile_into(
                 continue;
             }
             worked = true;
+            options.progress.planned(&spec.key, &disk.plan.steps);
             c.run(
                 spec,
                 new_journal(&disk, spec, roots),

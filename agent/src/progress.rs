@@ -25,6 +25,11 @@ pub struct StepRecord {
 
 /// What a reconcile tells its driver as it goes. Every method has a default that does nothing.
 pub trait Progress: Send + Sync {
+    /// A new plan for disk `disk` is about to run (journaled, its first step not yet started).
+    fn planned(&self, disk: &DiskKey, steps: &[diskchain_planner::Step]) {
+        let _ = (disk, steps);
+    }
+
     /// Step `index` (1-based) of `total` of disk `disk` starts; it is predicted to write `bytes`.
     fn step_started(&self, disk: &DiskKey, index: usize, total: usize, op: &str, bytes: u64) {
         let _ = (disk, index, total, op, bytes);

@@ -14,7 +14,6 @@ use diskchain_tests::qemu::{create, fingerprint, io, view_sha256};
 use http::{Request, Response};
 use kube::Client;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -43,13 +42,11 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let ctx = Context {
-        recorder: Recorder::new(
+        recorder: Arc::new(diskchain::kubernetes::events::Events::new(
             client.clone(),
-            Reporter {
-                controller: "diskchain".into(),
-                instance: Some("node-a".into()),
-            },
-        ),
+            "diskchain",
+            "node-a",
+        )),
         client,
         node: "node-a".into(),
         roots: Roots::new(&[h.dir.path().join("img")]).unwrap(),
@@ -58,6 +55,7 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         resync: Duration::from_secs(300),
         failures: Default::default(),
         stop: Default::default(),
+        shared: Arc::new(diskchain::reconcile::Shared::new(Duration::from_secs(300))),
     };
     (Arc::new(ctx), handle)
 }
@@ -109,6 +107,62 @@ async fn next(
     let bytes = req.into_body().collect_bytes().await.unwrap();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     (method, uri, body, send)
+}
+
+/// The events a reconcile publishes while its steps run (`Planned`, then `StepStarted` and
+/// `StepDone` per step), each answered, and the first request after them.
+async fn step_events(
+    handle: &mut Handle,
+) -> (
+    Vec<Value>,
+    (
+        String,
+        String,
+        Value,
+        tower_test::mock::SendResponse<Response<Body>>,
+    ),
+) {
+    let mut events = Vec::new();
+    loop {
+        let (m, uri, body, send) = next(handle).await;
+        let is_step = m == "POST"
+            && uri.contains("/events")
+            && ["Planned", "StepStarted", "StepDone"]
+                .contains(&body["reason"].as_str().unwrap_or(""));
+        if !is_step {
+            return (events, (m, uri, body, send));
+        }
+        reply(send, &body);
+        events.push(body);
+    }
+}
+
+/// Checks the step events of a plan of at least one step: `Planned` with its bytes, then a
+/// `StepStarted` and a `StepDone` with bytes written for each step, in order.
+fn assert_step_events(events: &[Value]) {
+    let reasons: Vec<&str> = events
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert!(reasons.len() >= 3, "{reasons:?}");
+    assert_eq!(reasons[0], "Planned", "{events:?}");
+    assert!(
+        events[0]["note"].as_str().unwrap().contains("predicted"),
+        "{}",
+        events[0]
+    );
+    for (i, pair) in reasons[1..].chunks(2).enumerate() {
+        assert_eq!(
+            pair,
+            ["StepStarted", "StepDone"],
+            "step {}: {reasons:?}",
+            i + 1
+        );
+    }
+    for e in events.iter().filter(|e| e["reason"] == "StepDone") {
+        assert!(e["note"].as_str().unwrap().contains("written"), "{e}");
+        assert_eq!(e["type"], "Normal");
+    }
 }
 
 fn reply(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
@@ -163,7 +217,9 @@ async fn a_new_resource_gets_the_finalizer_then_status_and_an_event_and_its_disk
     let obj = object("node-a", &h.top, &[], true, false);
     let obj_json = serde_json::to_value(&obj).unwrap();
     let server = tokio::spawn(async move {
-        let (m, uri, body, send) = next(&mut api).await;
+        // The plan and each step as they run, then the status.
+        let (events, (m, uri, body, send)) = step_events(&mut api).await;
+        assert_step_events(&events);
         assert_eq!(m, "PATCH");
         assert!(
             uri.starts_with(
@@ -207,6 +263,20 @@ async fn a_new_resource_gets_the_finalizer_then_status_and_an_event_and_its_disk
     server.await.unwrap();
     assert_eq!(backing_chain(&h.top), vec![h.top.clone()], "flattened");
     assert_eq!(view_sha256(&h.top, "qcow2", h.dir.path()), view);
+    // The metrics file mode exports, from this reconcile.
+    let metrics = ctx.shared.metrics.encode();
+    for line in [
+        "diskchain_chain_length{disk=\"vda\"} 1",
+        "diskchain_drift{disk=\"vda\"} 0",
+        "diskchain_plan_bytes{disk=\"vda\"} 0",
+        "diskchain_reconcile_duration_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("diskchain_written_bytes_total{op="),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -338,7 +408,8 @@ async fn a_spec_edit_replans_and_an_unchanged_outcome_sends_no_event() {
     obj.status = Some(serde_json::from_value(status).unwrap());
     let obj_json = serde_json::to_value(&obj).unwrap();
     let server = tokio::spawn(async move {
-        let (_, uri, body, send) = next(&mut api).await;
+        let (events, (_, uri, body, send)) = step_events(&mut api).await;
+        assert_step_events(&events);
         assert!(uri.contains("/status?"), "{uri}");
         assert_eq!(body["status"]["observedGeneration"], 4, "{body}");
         assert!(
@@ -694,7 +765,8 @@ async fn drift_by_hand_is_corrected_and_said_so() {
     );
     let obj_json = serde_json::to_value(&obj).unwrap();
     let server = tokio::spawn(async move {
-        let (_, uri, _, send) = next(&mut api).await;
+        let (events, (_, uri, _, send)) = step_events(&mut api).await;
+        assert_step_events(&events);
         assert!(uri.contains("/status?"), "{uri}");
         reply(send, &obj_json);
         let (_, _, body, send) = next(&mut api).await;
@@ -735,4 +807,141 @@ async fn resources_without_a_node_are_counted() {
     let n = diskchain::kubernetes::count_unassigned(&api).await.unwrap();
     server.await.unwrap();
     assert_eq!(n, 1);
+}
+
+/// A resource deleted while the agent was down waits on diskchain's finalizer; when the agent
+/// comes back, its controller lists the node's resources (by the `spec.nodeName` field
+/// selector), finds it and finalizes it: the record is dropped, an event says so, the finalizer
+/// is removed, and no image is touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_deleted_while_the_agent_was_down_is_finalized_when_it_comes_back() {
+    let h = host();
+    // The agent converged the disk (keeping the base), then stopped.
+    let kept = object("node-a", &h.top, &[("golden", &h.base)], true, false);
+    {
+        let (ctx, api) = context(&h);
+        let server = auto_server(
+            api,
+            [("vda".to_string(), serde_json::to_value(&kept).unwrap())].into(),
+        );
+        reconcile(Arc::new(kept), ctx.clone()).await.unwrap();
+        drop(ctx);
+        server.await.unwrap();
+    }
+    let record = h.dir.path().join("state/disks/default/vda.json");
+    assert!(record.exists());
+    let images: Vec<_> = [&h.base, &h.top].iter().map(|f| fingerprint(f)).collect();
+
+    // While it was down, the resource was deleted: the API server keeps it, with a deletion
+    // time, until the finalizer is gone. A new agent starts its controller.
+    let (ctx, mut api) = context(&h);
+    let deleted = object("node-a", &h.top, &[("golden", &h.base)], true, true);
+    let mut released = serde_json::to_value(&deleted).unwrap();
+    released["metadata"]["finalizers"] = json!([]);
+    let list = json!({"apiVersion": "diskchain.dev/v1alpha1", "kind": "DiskChainList",
+                      "metadata": {"resourceVersion": "12"},
+                      "items": [serde_json::to_value(&deleted).unwrap()]});
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut watches = Vec::new();
+        loop {
+            let (m, uri, body, send) = next(&mut api).await;
+            if m == "GET" {
+                assert!(
+                    uri.starts_with("/apis/diskchain.dev/v1alpha1/diskchains?"),
+                    "{uri}"
+                );
+                assert!(
+                    uri.contains("fieldSelector=spec.nodeName%3Dnode-a"),
+                    "only this node's resources are watched: {uri}"
+                );
+                if uri.contains("watch=true") {
+                    // Held open: nothing more happens to the resource.
+                    watches.push(send);
+                } else {
+                    reply(send, &list);
+                }
+                continue;
+            }
+            assert!(
+                !uri.contains("/status"),
+                "no status for a deleted resource: {uri}"
+            );
+            if m == "POST" && uri.contains("/events") {
+                seen.push(format!("event {}", body["reason"].as_str().unwrap()));
+                reply(send, &body);
+                continue;
+            }
+            assert_eq!(m, "PATCH", "{uri}");
+            assert!(
+                uri.starts_with("/apis/diskchain.dev/v1alpha1/namespaces/default/diskchains/vda?"),
+                "{uri}"
+            );
+            assert!(
+                body.to_string().contains("remove"),
+                "the finalizer is removed: {body}"
+            );
+            seen.push("finalizer removed".to_string());
+            reply(send, &released);
+            return seen;
+        }
+    });
+    let controller = tokio::spawn(diskchain::kubernetes::control(
+        kube::Api::all(ctx.client.clone()),
+        ctx.clone(),
+        2,
+    ));
+    let seen = server.await.unwrap();
+    controller.abort();
+    assert_eq!(seen, ["event Released", "finalizer removed"]);
+    assert!(!record.exists(), "the record is dropped");
+    let after: Vec<_> = [&h.base, &h.top].iter().map(|f| fingerprint(f)).collect();
+    assert_eq!(images, after, "no image touched");
+}
+
+/// The same event again (same reason and note) raises the first one's series count; another
+/// note is a new event, even with the same reason (kube-runtime's `Recorder` would fold it into
+/// the first and keep the first note).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_event_is_counted_and_a_new_note_is_a_new_event() {
+    use kube::runtime::events::{Event, EventType};
+    let h = host();
+    let (ctx, mut api) = context(&h);
+    let obj = object("node-a", &h.top, &[], true, false);
+    let reference = kube::Resource::object_ref(&obj, &());
+    let ev = |note: &str| Event {
+        type_: EventType::Warning,
+        reason: "BackupFailed".into(),
+        note: Some(note.into()),
+        action: "Backup".into(),
+        secondary: None,
+    };
+    let server = tokio::spawn(async move {
+        let (m, uri, first, send) = next(&mut api).await;
+        assert_eq!(m, "POST");
+        assert!(uri.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"));
+        assert_eq!(first["note"], "the repository is full");
+        assert_eq!(first["reportingController"], "diskchain");
+        assert_eq!(first["reportingInstance"], "node-a");
+        assert_eq!(first["regarding"]["name"], "vda");
+        reply(send, &first);
+        let (m, uri, body, send) = next(&mut api).await;
+        assert_eq!(m, "PATCH", "the same event again is counted");
+        let name = first["metadata"]["name"].as_str().unwrap();
+        assert!(uri.contains(&format!("/events/{name}?")), "{uri}");
+        assert_eq!(body["series"]["count"], 2, "{body}");
+        reply(send, &first);
+        let (m, _, body, send) = next(&mut api).await;
+        assert_eq!(m, "POST", "another note is another event");
+        assert_eq!(body["note"], "the repository is gone");
+        reply(send, &body);
+    });
+    for note in [
+        "the repository is full",
+        "the repository is full",
+        "the repository is gone",
+    ] {
+        ctx.recorder.publish(&ev(note), &reference).await.unwrap();
+    }
+    server.await.unwrap();
 }

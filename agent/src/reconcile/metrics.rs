@@ -64,6 +64,12 @@ pub struct Metrics {
     pub backup_next: Family<DiskLabels, Gauge>,
     /// Kubernetes mode: `DiskChain` resources without `spec.nodeName` (no agent acts on them).
     pub unassigned: Gauge,
+    /// Kubernetes mode: this node's `DiskChain` resources in the controller's watch cache.
+    pub watched: Gauge,
+    /// Kubernetes mode: errors of the watch on this node's resources (each is retried).
+    pub watch_errors: Counter,
+    /// Kubernetes mode: reconcile durations (the steps and backups they ran included).
+    pub reconcile_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -90,6 +96,24 @@ impl Metrics {
         let backup_points = Family::<DiskLabels, Gauge>::default();
         let backup_next = Family::<DiskLabels, Gauge>::default();
         let unassigned = Gauge::default();
+        let watched = Gauge::default();
+        let watch_errors = Counter::default();
+        let reconcile_seconds = step_histogram();
+        registry.register(
+            "watched_resources",
+            "Kubernetes mode: this node's DiskChain resources in the controller's watch cache",
+            watched.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Kubernetes mode: errors of the watch on this node's DiskChain resources",
+            watch_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Kubernetes mode: duration of a resource's reconcile, steps and backups included",
+            reconcile_seconds.clone(),
+        );
         registry.register(
             "resources_without_node",
             "Kubernetes mode: DiskChain resources without spec.nodeName, which no agent acts on",
@@ -170,6 +194,9 @@ impl Metrics {
             backup_points,
             backup_next,
             unassigned,
+            watched,
+            watch_errors,
+            reconcile_seconds,
         }
     }
 

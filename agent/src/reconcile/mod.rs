@@ -139,6 +139,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Fresh metrics, not ready yet, no pass running.
+    pub fn new(stuck_after: Duration) -> Shared {
+        Shared {
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(false),
+            pass_started_ms: AtomicU64::new(0),
+            stuck_after,
+        }
+    }
+
     /// How long the pass now running has been running, when it is past `stuck_after`.
     pub fn stuck_for(&self) -> Option<Duration> {
         let started = self.pass_started_ms.load(Ordering::SeqCst);
@@ -152,8 +162,8 @@ impl Shared {
 
 /// The agent's observer of a disk's steps: each step's bytes and time go into the metrics as it
 /// ends (a long plan shows its progress before the disk is done).
-struct MetricsProgress {
-    shared: Arc<Shared>,
+pub(crate) struct MetricsProgress {
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Progress for MetricsProgress {
@@ -248,12 +258,7 @@ pub fn run(opts: AgentOptions) -> i32 {
         }
     };
     let code = rt.block_on(async move {
-        let shared = Arc::new(Shared {
-            metrics: Metrics::new(),
-            ready: AtomicBool::new(false),
-            pass_started_ms: AtomicU64::new(0),
-            stuck_after: opts.stuck_after,
-        });
+        let shared = Arc::new(Shared::new(opts.stuck_after));
         tokio::spawn(watchdog(shared.clone()));
         if let Some(addr) = opts.listen
             && let Err(e) = http::listen(addr, shared.clone()).await

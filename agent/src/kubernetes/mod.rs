@@ -17,7 +17,7 @@ use diskchain_crd::{Condition, DesiredDisk, DiskChain, DiskChainStatus, DiskKey,
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -28,6 +28,9 @@ use crate::observe::Roots;
 use crate::outcome::Outcome;
 use crate::plan::Host;
 use crate::state::StateDir;
+
+pub mod events;
+pub mod lease;
 
 /// The finalizer diskchain puts on every resource it manages.
 pub const FINALIZER: &str = "diskchain.dev/cleanup";
@@ -50,11 +53,13 @@ pub struct Context {
     /// How long a disk in sync waits before it is observed again.
     pub resync: Duration,
     /// Publishes events.
-    pub recorder: Recorder,
+    pub recorder: Arc<events::Events>,
     /// Failed reconciles in a row, per resource (`namespace/name`): the requeue backs off.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Set on SIGTERM: no new step starts (a plan stays journaled and resumes on the next start).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The metrics and readiness the HTTP endpoints serve.
+    pub shared: Arc<crate::reconcile::Shared>,
 }
 
 impl Context {
@@ -251,28 +256,189 @@ fn backup_status(disk: &DesiredDisk, roots: &Roots) -> Option<diskchain_crd::Bac
     })
 }
 
-/// Collects the steps a reconcile ran, for its event.
-#[derive(Default)]
-struct Steps(std::sync::Mutex<Vec<crate::progress::StepRecord>>);
+/// Kubernetes mode's observer of a reconcile: an event when a plan is made and when each step
+/// starts and ends (with its bytes), published in order by one task while the steps run; each
+/// step's bytes and time into the metrics, as in file mode; the steps kept for the summary event.
+struct KubeProgress {
+    events: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Event>>>,
+    ran: std::sync::Mutex<Vec<crate::progress::StepRecord>>,
+    metrics: crate::reconcile::MetricsProgress,
+}
 
-impl Steps {
+impl KubeProgress {
+    /// An observer for `obj`'s reconcile, and the task publishing its events (it ends once
+    /// [`KubeProgress::close`] is called and every event is sent).
+    fn start(ctx: &Context, obj: &DiskChain) -> (Arc<KubeProgress>, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let recorder = ctx.recorder.clone();
+        let reference = obj.object_ref(&());
+        let publisher = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if let Err(e) = recorder.publish(&ev, &reference).await {
+                    tracing::warn!(error = %e, reason = ev.reason, "cannot publish an event");
+                }
+            }
+        });
+        let progress = KubeProgress {
+            events: std::sync::Mutex::new(Some(tx)),
+            ran: Default::default(),
+            metrics: crate::reconcile::MetricsProgress {
+                shared: ctx.shared.clone(),
+            },
+        };
+        (Arc::new(progress), publisher)
+    }
+
+    fn send(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        if let Some(tx) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: action.into(),
+                secondary: None,
+            });
+        }
+    }
+
+    /// No more events: the publisher ends once it has sent those queued.
+    fn close(&self) {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
     fn take(&self) -> Vec<crate::progress::StepRecord> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.ran.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
-impl crate::progress::Progress for Steps {
+impl crate::progress::Progress for KubeProgress {
+    fn planned(&self, _disk: &DiskKey, steps: &[diskchain_planner::Step]) {
+        let total: u64 = steps.iter().map(|s| s.bytes).sum();
+        self.send(
+            EventType::Normal,
+            "Planned",
+            "Plan",
+            format!(
+                "{} step(s), {} predicted: {}",
+                steps.len(),
+                crate::units::human_bytes(total),
+                steps
+                    .iter()
+                    .map(|s| format!(
+                        "{} ({}): {}",
+                        s.action.op(),
+                        crate::units::human_bytes(s.bytes),
+                        s.reason
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        );
+    }
+
+    fn step_started(&self, _disk: &DiskKey, index: usize, total: usize, op: &str, bytes: u64) {
+        self.send(
+            EventType::Normal,
+            "StepStarted",
+            "Apply",
+            format!(
+                "step {index}/{total} {op}: {} predicted",
+                crate::units::human_bytes(bytes)
+            ),
+        );
+    }
+
     fn step_done(
         &self,
-        _disk: &DiskKey,
-        _index: usize,
-        _total: usize,
+        disk: &DiskKey,
+        index: usize,
+        total: usize,
         record: &crate::progress::StepRecord,
     ) {
-        self.0
+        self.metrics.step_done(disk, index, total, record);
+        self.send(
+            EventType::Normal,
+            "StepDone",
+            "Apply",
+            format!(
+                "step {index}/{total} {}: {} predicted, {} written, {:.2} s",
+                record.op,
+                crate::units::human_bytes(record.predicted_bytes),
+                crate::units::human_bytes(record.written_bytes),
+                record.seconds
+            ),
+        );
+        self.ran
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(record.clone());
+    }
+
+    fn note(&self, _disk: &DiskKey, message: &str) {
+        // A plan set aside, a retention merge: worth a look.
+        self.send(EventType::Warning, "Note", "Reconcile", message.to_string());
+    }
+}
+
+/// The metrics file mode exports for a disk, from one reconcile (and the backup it ran).
+fn record_metrics(
+    ctx: &Context,
+    key: &DiskKey,
+    result: &crate::outcome::DiskResult,
+    chain_len: usize,
+    backup: Option<Result<&crate::backup::BackupDone, &crate::backup::BackupError>>,
+    backups: Option<&diskchain_crd::BackupStatus>,
+) {
+    use crate::reconcile::metrics::{DiskLabels, ResultLabels};
+    let m = &ctx.shared.metrics;
+    let labels = DiskLabels {
+        disk: key.to_string(),
+    };
+    let in_sync = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
+    // What is left to write: nothing once the chain is the spec's; the plan that did not
+    // finish otherwise.
+    m.plan_bytes.get_or_create(&labels).set(if in_sync {
+        0
+    } else {
+        result.predicted_bytes as i64
+    });
+    m.drift.get_or_create(&labels).set(i64::from(!in_sync));
+    if chain_len > 0 {
+        m.chain_length.get_or_create(&labels).set(chain_len as i64);
+    }
+    if let Some(b) = backup {
+        let what = match b {
+            Ok(done) => {
+                m.backup_bytes.get_or_create(&labels).inc_by(done.bytes);
+                m.backup_last_success
+                    .get_or_create(&labels)
+                    .set(chrono::Utc::now().timestamp());
+                done.kind.as_str()
+            }
+            Err(_) => "backup_failed",
+        };
+        m.backups
+            .get_or_create(&ResultLabels {
+                disk: key.to_string(),
+                result: what.into(),
+            })
+            .inc();
+    }
+    if let Some(b) = backups {
+        m.backup_points
+            .get_or_create(&labels)
+            .set(i64::from(b.points));
+        let next = b
+            .next
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or(0, |t| t.timestamp());
+        m.backup_next.get_or_create(&labels).set(next);
     }
 }
 
@@ -352,8 +518,9 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
             return Ok(Action::await_change());
         }
     };
+    let started = std::time::Instant::now();
     let host = Host::new(&ctx.roots, &ctx.state, std::slice::from_ref(&disk));
-    let steps = Arc::new(Steps::default());
+    let (steps, publisher) = KubeProgress::start(&ctx, &obj);
     let options = ApplyOptions {
         exec: ctx.exec,
         progress: steps.clone(),
@@ -397,7 +564,11 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     })
     .await
     .map_err(|e| Error::Disk(format!("the reconcile task failed: {e}")))?;
+    // Every step's event is out before the status says the reconcile ended.
+    steps.close();
+    let _ = publisher.await;
     let record = ctx.state.load(&key).ok().flatten();
+    let chain_len = chain.len();
     let message = result.message.clone().unwrap_or_else(|| {
         if result.steps.is_empty() {
             "in sync with its spec".into()
@@ -431,6 +602,14 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     };
     patch_status(&api, &name, status).await?;
     let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
+    record_metrics(
+        &ctx,
+        &key,
+        &result,
+        chain_len,
+        backup.as_ref().map(|b| b.as_ref().map(|(done, _)| done)),
+        backups.as_ref(),
+    );
     let reason = conditions(result.outcome, "", None)[0].reason.clone();
     // The steps that ran (one event per reconcile that changed the chain, with each step's
     // bytes), then the outcome when it changed.
@@ -471,34 +650,48 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     }
     event_on_change(&ctx, &obj, &reason, message.clone(), !ok).await?;
     if let Some(b) = backup {
-        let ev = match b {
-            Ok((done, retention)) => Event {
-                type_: EventType::Normal,
-                reason: "BackupTaken".into(),
-                note: Some(format!(
-                    "{} backup {} ({} bytes written){}",
-                    done.kind.as_str(),
-                    done.point,
-                    done.bytes,
-                    retention
-                        .map(|r| format!(
-                            "; retention merged {} point(s) away",
-                            r.done.removed.len()
-                        ))
-                        .unwrap_or_default()
-                )),
-                action: "Backup".into(),
-                secondary: None,
-            },
-            Err(e) => Event {
-                type_: EventType::Warning,
-                reason: "BackupFailed".into(),
-                note: Some(e.error),
-                action: "Backup".into(),
-                secondary: None,
-            },
-        };
-        ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+        match b {
+            Ok((done, retention)) => {
+                let ev = Event {
+                    type_: EventType::Normal,
+                    reason: "BackupTaken".into(),
+                    note: Some(format!(
+                        "{} backup {} ({} written)",
+                        done.kind.as_str(),
+                        done.point,
+                        crate::units::human_bytes(done.bytes),
+                    )),
+                    action: "Backup".into(),
+                    secondary: None,
+                };
+                ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+                if let Some(r) = retention {
+                    let ev = Event {
+                        type_: EventType::Normal,
+                        reason: "RetentionMerged".into(),
+                        note: Some(format!(
+                            "the retention policy merged {} backup point(s) away ({}): {} written",
+                            r.done.removed.len(),
+                            r.done.removed.join(", "),
+                            crate::units::human_bytes(r.done.total_bytes),
+                        )),
+                        action: "Backup".into(),
+                        secondary: None,
+                    };
+                    ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+                }
+            }
+            Err(e) => {
+                let ev = Event {
+                    type_: EventType::Warning,
+                    reason: "BackupFailed".into(),
+                    note: Some(e.error),
+                    action: "Backup".into(),
+                    secondary: None,
+                };
+                ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+            }
+        }
     }
     if let Some(v) = verify {
         let ev = match v {
@@ -535,6 +728,10 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         };
         ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
     }
+    ctx.shared
+        .metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
     if ok {
         ctx.succeeded(&format!("{ns}/{name}"));
         // Observed again at the resync, or when the next backup is due if that is sooner.
@@ -688,14 +885,10 @@ pub fn run(opts: KubeOptions) -> i32 {
                 return 1;
             }
         };
+        // `/healthz`, `/readyz` (ready once the controller runs) and `/metrics`, as in file mode.
+        let shared = Arc::new(crate::reconcile::Shared::new(Duration::from_secs(300)));
         let ctx = Arc::new(Context {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "diskchain".into(),
-                    instance: Some(opts.node.clone()),
-                },
-            ),
+            recorder: Arc::new(events::Events::new(client.clone(), "diskchain", &opts.node)),
             client: client.clone(),
             node: opts.node.clone(),
             roots,
@@ -704,13 +897,7 @@ pub fn run(opts: KubeOptions) -> i32 {
             resync: opts.resync,
             failures: Default::default(),
             stop: stop.clone(),
-        });
-        // `/healthz`, `/readyz` (ready once the controller runs) and `/metrics`, as in file mode.
-        let shared = Arc::new(crate::reconcile::Shared {
-            metrics: crate::reconcile::Metrics::new(),
-            ready: std::sync::atomic::AtomicBool::new(false),
-            pass_started_ms: std::sync::atomic::AtomicU64::new(0),
-            stuck_after: Duration::from_secs(300),
+            shared: shared.clone(),
         });
         if let Some(addr) = opts.listen
             && let Err(e) = crate::reconcile::http::listen(addr, shared.clone()).await
@@ -781,39 +968,9 @@ pub fn run(opts: KubeOptions) -> i32 {
                 }
             });
         }
-        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
         tracing::info!(node = %opts.node, "Kubernetes mode: watching this node's DiskChain resources");
         shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-        let metrics = shared.clone();
-        let controller = Controller::new(api, config)
-            .with_config(
-                kube::runtime::controller::Config::default()
-                    .concurrency(opts.max_parallel.max(1) as u16),
-            )
-            .shutdown_on_signal()
-            .run(reconcile, error_policy, ctx)
-            .for_each(|r| {
-                let m = metrics.clone();
-                async move {
-                    let (disk, result) = match &r {
-                        Ok((obj, _)) => (
-                            format!("{}/{}", obj.namespace.as_deref().unwrap_or("default"), obj.name),
-                            "ok",
-                        ),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "reconcile");
-                            ("-".to_string(), "failed")
-                        }
-                    };
-                    m.metrics
-                        .reconciles
-                        .get_or_create(&crate::reconcile::metrics::ResultLabels {
-                            disk,
-                            result: result.into(),
-                        })
-                        .inc();
-                }
-            });
+        let controller = control(api, ctx, opts.max_parallel);
         tokio::select! {
             _ = controller => 0,
             Ok(why) = lost_rx => {
@@ -824,111 +981,60 @@ pub fn run(opts: KubeOptions) -> i32 {
     })
 }
 
-/// One agent per node: a `coordination.k8s.io` Lease named after the node. An agent acquires it
-/// when nobody holds it or its holder stopped renewing (longer than the lease's duration), and
-/// renews it every third of the duration. Writes carry the `resourceVersion` read, so of two
-/// agents racing, the API server lets one through and answers the other 409.
-pub mod lease {
-    use std::time::Duration;
-
-    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-    use k8s_openapi::jiff::{SignedDuration, Timestamp};
-    use kube::api::{ObjectMeta, PostParams};
-    use kube::{Api, Client};
-
-    /// The node's lease, as one agent sees it.
-    pub struct NodeLease {
-        api: Api<Lease>,
-        name: String,
-        identity: String,
-        duration: Duration,
-    }
-
-    impl NodeLease {
-        /// The lease `diskchain-NODE` in `namespace`, for the agent `identity`.
-        pub fn new(
-            client: Client,
-            namespace: &str,
-            node: &str,
-            identity: &str,
-            duration: Duration,
-        ) -> NodeLease {
-            NodeLease {
-                api: Api::namespaced(client, namespace),
-                name: format!("diskchain-{node}"),
-                identity: identity.to_string(),
-                duration,
+/// The controller over this node's `DiskChain` resources (a watch with the field selector
+/// `spec.nodeName=NODE`), reconciling at most `max_parallel` at once, until SIGTERM or SIGINT.
+/// Feeds the watch and reconcile metrics.
+pub async fn control(api: Api<DiskChain>, ctx: Arc<Context>, max_parallel: usize) {
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.node));
+    let shared = ctx.shared.clone();
+    let controller = Controller::new(api, config).with_config(
+        kube::runtime::controller::Config::default().concurrency(max_parallel.max(1) as u16),
+    );
+    // The watch cache's size, every few seconds.
+    let store = controller.store();
+    let gauge = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                shared.metrics.watched.set(store.state().len() as i64);
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
-        }
-
-        /// How often a holder renews.
-        pub fn renew_every(&self) -> Duration {
-            self.duration / 3
-        }
-
-        /// Acquires or renews the lease: `Ok(true)` when this agent holds it now, `Ok(false)`
-        /// when another agent does (or won a race).
-        pub async fn try_hold(&self) -> Result<bool, kube::Error> {
-            let now = Timestamp::now();
-            let spec = |acquired: Option<MicroTime>, transitions: i32| LeaseSpec {
-                holder_identity: Some(self.identity.clone()),
-                lease_duration_seconds: Some(self.duration.as_secs().max(1) as i32),
-                acquire_time: acquired.or(Some(MicroTime(now))),
-                renew_time: Some(MicroTime(now)),
-                lease_transitions: Some(transitions),
-                ..Default::default()
-            };
-            let conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
-            match self.api.get_opt(&self.name).await? {
-                None => {
-                    let lease = Lease {
-                        metadata: ObjectMeta {
-                            name: Some(self.name.clone()),
-                            ..Default::default()
-                        },
-                        spec: Some(spec(None, 0)),
-                    };
-                    match self.api.create(&PostParams::default(), &lease).await {
-                        Ok(_) => Ok(true),
-                        Err(e) if conflict(&e) => Ok(false),
-                        Err(e) => Err(e),
+        })
+    };
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| {
+            let m = shared.clone();
+            async move {
+                let (disk, result) = match &r {
+                    Ok((obj, _)) => (
+                        DiskKey::new(obj.namespace.as_deref(), &obj.name).to_string(),
+                        "ok",
+                    ),
+                    Err(kube::runtime::controller::Error::QueueError(e)) => {
+                        tracing::warn!(error = %e, "the watch on this node's DiskChain resources failed; retrying");
+                        m.metrics.watch_errors.inc();
+                        return;
                     }
-                }
-                Some(mut lease) => {
-                    let s = lease.spec.clone().unwrap_or_default();
-                    let mine = s.holder_identity.as_deref() == Some(self.identity.as_str());
-                    let duration =
-                        SignedDuration::from_secs(i64::from(s.lease_duration_seconds.unwrap_or(0)));
-                    let expired = s.renew_time.as_ref().is_none_or(|r| r.0 + duration < now);
-                    let free = s.holder_identity.is_none() || expired;
-                    if !mine && !free {
-                        return Ok(false);
+                    Err(kube::runtime::controller::Error::ReconcilerFailed(_, obj)) => (
+                        DiskKey::new(obj.namespace.as_deref(), &obj.name).to_string(),
+                        "failed",
+                    ),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reconcile");
+                        ("-".to_string(), "failed")
                     }
-                    let transitions = s.lease_transitions.unwrap_or(0) + i32::from(!mine);
-                    let acquired = if mine { s.acquire_time } else { None };
-                    lease.spec = Some(spec(acquired, transitions));
-                    match self
-                        .api
-                        .replace(&self.name, &PostParams::default(), &lease)
-                        .await
-                    {
-                        Ok(_) => Ok(true),
-                        Err(e) if conflict(&e) => Ok(false),
-                        Err(e) => Err(e),
-                    }
-                }
+                };
+                m.metrics
+                    .reconciles
+                    .get_or_create(&crate::reconcile::metrics::ResultLabels {
+                        disk,
+                        result: result.into(),
+                    })
+                    .inc();
             }
-        }
-
-        /// The agent that holds the lease now, if any.
-        pub async fn holder(&self) -> Result<Option<String>, kube::Error> {
-            Ok(self
-                .api
-                .get_opt(&self.name)
-                .await?
-                .and_then(|l| l.spec)
-                .and_then(|s| s.holder_identity))
-        }
-    }
+        })
+        .await;
+    gauge.abort();
 }
