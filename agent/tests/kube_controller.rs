@@ -56,6 +56,8 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         failures: Default::default(),
         stop: Default::default(),
         shared: Arc::new(diskchain::reconcile::Shared::new(Duration::from_secs(300))),
+        resources: Default::default(),
+        claims: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -944,4 +946,117 @@ async fn a_repeated_event_is_counted_and_a_new_note_is_a_new_event() {
         ctx.recorder.publish(&ev(note), &reference).await.unwrap();
     }
     server.await.unwrap();
+}
+
+/// Two resources of the node name one disk: the newer one, which would flatten away the older one's kept point, is refused naming the older
+/// and looked at again at the resync; nothing is written. While a reconcile works on the disk,
+/// even the older one waits (`InUse`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_claimed_by_two_resources_is_managed_by_the_older_only() {
+    let h = host();
+    let (ctx, api) = context(&h);
+    let mut older = object("node-a", &h.top, &[("golden", &h.base)], true, false);
+    older.metadata.creation_timestamp =
+        Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap());
+    let mut newer = object("node-a", &h.top, &[], true, false);
+    newer.metadata.name = Some("vdb".into());
+    newer.metadata.uid = Some("u-2".into());
+    newer.metadata.creation_timestamp =
+        Some(serde_json::from_value(json!("2026-06-01T00:00:00Z")).unwrap());
+    let (reader, mut writer) = kube::runtime::reflector::store::<DiskChain>();
+    for o in [&older, &newer] {
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(o.clone()));
+    }
+    assert!(ctx.resources.set(reader).is_ok());
+    let images: Vec<_> = [&h.base, &h.top].iter().map(|f| fingerprint(f)).collect();
+    let server = auto_server(
+        api,
+        [
+            ("vda".to_string(), serde_json::to_value(&older).unwrap()),
+            ("vdb".to_string(), serde_json::to_value(&newer).unwrap()),
+        ]
+        .into(),
+    );
+
+    // The newer one first: refused, nothing written, retried at the resync.
+    let action = reconcile(Arc::new(newer.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(ctx.resync)
+    );
+    let after: Vec<_> = [&h.base, &h.top].iter().map(|f| fingerprint(f)).collect();
+    assert_eq!(images, after, "the newer resource wrote nothing");
+    assert_eq!(
+        backing_chain(&h.top).len(),
+        2,
+        "the older one's point is kept"
+    );
+
+    // The older one manages the disk.
+    reconcile(Arc::new(older.clone()), ctx.clone())
+        .await
+        .unwrap();
+
+    // While a reconcile of another resource works on the disk (its claim held), even the
+    // older one waits.
+    let newer_disk = diskchain_crd::DesiredDisk::from_object(&newer).unwrap();
+    let busy = ctx
+        .claims
+        .take(
+            &newer_disk,
+            &(0, newer_disk.key.clone()),
+            &[],
+            &ctx.roots,
+            &ctx.state,
+        )
+        .expect("nothing else works on the disk now");
+    let r = reconcile(Arc::new(older.clone()), ctx.clone()).await;
+    assert!(r.is_err(), "InUse is requeued with a backoff: {r:?}");
+    drop(busy);
+    drop(ctx);
+    let statuses = server.await.unwrap();
+    let reasons: Vec<(String, String, String)> = statuses
+        .iter()
+        .map(|s| {
+            let ready = s["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Degraded")
+                .unwrap()
+                .clone();
+            (
+                s["name"].as_str().unwrap().to_string(),
+                ready["reason"].as_str().unwrap().to_string(),
+                s["status"]["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(
+        (reasons[0].0.as_str(), reasons[0].1.as_str()),
+        ("vdb", "BadInput")
+    );
+    assert!(
+        reasons[0].2.contains("older DiskChain \"vda\"") && reasons[0].2.contains("top.qcow2"),
+        "{}",
+        reasons[0].2
+    );
+    assert_eq!(
+        (reasons[1].0.as_str(), reasons[1].1.as_str()),
+        ("vda", "InSync")
+    );
+    assert_eq!(
+        (reasons[2].0.as_str(), reasons[2].1.as_str()),
+        ("vda", "InUse")
+    );
+    assert!(
+        reasons[2].2.contains("\"vdb\" is working"),
+        "{}",
+        reasons[2].2
+    );
+    let after: Vec<_> = [&h.base, &h.top].iter().map(|f| fingerprint(f)).collect();
+    assert_eq!(images, after);
 }

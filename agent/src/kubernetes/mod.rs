@@ -29,6 +29,7 @@ use crate::outcome::Outcome;
 use crate::plan::Host;
 use crate::state::StateDir;
 
+pub mod claims;
 pub mod events;
 pub mod lease;
 
@@ -60,6 +61,11 @@ pub struct Context {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// The metrics and readiness the HTTP endpoints serve.
     pub shared: Arc<crate::reconcile::Shared>,
+    /// The node's resources as the controller's watch sees them (set when it starts): a disk
+    /// claimed by two of them is managed by the older.
+    pub resources: std::sync::OnceLock<kube::runtime::reflector::Store<DiskChain>>,
+    /// Which resource manages which disk, and which disks reconciles are working on.
+    pub claims: claims::Claims,
 }
 
 impl Context {
@@ -91,6 +97,14 @@ pub enum Error {
     /// The finalizer could not be added or removed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+}
+
+/// When `obj` was created (Unix seconds; 0 when unknown).
+fn created_of(obj: &DiskChain) -> i64 {
+    obj.metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(0, |t| t.0.as_second())
 }
 
 /// True when `obj` is this node's to manage.
@@ -519,7 +533,29 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         }
     };
     let started = std::time::Instant::now();
-    let host = Host::new(&ctx.roots, &ctx.state, std::slice::from_ref(&disk));
+    // The node's other resources, for the claims on disks (and the legacy record check).
+    let others: Vec<(DesiredDisk, claims::Order)> = ctx
+        .resources
+        .get()
+        .map(|store| {
+            store
+                .state()
+                .iter()
+                .filter(|o| ours(o, &ctx.node) && o.metadata.deletion_timestamp.is_none())
+                .filter_map(|o| {
+                    let d = DesiredDisk::from_object(o).ok()?;
+                    (d.key != disk.key).then(|| {
+                        let order = (created_of(o), d.key.clone());
+                        (d, order)
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let order = (created_of(&obj), disk.key.clone());
+    let mut all = vec![disk.clone()];
+    all.extend(others.iter().map(|(d, _)| d.clone()));
+    let host = Host::new(&ctx.roots, &ctx.state, &all);
     let (steps, publisher) = KubeProgress::start(&ctx, &obj);
     let options = ApplyOptions {
         exec: ctx.exec,
@@ -529,41 +565,54 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let key = disk.key.clone();
     let roots = ctx.roots.clone();
     let state = ctx.state.clone();
-    let created = obj
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map_or(0, |t| t.0.as_second());
+    let created = created_of(&obj);
     let exec = ctx.exec;
-    let (result, backup, verify, chain, backups) = tokio::task::spawn_blocking(move || {
-        let result = reconcile_disk(&disk, &host, options);
-        // A scheduled backup that is due runs after the reconcile, in the same task: never two
-        // at once for a disk.
-        let backup = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
-            && backup_due(&disk, &roots, created))
-        .then(|| {
-            crate::backup::backup_disk(
-                &disk,
-                &host,
-                exec,
-                chrono::Utc::now().timestamp(),
-                &crate::progress::Silent,
+    let c = ctx.clone();
+    let (result, conflict, backup, verify, chain, backups) =
+        tokio::task::spawn_blocking(move || {
+            // One disk, one resource: held until the reconcile and its backup are done.
+            let claim = c.claims.take(&disk, &order, &others, &roots, &state);
+            let (result, conflict) = match &claim {
+                Ok(_) => (reconcile_disk(&disk, &host, options), false),
+                Err(refused) => {
+                    let mut r =
+                        crate::outcome::DiskResult::failed(&disk.key, refused.message(&disk));
+                    r.outcome = match refused {
+                        claims::Refused::Older { .. } => Outcome::BadInput,
+                        claims::Refused::Busy { .. } => Outcome::InUse,
+                    };
+                    (r, matches!(refused, claims::Refused::Older { .. }))
+                }
+            };
+            // A scheduled backup that is due runs after the reconcile, in the same task: never two
+            // at once for a disk.
+            let backup = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
+                && backup_due(&disk, &roots, created))
+            .then(|| {
+                crate::backup::backup_disk(
+                    &disk,
+                    &host,
+                    exec,
+                    chrono::Utc::now().timestamp(),
+                    &crate::progress::Silent,
+                )
+            });
+            // And a scheduled deep verify, when due since the last one (or the resource's creation).
+            let verify = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
+                && verify_due(&disk, &host, created))
+            .then(|| crate::backup::verify(&disk, &host, true));
+            drop(claim);
+            (
+                result,
+                conflict,
+                backup,
+                verify,
+                chain_status(&disk, &roots, &state),
+                backup_status(&disk, &roots),
             )
-        });
-        // And a scheduled deep verify, when due since the last one (or the resource's creation).
-        let verify = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
-            && verify_due(&disk, &host, created))
-        .then(|| crate::backup::verify(&disk, &host, true));
-        (
-            result,
-            backup,
-            verify,
-            chain_status(&disk, &roots, &state),
-            backup_status(&disk, &roots),
-        )
-    })
-    .await
-    .map_err(|e| Error::Disk(format!("the reconcile task failed: {e}")))?;
+        })
+        .await
+        .map_err(|e| Error::Disk(format!("the reconcile task failed: {e}")))?;
     // Every step's event is out before the status says the reconcile ended.
     steps.close();
     let _ = publisher.await;
@@ -744,6 +793,9 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         Ok(Action::requeue(
             due_in.map_or(ctx.resync, |d| d.min(ctx.resync)),
         ))
+    } else if conflict {
+        // The older resource may be edited or deleted: looked at again at the resync.
+        Ok(Action::requeue(ctx.resync))
     } else if result.outcome == Outcome::BadInput || result.outcome == Outcome::NeedsOperator {
         Ok(Action::await_change())
     } else {
@@ -753,6 +805,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
 
 async fn cleanup(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = DiskKey::new(obj.namespace().as_deref(), &obj.name_any());
+    ctx.claims.forget(&key);
     let state = ctx.state.clone();
     let k = key.clone();
     // The disk's lock is taken (a step of it in another process reaches its end first), then
@@ -898,6 +951,8 @@ pub fn run(opts: KubeOptions) -> i32 {
             failures: Default::default(),
             stop: stop.clone(),
             shared: shared.clone(),
+            resources: Default::default(),
+            claims: Default::default(),
         });
         if let Some(addr) = opts.listen
             && let Err(e) = crate::reconcile::http::listen(addr, shared.clone()).await
@@ -990,8 +1045,10 @@ pub async fn control(api: Api<DiskChain>, ctx: Arc<Context>, max_parallel: usize
     let controller = Controller::new(api, config).with_config(
         kube::runtime::controller::Config::default().concurrency(max_parallel.max(1) as u16),
     );
-    // The watch cache's size, every few seconds.
+    // The watch cache: the node's resources for the claims on disks, and its size every few
+    // seconds.
     let store = controller.store();
+    let _ = ctx.resources.set(store.clone());
     let gauge = {
         let shared = shared.clone();
         tokio::spawn(async move {
