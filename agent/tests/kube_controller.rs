@@ -1060,3 +1060,96 @@ async fn a_disk_claimed_by_two_resources_is_managed_by_the_older_only() {
     let after: Vec<_> = [&h.base, &h.top].iter().map(|f| fingerprint(f)).collect();
     assert_eq!(images, after);
 }
+
+/// A live disk in Kubernetes mode, on a real libvirtd: a running domain's disk is flattened
+/// through libvirt while the guest runs, and its scheduled backup is taken through libvirt's
+/// backup API, as in file mode. The guest's view is unchanged and the backup reads as it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_disk_is_reconciled_through_libvirt_and_backed_up() {
+    use diskchain_tests::libvirt::{Domain, URI, open_up};
+    let h = host();
+    open_up(h.dir.path());
+    open_up(&h.dir.path().join("img"));
+    let dom = Domain::start("dc-kube-live", &h.top);
+    dom.guest_write(9, 40 << 20, 1 << 20);
+    dom.flush();
+    let (ctx, api) = context(&h);
+    let repo = h.dir.path().join("img/backups/vda");
+    let v = json!({
+        "apiVersion": "diskchain.dev/v1alpha1",
+        "kind": "DiskChain",
+        "metadata": {"name": "vda", "namespace": "default", "uid": "u-1", "generation": 1,
+                     "resourceVersion": "7", "finalizers": [FINALIZER],
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": "node-a",
+                 "source": {"libvirt": {"uri": URI, "domain": "dc-kube-live", "target": "vda"}},
+                 "snapshots": [],
+                 "backup": {"repository": repo, "schedule": "0 2 * * *"}},
+    });
+    let obj: DiskChain = serde_json::from_value(v.clone()).unwrap();
+    let view = view_sha256(&h.top, "qcow2", h.dir.path());
+    let server = auto_server_with_events(api, [("vda".to_string(), v)].into());
+    let action = reconcile(Arc::new(obj), ctx.clone()).await;
+    assert!(action.is_ok(), "{action:?}");
+    drop(ctx);
+    let (statuses, events) = server.await.unwrap();
+    let last = statuses.last().unwrap();
+    assert_eq!(
+        status(last, "Ready"),
+        ("True".into(), "InSync".into()),
+        "{last}"
+    );
+    assert_eq!(last["status"]["backups"]["points"], 1, "{last}");
+    assert!(
+        events.iter().any(|e| e == "BackupTaken"),
+        "a backup event: {events:?}"
+    );
+    assert!(events.iter().any(|e| e == "StepDone"), "{events:?}");
+    // Flattened live: the running domain's chain is one file, at the active image's path, and
+    // the guest reads what it wrote.
+    dom.flush();
+    let chain = dom.chain();
+    assert_eq!(chain.len(), 1, "{chain:?}");
+    let active = chain[0].clone();
+    assert_eq!(view_sha256(&active, "qcow2", h.dir.path()), view);
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("manifest.json")).unwrap())
+            .unwrap();
+    // Taken through libvirt's backup API: its checkpoint is the domain's.
+    let checkpoint = m["points"][0]["checkpoint"].as_str().unwrap();
+    assert!(
+        diskchain_tests::libvirt::virsh(&["checkpoint-list", "--name", "dc-kube-live"])
+            .contains(checkpoint),
+        "{m}"
+    );
+    let point = repo.join(m["points"][0]["file"].as_str().unwrap());
+    assert_eq!(view_sha256(&point, "qcow2", h.dir.path()), view);
+}
+
+/// Like [`auto_server`], and also returns every event's reason.
+fn auto_server_with_events(
+    mut api: Handle,
+    objects: std::collections::HashMap<String, Value>,
+) -> tokio::task::JoinHandle<(Vec<Value>, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut statuses, mut events) = (Vec::new(), Vec::new());
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_secs(120), api.next_request()).await
+        {
+            let uri = req.uri().path().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if uri.ends_with("/status") {
+                let name = uri.trim_end_matches("/status").rsplit('/').next().unwrap();
+                statuses.push(json!({"name": name, "status": body["status"].clone()}));
+                reply(send, &objects[name]);
+            } else {
+                if uri.contains("/events") {
+                    events.push(body["reason"].as_str().unwrap_or("").to_string());
+                }
+                reply(send, &body);
+            }
+        }
+        (statuses, events)
+    })
+}
