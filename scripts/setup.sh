@@ -12,10 +12,10 @@
 set -euo pipefail
 
 # The URI of the apt source that serves the `bookworm` suite (deb822 `.sources` or one-line
-# `.list` format), from the machine's own configuration.
+# `.list` format), from the apt configuration directory $1 (the machine's own: /etc/apt).
 debian_mirror() {
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
+  local etc="${1:-/etc/apt}" f
+  for f in "$etc"/sources.list.d/*.sources; do
     [ -r "$f" ] || continue
     awk 'BEGIN{RS=""; FS="\n"}
       { uris=""; suites=""; types="";
@@ -27,9 +27,27 @@ debian_mirror() {
         if (types ~ /deb( |$)/ && suites ~ / bookworm /) { split(uris, u, /[ \t]+/); print u[1]; exit }
       }' "$f"
   done | head -1 | grep . && return
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+  # One-line sources; only the files that exist (an unmatched glob or a missing sources.list
+  # must not fail the pipeline: under `pipefail` that exited the script with no word).
+  for f in "$etc"/sources.list "$etc"/sources.list.d/*.list; do
+    if [ -r "$f" ]; then cat "$f"; fi
+  done \
     | awk '$1=="deb" { n=2; if ($2 ~ /^\[/) { while ($n !~ /\]$/) n++; n++ } if ($(n+1)=="bookworm") { print $n; exit } }'
+  return 0
 }
+
+no_mirror() {
+  echo "setup: no apt source for the bookworm suite found in ${1:-/etc/apt}/sources.list{,.d/}; add bookworm-backports from your mirror and rerun" >&2
+  exit 1
+}
+
+# `setup.sh --mirror [DIR]`: print the mirror found in DIR (default /etc/apt) and do nothing else.
+if [ "${1:-}" = "--mirror" ]; then
+  m="$(debian_mirror "${2:-/etc/apt}")"
+  [ -n "$m" ] || no_mirror "${2:-/etc/apt}"
+  echo "$m"
+  exit 0
+fi
 
 live=false
 [ "${1:-}" = "--live" ] && live=true
@@ -52,10 +70,7 @@ else
       # Backports come from the same mirror the machine already uses for bookworm: operators
       # have their own mirrors, and this script names none.
       mirror="$(debian_mirror)"
-      if [ -z "$mirror" ]; then
-        echo "setup: no apt source for the bookworm suite found in /etc/apt/sources.list{,.d/}; add bookworm-backports from your mirror and rerun" >&2
-        exit 1
-      fi
+      [ -n "$mirror" ] || no_mirror
       cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
 Types: deb
 URIs: $mirror
