@@ -407,6 +407,12 @@ async fn a_spec_edit_replans_and_an_unchanged_outcome_sends_no_event() {
     // the status already shows, so no event.
     let mut obj = object("node-a", &h.top, &[], true, false);
     obj.metadata.generation = Some(4);
+    // (The conditions have held since long ago.)
+    let mut status = status;
+    assert!(status["lastApply"].is_null(), "nothing ran yet: {status}");
+    for c in status["conditions"].as_array_mut().unwrap() {
+        c["lastTransitionTime"] = json!("2026-01-01T00:00:00Z");
+    }
     obj.status = Some(serde_json::from_value(status).unwrap());
     let obj_json = serde_json::to_value(&obj).unwrap();
     let server = tokio::spawn(async move {
@@ -420,6 +426,20 @@ async fn a_spec_edit_replans_and_an_unchanged_outcome_sends_no_event() {
                 .is_some_and(|s| !s.is_empty()),
             "the edit was planned and carried out: {body}"
         );
+        let applied = &body["status"]["lastApply"];
+        assert_eq!(
+            applied["steps"], body["status"]["lastPlan"]["steps"],
+            "{body}"
+        );
+        assert!(applied["writtenBytes"].as_u64().unwrap() > 0, "{body}");
+        assert!(
+            applied["finished"].as_str().unwrap().starts_with("20"),
+            "{body}"
+        );
+        // Ready stayed True, Degraded False: their transition times are kept.
+        for c in body["status"]["conditions"].as_array().unwrap() {
+            assert_eq!(c["lastTransitionTime"], "2026-01-01T00:00:00Z", "{c}");
+        }
         reply(send, &obj_json);
         // The steps of the new generation, but no second InSync.
         let (_, _, body, send) = next(&mut api).await;

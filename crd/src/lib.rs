@@ -24,10 +24,10 @@ pub use load::{
     DesiredDisk, Origin, SpecError, SpecErrors, load_path, load_path_lenient, load_str, parse_cron,
 };
 pub use types::{
-    API_VERSION, BackupSpec, BackupStatus, Condition, Converge, ConvergeAction, DiskChain,
-    DiskChainSpec, DiskChainStatus, DiskFormat, KIND, LibvirtSource, Placement, PlanSummary,
-    Retention, RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata, StatusLayer,
-    VerifySpec,
+    API_VERSION, ApplySummary, BackupSpec, BackupStatus, Condition, Converge, ConvergeAction,
+    DiskChain, DiskChainSpec, DiskChainStatus, DiskFormat, KIND, LibvirtSource, Placement,
+    PlanSummary, Retention, RevertSpec, SnapshotSpec, Source, SpecDocument, SpecMetadata,
+    StatusLayer, VerifySpec,
 };
 
 /// The CustomResourceDefinition for `DiskChain`, as YAML, generated from the Rust types.

@@ -284,9 +284,12 @@ pub struct DiskChainStatus {
     /// The chain as last observed, base first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<StatusLayer>,
-    /// The last plan made for this disk.
+    /// The plan the last reconcile made (no steps when the chain was in sync).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_plan: Option<PlanSummary>,
+    /// The last plan that ran steps on the disk, kept while the disk stays in sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_apply: Option<ApplySummary>,
     /// Its backups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backups: Option<BackupStatus>,
@@ -343,6 +346,21 @@ pub struct PlanSummary {
     pub steps: Vec<String>,
     /// Data bytes the steps write.
     pub total_bytes: u64,
+}
+
+/// The last plan that ran steps on a disk.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplySummary {
+    /// When it finished (RFC 3339, UTC).
+    pub finished: String,
+    /// Its steps, as operation names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<String>,
+    /// Data bytes the plan predicted.
+    pub predicted_bytes: u64,
+    /// Bytes QEMU wrote (metadata included).
+    pub written_bytes: u64,
 }
 
 /// A disk's backups, as the status shows them.

@@ -99,6 +99,11 @@ pub enum Error {
     Finalizer(String),
 }
 
+/// The conditions `obj`'s status shows now.
+fn previous(obj: &DiskChain) -> &[Condition] {
+    obj.status.as_ref().map_or(&[], |s| s.conditions.as_slice())
+}
+
 /// When `obj` was created (Unix seconds; 0 when unknown).
 fn created_of(obj: &DiskChain) -> i64 {
     obj.metadata
@@ -134,8 +139,14 @@ pub async fn reconcile(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action,
     })
 }
 
-/// The conditions for an outcome.
-fn conditions(outcome: Outcome, message: &str, generation: Option<i64>) -> Vec<Condition> {
+/// The conditions for an outcome. A condition whose status is the one in `before` keeps its
+/// `lastTransitionTime` (the Kubernetes convention: the time it last changed).
+fn conditions(
+    outcome: Outcome,
+    message: &str,
+    generation: Option<i64>,
+    before: &[Condition],
+) -> Vec<Condition> {
     let (ready, progressing, degraded, reason) = match outcome {
         Outcome::InSync | Outcome::Ok => ("True", "False", "False", "InSync"),
         Outcome::Running => ("False", "True", "False", "Running"),
@@ -158,7 +169,11 @@ fn conditions(outcome: Outcome, message: &str, generation: Option<i64>) -> Vec<C
         status: status.into(),
         reason: reason.into(),
         message: message.to_string(),
-        last_transition_time: Some(now.clone()),
+        last_transition_time: before
+            .iter()
+            .find(|c| c.type_ == t && c.status == status)
+            .and_then(|c| c.last_transition_time.clone())
+            .or_else(|| Some(now.clone())),
         observed_generation: generation,
     })
     .collect()
@@ -521,7 +536,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                 &name,
                 DiskChainStatus {
                     observed_generation: generation,
-                    conditions: conditions(Outcome::BadInput, &message, generation),
+                    conditions: conditions(Outcome::BadInput, &message, generation, previous(&obj)),
                     message: Some(message.clone()),
                     ..Default::default()
                 },
@@ -627,7 +642,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     });
     let status = DiskChainStatus {
         observed_generation: generation,
-        conditions: conditions(result.outcome, &message, generation),
+        conditions: conditions(result.outcome, &message, generation, previous(&obj)),
         points: record.as_ref().map(|r| r.bindings.len() as u32),
         bindings: record
             .as_ref()
@@ -647,6 +662,20 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
             steps: result.steps.iter().map(|s| s.op.clone()).collect(),
             total_bytes: result.predicted_bytes,
         }),
+        last_apply: record
+            .as_ref()
+            .and_then(|r| r.last_apply.as_ref())
+            .map(|a| diskchain_crd::ApplySummary {
+                finished: chrono::DateTime::<chrono::Utc>::from_timestamp(
+                    a.finished_unix as i64,
+                    0,
+                )
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                steps: a.steps.clone(),
+                predicted_bytes: a.predicted_bytes,
+                written_bytes: a.written_bytes,
+            }),
         message: Some(message.clone()),
     };
     patch_status(&api, &name, status).await?;
@@ -659,7 +688,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         backup.as_ref().map(|b| b.as_ref().map(|(done, _)| done)),
         backups.as_ref(),
     );
-    let reason = conditions(result.outcome, "", None)[0].reason.clone();
+    let reason = conditions(result.outcome, "", None, &[])[0].reason.clone();
     // The steps that ran (one event per reconcile that changed the chain, with each step's
     // bytes), then the outcome when it changed.
     let ran = steps.take();
