@@ -1173,3 +1173,54 @@ fn auto_server_with_events(
         (statuses, events)
     })
 }
+
+/// Events are for people: an API server that refuses them (RBAC without `events`, say) does not
+/// fail a reconcile whose disk converged, nor hold a deletion's finalizer.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_events_fail_neither_a_reconcile_nor_a_deletion() {
+    let h = host();
+    let (ctx, mut api) = context(&h);
+    let obj = object("node-a", &h.top, &[], true, false);
+    let obj_json = serde_json::to_value(&obj).unwrap();
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_secs(5), api.next_request()).await
+        {
+            let uri = req.uri().path().to_string();
+            let method = req.method().to_string();
+            if uri.contains("/events") {
+                seen.push("event refused".to_string());
+                send.send_response(
+                    Response::builder()
+                        .status(403)
+                        .body(Body::from(
+                            serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1",
+                                "status": "Failure", "reason": "Forbidden", "code": 403,
+                                "message": "events.events.k8s.io is forbidden"}))
+                            .unwrap(),
+                        ))
+                        .unwrap(),
+                );
+            } else {
+                seen.push(format!("{method} {}", uri.rsplit('/').next().unwrap()));
+                reply(send, &obj_json);
+            }
+        }
+        seen
+    });
+    let r = reconcile(Arc::new(obj), ctx.clone()).await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(backing_chain(&h.top), vec![h.top.clone()], "converged");
+    let deleted = object("node-a", &h.top, &[], true, true);
+    let r = reconcile(Arc::new(deleted), ctx.clone()).await;
+    assert!(r.is_ok(), "{r:?}");
+    drop(ctx);
+    let seen = server.await.unwrap();
+    assert!(seen.contains(&"PATCH status".to_string()), "{seen:?}");
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("PATCH vda"),
+        "the finalizer is removed: {seen:?}"
+    );
+}

@@ -77,6 +77,14 @@ impl Context {
         Duration::from_secs(5u64 << (*n - 1).min(6)).min(Duration::from_secs(300))
     }
 
+    /// Publishes `ev` about `obj`. Events are for people: one the API server refuses is logged,
+    /// and the reconcile (or the deletion) goes on.
+    async fn publish(&self, ev: &Event, obj: &DiskChain) {
+        if let Err(e) = self.recorder.publish(ev, &obj.object_ref(&())).await {
+            tracing::warn!(resource = %obj.name_any(), reason = ev.reason, error = %e, "cannot publish an event");
+        }
+    }
+
     fn succeeded(&self, key: &str) {
         self.failures
             .lock()
@@ -498,14 +506,14 @@ async fn event_on_change(
     reason: &str,
     note: String,
     warning: bool,
-) -> Result<(), Error> {
+) {
     let before = obj
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
         .map(|c| c.reason.clone());
     if before.as_deref() == Some(reason) {
-        return Ok(());
+        return;
     }
     let ev = Event {
         type_: if warning {
@@ -518,8 +526,7 @@ async fn event_on_change(
         action: "Reconcile".into(),
         secondary: None,
     };
-    ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
-    Ok(())
+    ctx.publish(&ev, obj).await;
 }
 
 async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -542,7 +549,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                 },
             )
             .await?;
-            event_on_change(&ctx, &obj, "BadInput", message, true).await?;
+            event_on_change(&ctx, &obj, "BadInput", message, true).await;
             // Nothing to retry until the spec changes.
             return Ok(Action::await_change());
         }
@@ -724,9 +731,9 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
             action: "Apply".into(),
             secondary: None,
         };
-        ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+        ctx.publish(&ev, &obj).await;
     }
-    event_on_change(&ctx, &obj, &reason, message.clone(), !ok).await?;
+    event_on_change(&ctx, &obj, &reason, message.clone(), !ok).await;
     if let Some(b) = backup {
         match b {
             Ok((done, retention)) => {
@@ -742,7 +749,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                     action: "Backup".into(),
                     secondary: None,
                 };
-                ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+                ctx.publish(&ev, &obj).await;
                 if let Some(r) = retention {
                     let ev = Event {
                         type_: EventType::Normal,
@@ -756,7 +763,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                         action: "Backup".into(),
                         secondary: None,
                     };
-                    ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+                    ctx.publish(&ev, &obj).await;
                 }
             }
             Err(e) => {
@@ -767,7 +774,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                     action: "Backup".into(),
                     secondary: None,
                 };
-                ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+                ctx.publish(&ev, &obj).await;
             }
         }
     }
@@ -804,7 +811,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                 secondary: None,
             },
         };
-        ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+        ctx.publish(&ev, &obj).await;
     }
     ctx.shared
         .metrics
@@ -863,7 +870,7 @@ async fn cleanup(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error
         action: "Finalize".into(),
         secondary: None,
     };
-    ctx.recorder.publish(&ev, &obj.object_ref(&())).await?;
+    ctx.publish(&ev, &obj).await;
     Ok(Action::await_change())
 }
 
