@@ -851,3 +851,82 @@ fn a_manifest_naming_a_file_outside_the_repository_is_refused() {
     );
     assert!(!to.exists());
 }
+
+/// The repository stays movable (copied to another host, say) after retention merged points
+/// away: every point is backed by the one before it by file name, as a backup writes it, not by
+/// the absolute path the merge's QEMU steps were given; moved, every point restores.
+#[test]
+fn a_repository_merged_by_retention_stays_movable() {
+    let env = Env::new();
+    let d = disk(&env, "vdm", "");
+    let mut views = vec![];
+    for i in 0..5u64 {
+        io(
+            &d.top,
+            "qcow2",
+            &[format!("write -P {} {}M 1M", 40 + i, 4 * i)],
+        );
+        let r = backup(&env, &d.spec, &[]);
+        views.push((
+            r["backups"][0]["point"].as_str().unwrap().to_string(),
+            view(&env, &d.top),
+        ));
+    }
+    // keepLast 3: the two oldest points are merged away (a stream into the third, or a commit
+    // and a take-over: either way QEMU writes a new backing reference).
+    std::fs::write(&d.spec, yaml(&d, "vdm", &[("golden", true)], "keepLast: 3")).unwrap();
+    let out = run(&env, &["apply"], &d.spec);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = points(&env, &d.spec);
+    assert_eq!(listed.len(), 3);
+    let files: Vec<PathBuf> = listed
+        .iter()
+        .map(|p| PathBuf::from(p["file"].as_str().unwrap()))
+        .collect();
+    for (i, f) in files.iter().enumerate() {
+        let info: Value = serde_json::from_slice(
+            &std::process::Command::new("qemu-img")
+                .args(["info", "--output=json"])
+                .arg(f)
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let want = (i > 0).then(|| {
+            files[i - 1]
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        });
+        assert_eq!(
+            info["backing-filename"].as_str().map(str::to_string),
+            want,
+            "{}: {info}",
+            f.display()
+        );
+    }
+    // Moved elsewhere, every point restores to its view.
+    let moved = env.img("backups/vdm-moved");
+    std::fs::rename(&d.repo, &moved).unwrap();
+    let m = Disk {
+        repo: moved,
+        top: d.top.clone(),
+        base: d.base.clone(),
+        spec: d.spec.clone(),
+    };
+    std::fs::write(&d.spec, yaml(&m, "vdm", &[("golden", true)], "keepLast: 3")).unwrap();
+    for (name, want) in &views[2..] {
+        assert_eq!(
+            &restored_sha(&env, &d.spec, "vdm", name),
+            want,
+            "restore of {name} from the moved repository"
+        );
+    }
+}

@@ -274,9 +274,51 @@ pub fn finish(
         j.steps[i].seconds = r.seconds;
         save(repo, &j)?;
     }
+    by_name(&repo.dir, &j.points_after)?;
     repo.manifest.points = j.points_after.clone();
     repo.save().map_err(|e| e.to_string())?;
     remove_if_present(&path).map_err(|e| e.to_string())?;
     tracing::info!(repository = %repo.dir.display(), removed = ?j.removed, "retention merged the repository chain");
+    Ok(())
+}
+
+/// Backs each of `points` (oldest first) in repository `dir` by the one before it by file name
+/// again, as a backup writes it: the merge's QEMU steps record the absolute paths they were
+/// given, which would tie the repository to where it is now. Only a reference that already
+/// names the previous point's file is rewritten (metadata only, then synced); idempotent.
+fn by_name(dir: &Path, points: &[Point]) -> Result<(), String> {
+    for pair in points.windows(2) {
+        let (previous, point) = (&pair[0], &pair[1]);
+        let file = dir.join(&point.file);
+        let Some((recorded, resolved)) =
+            crate::observe::recorded_backing(&file).map_err(|e| e.to_string())?
+        else {
+            continue;
+        };
+        if recorded == previous.file {
+            continue;
+        }
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !same(&resolved, &dir.join(&previous.file)) {
+            return Err(format!(
+                "after the retention merge, point {} ({}) reads through {}, not the point before it ({}); the repository was left as it is: run `diskchain verify --deep` and report this",
+                point.point,
+                file.display(),
+                resolved.display(),
+                previous.file
+            ));
+        }
+        let c = crate::execute::qemu_img::repoint(
+            &file,
+            Format::Qcow2,
+            Some((Path::new(&previous.file), Format::Qcow2)),
+        );
+        crate::execute::process::run(c, &mut |_| {})
+            .map_err(|e| format!("backing {} by file name: {e}", file.display()))?;
+        crate::execute::offline::sync_file(&file).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
