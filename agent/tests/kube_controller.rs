@@ -1224,3 +1224,61 @@ async fn refused_events_fail_neither_a_reconcile_nor_a_deletion() {
         "the finalizer is removed: {seen:?}"
     );
 }
+
+/// A lowered retention is merged at the next reconcile, without waiting for a backup: a
+/// `RetentionMerged` event says what went, and the status counts the points left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lowered_retention_is_merged_at_the_next_reconcile() {
+    let h = host();
+    let (ctx, api) = context(&h);
+    let repo = h.dir.path().join("img/backups/vda");
+    let mut v = serde_json::to_value(object(
+        "node-a",
+        &h.top,
+        &[("golden", &h.base)],
+        true,
+        false,
+    ))
+    .unwrap();
+    v["spec"]["backup"] = json!({"repository": repo});
+    let obj: DiskChain = serde_json::from_value(v.clone()).unwrap();
+    // Three backups taken by hand (`diskchain backup`), a write between each.
+    let disk = diskchain_crd::DesiredDisk::from_object(&obj).unwrap();
+    let host = diskchain::plan::Host::new(&ctx.roots, &ctx.state, std::slice::from_ref(&disk));
+    for i in 0..3u8 {
+        io(
+            &h.top,
+            "qcow2",
+            &[format!("write -P {} {}M 1M", 30 + i, 20 + i)],
+        );
+        diskchain::backup::backup_disk(
+            &disk,
+            &host,
+            Default::default(),
+            chrono::Utc::now().timestamp() + i64::from(i),
+            &diskchain::progress::Silent,
+        )
+        .map_err(|e| e.error)
+        .unwrap();
+    }
+    // Lowered to one point.
+    v["spec"]["backup"]["retention"] = json!({"keepLast": 1});
+    let obj: DiskChain = serde_json::from_value(v.clone()).unwrap();
+    let server = auto_server_with_events(api, [("vda".to_string(), v)].into());
+    reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
+    drop(ctx);
+    let (statuses, events) = server.await.unwrap();
+    assert!(events.iter().any(|e| e == "RetentionMerged"), "{events:?}");
+    assert!(!events.iter().any(|e| e == "BackupTaken"), "{events:?}");
+    let last = statuses.last().unwrap();
+    assert_eq!(last["status"]["backups"]["points"], 1, "{last}");
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("manifest.json")).unwrap())
+            .unwrap();
+    let point = repo.join(m["points"][0]["file"].as_str().unwrap());
+    assert_eq!(
+        view_sha256(&point, "qcow2", h.dir.path()),
+        view_sha256(&h.top, "qcow2", h.dir.path()),
+        "the newest point is kept and reads as the disk"
+    );
+}

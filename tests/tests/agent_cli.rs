@@ -1182,3 +1182,78 @@ fn scheduled_backups_and_verifies_run_when_due() {
     });
     drop(agent);
 }
+
+/// A lowered retention is merged by the agent once it sees the new spec, not at the next
+/// scheduled backup (a day away, here): the operator lowered it to get the space back.
+#[test]
+fn a_lowered_retention_is_merged_without_waiting_for_the_next_backup() {
+    let env = Env::new();
+    let specs = env.dir.path().join("backup-specs");
+    std::fs::create_dir(&specs).unwrap();
+    let (top, repo) = backed_up_disk(&env, &specs, "vdr", "schedule: \"0 2 * * *\"");
+    for i in 0..4u8 {
+        io(
+            &top,
+            "qcow2",
+            &[format!("write -P {} {}M 1M", 20 + i, 8 + i)],
+        );
+        let out = env
+            .diskchain(&["backup", "-f"])
+            .arg(&specs)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(manifest_points(&repo).len(), 4);
+    let newest = manifest_points(&repo)[3]["point"].clone();
+    let agent = Agent::start(&env, &specs, &[]);
+    // The agent runs with the policy as it was: nothing to merge, no backup due.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(manifest_points(&repo).len(), 4);
+    // The operator lowers it.
+    let path = specs.join("vdr.yaml");
+    let y = std::fs::read_to_string(&path).unwrap().replace(
+        "    schedule: \"0 2 * * *\"\n",
+        "    schedule: \"0 2 * * *\"\n    retention:\n      keepLast: 1\n",
+    );
+    std::fs::write(&path, y).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the lowered retention merged",
+        || manifest_points(&repo).len() == 1,
+    );
+    assert_eq!(
+        manifest_points(&repo)[0]["point"],
+        newest,
+        "the newest point is kept"
+    );
+    let files = std::fs::read_dir(&repo)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".qcow2")
+        })
+        .count();
+    assert_eq!(files, 1, "the merged-away files are deleted");
+    let out = env
+        .diskchain(&["verify", "--deep", "-f"])
+        .arg(&specs)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(agent);
+    env.assert_images_clean("after a lowered retention");
+}

@@ -1000,6 +1000,12 @@ pub fn kept_points(repo: &Repo, policy: &BackupSpec) -> BTreeSet<String> {
     kept_of(&repo.manifest.points, policy)
 }
 
+/// True when repository `dir` (with `points`, from its manifest) has points `policy`'s
+/// retention no longer keeps, or an interrupted merge to finish: a retention merge is due now.
+pub fn retention_pending(dir: &Path, points: &[Point], policy: &BackupSpec) -> bool {
+    merge::in_flight(dir) || (!points.is_empty() && kept_of(points, policy).len() < points.len())
+}
+
 fn kept_of(points: &[Point], policy: &BackupSpec) -> BTreeSet<String> {
     let times: Vec<i64> = points.iter().map(|p| p.time_unix).collect();
     retention::kept(&times, &policy.retention, &chrono::Local)
@@ -1021,7 +1027,7 @@ fn retain(
             disk,
             ErrorKind::Failed,
             format!(
-                "repository {}: retention: {e}; the backup was taken and recorded, the merge resumes on the next backup",
+                "repository {}: retention: {e}; the merge is journaled and resumes on the next backup, verify, restore or agent pass",
                 repo.dir.display()
             ),
         )

@@ -590,7 +590,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let created = created_of(&obj);
     let exec = ctx.exec;
     let c = ctx.clone();
-    let (result, conflict, backup, verify, chain, backups) =
+    let (result, conflict, backup, retained, verify, chain, backups) =
         tokio::task::spawn_blocking(move || {
             // One disk, one resource: held until the reconcile and its backup are done.
             let claim = c.claims.take(&disk, &order, &others, &roots, &state);
@@ -619,6 +619,12 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                     &crate::progress::Silent,
                 )
             });
+            // Without a backup now, the merges a lowered retention asks for (a backup merges
+            // after itself).
+            let retained = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
+                && backup.is_none()
+                && disk.spec().backup.is_some())
+            .then(|| crate::backup::retain_now(&disk, &host, exec));
             // And a scheduled deep verify, when due since the last one (or the resource's creation).
             let verify = (matches!(result.outcome, Outcome::Ok | Outcome::InSync)
                 && verify_due(&disk, &host, created))
@@ -628,6 +634,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                 result,
                 conflict,
                 backup,
+                retained,
                 verify,
                 chain_status(&disk, &roots, &state),
                 backup_status(&disk, &roots),
@@ -777,6 +784,34 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                 ctx.publish(&ev, &obj).await;
             }
         }
+    }
+    match retained {
+        Some(Ok(Some(r))) => {
+            let ev = Event {
+                type_: EventType::Normal,
+                reason: "RetentionMerged".into(),
+                note: Some(format!(
+                    "the retention policy merged {} backup point(s) away ({}): {} written",
+                    r.done.removed.len(),
+                    r.done.removed.join(", "),
+                    crate::units::human_bytes(r.done.total_bytes),
+                )),
+                action: "Backup".into(),
+                secondary: None,
+            };
+            ctx.publish(&ev, &obj).await;
+        }
+        Some(Err(e)) => {
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "RetentionFailed".into(),
+                note: Some(e.error),
+                action: "Backup".into(),
+                secondary: None,
+            };
+            ctx.publish(&ev, &obj).await;
+        }
+        _ => {}
     }
     if let Some(v) = verify {
         let ev = match v {

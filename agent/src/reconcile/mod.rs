@@ -215,6 +215,22 @@ enum TaskResult {
         DiskKey,
         Result<Result<crate::backup::Verified, crate::backup::BackupError>, String>,
     ),
+    /// A retention merge the policy asked for (a lowered retention) ended.
+    Retain(
+        DiskKey,
+        Result<Result<Option<crate::backup::RetentionReport>, crate::backup::BackupError>, String>,
+    ),
+}
+
+/// What a backup task of a disk does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BackupWork {
+    /// A scheduled backup (and its retention).
+    Backup,
+    /// A scheduled deep verify.
+    Verify,
+    /// The merges a lowered retention asks for.
+    Retain,
 }
 
 struct Agent {
@@ -650,7 +666,15 @@ impl Agent {
                     .ok()
                     .flatten()
                 })
-                .map(|m| (m.points.len(), m.points.last().cloned()));
+                .map(|m| (m.points.len(), m.points.last().cloned(), m.points));
+            let retention_due = host
+                .roots
+                .confine_dir(&policy.repository, String::new())
+                .ok()
+                .zip(newest.as_ref())
+                .is_some_and(|(dir, (_, _, points))| {
+                    crate::backup::retention_pending(&dir, points, &policy)
+                });
             let seen = self.policy_seen.get(&spec.key).copied().unwrap_or(now);
             // The repository records its last deep verify (whoever ran it: the agent, `verify
             // --deep`, Kubernetes mode).
@@ -658,7 +682,7 @@ impl Agent {
             let t = self.track(&spec.key);
             let b = t.backup.get_or_insert_with(Default::default);
             let before = b.clone();
-            if let Some((n, last)) = &newest {
+            if let Some((n, last, _)) = &newest {
                 b.points = *n;
                 if let Some(p) = last {
                     b.last_point = Some(p.point.clone());
@@ -697,10 +721,13 @@ impl Agent {
             }
             if backup_due {
                 tracing::info!(disk = %spec.key, "scheduled backup due");
-                self.start_backup(spec, &host, false);
+                self.start_backup(spec, &host, BackupWork::Backup);
+            } else if retention_due {
+                tracing::info!(disk = %spec.key, "the retention policy drops points: merging them away");
+                self.start_backup(spec, &host, BackupWork::Retain);
             } else if verify_due {
                 tracing::info!(disk = %spec.key, "scheduled verify due");
-                self.start_backup(spec, &host, true);
+                self.start_backup(spec, &host, BackupWork::Verify);
             }
         }
         if changed {
@@ -709,9 +736,9 @@ impl Agent {
         }
     }
 
-    /// Starts a backup (or, with `verify`, a deep verify) of disk `spec` in a task of its own;
+    /// Starts a backup, a deep verify or a retention merge of disk `spec` in a task of its own;
     /// the disk counts as running meanwhile, so no reconcile of it starts.
-    fn start_backup(&mut self, spec: DesiredDisk, host: &Host, verify: bool) {
+    fn start_backup(&mut self, spec: DesiredDisk, host: &Host, work: BackupWork) {
         let key = spec.key.clone();
         self.running.insert(key.clone());
         let permits = self.permits.clone();
@@ -719,12 +746,19 @@ impl Agent {
         let exec = self.opts.exec;
         self.tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            if verify {
+            if work == BackupWork::Verify {
                 let r =
                     tokio::task::spawn_blocking(move || crate::backup::verify(&spec, &host, true))
                         .await
                         .map_err(|e| format!("the verify task failed: {e}"));
                 TaskResult::Verify(key, r)
+            } else if work == BackupWork::Retain {
+                let r = tokio::task::spawn_blocking(move || {
+                    crate::backup::retain_now(&spec, &host, exec)
+                })
+                .await
+                .map_err(|e| format!("the retention task failed: {e}"));
+                TaskResult::Retain(key, r)
             } else {
                 let r = tokio::task::spawn_blocking(move || {
                     crate::backup::backup_disk(
@@ -800,6 +834,28 @@ impl Agent {
         self.write_record();
     }
 
+    fn retain_finished(
+        &mut self,
+        key: DiskKey,
+        result: Result<
+            Result<Option<crate::backup::RetentionReport>, crate::backup::BackupError>,
+            String,
+        >,
+    ) {
+        self.running.remove(&key);
+        match result.and_then(|r| r.map_err(|e| e.error)) {
+            Ok(done) => {
+                if let Some(r) = done {
+                    tracing::info!(disk = %key, removed = ?r.done.removed, bytes = r.done.total_bytes, "retention merged points away");
+                }
+                let t = self.track(&key);
+                t.backup_retry = None;
+            }
+            Err(e) => self.backup_failed(&key, "retention", e),
+        }
+        self.schedule();
+    }
+
     fn verify_finished(
         &mut self,
         key: DiskKey,
@@ -863,6 +919,7 @@ impl Agent {
             TaskResult::Reconcile(key, result) => (key, result),
             TaskResult::Backup(key, result) => return self.backup_finished(key, result),
             TaskResult::Verify(key, result) => return self.verify_finished(key, result),
+            TaskResult::Retain(key, result) => return self.retain_finished(key, result),
         };
         self.running.remove(&key);
         self.claimed.retain(|_, k| *k != key);
