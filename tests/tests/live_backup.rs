@@ -521,4 +521,55 @@ fn the_disks_of_one_domain_are_backed_up_in_one_job() {
             "{name}: the point reads as the disk"
         );
     }
+
+    // The agent takes them together too: both specs get a daily schedule, and their newest
+    // points are made three days old, so a backup of each is due when the agent starts.
+    for name in ["sys", "data"] {
+        let f = specs.join(format!("{name}.yaml"));
+        let y = std::fs::read_to_string(&f)
+            .unwrap()
+            .replace("  backup:\n", "  backup:\n    schedule: \"0 2 * * *\"\n");
+        std::fs::write(&f, y).unwrap();
+        let path = env.img(&format!("backups/{name}/manifest.json"));
+        let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let t = m["points"][1]["time_unix"].as_i64().unwrap();
+        m["points"][1]["time_unix"] = (t - 3 * 86_400).into();
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+    dom.guest_write_to(0, 6, 40 * MIB, 64 * 1024);
+    dom.guest_write_to(1, 7, 44 * MIB, 64 * 1024);
+    let want: Vec<String> = tops.iter().map(|t| sha(&live_view(t))).collect();
+    let mut agent = env
+        .diskchain(&["agent", "--resync", "1s", "--specs"])
+        .arg(&specs)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(env.dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !(manifest("sys")["points"].as_array().unwrap().len() == 3
+        && manifest("data")["points"].as_array().unwrap().len() == 3)
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "the agent's catch-up backups: {}",
+            std::fs::read_to_string(env.dir.path().join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let (s, d) = (manifest("sys"), manifest("data"));
+    assert_eq!(
+        s["points"][2]["checkpoint"], d["points"][2]["checkpoint"],
+        "the agent took both disks of the domain in one job, with one checkpoint"
+    );
+    assert_eq!(checkpoints(&dom).len(), 1);
+    for (i, (name, m)) in [("sys", &s), ("data", &d)].into_iter().enumerate() {
+        assert_eq!(m["points"][2]["kind"], "incremental", "{m}");
+        let file = env
+            .img(&format!("backups/{name}"))
+            .join(m["points"][2]["file"].as_str().unwrap());
+        assert_eq!(sha(&live_view(&file)), want[i], "{name}: the agent's point");
+    }
 }

@@ -201,15 +201,17 @@ async fn watchdog(shared: Arc<Shared>) {
     }
 }
 
+/// How a scheduled backup task of a disk ended: the task itself failing (outer), or the backup.
+type BackupOutcome = Result<Result<crate::backup::BackupDone, crate::backup::BackupError>, String>;
+
 /// What a task of the agent did.
 enum TaskResult {
     /// A reconcile of a disk ended.
     Reconcile(DiskKey, Result<crate::outcome::DiskResult, String>),
     /// A scheduled backup (and its retention) ended.
-    Backup(
-        DiskKey,
-        Result<Result<crate::backup::BackupDone, crate::backup::BackupError>, String>,
-    ),
+    Backup(DiskKey, BackupOutcome),
+    /// The scheduled backups of one domain's disks, taken together, ended.
+    Backups(Vec<(DiskKey, BackupOutcome)>),
     /// A scheduled verify ended.
     Verify(
         DiskKey,
@@ -602,6 +604,11 @@ impl Agent {
         candidates: &[DesiredDisk],
         now: Instant,
     ) -> Option<DesiredDisk> {
+        // (A backup or verify of the disk started since the candidates were chosen: its
+        // reconcile waits for the next pass rather than fail on the disk's lock beside it.)
+        if self.running.contains(key) {
+            return None;
+        }
         let spec = candidates.iter().find(|s| s.key == *key).cloned()?;
         let parked = park_key(&self.opts.state, &spec);
         let t = self.track(key);
@@ -650,6 +657,8 @@ impl Agent {
         let now = chrono::Utc::now().timestamp();
         let host = Host::new(&self.roots, &self.opts.state, &self.scheduled);
         let mut changed = false;
+        // Backups due now, started after the loop: the disks of one libvirt domain together.
+        let mut due: Vec<DesiredDisk> = Vec::new();
         for spec in self.scheduled.clone() {
             let Some(policy) = spec.spec().backup.clone() else {
                 continue;
@@ -721,13 +730,35 @@ impl Agent {
             }
             if backup_due {
                 tracing::info!(disk = %spec.key, "scheduled backup due");
-                self.start_backup(spec, &host, BackupWork::Backup);
+                due.push(spec);
             } else if retention_due {
                 tracing::info!(disk = %spec.key, "the retention policy drops points: merging them away");
                 self.start_backup(spec, &host, BackupWork::Retain);
             } else if verify_due {
                 tracing::info!(disk = %spec.key, "scheduled verify due");
                 self.start_backup(spec, &host, BackupWork::Verify);
+            }
+        }
+        // The disks of one domain due together go in one task, so that a running domain's are
+        // taken in one job at one instant with one checkpoint (crash-consistent across its
+        // disks), as `diskchain backup` takes them.
+        let mut groups: BTreeMap<Option<(String, String)>, Vec<DesiredDisk>> = BTreeMap::new();
+        for spec in due {
+            let domain = spec
+                .live
+                .as_ref()
+                .map(|t| (t.uri.clone(), t.domain.clone()));
+            match domain {
+                Some(d) => groups.entry(Some(d)).or_default().push(spec),
+                None => self.start_backup(spec, &host, BackupWork::Backup),
+            }
+        }
+        for (_, group) in groups {
+            if group.len() == 1 {
+                let spec = group.into_iter().next().expect("one disk");
+                self.start_backup(spec, &host, BackupWork::Backup);
+            } else {
+                self.start_domain_backup(group, &host);
             }
         }
         if changed {
@@ -774,6 +805,51 @@ impl Agent {
                 .map_err(|e| format!("the backup task failed: {e}"));
                 TaskResult::Backup(key, r)
             }
+        });
+    }
+
+    /// Starts the backup of the disks `specs` of one libvirt domain in one task (one job and
+    /// one checkpoint when the domain runs); each disk counts as running meanwhile.
+    fn start_domain_backup(&mut self, specs: Vec<DesiredDisk>, host: &Host) {
+        let keys: Vec<DiskKey> = specs.iter().map(|s| s.key.clone()).collect();
+        self.running.extend(keys.iter().cloned());
+        let permits = self.permits.clone();
+        let host = host.clone();
+        let exec = self.opts.exec;
+        self.tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let report = tokio::task::spawn_blocking(move || {
+                crate::backup::backup_all(&specs, &host, exec, &crate::progress::Silent)
+            })
+            .await;
+            let results = keys
+                .into_iter()
+                .map(|key| {
+                    let r = match &report {
+                        Err(e) => Err(format!("the backup task failed: {e}")),
+                        Ok(report) => Ok(report
+                            .backups
+                            .iter()
+                            .find(|b| b.disk == key.name && b.namespace == key.namespace)
+                            .cloned()
+                            .ok_or_else(|| {
+                                report
+                                    .errors
+                                    .iter()
+                                    .find(|e| e.key == key)
+                                    .cloned()
+                                    .unwrap_or_else(|| crate::backup::BackupError {
+                                        key: key.clone(),
+                                        error: "the domain's backup reported nothing for this disk"
+                                            .into(),
+                                        kind: crate::plan::ErrorKind::Failed,
+                                    })
+                            })),
+                    };
+                    (key, r)
+                })
+                .collect();
+            TaskResult::Backups(results)
         });
     }
 
@@ -918,6 +994,12 @@ impl Agent {
         let (key, result) = match done {
             TaskResult::Reconcile(key, result) => (key, result),
             TaskResult::Backup(key, result) => return self.backup_finished(key, result),
+            TaskResult::Backups(results) => {
+                for (key, result) in results {
+                    self.backup_finished(key, result);
+                }
+                return;
+            }
             TaskResult::Verify(key, result) => return self.verify_finished(key, result),
             TaskResult::Retain(key, result) => return self.retain_finished(key, result),
         };
