@@ -122,6 +122,34 @@ pub fn view_sha256(path: &Path, format: &str, scratch: &Path) -> String {
     format!("{:x}", sha2::Sha256::digest(&bytes))
 }
 
+/// The sparse view checksum a backup point records (`sparse_sha256`), computed here on its own
+/// from the whole raw view (`qemu-img convert` to raw, every byte read): SHA-256 over
+/// `diskchain-sparse-sha256-v1\0`, the size (u64 LE), then each 64 KiB block that is not all
+/// zeros as its index (u64 LE) and its bytes.
+pub fn view_sparse_sha256(path: &Path, format: &str, scratch: &Path) -> String {
+    use sha2::Digest;
+    let out: PathBuf = scratch.join(format!(
+        "sparse-view-{}.raw",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    run(Command::new("qemu-img")
+        .args(["convert", "-U", "-f", format, "-O", "raw"])
+        .arg(path)
+        .arg(&out));
+    let bytes = std::fs::read(&out).expect("read converted view");
+    let _ = std::fs::remove_file(&out);
+    let mut h = sha2::Sha256::new();
+    h.update(b"diskchain-sparse-sha256-v1\0");
+    h.update((bytes.len() as u64).to_le_bytes());
+    for (i, block) in bytes.chunks(64 * 1024).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            h.update((i as u64).to_le_bytes());
+            h.update(block);
+        }
+    }
+    format!("{:x}", h.finalize())
+}
+
 /// Like [`view_sha256`], for polling while diskchain works on the chain: `None` when the view
 /// cannot be read at this moment (a layer renamed between opening one file and its backing).
 pub fn try_view_sha256(path: &Path, format: &str, scratch: &Path) -> Option<String> {

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use diskchain_tests::env::{Env, backing_chain, check, spec_yaml};
-use diskchain_tests::qemu::{cluster_states, create, io, view_sha256};
+use diskchain_tests::qemu::{cluster_states, create, io, view_sha256, view_sparse_sha256};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -175,6 +175,7 @@ fn rounds_of_writes_and_backups_restore_every_point_and_incrementals_hold_only_w
         &[(16 * MIB, 64 * 1024, 2), (40 * MIB, 3 * MIB, 5)],
     ];
     let mut views = Vec::new();
+    let mut sparse_views = Vec::new();
     for (i, writes) in rounds.iter().enumerate() {
         let cmds: Vec<String> = writes
             .iter()
@@ -217,18 +218,20 @@ fn rounds_of_writes_and_backups_restore_every_point_and_incrementals_hold_only_w
             assert!(!own.is_empty(), "round {i}: the incremental holds nothing");
         }
         views.push((b["point"].as_str().unwrap().to_string(), want));
+        sparse_views.push(view_sparse_sha256(&d.top, "qcow2", env.dir.path()));
         // Two backups in one second get distinct names; keep them apart anyway.
         std::thread::sleep(Duration::from_millis(50));
     }
     let listed = points(&env, &d.spec);
     assert_eq!(listed.len(), 4);
-    for ((name, want), p) in views.iter().zip(&listed) {
+    for (((name, want), p), sparse) in views.iter().zip(&listed).zip(&sparse_views) {
         assert_eq!(p["point"], name.as_str());
         assert_eq!(
-            p["sha256"],
-            want.as_str(),
+            p["sparse_sha256"],
+            sparse.as_str(),
             "the manifest's checksum of {name}"
         );
+        assert!(p["sha256"].is_null(), "{p}");
         assert_eq!(
             &restored_sha(&env, &d.spec, "vda", name),
             want,
@@ -831,7 +834,7 @@ fn a_manifest_naming_a_file_outside_the_repository_is_refused() {
     let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     // The disk's own base, reached from the repository, with its view's checksum.
     m["points"][0]["file"] = json!("../../vdj-base.qcow2");
-    m["points"][0]["sha256"] = json!(view(&env, &d.base));
+    m["points"][0]["sparse_sha256"] = json!(view_sparse_sha256(&d.base, "qcow2", env.dir.path()));
     std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
     let to = env.dir.path().join("out.raw");
     let out = env
@@ -929,4 +932,66 @@ fn a_repository_merged_by_retention_stays_movable() {
             "restore of {name} from the moved repository"
         );
     }
+}
+
+/// A repository whose points record the whole-view SHA-256 (written before the sparse checksum
+/// existed) still verifies and restores against it; a wrong one is still caught.
+#[test]
+fn a_repository_with_whole_view_checksums_still_verifies_and_restores() {
+    let env = Env::new();
+    let d = disk(&env, "vdo", "");
+    io(&d.top, "qcow2", &["write -P 7 12M 1M".into()]);
+    let r = backup(&env, &d.spec, &[]);
+    let name = r["backups"][0]["point"].as_str().unwrap().to_string();
+    let want = view(&env, &d.top);
+    // As an older diskchain wrote it.
+    let path = d.repo.join("manifest.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["points"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("sparse_sha256");
+    m["points"][0]["sha256"] = json!(want);
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = run(&env, &["verify", "--deep"], &d.spec);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert_eq!(restored_sha(&env, &d.spec, "vdo", &name), want);
+    // A new backup records the sparse checksum beside the old point.
+    io(&d.top, "qcow2", &["write -P 8 20M 64k".into()]);
+    backup(&env, &d.spec, &[]);
+    let listed = points(&env, &d.spec);
+    assert!(listed[0]["sparse_sha256"].is_null() && listed[0]["sha256"] == json!(want));
+    assert_eq!(
+        listed[1]["sparse_sha256"],
+        json!(view_sparse_sha256(&d.top, "qcow2", env.dir.path()))
+    );
+    // A wrong whole-view checksum is found.
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["points"][0]["sha256"] = json!("0".repeat(64));
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = run(&env, &["verify", "--deep"], &d.spec);
+    assert_eq!(v.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains(&name)
+            || String::from_utf8_lossy(&v.stderr).contains(&name),
+        "{} {}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    // A point that records no checksum at all is refused as damaged.
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["points"][0].as_object_mut().unwrap().remove("sha256");
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let v = run(&env, &["verify"], &d.spec);
+    assert_ne!(v.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&v.stderr).contains("records no checksum"),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
 }

@@ -407,7 +407,7 @@ fn record(
     let disk = p.disk;
     let recorded = (|| -> Result<Point, String> {
         repo::sync(&p.partial).map_err(|e| format!("cannot sync {}: {e}", p.partial.display()))?;
-        let sha256 = repo::view_sha256(&p.partial)?;
+        let sparse_sha256 = repo::view_digest(&p.partial)?;
         let bytes = repo::own_bytes(&p.partial)?;
         std::fs::rename(&p.partial, &p.final_path)
             .map_err(|e| format!("cannot rename {}: {e}", p.partial.display()))?;
@@ -421,7 +421,8 @@ fn record(
             file: p.file.clone(),
             bytes,
             virtual_size: p.size,
-            sha256,
+            sparse_sha256: Some(sparse_sha256),
+            sha256: None,
             checkpoint: Some(ck.to_string()),
         })
     })()
@@ -1067,8 +1068,12 @@ pub struct ListedPoint {
     pub file: PathBuf,
     /// Bytes written.
     pub bytes: u64,
-    /// SHA-256 of its view.
-    pub sha256: String,
+    /// Its view checksum (SHA-256 over the view's non-zero 64 KiB blocks), hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparse_sha256: Option<String>,
+    /// SHA-256 of its whole raw view, hex (points taken before `sparse_sha256` existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Lists the points of each disk with `spec.backup` (reads the manifests; changes nothing).
@@ -1106,6 +1111,7 @@ pub fn list(disks: &[DesiredDisk], host: &Host) -> (Vec<DiskPoints>, Vec<BackupE
                 point: p.point,
                 kind: p.kind,
                 bytes: p.bytes,
+                sparse_sha256: p.sparse_sha256,
                 sha256: p.sha256,
             })
             .collect();
@@ -1208,17 +1214,16 @@ pub fn restore(
         .arg(&tmp);
     run(c, "the restore (qemu-img convert)").map_err(failed)?;
     repo::sync(&tmp).map_err(|e| failed(format!("cannot sync {}: {e}", tmp.display())))?;
-    let sha = match format {
-        RestoreFormat::Qcow2 => repo::view_sha256(&tmp),
-        RestoreFormat::Raw => repo::file_sha256(&tmp),
+    let (recorded, sha) = match format {
+        RestoreFormat::Qcow2 => repo::check_view(p, &tmp),
+        RestoreFormat::Raw => repo::check_raw(p, &tmp),
     }
     .map_err(failed)?;
-    if sha != p.sha256 {
+    if sha != recorded {
         return Err(failed(format!(
-            "point {} of repository {} reads back with SHA-256 {sha}, not the {} recorded when it was taken: the repository is damaged (`diskchain verify --deep` names the point); nothing was written to {}",
+            "point {} of repository {} reads back with checksum {sha}, not the {recorded} recorded when it was taken: the repository is damaged (`diskchain verify --deep` names the point); nothing was written to {}",
             p.point,
             repo.dir.display(),
-            p.sha256,
             to.display()
         )));
     }
@@ -1330,11 +1335,10 @@ pub fn verify(disk: &DesiredDisk, host: &Host, deep: bool) -> Result<Verified, B
             _ => damage(format!("qemu-img info {} failed", f.display())),
         }
         if deep {
-            match repo::view_sha256(&f) {
-                Ok(sha) if sha == p.sha256 => {}
-                Ok(sha) => damage(format!(
-                    "its view reads with SHA-256 {sha}, not the {} recorded when it was taken",
-                    p.sha256
+            match repo::check_view(p, &f) {
+                Ok((recorded, sha)) if sha == recorded => {}
+                Ok((recorded, sha)) => damage(format!(
+                    "its view reads with checksum {sha}, not the {recorded} recorded when it was taken"
                 )),
                 Err(e) => damage(e),
             }

@@ -59,8 +59,14 @@ pub struct Point {
     pub bytes: u64,
     /// The disk's size.
     pub virtual_size: u64,
-    /// SHA-256 of the point's raw view (what a restore reads back), hex.
-    pub sha256: String,
+    /// The point's view checksum ([`view_digest`]: SHA-256 over its non-zero 64 KiB blocks),
+    /// hex; what every point taken since it exists records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_sha256: Option<String>,
+    /// SHA-256 of the point's whole raw view, hex: what points taken before `sparse_sha256`
+    /// record (hashing every zero of the disk, it took time in proportion to the disk's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     /// The checkpoint or dirty bitmap it was taken against, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
@@ -175,6 +181,20 @@ impl Repo {
                     path.display(),
                     p.point,
                     p.file
+                ),
+            });
+        }
+        if let Some(p) = manifest
+            .points
+            .iter()
+            .find(|p| p.sparse_sha256.is_none() && p.sha256.is_none())
+        {
+            return Err(RepoError::Damaged {
+                dir: dir.to_path_buf(),
+                message: format!(
+                    "{}: point {} records no checksum (sparse_sha256 or sha256), so nothing it reads back could be trusted; the manifest was edited or damaged: restore it, or move the repository aside",
+                    path.display(),
+                    p.point
                 ),
             });
         }
@@ -396,6 +416,190 @@ pub fn view_sha256(top: &Path) -> Result<String, String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// The size of the blocks [`view_digest`] hashes.
+pub const DIGEST_BLOCK: u64 = 64 * 1024;
+
+/// The checksum of a view that costs in proportion to its data, not its size: SHA-256 over
+/// `diskchain-sparse-sha256-v1\0`, the view's size (u64, little-endian), then for each 64 KiB
+/// block of the view (the last one may be shorter) that is not all zeros, in order, its index
+/// (u64, little-endian) and its bytes. Two views have the same digest exactly when they read
+/// the same (SHA-256 assumed), however their data is laid out, zeros written or not.
+/// Reads the view's bytes at a view offset into a buffer.
+type ReadAt<'a> = dyn FnMut(&mut [u8], u64) -> Result<(), String> + 'a;
+
+struct Sparse {
+    h: sha2::Sha256,
+    size: u64,
+    block: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl Sparse {
+    fn new(size: u64) -> Sparse {
+        let mut h = sha2::Sha256::new();
+        h.update(b"diskchain-sparse-sha256-v1\0");
+        h.update(size.to_le_bytes());
+        Sparse {
+            h,
+            size,
+            block: None,
+            buf: vec![0; DIGEST_BLOCK as usize],
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(b) = self.block.take() {
+            let len = (self.size - b * DIGEST_BLOCK).min(DIGEST_BLOCK) as usize;
+            if self.buf[..len].iter().any(|&x| x != 0) {
+                self.h.update(b.to_le_bytes());
+                self.h.update(&self.buf[..len]);
+            }
+        }
+    }
+
+    /// The view's bytes `[start, start + len)` (ascending across calls; everything not fed
+    /// reads as zeros), read by `read(buffer, view offset)`.
+    fn feed(
+        &mut self,
+        start: u64,
+        len: u64,
+        read: &mut ReadAt<'_>,
+    ) -> Result<(), String> {
+        let end = (start + len).min(self.size);
+        let mut at = start;
+        while at < end {
+            let b = at / DIGEST_BLOCK;
+            if self.block != Some(b) {
+                self.flush();
+                self.buf.fill(0);
+                self.block = Some(b);
+            }
+            let within = (at - b * DIGEST_BLOCK) as usize;
+            let n = ((b + 1) * DIGEST_BLOCK).min(end) - at;
+            read(&mut self.buf[within..within + n as usize], at)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> String {
+        self.flush();
+        format!("{:x}", self.h.finalize())
+    }
+}
+
+/// [`Sparse`]'s digest of the view of the qcow2 chain under `top`, read through `qemu-img map`:
+/// only data extents are read, from the file at their depth at their offset. Repository files
+/// are uncompressed and unencrypted qcow2; anything else is refused.
+pub fn view_digest(top: &Path) -> Result<String, String> {
+    let files = chain_files(top)?;
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", "-f", "qcow2"])
+        .arg(top)
+        .output()
+        .map_err(|e| format!("qemu-img map could not run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img map {} failed: {}",
+            top.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let extents: Vec<Extent> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("qemu-img map {} printed no extents: {e}", top.display()))?;
+    let mut expected = 0u64;
+    for e in &extents {
+        if e.start != expected {
+            return Err(format!(
+                "qemu-img map {} skipped from {expected} to {}",
+                top.display(),
+                e.start
+            ));
+        }
+        expected = e.start + e.length;
+    }
+    let mut digest = Sparse::new(expected);
+    let mut handles: Vec<Option<std::fs::File>> = files.iter().map(|_| None).collect();
+    for e in extents.iter().filter(|e| e.data && !e.zero) {
+        let (Some(offset), false) = (e.offset, e.compressed) else {
+            return Err(format!(
+                "{}: data at {} is compressed or has no host offset; not a repository chain",
+                top.display(),
+                e.start
+            ));
+        };
+        let Some(path) = files.get(e.depth) else {
+            return Err(format!(
+                "qemu-img map {}: depth {} beyond the chain",
+                top.display(),
+                e.depth
+            ));
+        };
+        if handles[e.depth].is_none() {
+            handles[e.depth] = Some(
+                std::fs::File::open(path)
+                    .map_err(|err| format!("cannot open {}: {err}", path.display()))?,
+            );
+        }
+        let f = handles[e.depth].as_ref().expect("opened above");
+        digest.feed(e.start, e.length, &mut |buf, at| {
+            f.read_exact_at(buf, offset + (at - e.start))
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))
+        })?;
+    }
+    Ok(digest.finish())
+}
+
+/// [`Sparse`]'s digest of a raw image file: only its data is read (its holes, found with
+/// `SEEK_DATA`/`SEEK_HOLE`, read as zeros).
+pub fn raw_digest(path: &Path) -> Result<String, String> {
+    use std::os::fd::AsFd;
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let size = f
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    let mut digest = Sparse::new(size);
+    let mut at = 0u64;
+    while at < size {
+        let data = match nix::unistd::lseek(f.as_fd(), at as i64, nix::unistd::Whence::SeekData) {
+            Ok(d) => d as u64,
+            // No data past `at`.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let hole = nix::unistd::lseek(f.as_fd(), data as i64, nix::unistd::Whence::SeekHole)
+            .map(|h| h as u64)
+            .unwrap_or(size);
+        digest.feed(data, hole - data, &mut |buf, at| {
+            f.read_exact_at(buf, at)
+                .map_err(|err| format!("cannot read {}: {err}", path.display()))
+        })?;
+        at = hole;
+    }
+    Ok(digest.finish())
+}
+
+/// The checksum `p` records and the one its view under `top` (a qcow2 chain) reads with now,
+/// by the method `p` was recorded with.
+pub fn check_view(p: &Point, top: &Path) -> Result<(String, String), String> {
+    match (&p.sparse_sha256, &p.sha256) {
+        (Some(d), _) => Ok((d.clone(), view_digest(top)?)),
+        (None, Some(s)) => Ok((s.clone(), view_sha256(top)?)),
+        (None, None) => Err(format!("point {} records no checksum", p.point)),
+    }
+}
+
+/// Like [`check_view`], for a raw image `file` restored from `p`.
+pub fn check_raw(p: &Point, file: &Path) -> Result<(String, String), String> {
+    match (&p.sparse_sha256, &p.sha256) {
+        (Some(d), _) => Ok((d.clone(), raw_digest(file)?)),
+        (None, Some(s)) => Ok((s.clone(), file_sha256(file)?)),
+        (None, None) => Err(format!("point {} records no checksum", p.point)),
+    }
+}
+
 /// SHA-256 of a whole file (a raw image).
 pub fn file_sha256(path: &Path) -> Result<String, String> {
     let mut f =
@@ -442,4 +646,70 @@ pub fn own_bytes(file: &Path) -> Result<u64, String> {
         .filter(|e| e.depth == 0 && e.data)
         .map(|e| e.length)
         .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DIGEST_BLOCK, Sparse};
+
+    /// The digest of `view`, every byte fed at once.
+    fn whole(view: &[u8]) -> String {
+        let mut d = Sparse::new(view.len() as u64);
+        d.feed(0, view.len() as u64, &mut |buf, at| {
+            buf.copy_from_slice(&view[at as usize..at as usize + buf.len()]);
+            Ok(())
+        })
+        .unwrap();
+        d.finish()
+    }
+
+    /// The digest of `view` fed only over `extents` (ascending `(start, len)`), the rest read as
+    /// zeros, as a sparse view is.
+    fn sparse(view: &[u8], extents: &[(u64, u64)]) -> String {
+        let mut d = Sparse::new(view.len() as u64);
+        for &(start, len) in extents {
+            d.feed(start, len, &mut |buf, at| {
+                buf.copy_from_slice(&view[at as usize..at as usize + buf.len()]);
+                Ok(())
+            })
+            .unwrap();
+        }
+        d.finish()
+    }
+
+    #[test]
+    fn the_digest_depends_on_the_view_not_on_its_layout() {
+        let size = 5 * DIGEST_BLOCK + 1000;
+        let mut view = vec![0u8; size as usize];
+        // Data in block 1 (unaligned), across blocks 3 and 4, and in the short last block.
+        view[70_000..70_100].fill(7);
+        view[(4 * DIGEST_BLOCK - 10) as usize..(4 * DIGEST_BLOCK + 10) as usize].fill(9);
+        view[(size - 5) as usize] = 1;
+        let want = whole(&view);
+        // Extents over the data only, split unaligned; zeros fed as data count as zeros.
+        assert_eq!(
+            sparse(
+                &view,
+                &[
+                    (69_000, 1_050),
+                    (70_050, 5_000),
+                    (4 * DIGEST_BLOCK - 100, 50),
+                    (4 * DIGEST_BLOCK - 50, 200),
+                    (size - 10, 10),
+                ]
+            ),
+            want
+        );
+        assert_eq!(sparse(&view, &[(0, size)]), want);
+        // Another view: one byte moved, or the same data on a disk one byte larger.
+        let mut moved = view.clone();
+        moved[70_000] = 0;
+        moved[70_100] = 7;
+        assert_ne!(whole(&moved), want);
+        let mut larger = view.clone();
+        larger.push(0);
+        assert_ne!(whole(&larger), want);
+        // An all-zero view of a size hashes its size alone.
+        assert_eq!(sparse(&[0; 100], &[]), whole(&[0; 100]));
+    }
 }

@@ -1439,7 +1439,7 @@ fn backup_bench(args: &Args) -> serde_json::Value {
                     let file = PathBuf::from(v["disks"][0]["points"][1]["file"].as_str().unwrap());
                     settle();
                     let t = Instant::now();
-                    let _ = diskchain::backup::repo::view_sha256(&file);
+                    let _ = diskchain::backup::repo::view_digest(&file);
                     hash_secs.push(t.elapsed().as_secs_f64());
                     settle();
                     let to = restored.join("vda.qcow2");
