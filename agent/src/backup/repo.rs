@@ -459,12 +459,7 @@ impl Sparse {
 
     /// The view's bytes `[start, start + len)` (ascending across calls; everything not fed
     /// reads as zeros), read by `read(buffer, view offset)`.
-    fn feed(
-        &mut self,
-        start: u64,
-        len: u64,
-        read: &mut ReadAt<'_>,
-    ) -> Result<(), String> {
+    fn feed(&mut self, start: u64, len: u64, read: &mut ReadAt<'_>) -> Result<(), String> {
         let end = (start + len).min(self.size);
         let mut at = start;
         while at < end {

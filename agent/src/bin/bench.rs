@@ -1524,7 +1524,7 @@ fn backup_bench(args: &Args) -> serde_json::Value {
         med(&m[2][2]),
     );
     println!(
-        "diskchain's incremental includes the SHA-256 of the point's whole view: {:.2} s of it",
+        "diskchain's incremental includes the checksum of the point's view (its data read back from the repository): {:.2} s of it",
         med(&hash_secs)
     );
     println!("retention: {retention}");
