@@ -214,9 +214,30 @@ fn every_template_renders_to_valid_objects_for_the_default_values() {
         String::from_utf8_lossy(&out.stderr)
     );
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--kube", "--listen", "--resync", "--max-parallel", "--node"] {
+    for flag in [
+        "--kube",
+        "--listen",
+        "--resync",
+        "--max-parallel",
+        "--node",
+        "--grace",
+    ] {
         assert!(help.contains(flag), "{flag} in agent --help");
     }
+    // On SIGTERM the agent gives running steps `--grace`, then stops their QEMU processes
+    // itself; the kubelet must not kill the pod before that (Kubernetes' default is 30 s).
+    let grace = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--grace="))
+        .expect("--grace in the args");
+    let grace = humantime::parse_duration(grace).unwrap().as_secs() as i64;
+    let kill_after = pod
+        .termination_grace_period_seconds
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        kill_after >= grace + 10,
+        "the pod is killed after {kill_after} s, the agent's grace is {grace} s"
+    );
 }
 
 #[test]
