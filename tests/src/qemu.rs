@@ -106,9 +106,8 @@ pub fn cluster_states(path: &Path, format: &str, cluster: u64) -> Vec<u8> {
     out
 }
 
-/// SHA-256 of the guest view of an image (its whole chain), via `qemu-img convert` to raw.
-pub fn view_sha256(path: &Path, format: &str, scratch: &Path) -> String {
-    use sha2::Digest;
+/// The guest view of an image (its whole chain), via `qemu-img convert` to raw in `scratch`.
+fn raw_view(path: &Path, format: &str, scratch: &Path) -> Vec<u8> {
     let out: PathBuf = scratch.join(format!(
         "view-{}.raw",
         path.file_name().unwrap().to_string_lossy()
@@ -119,7 +118,16 @@ pub fn view_sha256(path: &Path, format: &str, scratch: &Path) -> String {
         .arg(&out));
     let bytes = std::fs::read(&out).expect("read converted view");
     let _ = std::fs::remove_file(&out);
-    format!("{:x}", sha2::Sha256::digest(&bytes))
+    bytes
+}
+
+/// SHA-256 of the guest view of an image (its whole chain), via `qemu-img convert` to raw.
+pub fn view_sha256(path: &Path, format: &str, scratch: &Path) -> String {
+    use sha2::Digest;
+    format!(
+        "{:x}",
+        sha2::Sha256::digest(raw_view(path, format, scratch))
+    )
 }
 
 /// The sparse view checksum a backup point records (`sparse_sha256`), computed here on its own
@@ -128,16 +136,7 @@ pub fn view_sha256(path: &Path, format: &str, scratch: &Path) -> String {
 /// zeros as its index (u64 LE) and its bytes.
 pub fn view_sparse_sha256(path: &Path, format: &str, scratch: &Path) -> String {
     use sha2::Digest;
-    let out: PathBuf = scratch.join(format!(
-        "sparse-view-{}.raw",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    run(Command::new("qemu-img")
-        .args(["convert", "-U", "-f", format, "-O", "raw"])
-        .arg(path)
-        .arg(&out));
-    let bytes = std::fs::read(&out).expect("read converted view");
-    let _ = std::fs::remove_file(&out);
+    let bytes = raw_view(path, format, scratch);
     let mut h = sha2::Sha256::new();
     h.update(b"diskchain-sparse-sha256-v1\0");
     h.update((bytes.len() as u64).to_le_bytes());

@@ -340,76 +340,112 @@ pub fn chain_files(top: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(infos.into_iter().map(|i| i.filename).collect())
 }
 
-/// SHA-256 of the raw view of the qcow2 chain under `top` (what `qemu-img convert -O raw`
-/// would write), read through `qemu-img map`: zero extents hash as zeros, data extents are
-/// read from the file at their depth at their offset. Repository files are uncompressed and
-/// unencrypted qcow2; anything else is refused.
-pub fn view_sha256(top: &Path) -> Result<String, String> {
-    let files = chain_files(top)?;
-    let out = Command::new("qemu-img")
-        .args(["map", "-U", "--output=json", "-f", "qcow2"])
-        .arg(top)
-        .output()
-        .map_err(|e| format!("qemu-img map could not run: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "qemu-img map {} failed: {}",
-            top.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let extents: Vec<Extent> = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("qemu-img map {} printed no extents: {e}", top.display()))?;
-    let mut handles: Vec<Option<std::fs::File>> = files.iter().map(|_| None).collect();
-    let mut h = sha2::Sha256::new();
-    let zeros = vec![0u8; 1 << 20];
-    let mut buf = vec![0u8; 1 << 20];
-    let mut expected = 0u64;
-    for e in extents {
-        if e.start != expected {
+/// The view of the qcow2 chain under `top` as `qemu-img map` describes it: its extents, checked
+/// to follow one another from 0, and the chain's files to read the data extents from.
+struct ViewMap {
+    top: PathBuf,
+    files: Vec<PathBuf>,
+    extents: Vec<Extent>,
+    handles: Vec<Option<std::fs::File>>,
+}
+
+impl ViewMap {
+    fn of(top: &Path) -> Result<ViewMap, String> {
+        let files = chain_files(top)?;
+        let out = Command::new("qemu-img")
+            .args(["map", "-U", "--output=json", "-f", "qcow2"])
+            .arg(top)
+            .output()
+            .map_err(|e| format!("qemu-img map could not run: {e}"))?;
+        if !out.status.success() {
             return Err(format!(
-                "qemu-img map {} skipped from {expected} to {}",
+                "qemu-img map {} failed: {}",
                 top.display(),
-                e.start
+                String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        expected = e.start + e.length;
-        if e.zero || !e.data {
-            let mut left = e.length;
-            while left > 0 {
-                let n = left.min(zeros.len() as u64) as usize;
-                h.update(&zeros[..n]);
-                left -= n as u64;
+        let extents: Vec<Extent> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("qemu-img map {} printed no extents: {e}", top.display()))?;
+        let mut expected = 0u64;
+        for e in &extents {
+            if e.start != expected {
+                return Err(format!(
+                    "qemu-img map {} skipped from {expected} to {}",
+                    top.display(),
+                    e.start
+                ));
             }
-            continue;
+            expected = e.start + e.length;
         }
+        Ok(ViewMap {
+            top: top.to_path_buf(),
+            handles: files.iter().map(|_| None).collect(),
+            files,
+            extents,
+        })
+    }
+
+    /// The view's size.
+    fn size(&self) -> u64 {
+        self.extents.last().map_or(0, |e| e.start + e.length)
+    }
+
+    /// Whether extent `e` holds data (anything else reads as zeros).
+    fn is_data(e: &Extent) -> bool {
+        e.data && !e.zero
+    }
+
+    /// Reads `buf.len()` bytes of data extent `i` at view offset `at` (inside the extent).
+    fn read(&mut self, i: usize, buf: &mut [u8], at: u64) -> Result<(), String> {
+        let e = &self.extents[i];
         let (Some(offset), false) = (e.offset, e.compressed) else {
             return Err(format!(
                 "{}: data at {} is compressed or has no host offset; not a repository chain",
-                top.display(),
+                self.top.display(),
                 e.start
             ));
         };
-        let Some(path) = files.get(e.depth) else {
+        let Some(path) = self.files.get(e.depth) else {
             return Err(format!(
                 "qemu-img map {}: depth {} beyond the chain",
-                top.display(),
+                self.top.display(),
                 e.depth
             ));
         };
-        if handles[e.depth].is_none() {
-            handles[e.depth] = Some(
+        if self.handles[e.depth].is_none() {
+            self.handles[e.depth] = Some(
                 std::fs::File::open(path)
                     .map_err(|err| format!("cannot open {}: {err}", path.display()))?,
             );
         }
-        let f = handles[e.depth].as_ref().expect("opened above");
+        let f = self.handles[e.depth].as_ref().expect("opened above");
+        f.read_exact_at(buf, offset + (at - e.start))
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))
+    }
+}
+
+/// SHA-256 of the raw view of the qcow2 chain under `top` (what `qemu-img convert -O raw`
+/// would write), read through `qemu-img map`: zero extents hash as zeros, data extents are
+/// read from the file at their depth at their offset. Repository files are uncompressed and
+/// unencrypted qcow2; anything else is refused. (What points taken before [`view_digest`]
+/// record.)
+pub fn view_sha256(top: &Path) -> Result<String, String> {
+    let mut map = ViewMap::of(top)?;
+    let mut h = sha2::Sha256::new();
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..map.extents.len() {
+        let (start, length) = (map.extents[i].start, map.extents[i].length);
+        let data = ViewMap::is_data(&map.extents[i]);
         let mut done = 0u64;
-        while done < e.length {
-            let n = (e.length - done).min(buf.len() as u64) as usize;
-            f.read_exact_at(&mut buf[..n], offset + done)
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-            h.update(&buf[..n]);
+        while done < length {
+            let n = (length - done).min(buf.len() as u64) as usize;
+            if data {
+                map.read(i, &mut buf[..n], start + done)?;
+                h.update(&buf[..n]);
+            } else {
+                h.update(&zeros[..n]);
+            }
             done += n as u64;
         }
     }
@@ -487,60 +523,14 @@ impl Sparse {
 /// only data extents are read, from the file at their depth at their offset. Repository files
 /// are uncompressed and unencrypted qcow2; anything else is refused.
 pub fn view_digest(top: &Path) -> Result<String, String> {
-    let files = chain_files(top)?;
-    let out = Command::new("qemu-img")
-        .args(["map", "-U", "--output=json", "-f", "qcow2"])
-        .arg(top)
-        .output()
-        .map_err(|e| format!("qemu-img map could not run: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "qemu-img map {} failed: {}",
-            top.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let extents: Vec<Extent> = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("qemu-img map {} printed no extents: {e}", top.display()))?;
-    let mut expected = 0u64;
-    for e in &extents {
-        if e.start != expected {
-            return Err(format!(
-                "qemu-img map {} skipped from {expected} to {}",
-                top.display(),
-                e.start
-            ));
+    let mut map = ViewMap::of(top)?;
+    let mut digest = Sparse::new(map.size());
+    for i in 0..map.extents.len() {
+        if !ViewMap::is_data(&map.extents[i]) {
+            continue;
         }
-        expected = e.start + e.length;
-    }
-    let mut digest = Sparse::new(expected);
-    let mut handles: Vec<Option<std::fs::File>> = files.iter().map(|_| None).collect();
-    for e in extents.iter().filter(|e| e.data && !e.zero) {
-        let (Some(offset), false) = (e.offset, e.compressed) else {
-            return Err(format!(
-                "{}: data at {} is compressed or has no host offset; not a repository chain",
-                top.display(),
-                e.start
-            ));
-        };
-        let Some(path) = files.get(e.depth) else {
-            return Err(format!(
-                "qemu-img map {}: depth {} beyond the chain",
-                top.display(),
-                e.depth
-            ));
-        };
-        if handles[e.depth].is_none() {
-            handles[e.depth] = Some(
-                std::fs::File::open(path)
-                    .map_err(|err| format!("cannot open {}: {err}", path.display()))?,
-            );
-        }
-        let f = handles[e.depth].as_ref().expect("opened above");
-        digest.feed(e.start, e.length, &mut |buf, at| {
-            f.read_exact_at(buf, offset + (at - e.start))
-                .map_err(|err| format!("cannot read {}: {err}", path.display()))
-        })?;
+        let (start, length) = (map.extents[i].start, map.extents[i].length);
+        digest.feed(start, length, &mut |buf, at| map.read(i, buf, at))?;
     }
     Ok(digest.finish())
 }

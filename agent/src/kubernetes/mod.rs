@@ -107,6 +107,22 @@ pub enum Error {
     Finalizer(String),
 }
 
+/// The event for a retention merge.
+fn retention_merged(r: &crate::backup::RetentionReport) -> Event {
+    Event {
+        type_: EventType::Normal,
+        reason: "RetentionMerged".into(),
+        note: Some(format!(
+            "the retention policy merged {} backup point(s) away ({}): {} written",
+            r.done.removed.len(),
+            r.done.removed.join(", "),
+            crate::units::human_bytes(r.done.total_bytes),
+        )),
+        action: "Backup".into(),
+        secondary: None,
+    }
+}
+
 /// The conditions `obj`'s status shows now.
 fn previous(obj: &DiskChain) -> &[Condition] {
     obj.status.as_ref().map_or(&[], |s| s.conditions.as_slice())
@@ -758,19 +774,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
                 };
                 ctx.publish(&ev, &obj).await;
                 if let Some(r) = retention {
-                    let ev = Event {
-                        type_: EventType::Normal,
-                        reason: "RetentionMerged".into(),
-                        note: Some(format!(
-                            "the retention policy merged {} backup point(s) away ({}): {} written",
-                            r.done.removed.len(),
-                            r.done.removed.join(", "),
-                            crate::units::human_bytes(r.done.total_bytes),
-                        )),
-                        action: "Backup".into(),
-                        secondary: None,
-                    };
-                    ctx.publish(&ev, &obj).await;
+                    ctx.publish(&retention_merged(&r), &obj).await;
                 }
             }
             Err(e) => {
@@ -786,21 +790,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         }
     }
     match retained {
-        Some(Ok(Some(r))) => {
-            let ev = Event {
-                type_: EventType::Normal,
-                reason: "RetentionMerged".into(),
-                note: Some(format!(
-                    "the retention policy merged {} backup point(s) away ({}): {} written",
-                    r.done.removed.len(),
-                    r.done.removed.join(", "),
-                    crate::units::human_bytes(r.done.total_bytes),
-                )),
-                action: "Backup".into(),
-                secondary: None,
-            };
-            ctx.publish(&ev, &obj).await;
-        }
+        Some(Ok(Some(r))) => ctx.publish(&retention_merged(&r), &obj).await,
         Some(Err(e)) => {
             let ev = Event {
                 type_: EventType::Warning,
