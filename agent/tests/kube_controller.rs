@@ -461,27 +461,11 @@ async fn a_spec_edit_replans_and_an_unchanged_outcome_sends_no_event() {
 /// Answers every request like an API server that accepts it: a status patch with the object
 /// named in the path (from `objects`), an event with itself. Returns each status written.
 fn auto_server(
-    mut api: Handle,
+    api: Handle,
     objects: std::collections::HashMap<String, Value>,
 ) -> tokio::task::JoinHandle<Vec<Value>> {
-    tokio::spawn(async move {
-        let mut statuses = Vec::new();
-        while let Ok(Some((req, send))) =
-            tokio::time::timeout(Duration::from_secs(5), api.next_request()).await
-        {
-            let uri = req.uri().path().to_string();
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            if uri.ends_with("/status") {
-                let name = uri.trim_end_matches("/status").rsplit('/').next().unwrap();
-                statuses.push(json!({"name": name, "status": body["status"].clone()}));
-                reply(send, &objects[name]);
-            } else {
-                reply(send, &body);
-            }
-        }
-        statuses
-    })
+    let server = auto_server_with_events(api, objects);
+    tokio::spawn(async move { server.await.unwrap().0 })
 }
 
 /// File mode (`apply`) and Kubernetes mode over the same specs on identical chains: the same
@@ -1146,7 +1130,8 @@ async fn a_live_disk_is_reconciled_through_libvirt_and_backed_up() {
     assert_eq!(view_sha256(&point, "qcow2", h.dir.path()), view);
 }
 
-/// Like [`auto_server`], and also returns every event's reason.
+/// Like [`auto_server`], and also returns every event's reason (waiting up to 2 min for each
+/// request: a live step may take that long).
 fn auto_server_with_events(
     mut api: Handle,
     objects: std::collections::HashMap<String, Value>,
