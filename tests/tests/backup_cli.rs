@@ -231,7 +231,11 @@ fn rounds_of_writes_and_backups_restore_every_point_and_incrementals_hold_only_w
             sparse.as_str(),
             "the manifest's checksum of {name}"
         );
-        assert!(p["sha256"].is_null(), "{p}");
+        assert_eq!(
+            p["sha256"],
+            want.as_str(),
+            "the whole view's SHA-256 of {name}"
+        );
         assert_eq!(
             &restored_sha(&env, &d.spec, "vda", name),
             want,
@@ -961,7 +965,7 @@ fn a_repository_with_whole_view_checksums_still_verifies_and_restores() {
         String::from_utf8_lossy(&v.stderr)
     );
     assert_eq!(restored_sha(&env, &d.spec, "vdo", &name), want);
-    // A new backup records the sparse checksum beside the old point.
+    // A new backup records both checksums beside the old point.
     io(&d.top, "qcow2", &["write -P 8 20M 64k".into()]);
     backup(&env, &d.spec, &[]);
     let listed = points(&env, &d.spec);
@@ -970,6 +974,7 @@ fn a_repository_with_whole_view_checksums_still_verifies_and_restores() {
         listed[1]["sparse_sha256"],
         json!(view_sparse_sha256(&d.top, "qcow2", env.dir.path()))
     );
+    assert_eq!(listed[1]["sha256"], json!(view(&env, &d.top)));
     // A wrong whole-view checksum is found.
     let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     m["points"][0]["sha256"] = json!("0".repeat(64));

@@ -407,7 +407,9 @@ fn record(
     let disk = p.disk;
     let recorded = (|| -> Result<Point, String> {
         repo::sync(&p.partial).map_err(|e| format!("cannot sync {}: {e}", p.partial.display()))?;
-        let sparse_sha256 = repo::view_digest(&p.partial)?;
+        // The contract's `sha256` (the whole raw view) and the sparse checksum `restore` and
+        // `verify --deep` check, in one read.
+        let (sha256, sparse_sha256) = repo::view_checksums(&p.partial)?;
         let bytes = repo::own_bytes(&p.partial)?;
         std::fs::rename(&p.partial, &p.final_path)
             .map_err(|e| format!("cannot rename {}: {e}", p.partial.display()))?;
@@ -422,7 +424,7 @@ fn record(
             bytes,
             virtual_size: p.size,
             sparse_sha256: Some(sparse_sha256),
-            sha256: None,
+            sha256: Some(sha256),
             checkpoint: Some(ck.to_string()),
         })
     })()
@@ -1068,10 +1070,11 @@ pub struct ListedPoint {
     pub file: PathBuf,
     /// Bytes written.
     pub bytes: u64,
-    /// Its view checksum (SHA-256 over the view's non-zero 64 KiB blocks), hex.
+    /// Its sparse view checksum (SHA-256 over the view's non-zero 64 KiB blocks), hex; none
+    /// for points taken before it existed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sparse_sha256: Option<String>,
-    /// SHA-256 of its whole raw view, hex (points taken before `sparse_sha256` existed).
+    /// SHA-256 of its whole raw view, hex.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }

@@ -59,12 +59,13 @@ pub struct Point {
     pub bytes: u64,
     /// The disk's size.
     pub virtual_size: u64,
-    /// The point's view checksum ([`view_digest`]: SHA-256 over its non-zero 64 KiB blocks),
-    /// hex; what every point taken since it exists records.
+    /// The point's sparse view checksum ([`view_digest`]: SHA-256 over its non-zero 64 KiB
+    /// blocks), hex: what `restore` and `verify --deep` check, reading data only. Points taken
+    /// before it existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse_sha256: Option<String>,
-    /// SHA-256 of the point's whole raw view, hex: what points taken before `sparse_sha256`
-    /// record (hashing every zero of the disk, it took time in proportion to the disk's size).
+    /// SHA-256 of the point's whole raw view, hex (what `sha256sum` of a raw restore prints;
+    /// `backups -o json` shows it). Checked only for points without `sparse_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// The checkpoint or dirty bitmap it was taken against, if any.
@@ -430,8 +431,17 @@ impl ViewMap {
 /// unencrypted qcow2; anything else is refused. (What points taken before [`view_digest`]
 /// record.)
 pub fn view_sha256(top: &Path) -> Result<String, String> {
+    view_checksums(top).map(|(sha256, _)| sha256)
+}
+
+/// Both checksums of the view of the qcow2 chain under `top` in one read of its data: the
+/// SHA-256 of the whole raw view ([`view_sha256`], what `backups -o json` shows as `sha256`)
+/// and [`view_digest`]'s sparse one (what `restore` and `verify --deep` check, reading data
+/// only).
+pub fn view_checksums(top: &Path) -> Result<(String, String), String> {
     let mut map = ViewMap::of(top)?;
     let mut h = sha2::Sha256::new();
+    let mut digest = Sparse::new(map.size());
     let zeros = vec![0u8; 1 << 20];
     let mut buf = vec![0u8; 1 << 20];
     for i in 0..map.extents.len() {
@@ -441,15 +451,22 @@ pub fn view_sha256(top: &Path) -> Result<String, String> {
         while done < length {
             let n = (length - done).min(buf.len() as u64) as usize;
             if data {
-                map.read(i, &mut buf[..n], start + done)?;
+                let at = start + done;
+                map.read(i, &mut buf[..n], at)?;
                 h.update(&buf[..n]);
+                let read = &buf[..n];
+                digest.feed(at, n as u64, &mut |b, from| {
+                    let k = (from - at) as usize;
+                    b.copy_from_slice(&read[k..k + b.len()]);
+                    Ok(())
+                })?;
             } else {
                 h.update(&zeros[..n]);
             }
             done += n as u64;
         }
     }
-    Ok(format!("{:x}", h.finalize()))
+    Ok((format!("{:x}", h.finalize()), digest.finish()))
 }
 
 /// The size of the blocks [`view_digest`] hashes.
