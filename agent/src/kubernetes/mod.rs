@@ -949,22 +949,9 @@ pub struct KubeOptions {
 
 /// Runs the controller until SIGTERM or SIGINT. Returns the exit code.
 pub fn run(opts: KubeOptions) -> i32 {
-    let roots = match Roots::new(&opts.roots) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: failed to start the async runtime: {e}");
-            return 1;
-        }
+    let (roots, rt) = match crate::reconcile::start(&opts.roots) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     rt.block_on(async move {

@@ -256,24 +256,28 @@ struct Agent {
     started_unix: u64,
 }
 
-/// Runs the agent until SIGTERM or SIGINT. Returns the exit code.
-pub fn run(opts: AgentOptions) -> i32 {
-    let roots = match Roots::new(&opts.roots) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+/// What both agent modes start from: the allowed roots, checked, and the async runtime; or the
+/// exit code, the error printed (2: a bad root; 1: no runtime).
+pub(crate) fn start(roots: &[PathBuf]) -> Result<(Roots, tokio::runtime::Runtime), i32> {
+    let roots = Roots::new(roots).map_err(|e| {
+        eprintln!("error: {e}");
+        2
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("error: failed to start the async runtime: {e}");
-            return 1;
-        }
+            1
+        })?;
+    Ok((roots, rt))
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Returns the exit code.
+pub fn run(opts: AgentOptions) -> i32 {
+    let (roots, rt) = match start(&opts.roots) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let code = rt.block_on(async move {
         let shared = Arc::new(Shared::new(opts.stuck_after));
@@ -664,26 +668,19 @@ impl Agent {
                 continue;
             };
             // The repository's newest point is the last backup (whoever took it).
-            let newest = host
+            let dir = host
                 .roots
                 .confine_dir(&policy.repository, String::new())
-                .ok()
-                .and_then(|dir| {
-                    crate::state::read_json::<crate::backup::repo::Manifest>(
-                        &dir.join("manifest.json"),
-                    )
+                .ok();
+            let points = dir.as_ref().and_then(|dir| {
+                crate::state::read_json::<crate::backup::repo::Manifest>(&dir.join("manifest.json"))
                     .ok()
                     .flatten()
-                })
-                .map(|m| (m.points.len(), m.points.last().cloned(), m.points));
-            let retention_due = host
-                .roots
-                .confine_dir(&policy.repository, String::new())
-                .ok()
-                .zip(newest.as_ref())
-                .is_some_and(|(dir, (_, _, points))| {
-                    crate::backup::retention_pending(&dir, points, &policy)
-                });
+                    .map(|m| m.points)
+            });
+            let retention_due = dir.zip(points.as_ref()).is_some_and(|(dir, points)| {
+                crate::backup::retention_pending(&dir, points, &policy)
+            });
             let seen = self.policy_seen.get(&spec.key).copied().unwrap_or(now);
             // The repository records its last deep verify (whoever ran it: the agent, `verify
             // --deep`, Kubernetes mode).
@@ -691,9 +688,9 @@ impl Agent {
             let t = self.track(&spec.key);
             let b = t.backup.get_or_insert_with(Default::default);
             let before = b.clone();
-            if let Some((n, last, _)) = &newest {
-                b.points = *n;
-                if let Some(p) = last {
+            if let Some(points) = &points {
+                b.points = points.len();
+                if let Some(p) = points.last() {
                     b.last_point = Some(p.point.clone());
                     b.last_unix = p.time_unix;
                 }
