@@ -25,6 +25,10 @@
 //! too, as `blockcommit --active --pivot`) and against always-stream (every removed run pulled
 //! into the layer above), both as the plan reports them (`baselines`).
 //!
+//! `engines` (`bench-results/engines.json`): where an offline apply's time goes: QEMU's engines
+//! for a pull side by side, and two commits in sequence against side by side (see
+//! `engines_bench`).
+//!
 //! `live` (`bench-results/live.json`; needs a running libvirtd, see `scripts/setup.sh --live`):
 //! removing four points of a running TCG domain's chain with `diskchain apply` (libvirt block
 //! jobs) against one `virsh blockcommit` per point (each removed point takes its overlay's
@@ -45,7 +49,7 @@ use serde_json::json;
 /// Benchmarks of the observer, the planner and apply.
 #[derive(Parser)]
 struct Args {
-    /// Which benchmark: `plan`, `apply`, `agent`, `live`, `bytes` or `backup`.
+    /// Which benchmark: `plan`, `apply`, `agent`, `live`, `bytes`, `backup` or `engines`.
     #[arg(default_value = "plan")]
     which: String,
     /// Where to write the figures (default: `bench-results/<which>.json`).
@@ -344,8 +348,11 @@ fn main() {
         "live" => live_bench(&args),
         "bytes" => bytes_bench(&args),
         "backup" => backup_bench(&args),
+        "engines" => engines_bench(&args),
         other => {
-            eprintln!("unknown benchmark {other:?}: use plan, apply, agent, live, bytes or backup");
+            eprintln!(
+                "unknown benchmark {other:?}: use plan, apply, agent, live, bytes, backup or engines"
+            );
             std::process::exit(2);
         }
     };
@@ -1678,5 +1685,261 @@ fn retention_bytes(work: &Path, bin: &Path) -> serde_json::Value {
         "always_commit_bytes": always_commit,
         "ratio_new_full_over_diskchain": full as f64 / diskchain.max(1) as f64,
         "ratio_always_stream_over_diskchain": always_stream as f64 / diskchain.max(1) as f64,
+    })
+}
+
+/// A minimal QMP client on the unix socket `sock` (retried until the daemon listens): sends
+/// `qmp_capabilities`, then returns a function running one command and returning its reply.
+fn qmp_connect(sock: &Path) -> impl FnMut(&str, serde_json::Value) -> serde_json::Value + use<> {
+    use std::io::BufRead;
+    let started = Instant::now();
+    let s = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) if started.elapsed() > Duration::from_secs(30) => panic!("QMP socket: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let mut call = move |cmd: &str, args: serde_json::Value| -> serde_json::Value {
+        writeln!(w, "{}", json!({"execute": cmd, "arguments": args})).unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    };
+    call("qmp_capabilities", json!({}));
+    call
+}
+
+/// The extents of `top`'s view that a pull into `top` copies: `(start, length)` of each data
+/// extent allocated below it (`qemu-img map`).
+fn pulled_extents(top: &Path) -> Vec<(u64, u64)> {
+    let out = qimg(&["map", "--output=json", "-f", "qcow2"], &[top])
+        .output()
+        .unwrap();
+    let m: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    m.iter()
+        .filter(|e| e["depth"].as_u64().unwrap() > 0 && e["data"].as_bool().unwrap())
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Pulls everything below `chain`'s top into it with QEMU's `block-stream` job in a
+/// qemu-storage-daemon (the engine diskchain uses), or with `qemu-img rebase -b ''`, or by
+/// parallel copy-on-read reads of exactly the extents to pull: `qemu-io -C` with one `aio_read`
+/// per 2 MiB, or an NBD export of a `copy-on-read` node read by `qemu-img convert -m 16 -W`
+/// into `null-co`. Each ends with its data flushed.
+fn pull(engine: &str, chain: &[PathBuf], dir: &Path) {
+    let top = chain.last().unwrap();
+    let daemon = |extra: &[String]| {
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut c = Command::new("qemu-storage-daemon");
+        for (i, l) in chain.iter().enumerate() {
+            let node = json!({"driver": "qcow2", "node-name": format!("n{i}"),
+                "file": {"driver": "file", "filename": l},
+                "read-only": i + 1 < chain.len(),
+                "backing": if i == 0 { serde_json::Value::Null } else { json!(format!("n{}", i - 1)) }});
+            c.arg("--blockdev").arg(node.to_string());
+        }
+        c.args(extra)
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qmp",
+                sock.display()
+            ))
+            .args(["--monitor", "chardev=qmp"])
+            .stdout(Stdio::null());
+        let child = c.spawn().unwrap();
+        (child, qmp_connect(&sock))
+    };
+    let top_node = format!("n{}", chain.len() - 1);
+    match engine {
+        "block-stream" => {
+            let (mut child, mut call) = daemon(&[]);
+            let r = call(
+                "block-stream",
+                json!({"job-id": "s", "device": top_node, "auto-dismiss": false}),
+            );
+            assert!(r.get("return").is_some(), "{r}");
+            loop {
+                let jobs = call("query-jobs", json!({}));
+                if jobs["return"][0]["status"] == "concluded" {
+                    assert!(jobs["return"][0].get("error").is_none(), "{jobs}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            call("quit", json!({}));
+            assert!(child.wait().unwrap().success());
+        }
+        "rebase" => {
+            assert!(
+                qimg(&["rebase", "-f", "qcow2", "-b", ""], &[top])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        "cor-aio" => {
+            let mut c = Command::new("qemu-io");
+            c.args(["-C", "-t", "writeback", "-f", "qcow2"]);
+            for (start, len) in pulled_extents(top) {
+                let mut at = start;
+                while at < start + len {
+                    let n = (start + len - at).min(2 << 20);
+                    c.arg("-c").arg(format!("aio_read -q {at} {n}"));
+                    at += n;
+                }
+            }
+            c.args(["-c", "aio_flush", "-c", "flush"])
+                .arg(top)
+                .stdout(Stdio::null());
+            assert!(c.status().unwrap().success());
+        }
+        "cor-nbd" => {
+            let nbd = dir.join("nbd.sock");
+            let cor = json!({"driver": "copy-on-read", "node-name": "cor", "file": top_node});
+            let (mut child, mut call) = daemon(&[
+                "--blockdev".into(),
+                cor.to_string(),
+                "--nbd-server".into(),
+                format!("addr.type=unix,addr.path={}", nbd.display()),
+                "--export".into(),
+                "type=nbd,id=e,node-name=cor,name=e,writable=off".into(),
+            ]);
+            let ok = Command::new("qemu-img")
+                .args(["convert", "-n", "-m", "16", "-W", "-f", "raw"])
+                .arg(format!("nbd+unix:///e?socket={}", nbd.display()))
+                .args(["--target-image-opts", "driver=null-co,size=8589934592"])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            call("quit", json!({}));
+            assert!(child.wait().unwrap().success());
+        }
+        other => panic!("no engine {other}"),
+    }
+    // Every engine's data on the disk before the clock stops.
+    assert!(
+        Command::new("sync")
+            .arg("-f")
+            .arg(top)
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// `engines` (`bench-results/engines.json`): where an offline apply's time goes, engine by
+/// engine. (1) Pulling 1 GiB into the top of a 3-layer chain (1,024, 512 and 256 MiB written)
+/// with each engine of [`pull`]: the pulled top must read as before (`qemu-img compare`) and
+/// have nothing left below it. (2) Two 640 MiB `qemu-img commit`s on two copies of that chain,
+/// one after the other and side by side: whether independent steps in parallel would gain.
+/// The order of the sides rotates per run; fresh copies, caches dropped.
+fn engines_bench(args: &Args) -> serde_json::Value {
+    let work = args.workdir.join("engines");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let work = work.canonicalize().unwrap();
+    let master = build_apply_chain(&work.join("master"), &[1024, 512, 256]);
+    let pulled_bytes: u64 = pulled_extents(master.last().unwrap())
+        .iter()
+        .map(|(_, l)| l)
+        .sum();
+    let engines = ["block-stream", "rebase", "cor-aio", "cor-nbd"];
+    let mut times: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for run in 0..args.runs {
+        let mut order = engines.to_vec();
+        order.rotate_left(run % engines.len());
+        for e in order {
+            let dir = work.join("pull");
+            let chain = copy_chain(&master, &dir);
+            settle();
+            let t = Instant::now();
+            pull(e, &chain, &dir);
+            times.entry(e).or_default().push(t.elapsed().as_secs_f64());
+            let top = chain.last().unwrap();
+            assert!(
+                pulled_extents(top).is_empty(),
+                "{e} left data below the top"
+            );
+            let same = qimg(&["compare", "-f", "qcow2", "-F", "qcow2"], &[top])
+                .arg(master.last().unwrap())
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(same.success(), "{e} changed the top's view");
+        }
+        for side in if run % 2 == 0 {
+            ["sequential", "parallel"]
+        } else {
+            ["parallel", "sequential"]
+        } {
+            let chains: Vec<Vec<PathBuf>> = ["a", "b"]
+                .iter()
+                .map(|d| copy_chain(&master, &work.join(d)))
+                .collect();
+            settle();
+            let commit = |c: &[PathBuf]| {
+                let mut cmd = qimg(&["commit", "-q", "-d", "-f", "qcow2", "-b"], &[&c[0]]);
+                cmd.arg(&c[2]);
+                cmd
+            };
+            let t = Instant::now();
+            if side == "sequential" {
+                for c in &chains {
+                    assert!(commit(c).status().unwrap().success());
+                }
+            } else {
+                let kids: Vec<_> = chains.iter().map(|c| commit(c).spawn().unwrap()).collect();
+                for mut k in kids {
+                    assert!(k.wait().unwrap().success());
+                }
+            }
+            let key = if side == "sequential" {
+                "two_commits_sequential"
+            } else {
+                "two_commits_parallel"
+            };
+            times
+                .entry(key)
+                .or_default()
+                .push(t.elapsed().as_secs_f64());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let medians: serde_json::Map<String, serde_json::Value> = times
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(median(v.clone()))))
+        .collect();
+    let m = |k: &str| medians[k].as_f64().unwrap();
+    println!(
+        "pull {} MiB: block-stream {:.2} s, rebase {:.2} s, copy-on-read aio {:.2} s, copy-on-read over NBD {:.2} s; two 640 MiB commits: one after the other {:.2} s, side by side {:.2} s",
+        pulled_bytes >> 20,
+        m("block-stream"),
+        m("rebase"),
+        m("cor-aio"),
+        m("cor-nbd"),
+        m("two_commits_sequential"),
+        m("two_commits_parallel")
+    );
+    json!({
+        "command": "cargo run --release -p diskchain --bin diskchain-bench -- engines",
+        "machine": machine(),
+        "runs": args.runs,
+        "chain": {"written_mib_per_layer": [1024, 512, 256], "virtual_bytes": 8u64 << 30},
+        "pulled_bytes": pulled_bytes,
+        "seconds": times,
+        "median_seconds": medians,
     })
 }
