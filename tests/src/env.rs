@@ -150,11 +150,25 @@ impl Env {
 
     /// `apply -f PATH EXTRA...`, which must exit 0 (the test fails showing stderr otherwise).
     pub fn apply_ok(&self, path: &Path, extra: &[&str]) -> Output {
-        let out = self.apply(path, extra);
+        let mut args = vec!["apply"];
+        args.extend_from_slice(extra);
+        self.run_ok(&args, path)
+    }
+
+    /// `diskchain ARGS... -f PATH`, which must exit 0 (the test fails showing the command and
+    /// its stderr otherwise).
+    pub fn run_ok(&self, args: &[&str], path: &Path) -> Output {
+        let out = self
+            .diskchain(args)
+            .arg("-f")
+            .arg(path)
+            .output()
+            .expect("run diskchain");
         assert_eq!(
             out.status.code(),
             Some(0),
-            "apply failed: {}",
+            "{} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
         out

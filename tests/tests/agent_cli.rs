@@ -1098,17 +1098,7 @@ fn a_backup_missed_while_the_agent_was_down_runs_once_at_start() {
     let specs = env.dir.path().join("backup-specs");
     std::fs::create_dir(&specs).unwrap();
     let (top, repo) = backed_up_disk(&env, &specs, "vdb", "schedule: \"0 2 * * *\"");
-    let out = env
-        .diskchain(&["backup", "-f"])
-        .arg(&specs)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.run_ok(&["backup"], &specs);
     // As if that backup had been taken three days ago.
     let path = repo.join("manifest.json");
     let mut m: serde_json::Value =
@@ -1205,17 +1195,7 @@ fn a_lowered_retention_is_merged_without_waiting_for_the_next_backup() {
             "qcow2",
             &[format!("write -P {} {}M 1M", 20 + i, 8 + i)],
         );
-        let out = env
-            .diskchain(&["backup", "-f"])
-            .arg(&specs)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        env.run_ok(&["backup"], &specs);
     }
     assert_eq!(manifest_points(&repo).len(), 4);
     let newest = manifest_points(&repo)[3]["point"].clone();

@@ -245,13 +245,7 @@ fn rounds_of_writes_and_backups_restore_every_point_and_incrementals_hold_only_w
     for f in repo_files(&d.repo) {
         assert_eq!(check(&d.repo.join(&f)), 0, "qemu-img check {f}");
     }
-    let v = run(&env, &["verify", "--deep"], &d.spec);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    env.run_ok(&["verify", "--deep"], &d.spec);
     // The disk itself was only read.
     assert_eq!(backing_chain(&d.top), vec![d.base.clone(), d.top.clone()]);
 }
@@ -374,13 +368,7 @@ fn lowering_retention_merges_points_away_and_every_remaining_point_restores() {
             "restore of {name}"
         );
     }
-    let v = run(&env, &["verify", "--deep"], &d.spec);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    env.run_ok(&["verify", "--deep"], &d.spec);
     env.assert_images_clean("after retention");
 }
 
@@ -391,13 +379,7 @@ fn verify_deep_names_the_point_whose_byte_was_flipped() {
     let r1 = backup(&env, &d.spec, &[]);
     io(&d.top, "qcow2", &["write -P 9 32M 64k".into()]);
     let r2 = backup(&env, &d.spec, &[]);
-    let v = run(&env, &["verify", "--deep"], &d.spec);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    env.run_ok(&["verify", "--deep"], &d.spec);
     // One byte of the second point's data, found where QEMU says it is.
     let file = PathBuf::from(r2["backups"][0]["file"].as_str().unwrap());
     let out = Command::new("qemu-img")
@@ -526,13 +508,7 @@ fn a_retention_merge_killed_midway_is_finished_by_the_next_command() {
         String::from_utf8_lossy(&listed.stdout)
     );
     // verify finishes the merge first, then finds the repository sound.
-    let v = run(&env, &["verify", "--deep"], &d.spec);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    env.run_ok(&["verify", "--deep"], &d.spec);
     assert!(!journal.exists());
     let listed = points(&env, &d.spec);
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -753,13 +729,7 @@ fn a_lowered_retention_is_planned_at_the_oracle_minimum_and_applied() {
         .map(|p| PathBuf::from(p["file"].as_str().unwrap()))
         .collect();
     let before: Vec<_> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
-    let out = run(&env, &["plan", "-o", "json"], &d.spec);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.run_ok(&["plan", "-o", "json"], &d.spec);
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     let ret = &plan["retention"][0];
     assert_eq!(ret["removed"].as_array().unwrap().len(), 3, "{plan}");
@@ -799,13 +769,7 @@ fn a_lowered_retention_is_planned_at_the_oracle_minimum_and_applied() {
         "planned {planned} bytes, the oracle's minimum is {minimum}"
     );
     // apply merges them.
-    let out = run(&env, &["apply"], &d.spec);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.run_ok(&["apply"], &d.spec);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("retention removed 3 backup point(s)"),
         "{}",
@@ -882,13 +846,7 @@ fn a_repository_merged_by_retention_stays_movable() {
     // keepLast 3: the two oldest points are merged away (a stream into the third, or a commit
     // and a take-over: either way QEMU writes a new backing reference).
     std::fs::write(&d.spec, yaml(&d, "vdm", &[("golden", true)], "keepLast: 3")).unwrap();
-    let out = run(&env, &["apply"], &d.spec);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.run_ok(&["apply"], &d.spec);
     let listed = points(&env, &d.spec);
     assert_eq!(listed.len(), 3);
     let files: Vec<PathBuf> = listed
@@ -957,13 +915,7 @@ fn a_repository_with_whole_view_checksums_still_verifies_and_restores() {
         .remove("sparse_sha256");
     m["points"][0]["sha256"] = json!(want);
     std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
-    let v = run(&env, &["verify", "--deep"], &d.spec);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    env.run_ok(&["verify", "--deep"], &d.spec);
     assert_eq!(restored_sha(&env, &d.spec, "vdo", &name), want);
     // A new backup records both checksums beside the old point.
     io(&d.top, "qcow2", &["write -P 8 20M 64k".into()]);

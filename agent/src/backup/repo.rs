@@ -472,14 +472,14 @@ pub fn view_checksums(top: &Path) -> Result<(String, String), String> {
 /// The size of the blocks [`view_digest`] hashes.
 pub const DIGEST_BLOCK: u64 = 64 * 1024;
 
+/// Reads the view's bytes at a view offset into a buffer.
+type ReadAt<'a> = dyn FnMut(&mut [u8], u64) -> Result<(), String> + 'a;
+
 /// The checksum of a view that costs in proportion to its data, not its size: SHA-256 over
 /// `diskchain-sparse-sha256-v1\0`, the view's size (u64, little-endian), then for each 64 KiB
 /// block of the view (the last one may be shorter) that is not all zeros, in order, its index
 /// (u64, little-endian) and its bytes. Two views have the same digest exactly when they read
 /// the same (SHA-256 assumed), however their data is laid out, zeros written or not.
-/// Reads the view's bytes at a view offset into a buffer.
-type ReadAt<'a> = dyn FnMut(&mut [u8], u64) -> Result<(), String> + 'a;
-
 struct Sparse {
     h: sha2::Sha256,
     size: u64,
@@ -586,18 +586,24 @@ pub fn raw_digest(path: &Path) -> Result<String, String> {
 /// The checksum `p` records and the one its view under `top` (a qcow2 chain) reads with now,
 /// by the method `p` was recorded with.
 pub fn check_view(p: &Point, top: &Path) -> Result<(String, String), String> {
-    match (&p.sparse_sha256, &p.sha256) {
-        (Some(d), _) => Ok((d.clone(), view_digest(top)?)),
-        (None, Some(s)) => Ok((s.clone(), view_sha256(top)?)),
-        (None, None) => Err(format!("point {} records no checksum", p.point)),
-    }
+    recorded_and_now(p, || view_digest(top), || view_sha256(top))
 }
 
 /// Like [`check_view`], for a raw image `file` restored from `p`.
 pub fn check_raw(p: &Point, file: &Path) -> Result<(String, String), String> {
+    recorded_and_now(p, || raw_digest(file), || file_sha256(file))
+}
+
+/// The checksum `p` records (the sparse one when it has it) and the same checksum computed now
+/// (`sparse` or `whole`).
+fn recorded_and_now(
+    p: &Point,
+    sparse: impl FnOnce() -> Result<String, String>,
+    whole: impl FnOnce() -> Result<String, String>,
+) -> Result<(String, String), String> {
     match (&p.sparse_sha256, &p.sha256) {
-        (Some(d), _) => Ok((d.clone(), raw_digest(file)?)),
-        (None, Some(s)) => Ok((s.clone(), file_sha256(file)?)),
+        (Some(d), _) => Ok((d.clone(), sparse()?)),
+        (None, Some(s)) => Ok((s.clone(), whole()?)),
         (None, None) => Err(format!("point {} records no checksum", p.point)),
     }
 }

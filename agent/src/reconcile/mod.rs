@@ -201,8 +201,13 @@ async fn watchdog(shared: Arc<Shared>) {
     }
 }
 
-/// How a scheduled backup task of a disk ended: the task itself failing (outer), or the backup.
-type BackupOutcome = Result<Result<crate::backup::BackupDone, crate::backup::BackupError>, String>;
+/// How a backup task of a disk ended: the task itself failing (outer, its message), or the work
+/// done (a backup, a verify, a retention merge) with its result.
+type TaskOutcome<T> = Result<Result<T, crate::backup::BackupError>, String>;
+/// How a scheduled backup task of a disk ended.
+type BackupOutcome = TaskOutcome<crate::backup::BackupDone>;
+/// How a retention merge task of a disk ended (`None`: nothing to merge).
+type RetainOutcome = TaskOutcome<Option<crate::backup::RetentionReport>>;
 
 /// What a task of the agent did.
 enum TaskResult {
@@ -213,15 +218,9 @@ enum TaskResult {
     /// The scheduled backups of one domain's disks, taken together, ended.
     Backups(Vec<(DiskKey, BackupOutcome)>),
     /// A scheduled verify ended.
-    Verify(
-        DiskKey,
-        Result<Result<crate::backup::Verified, crate::backup::BackupError>, String>,
-    ),
+    Verify(DiskKey, TaskOutcome<crate::backup::Verified>),
     /// A retention merge the policy asked for (a lowered retention) ended.
-    Retain(
-        DiskKey,
-        Result<Result<Option<crate::backup::RetentionReport>, crate::backup::BackupError>, String>,
-    ),
+    Retain(DiskKey, RetainOutcome),
 }
 
 /// What a backup task of a disk does.
@@ -868,11 +867,7 @@ impl Agent {
         t.backup_retry = Some(Instant::now() + backoff);
     }
 
-    fn backup_finished(
-        &mut self,
-        key: DiskKey,
-        result: Result<Result<crate::backup::BackupDone, crate::backup::BackupError>, String>,
-    ) {
+    fn backup_finished(&mut self, key: DiskKey, result: BackupOutcome) {
         self.running.remove(&key);
         match result.and_then(|r| r.map_err(|e| e.error)) {
             Ok(done) => {
@@ -907,14 +902,7 @@ impl Agent {
         self.write_record();
     }
 
-    fn retain_finished(
-        &mut self,
-        key: DiskKey,
-        result: Result<
-            Result<Option<crate::backup::RetentionReport>, crate::backup::BackupError>,
-            String,
-        >,
-    ) {
+    fn retain_finished(&mut self, key: DiskKey, result: RetainOutcome) {
         self.running.remove(&key);
         match result.and_then(|r| r.map_err(|e| e.error)) {
             Ok(done) => {
@@ -929,11 +917,7 @@ impl Agent {
         self.schedule();
     }
 
-    fn verify_finished(
-        &mut self,
-        key: DiskKey,
-        result: Result<Result<crate::backup::Verified, crate::backup::BackupError>, String>,
-    ) {
+    fn verify_finished(&mut self, key: DiskKey, result: TaskOutcome<crate::backup::Verified>) {
         self.running.remove(&key);
         let now = chrono::Utc::now().timestamp();
         match result.and_then(|r| r.map_err(|e| e.error)) {
