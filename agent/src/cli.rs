@@ -25,6 +25,12 @@ pub struct Cli {
     /// backing reference must resolve inside one, symlinks followed.
     #[arg(long = "allowed-root", global = true, value_name = "DIR", default_values = ["/var/lib/diskchain"])]
     pub allowed_roots: Vec<PathBuf>,
+    /// A libvirt URI specs may name in `spec.source.libvirt.uri` (repeatable; default
+    /// qemu:///system). A spec's URI must be exactly one of these: it never chooses a transport,
+    /// a host, a program or a parameter. Only local URIs are accepted here (no `ext`, `ssh`,
+    /// `tcp`, `tls`; no query parameter but `socket` and `mode`).
+    #[arg(long = "allowed-libvirt-uri", global = true, value_name = "URI", default_values = [crate::libvirt::DEFAULT_URI])]
+    pub allowed_libvirt_uris: Vec<String>,
     /// Log format on stderr: `text` for people, `json` for log collectors. Verbosity comes from
     /// `DISKCHAIN_LOG` (e.g. `info`, `diskchain=debug`); the agent logs at `info` by default.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

@@ -36,6 +36,10 @@ static STDOUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 fn main() {
     let cli = Cli::parse();
     init_logging(&cli);
+    if let Err(e) = diskchain::libvirt::allow_uris(&cli.allowed_libvirt_uris) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let code = match cli.command {
         Command::Crd => {
             outp!("{}", diskchain_crd::crd_yaml());

@@ -40,13 +40,45 @@ pub(super) struct Session {
     pub(super) dom: Domain,
 }
 
-pub(super) fn open(src: &LibvirtSource) -> Result<Session, LiveError> {
+/// Connects to libvirt at `uri`: only an allowed URI ([`super::check_uri`]), within
+/// [`super::CONNECT_TIMEOUT`], with keepalive probes so that a daemon that stops answering ends
+/// the connection (and every call on it fails) instead of hanging the caller. A connect that
+/// does not answer in time is left to end on its own thread.
+pub(super) fn connect(uri: &str) -> Result<Connect, LiveError> {
+    super::check_uri(uri)?;
     virt::error::clear_error_callback();
     sys::start_event_loop();
-    let conn = Connect::open(Some(&src.uri)).map_err(|e| LiveError::Connect {
-        uri: src.uri.clone(),
-        message: e.message().to_string(),
-    })?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let u = uri.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("libvirt-connect".into())
+        .spawn(move || {
+            let _ = tx.send(Connect::open(Some(&u)).map_err(|e| e.message().to_string()));
+        });
+    let failed = |message: String| LiveError::Connect {
+        uri: uri.to_string(),
+        message,
+    };
+    spawned.map_err(|e| failed(format!("cannot start a thread to connect: {e}")))?;
+    let conn = match rx.recv_timeout(super::CONNECT_TIMEOUT) {
+        Ok(r) => r.map_err(failed)?,
+        Err(_) => {
+            return Err(failed(format!(
+                "no answer within {} s",
+                super::CONNECT_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    // A probe every 5 s, the connection closed after 3 unanswered: a hung daemon fails the
+    // calls on it within about 20 s.
+    if let Err(e) = conn.set_keep_alive(5, 3) {
+        tracing::debug!(uri, error = %e.message(), "libvirt keepalive not set");
+    }
+    Ok(conn)
+}
+
+pub(super) fn open(src: &LibvirtSource) -> Result<Session, LiveError> {
+    let conn = connect(&src.uri)?;
     let dom = conn
         .lookup_domain_by_name(&src.domain)
         .map_err(|e| LiveError::NoDomain {
@@ -104,11 +136,7 @@ pub(super) fn locate(src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
 }
 
 pub(super) fn domain_disks(uri: &str) -> Result<Vec<super::DomainDisk>, LiveError> {
-    virt::error::clear_error_callback();
-    let conn = Connect::open(Some(uri)).map_err(|e| LiveError::Connect {
-        uri: uri.to_string(),
-        message: e.message().to_string(),
-    })?;
+    let conn = connect(uri)?;
     let doms = conn.list_all_domains(0).map_err(|e| LiveError::Connect {
         uri: uri.to_string(),
         message: format!("listing its domains: {}", e.message()),

@@ -77,6 +77,16 @@ pub enum LiveError {
         /// The cause.
         source: xml::XmlError,
     },
+    /// The URI is not one this node's operator allows (`--allowed-libvirt-uri`).
+    #[error(
+        "spec.source.libvirt.uri: {uri:?} is not a libvirt URI this node allows (allowed: {allowed}); the node's operator sets them with --allowed-libvirt-uri (the chart's libvirt.allowedUris). Nothing was done"
+    )]
+    NotAllowed {
+        /// The URI the spec names.
+        uri: String,
+        /// The allowed URIs, for the message.
+        allowed: String,
+    },
     /// A libvirt call failed.
     #[error("domain {domain}: {what} failed: {message}")]
     Call {
@@ -103,8 +113,88 @@ impl LiveError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            LiveError::NotBuilt | LiveError::NoDomain { .. } | LiveError::Xml { .. }
+            LiveError::NotBuilt
+                | LiveError::NoDomain { .. }
+                | LiveError::Xml { .. }
+                | LiveError::NotAllowed { .. }
         )
+    }
+}
+
+/// The libvirt URIs a spec may name, as the operator set them at start (`--allowed-libvirt-uri`);
+/// [`DEFAULT_URI`] alone until then.
+static ALLOWED_URIS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// The URI allowed when the operator names none: the local system daemon.
+pub const DEFAULT_URI: &str = "qemu:///system";
+
+/// How long connecting to libvirt may take before the call fails (a daemon that never answers
+/// must not hold a reconcile, a deletion or a shutdown).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Query parameters an operator's URI may carry: where the local socket is, and the daemon mode.
+const URI_PARAMS: &[&str] = &["socket", "mode"];
+
+/// Checks the operator's allowed URIs and makes them the only ones any connection may use. A URI
+/// must reach a local daemon: transport none or `unix`, no host, and no query parameter but
+/// `socket` and `mode` (`ext` runs a program, `ssh`/`tcp`/`tls` open network connections, and
+/// `command`, `keyfile` and the like choose programs and keys). `Err` says which URI and why.
+pub fn allow_uris(uris: &[String]) -> Result<(), String> {
+    for u in uris {
+        check_operator_uri(u).map_err(|why| {
+            format!("--allowed-libvirt-uri {u:?}: {why}; allowed are local URIs such as qemu:///system or qemu+unix:///system?socket=/run/libvirt/libvirt-sock")
+        })?;
+    }
+    let _ = ALLOWED_URIS.set(uris.to_vec());
+    Ok(())
+}
+
+fn check_operator_uri(uri: &str) -> Result<(), String> {
+    let (scheme, rest) = uri
+        .split_once("://")
+        .ok_or_else(|| "it is not a URI (DRIVER[+TRANSPORT]://[HOST]/PATH)".to_string())?;
+    if let Some((_, transport)) = scheme.split_once('+')
+        && transport != "unix"
+    {
+        return Err(format!(
+            "the transport {transport:?} is not local (only unix, or none, reaches this node's daemon without a program, a host or a key)"
+        ));
+    }
+    let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if !authority_path.starts_with('/') {
+        return Err("it names a host; only this node's own daemon may be used".into());
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        if !URI_PARAMS.contains(&name) {
+            return Err(format!(
+                "the query parameter {name:?} is not allowed (only {})",
+                URI_PARAMS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The URIs any connection may use now.
+pub fn allowed_uris() -> Vec<String> {
+    ALLOWED_URIS
+        .get()
+        .cloned()
+        .unwrap_or_else(|| vec![DEFAULT_URI.to_string()])
+}
+
+/// `Ok` when `uri` is exactly one of the allowed URIs: a spec never chooses a transport, a host,
+/// a program or a parameter of its own.
+pub fn check_uri(uri: &str) -> Result<(), LiveError> {
+    let allowed = allowed_uris();
+    if allowed.iter().any(|a| a == uri) {
+        Ok(())
+    } else {
+        Err(LiveError::NotAllowed {
+            uri: uri.chars().take(200).collect(),
+            allowed: allowed.join(", "),
+        })
     }
 }
 

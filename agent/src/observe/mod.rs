@@ -51,23 +51,27 @@ pub enum ObserveError {
     /// A qcow2 header or table problem.
     #[error(transparent)]
     Qcow2(#[from] qcow2::Qcow2Error),
-    /// A path resolves outside every allowed root.
+    /// A path resolves outside every allowed root. Said as [`ObserveError::Missing`] is: an
+    /// error never tells whether a file outside the roots exists, nor where a link points.
     #[error(
-        "{what} ({}) resolves to {}, outside the allowed roots ({}); diskchain never touches it. Move the file under an allowed root or add one with --allowed-root",
-        path.display(), resolved.display(), roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        "{what} {} does not exist inside the allowed roots (it is missing, or it resolves outside the allowed roots, which diskchain never touches); check the path, or move the file under an allowed root (--allowed-root)",
+        path.display()
     )]
     OutsideRoots {
         /// What the path is (e.g. "the backing file of /x").
         what: String,
         /// The path as referenced.
         path: PathBuf,
-        /// Where it resolves.
+        /// Where it resolves (logged, never shown: it may be outside the roots).
         resolved: PathBuf,
         /// The allowed roots.
         roots: Vec<PathBuf>,
     },
-    /// A referenced file does not exist.
-    #[error("{what} {} does not exist", path.display())]
+    /// A referenced file does not exist (said as [`ObserveError::OutsideRoots`] is).
+    #[error(
+        "{what} {} does not exist inside the allowed roots (it is missing, or it resolves outside the allowed roots, which diskchain never touches); check the path, or move the file under an allowed root (--allowed-root)",
+        path.display()
+    )]
     Missing {
         /// What the path is.
         what: String,
