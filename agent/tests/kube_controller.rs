@@ -58,6 +58,7 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         shared: Arc::new(diskchain::reconcile::Shared::new(Duration::from_secs(300))),
         resources: Default::default(),
         claims: Default::default(),
+        lease: None,
     };
     (Arc::new(ctx), handle)
 }
@@ -672,22 +673,54 @@ async fn two_agents_for_one_node_only_one_holds_the_lease() {
     };
     let (a, _sa) = agent("pod-a");
     let (b, _sb) = agent("pod-b");
-    assert!(a.try_hold().await.unwrap(), "a takes the free lease");
-    assert!(!b.try_hold().await.unwrap(), "b waits while a holds it");
-    assert!(a.try_hold().await.unwrap(), "a renews");
-    assert!(!b.try_hold().await.unwrap());
+    let d = Duration::from_secs(5);
+    use diskchain::kubernetes::lease::Hold;
+    assert_eq!(
+        a.try_hold(d).await.unwrap(),
+        Hold::Held,
+        "a takes the free lease"
+    );
+    assert!(a.holding());
+    assert_eq!(
+        b.try_hold(d).await.unwrap(),
+        Hold::Other("pod-a".into()),
+        "b waits while a holds it"
+    );
+    assert_eq!(a.try_hold(d).await.unwrap(), Hold::Held, "a renews");
+    assert!(matches!(b.try_hold(d).await.unwrap(), Hold::Other(_)));
     assert_eq!(b.holder().await.unwrap().as_deref(), Some("pod-a"));
-    // a stops renewing (it died): after the lease's duration b takes it over.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert!(b.try_hold().await.unwrap(), "b takes the expired lease");
+    // a stops renewing (it died): after the lease's duration b takes it over; a stopped
+    // writing before that (its renew deadline is two thirds of the duration).
+    tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(
-        !a.try_hold().await.unwrap(),
+        !a.holding(),
+        "a is fenced once its last renewal is past the renew deadline"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        b.try_hold(d).await.unwrap(),
+        Hold::Held,
+        "b takes the expired lease"
+    );
+    assert_eq!(
+        a.try_hold(d).await.unwrap(),
+        Hold::Other("pod-b".into()),
         "a, come back, learns it lost the lease"
     );
+    assert!(a.lost() && !a.holding());
     assert_eq!(a.holder().await.unwrap().as_deref(), Some("pod-b"));
+    // b shuts down cleanly: it releases the lease, and a new agent takes it at once.
+    b.release(d).await;
+    assert_eq!(b.holder().await.unwrap(), None);
+    let (c, _sc) = agent("pod-c");
+    assert_eq!(
+        c.try_hold(d).await.unwrap(),
+        Hold::Held,
+        "c takes the released lease at once"
+    );
     let l = store.lock().unwrap().clone().unwrap();
     assert_eq!(l["metadata"]["name"], "diskchain-node-a");
-    assert_eq!(l["spec"]["leaseTransitions"], 1);
+    assert_eq!(l["spec"]["leaseTransitions"], 2);
 }
 
 /// A scheduled backup due since the resource was created (the agent was down at 02:00) runs

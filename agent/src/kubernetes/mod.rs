@@ -66,6 +66,9 @@ pub struct Context {
     pub resources: std::sync::OnceLock<kube::runtime::reflector::Store<DiskChain>>,
     /// Which resource manages which disk, and which disks reconciles are working on.
     pub claims: claims::Claims,
+    /// The node's lease (`None` in tests: always held). While it is not held, reconciles start
+    /// nothing and write nothing.
+    pub lease: Option<Arc<lease::NodeLease>>,
 }
 
 impl Context {
@@ -80,9 +83,18 @@ impl Context {
     /// Publishes `ev` about `obj`. Events are for people: one the API server refuses is logged,
     /// and the reconcile (or the deletion) goes on.
     async fn publish(&self, ev: &Event, obj: &DiskChain) {
+        if !self.may_act() {
+            tracing::warn!(resource = %obj.name_any(), reason = ev.reason, "not holding this node's lease: event not published");
+            return;
+        }
         if let Err(e) = self.recorder.publish(ev, &obj.object_ref(&())).await {
             tracing::warn!(resource = %obj.name_any(), reason = ev.reason, error = %e, "cannot publish an event");
         }
+    }
+
+    /// True while this agent holds the node's lease: it may start steps and write to the API.
+    pub fn may_act(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| l.holding())
     }
 
     fn succeeded(&self, key: &str) {
@@ -143,6 +155,10 @@ fn ours(obj: &DiskChain, node: &str) -> bool {
 
 /// Reconciles one `DiskChain`.
 pub async fn reconcile(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.may_act() {
+        // Fenced (the node's lease is not renewed): nothing starts, nothing is written.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     if !ours(&obj, &ctx.node) {
         // Another node's (or nobody's): never touched, not even the finalizer.
         return Ok(Action::await_change());
@@ -325,8 +341,16 @@ impl KubeProgress {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let recorder = ctx.recorder.clone();
         let reference = obj.object_ref(&());
+        let lease = ctx.lease.clone();
         let publisher = tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
+                if lease.as_ref().is_some_and(|l| !l.holding()) {
+                    tracing::warn!(
+                        reason = ev.reason,
+                        "not holding this node's lease: event not published"
+                    );
+                    continue;
+                }
                 if let Err(e) = recorder.publish(&ev, &reference).await {
                     tracing::warn!(error = %e, reason = ev.reason, "cannot publish an event");
                 }
@@ -708,6 +732,10 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
             }),
         message: Some(message.clone()),
     };
+    if !ctx.may_act() {
+        // Fenced while the reconcile ran: its status is written by the next one.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     patch_status(&api, &name, status).await?;
     let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
     record_metrics(
@@ -954,9 +982,11 @@ pub fn run(opts: KubeOptions) -> i32 {
         Err(code) => return code,
     };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    rt.block_on(async move {
-        // SIGTERM or SIGINT: no new step starts; a running step gets `grace` to end, then its
-        // QEMU process is stopped (the journal resumes it on the next start), as in file mode.
+    let code = rt.block_on(async move {
+        // SIGTERM or SIGINT, whether this agent holds the node's lease or waits for it: no new
+        // step starts; a running step gets `grace` to end, then its QEMU process is stopped (the
+        // journal resumes it on the next start), as in file mode.
+        let (shutdown_tx, mut shutdown) = tokio::sync::watch::channel(false);
         {
             let stop = stop.clone();
             let grace = opts.grace;
@@ -971,6 +1001,7 @@ pub fn run(opts: KubeOptions) -> i32 {
                     _ = tokio::signal::ctrl_c() => {}
                 }
                 stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = shutdown_tx.send(true);
                 tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new steps start; running steps may finish");
                 tokio::time::sleep(grace).await;
                 let n = crate::execute::terminate_running();
@@ -986,8 +1017,41 @@ pub fn run(opts: KubeOptions) -> i32 {
                 return 1;
             }
         };
-        // `/healthz`, `/readyz` (ready once the controller runs) and `/metrics`, as in file mode.
+        // `/healthz`, `/readyz` (ready once the controller lists this node's resources) and
+        // `/metrics`, as in file mode.
         let shared = Arc::new(crate::reconcile::Shared::new(Duration::from_secs(300)));
+        if let Some(addr) = opts.listen
+            && let Err(e) = crate::reconcile::http::listen(addr, shared.clone()).await
+        {
+            eprintln!("error: {e}");
+            return 2;
+        }
+        // One agent per node: wait for the node's lease (or a shutdown), then keep renewing it.
+        let node_lease = Arc::new(lease::NodeLease::new(
+            client.clone(),
+            &opts.lease_namespace,
+            &opts.node,
+            &opts.identity,
+            LEASE_DURATION,
+        ));
+        let mut told = false;
+        loop {
+            match node_lease.try_hold(node_lease.renew_every()).await {
+                Ok(lease::Hold::Held) => break,
+                Ok(lease::Hold::Other(holder)) => {
+                    if !told {
+                        tracing::info!(node = %opts.node, holder, "another agent holds this node's lease; waiting");
+                        told = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read or take this node's lease; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(node_lease.renew_every()) => {}
+                _ = shutdown.changed() => return 0,
+            }
+        }
+        tracing::info!(node = %opts.node, identity = %opts.identity, "holding this node's lease");
         let ctx = Arc::new(Context {
             recorder: Arc::new(events::Events::new(client.clone(), "diskchain", &opts.node)),
             client: client.clone(),
@@ -1001,61 +1065,9 @@ pub fn run(opts: KubeOptions) -> i32 {
             shared: shared.clone(),
             resources: Default::default(),
             claims: Default::default(),
+            lease: Some(node_lease.clone()),
         });
-        if let Some(addr) = opts.listen
-            && let Err(e) = crate::reconcile::http::listen(addr, shared.clone()).await
-        {
-            eprintln!("error: {e}");
-            return 2;
-        }
-        // One agent per node: wait for the node's lease, then keep renewing it.
-        let node_lease = lease::NodeLease::new(
-            client.clone(),
-            &opts.lease_namespace,
-            &opts.node,
-            &opts.identity,
-            Duration::from_secs(15),
-        );
-        let mut told = false;
-        loop {
-            match node_lease.try_hold().await {
-                Ok(true) => break,
-                Ok(false) => {
-                    if !told {
-                        let holder = node_lease.holder().await.ok().flatten().unwrap_or_default();
-                        tracing::info!(node = %opts.node, holder, "another agent holds this node's lease; waiting");
-                        told = true;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot read or take this node's lease; retrying"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(node_lease.renew_every()) => {}
-                _ = tokio::signal::ctrl_c() => return 0,
-            }
-        }
-        tracing::info!(node = %opts.node, identity = %opts.identity, "holding this node's lease");
-        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
-        tokio::spawn(async move {
-            let mut failing_since: Option<std::time::Instant> = None;
-            loop {
-                tokio::time::sleep(node_lease.renew_every()).await;
-                match node_lease.try_hold().await {
-                    Ok(true) => failing_since = None,
-                    Ok(false) => {
-                        let _ = lost_tx.send("another agent took it".into());
-                        return;
-                    }
-                    Err(e) => {
-                        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                        if since.elapsed() > node_lease.renew_every() * 2 {
-                            let _ = lost_tx.send(format!("it could not be renewed: {e}"));
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        tokio::spawn(keep_lease(node_lease.clone(), opts.node.clone()));
         let api: Api<DiskChain> = Api::all(client);
         {
             let (api, shared, every) = (api.clone(), shared.clone(), opts.resync);
@@ -1073,15 +1085,64 @@ pub fn run(opts: KubeOptions) -> i32 {
         }
         tracing::info!(node = %opts.node, "Kubernetes mode: watching this node's DiskChain resources");
         shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-        let controller = control(api, ctx, opts.max_parallel);
-        tokio::select! {
-            _ = controller => 0,
-            Ok(why) = lost_rx => {
-                tracing::error!(node = %opts.node, why, "lost this node's lease: exiting, so that only one agent works on this node");
-                1
+        control(api, ctx, opts.max_parallel).await;
+        // A clean shutdown: the running reconciles are done; the next agent takes the lease at
+        // once.
+        node_lease.release(node_lease.renew_every()).await;
+        0
+    });
+    // Reconciles still blocked (in a QEMU step past the grace, or a call that never answers)
+    // are not waited for.
+    rt.shutdown_background();
+    code
+}
+
+/// How long the node's lease lasts without a renewal.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+
+/// Renews the node's lease for as long as the agent runs. Each renewal is bounded by the time
+/// left before another agent may take the lease; past the renew deadline the agent is fenced
+/// ([`lease::NodeLease::holding`]): it starts nothing and writes nothing to the API. It exits
+/// (1), stopping its QEMU processes (their steps resume from the journal under the next
+/// holder), once it learns another agent holds the lease, or once its lease has expired while
+/// the API answers other requests. While the API answers nothing, it waits: the steps running
+/// go on, and a renewal that gets through makes it the holder again.
+async fn keep_lease(lease: Arc<lease::NodeLease>, node: String) {
+    let mut fenced_told = false;
+    loop {
+        let started = std::time::Instant::now();
+        let since = lease.since_renewal().unwrap_or(lease.duration());
+        let bound = lease
+            .duration()
+            .saturating_sub(since)
+            .max(lease.renew_every());
+        match lease.try_hold(bound).await {
+            Ok(lease::Hold::Held) => {
+                if fenced_told {
+                    tracing::info!(node = %node, "renewed this node's lease again: acting again");
+                    fenced_told = false;
+                }
+            }
+            Ok(lease::Hold::Other(holder)) => {
+                let n = crate::execute::terminate_running();
+                tracing::error!(node = %node, holder, stopped = n, "another agent holds this node's lease: exiting, so that only one agent works on this node");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                let since = lease.since_renewal().unwrap_or(lease.duration());
+                if since >= lease.renew_deadline() && !fenced_told {
+                    tracing::warn!(node = %node, error = %e, "this node's lease could not be renewed in time: no step starts and nothing is written to the API until it is");
+                    fenced_told = true;
+                }
+                if since >= lease.duration() && lease.api_answers(lease.renew_every()).await {
+                    let n = crate::execute::terminate_running();
+                    tracing::error!(node = %node, error = %e, stopped = n, "this node's lease expired while the API answers other requests: another agent may hold it now; exiting");
+                    std::process::exit(1);
+                }
             }
         }
-    })
+        tokio::time::sleep(lease.renew_every().saturating_sub(started.elapsed())).await;
+    }
 }
 
 /// The controller over this node's `DiskChain` resources (a watch with the field selector
