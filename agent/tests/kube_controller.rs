@@ -58,6 +58,9 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         shared: Arc::new(diskchain::reconcile::Shared::new(Duration::from_secs(300))),
         resources: Default::default(),
         claims: Default::default(),
+        ownership: None,
+        records: Default::default(),
+        busy: Default::default(),
         lease: None,
     };
     (Arc::new(ctx), handle)

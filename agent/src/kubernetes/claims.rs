@@ -94,7 +94,7 @@ impl Drop for Claim<'_> {
 
 /// The active image `disk`'s source resolves to, when its chain can be observed (one that
 /// cannot is left to its own reconcile to report).
-fn resolve(disk: &DesiredDisk, roots: &Roots, state: &StateDir) -> Option<PathBuf> {
+pub fn resolve(disk: &DesiredDisk, roots: &Roots, state: &StateDir) -> Option<PathBuf> {
     let mut host = Host::new(roots, state, &[]);
     host.claim(std::slice::from_ref(disk));
     host.claimed.into_keys().next()

@@ -10,6 +10,7 @@
 //! plan's journal stays, so a spec for the same disk resumes it) and lets the resource go.
 //! A resource without `spec.nodeName`, or of another node, is never acted on.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ use crate::state::StateDir;
 pub mod claims;
 pub mod events;
 pub mod lease;
+pub mod lenient;
+pub mod ownership;
 
 /// The finalizer diskchain puts on every resource it manages.
 pub const FINALIZER: &str = "diskchain.dev/cleanup";
@@ -66,6 +69,13 @@ pub struct Context {
     pub resources: std::sync::OnceLock<kube::runtime::reflector::Store<DiskChain>>,
     /// Which resource manages which disk, and which disks reconciles are working on.
     pub claims: claims::Claims,
+    /// The cluster-wide claims on images (`None` in tests that do not exercise them).
+    pub ownership: Option<ownership::Ownership>,
+    /// The resources this agent keeps a record of (a disk it reconciled): one that leaves the
+    /// node or disappears is released.
+    pub records: std::sync::Mutex<std::collections::BTreeSet<DiskKey>>,
+    /// The resources a reconcile or a release is working on now.
+    pub busy: std::sync::Mutex<std::collections::BTreeSet<DiskKey>>,
     /// The node's lease (`None` in tests: always held). While it is not held, reconciles start
     /// nothing and write nothing.
     pub lease: Option<Arc<lease::NodeLease>>,
@@ -164,6 +174,16 @@ pub async fn reconcile(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action,
         return Ok(Action::await_change());
     }
     let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let key = DiskKey::new(Some(&ns), &obj.name_any());
+    let Some(_busy) = Busy::take(&ctx, &key) else {
+        // Being released (it left the node and came back): looked at again shortly.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
+    if obj.metadata.deletion_timestamp.is_none()
+        && let Some(action) = claim_first(&obj, &ctx).await?
+    {
+        return Ok(action);
+    }
     let api: Api<DiskChain> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, obj, |event| async {
         match event {
@@ -569,6 +589,142 @@ async fn event_on_change(
     ctx.publish(&ev, obj).await;
 }
 
+/// A resource a reconcile or a release works on; let go on drop.
+struct Busy<'a> {
+    ctx: &'a Context,
+    key: DiskKey,
+}
+
+impl<'a> Busy<'a> {
+    /// Marks `key` busy, or `None` when something else works on it.
+    fn take(ctx: &'a Context, key: &DiskKey) -> Option<Busy<'a>> {
+        ctx.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+            .then(|| Busy {
+                ctx,
+                key: key.clone(),
+            })
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Takes the cluster-wide claim on the disk `obj` names before anything is written for it (its
+/// finalizer included): `Some` is what to do instead of reconciling (wait for another node to
+/// release it, or refused: another resource manages it). A spec that does not validate, or a
+/// chain that cannot be observed, is left to the reconcile to report.
+async fn claim_first(obj: &DiskChain, ctx: &Arc<Context>) -> Result<Option<Action>, Error> {
+    let Some(own) = &ctx.ownership else {
+        return Ok(None);
+    };
+    let Ok(disk) = DesiredDisk::from_object(obj) else {
+        return Ok(None);
+    };
+    let (roots, state, d) = (ctx.roots.clone(), ctx.state.clone(), disk.clone());
+    let image = tokio::task::spawn_blocking(move || claims::resolve(&d, &roots, &state))
+        .await
+        .map_err(|e| Error::Disk(format!("the claim task failed: {e}")))?;
+    let Some(image) = image else {
+        return Ok(None);
+    };
+    let uid = obj.metadata.uid.clone().unwrap_or_default();
+    let claim = own
+        .claim(&image, &disk.key, &uid)
+        .await
+        .map_err(Error::Disk)?;
+    let Some(message) = claim.message(&disk.key, &disk.origin(), &image) else {
+        return Ok(None);
+    };
+    match claim {
+        ownership::Claim::Waiting { .. } => {
+            // Nothing is written while the other node may still write the resource.
+            tracing::info!(disk = %disk.key, message, "waiting for the disk's claim");
+            Ok(Some(Action::requeue(Duration::from_secs(5))))
+        }
+        _ => {
+            let generation = obj.metadata.generation;
+            let api: Api<DiskChain> = Api::namespaced(ctx.client.clone(), &disk.key.namespace);
+            let message = cap(&message);
+            patch_status(
+                &api,
+                &obj.name_any(),
+                DiskChainStatus {
+                    observed_generation: generation,
+                    conditions: conditions(Outcome::BadInput, &message, generation, previous(obj)),
+                    message: Some(message.clone()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            event_on_change(ctx, obj, "BadInput", message, true).await;
+            // The other resource may be deleted or edited: looked at again at the resync.
+            Ok(Some(Action::requeue(ctx.resync)))
+        }
+    }
+}
+
+/// The longest message a status or an event carries: a path of a megabyte must not make a
+/// status the API server refuses.
+const MESSAGE_MAX: usize = 2048;
+
+/// `m`, cut to [`MESSAGE_MAX`] bytes (at a character boundary) with a mark saying so.
+pub fn cap(m: &str) -> String {
+    if m.len() <= MESSAGE_MAX {
+        return m.to_string();
+    }
+    let mut end = MESSAGE_MAX;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes cut)", &m[..end], m.len() - end)
+}
+
+/// Seeds the record of a disk this node has none of from the resource's status (the bindings
+/// another node, or this one before its state was lost, wrote there): which file holds each
+/// point is never guessed again, so a point is never taken again with later content.
+fn seed_from_status(obj: &DiskChain, disk: &DesiredDisk, state: &StateDir, roots: &Roots) {
+    let Some(st) = obj.status.as_ref() else {
+        return;
+    };
+    if st.bindings.is_empty() || state.load(&disk.key).ok().flatten().is_some() {
+        return;
+    }
+    let Some(active) = claims::resolve(disk, roots, state) else {
+        return;
+    };
+    let mut record = crate::state::DiskState::empty(&disk.key);
+    record.active = active;
+    record.bindings = st
+        .bindings
+        .iter()
+        .filter_map(|b| {
+            Some(crate::state::Binding {
+                name: b.name.clone(),
+                file: b.file.clone()?,
+                adopted_from: None,
+            })
+        })
+        .collect();
+    match state.save(&record) {
+        Ok(()) => {
+            tracing::info!(disk = %disk.key, points = record.bindings.len(), "recorded the disk's bindings from its status (another node, or a lost state directory, had them)")
+        }
+        Err(e) => {
+            tracing::warn!(disk = %disk.key, error = %e, "cannot record the bindings from the status")
+        }
+    }
+}
+
 async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = obj.name_any();
     let ns = obj.namespace().unwrap_or_else(|| "default".into());
@@ -577,7 +733,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let disk = match DesiredDisk::from_object(&obj) {
         Ok(d) => d,
         Err(e) => {
-            let message = e.to_string();
+            let message = cap(&e.to_string());
             patch_status(
                 &api,
                 &name,
@@ -596,9 +752,12 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     };
     let started = std::time::Instant::now();
     // The node's other resources, for the claims on disks (and the legacy record check).
+    // With cluster-wide claims (the agent), the claim taken before settled that; the node-local
+    // comparison remains for a context without them.
     let others: Vec<(DesiredDisk, claims::Order)> = ctx
         .resources
         .get()
+        .filter(|_| ctx.ownership.is_none())
         .map(|store| {
             store
                 .state()
@@ -630,8 +789,15 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let created = created_of(&obj);
     let exec = ctx.exec;
     let c = ctx.clone();
+    let seen = obj.clone();
+    ctx.records
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone());
     let (result, conflict, backup, retained, verify, chain, backups) =
         tokio::task::spawn_blocking(move || {
+            // A disk new to this node starts from the bindings its status carries.
+            seed_from_status(&seen, &disk, &state, &roots);
             // One disk, one resource: held until the reconcile and its backup are done.
             let claim = c.claims.take(&disk, &order, &others, &roots, &state);
             let (result, conflict) = match &claim {
@@ -687,13 +853,13 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let _ = publisher.await;
     let record = ctx.state.load(&key).ok().flatten();
     let chain_len = chain.len();
-    let message = result.message.clone().unwrap_or_else(|| {
+    let message = cap(&result.message.clone().unwrap_or_else(|| {
         if result.steps.is_empty() {
             "in sync with its spec".into()
         } else {
             format!("{} step(s) ran", result.steps.len())
         }
-    });
+    }));
     let status = DiskChainStatus {
         observed_generation: generation,
         conditions: conditions(result.outcome, &message, generation, previous(&obj)),
@@ -736,7 +902,9 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         // Fenced while the reconcile ran: its status is written by the next one.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    patch_status(&api, &name, status).await?;
+    // A status write that fails (a conflict, an outage) does not lose the events of what ran:
+    // they are published, then the error requeues the reconcile.
+    let patched = patch_status(&api, &name, status).await;
     let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
     record_metrics(
         &ctx,
@@ -870,6 +1038,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         .metrics
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
+    patched?;
     if ok {
         ctx.succeeded(&format!("{ns}/{name}"));
         // Observed again at the resync, or when the next backup is due if that is sooner.
@@ -886,7 +1055,9 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         // The older resource may be edited or deleted: looked at again at the resync.
         Ok(Action::requeue(ctx.resync))
     } else if result.outcome == Outcome::BadInput || result.outcome == Outcome::NeedsOperator {
-        Ok(Action::await_change())
+        // The cause may be the host (an image not there yet, a point destroyed by hand, a
+        // journal the operator sets aside), not the spec: looked at again at the resync.
+        Ok(Action::requeue(ctx.resync))
     } else {
         Err(Error::Disk(message))
     }
@@ -894,24 +1065,8 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
 
 async fn cleanup(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = DiskKey::new(obj.namespace().as_deref(), &obj.name_any());
-    ctx.claims.forget(&key);
-    let state = ctx.state.clone();
-    let k = key.clone();
-    // The disk's lock is taken (a step of it in another process reaches its end first), then
-    // its record goes. No image is deleted.
-    let dropped = tokio::task::spawn_blocking(move || -> Result<bool, String> {
-        let _lock = loop {
-            match state.lock_disk(&k) {
-                Ok(Some(l)) => break l,
-                Ok(None) => std::thread::sleep(Duration::from_millis(200)),
-                Err(e) => return Err(e.to_string()),
-            }
-        };
-        state.forget(&k).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| Error::Disk(format!("the cleanup task failed: {e}")))?
-    .map_err(Error::Disk)?;
+    let uid = obj.metadata.uid.clone().unwrap_or_default();
+    let dropped = release(&ctx, &key, &uid).await?;
     let ev = Event {
         type_: EventType::Normal,
         reason: "Released".into(),
@@ -925,6 +1080,242 @@ async fn cleanup(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error
     };
     ctx.publish(&ev, &obj).await;
     Ok(Action::await_change())
+}
+
+/// Lets disk `key` (resource uid `uid`) go from this node: the disk's lock is taken (a step of
+/// it in another process reaches its end first), its record dropped, its cluster-wide claim
+/// released and its metrics removed. No image is deleted. True when a record was dropped.
+async fn release(ctx: &Arc<Context>, key: &DiskKey, uid: &str) -> Result<bool, Error> {
+    ctx.claims.forget(key);
+    let state = ctx.state.clone();
+    let k = key.clone();
+    let (dropped, active) =
+        tokio::task::spawn_blocking(move || -> Result<(bool, Option<PathBuf>), String> {
+            let _lock = loop {
+                match state.lock_disk(&k) {
+                    Ok(Some(l)) => break l,
+                    Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+                    Err(e) => return Err(e.to_string()),
+                }
+            };
+            let active = state.load(&k).ok().flatten().map(|r| r.active);
+            Ok((state.forget(&k).map_err(|e| e.to_string())?, active))
+        })
+        .await
+        .map_err(|e| Error::Disk(format!("the release task failed: {e}")))?
+        .map_err(Error::Disk)?;
+    if let Some(own) = &ctx.ownership {
+        let mut images = own.held_for(uid);
+        images.extend(active);
+        for image in images {
+            own.release_image(&image, uid).await?;
+        }
+    }
+    ctx.records
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(key);
+    ctx.shared.metrics.forget_disk(&key.to_string());
+    Ok(dropped)
+}
+
+/// Releases the disks of resources that left this node: deleted (the finalizer gone, or
+/// forced), or moved to another node or to none with `spec.nodeName` (the watch of this node's
+/// resources no longer shows them, and no reconcile runs for them). Each is released once no
+/// reconcile works on it: its finalizer removed while the claim is still this node's (so the
+/// next node, which waits for the claim, adds its own), a `Released` event, its record and
+/// claim dropped. Runs every few seconds; compares in memory, and asks the API only about
+/// resources that left.
+async fn sweep(ctx: Arc<Context>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let Some(store) = ctx.resources.get() else {
+            continue;
+        };
+        if !ctx.may_act() {
+            continue;
+        }
+        let present: std::collections::BTreeSet<DiskKey> = store
+            .state()
+            .iter()
+            .map(|o| DiskKey::new(o.namespace().as_deref(), &o.name_any()))
+            .collect();
+        let gone: Vec<DiskKey> = ctx
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            let Some(_busy) = Busy::take(&ctx, &key) else {
+                continue;
+            };
+            if let Err(e) = left(&ctx, &key).await {
+                tracing::warn!(disk = %key, error = %e, "cannot release a resource that left this node; retrying");
+            }
+        }
+    }
+}
+
+/// Releases `key`, which this node's watch no longer shows.
+async fn left(ctx: &Arc<Context>, key: &DiskKey) -> Result<(), Error> {
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &key.namespace,
+        &kube::api::ApiResource::erase::<DiskChain>(&()),
+    );
+    let obj = api.get_opt(&key.name).await?;
+    let node = obj
+        .as_ref()
+        .and_then(|o| o.data.pointer("/spec/nodeName"))
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    if obj.is_some() && node == ctx.node {
+        // Still ours: the watch has not caught up.
+        return Ok(());
+    }
+    let uid = obj
+        .as_ref()
+        .and_then(|o| o.metadata.uid.clone())
+        .unwrap_or_default();
+    // The finalizer goes first, while this node still holds the claim: the next node adds its
+    // own only once it holds the claim.
+    if let Some(o) = &obj {
+        let fins = o.metadata.finalizers.clone().unwrap_or_default();
+        let claim_ours = ctx.ownership.is_none()
+            || ctx
+                .ownership
+                .as_ref()
+                .is_some_and(|own| !own.held_for(&uid).is_empty());
+        if fins.iter().any(|f| f == FINALIZER) && claim_ours {
+            let keep: Vec<&String> = fins.iter().filter(|f| *f != FINALIZER).collect();
+            let patch = serde_json::json!({"metadata": {
+                "finalizers": keep,
+                "resourceVersion": o.metadata.resource_version,
+            }});
+            api.patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+    }
+    let dropped = release(ctx, key, &uid).await?;
+    if let Some(o) = &obj {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(diskchain_crd::API_VERSION.into()),
+            kind: Some(diskchain_crd::KIND.into()),
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            uid: o.metadata.uid.clone(),
+            ..Default::default()
+        };
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: "Released".into(),
+            note: Some(format!(
+                "the resource left node {} ({}): {}; no image was deleted",
+                ctx.node,
+                if node.is_empty() {
+                    "spec.nodeName is empty".to_string()
+                } else {
+                    format!("spec.nodeName is now {node}")
+                },
+                if dropped {
+                    "this node dropped its record of the disk and released its claim"
+                } else {
+                    "this node released its claim"
+                }
+            )),
+            action: "Finalize".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            tracing::warn!(disk = %key, error = %e, "cannot publish an event");
+        }
+    }
+    tracing::info!(disk = %key, node, "released a resource that left this node");
+    Ok(())
+}
+
+/// What makes a resource's reconcile run again: its generation (the spec), its deletion, its
+/// finalizer (removed by hand: put back) and its node. Status writes (the agent's own) do not.
+fn trigger(obj: &DiskChain) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    obj.metadata.generation.hash(&mut h);
+    obj.metadata.deletion_timestamp.is_some().hash(&mut h);
+    obj.finalizers().iter().any(|f| f == FINALIZER).hash(&mut h);
+    obj.spec.node_name.hash(&mut h);
+    obj.metadata.uid.hash(&mut h);
+    Some(h.finish())
+}
+
+/// A watch event of objects as the API returns them, as `DiskChain`s of this node: objects read
+/// leniently ([`lenient::read`]); one that does not read is reported on its status and left out;
+/// without a field selector, another node's object is dropped (as leaving the selection).
+fn typed(
+    ev: watcher::Event<kube::api::DynamicObject>,
+    node: &str,
+    ctx: &Arc<Context>,
+) -> Option<watcher::Event<DiskChain>> {
+    let read = |o: kube::api::DynamicObject| -> Option<DiskChain> {
+        match lenient::read(&o) {
+            Ok((d, dropped)) => {
+                if !dropped.is_empty() {
+                    tracing::debug!(resource = %o.name_any(), ?dropped, "fields this agent does not know were ignored");
+                }
+                Some(d)
+            }
+            Err(e) => {
+                tokio::spawn(unreadable(ctx.clone(), o, e));
+                None
+            }
+        }
+    };
+    let mine = |d: &DiskChain| d.spec.node_name.as_deref() == Some(node);
+    match ev {
+        watcher::Event::Init => Some(watcher::Event::Init),
+        watcher::Event::InitDone => Some(watcher::Event::InitDone),
+        watcher::Event::InitApply(o) => read(o).filter(|d| mine(d)).map(watcher::Event::InitApply),
+        watcher::Event::Apply(o) => read(o).map(|d| {
+            if mine(&d) {
+                watcher::Event::Apply(d)
+            } else {
+                watcher::Event::Delete(d)
+            }
+        }),
+        watcher::Event::Delete(o) => read(o).map(watcher::Event::Delete),
+    }
+}
+
+/// Reports an object of this node that does not read (`why` names the field) on its status:
+/// `Degraded`, `BadInput`. Nothing else is done with it until it changes.
+async fn unreadable(ctx: Arc<Context>, o: kube::api::DynamicObject, why: String) {
+    let node = o
+        .data
+        .pointer("/spec/nodeName")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    if node != ctx.node || !ctx.may_act() {
+        return;
+    }
+    let key = DiskKey::new(o.metadata.namespace.as_deref(), &o.name_any());
+    let message = cap(&format!(
+        "DiskChain {key}: {why}; fix the field (nothing was done)"
+    ));
+    tracing::warn!(disk = %key, message, "a DiskChain does not read");
+    let generation = o.metadata.generation;
+    let status = DiskChainStatus {
+        observed_generation: generation,
+        conditions: conditions(Outcome::BadInput, &message, generation, &[]),
+        message: Some(message),
+        ..Default::default()
+    };
+    let api: Api<DiskChain> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    if let Err(e) = patch_status(&api, &key.name, status).await {
+        tracing::warn!(disk = %key, error = %e, "cannot write the status of a DiskChain that does not read");
+    }
 }
 
 /// The `DiskChain` resources of the whole cluster without `spec.nodeName`: no agent acts on
@@ -949,6 +1340,18 @@ pub fn error_policy(obj: Arc<DiskChain>, error: &Error, ctx: Arc<Context>) -> Ac
     let wait = ctx.failed(&key);
     tracing::warn!(disk = %key, error = %error, retry_in = %humantime::format_duration(wait), "reconcile failed");
     Action::requeue(wait)
+}
+
+impl KubeOptions {
+    /// The disks the state directory keeps a record of.
+    fn state_keys(&self) -> Vec<DiskKey> {
+        self.state
+            .all()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r.key())
+            .collect()
+    }
 }
 
 /// What `diskchain agent --kube` is told.
@@ -1052,6 +1455,7 @@ pub fn run(opts: KubeOptions) -> i32 {
             }
         }
         tracing::info!(node = %opts.node, identity = %opts.identity, "holding this node's lease");
+        let known = opts.state_keys();
         let ctx = Arc::new(Context {
             recorder: Arc::new(events::Events::new(client.clone(), "diskchain", &opts.node)),
             client: client.clone(),
@@ -1065,8 +1469,18 @@ pub fn run(opts: KubeOptions) -> i32 {
             shared: shared.clone(),
             resources: Default::default(),
             claims: Default::default(),
+            ownership: Some(ownership::Ownership::new(
+                client.clone(),
+                &opts.lease_namespace,
+                &opts.node,
+            )),
+            // The disks this node kept a record of before (a resource that left the node while
+            // the agent was down is released once the watch shows it gone).
+            records: std::sync::Mutex::new(known.into_iter().collect()),
+            busy: Default::default(),
             lease: Some(node_lease.clone()),
         });
+        tokio::spawn(sweep(ctx.clone()));
         tokio::spawn(keep_lease(node_lease.clone(), opts.node.clone()));
         let api: Api<DiskChain> = Api::all(client);
         {
@@ -1084,7 +1498,6 @@ pub fn run(opts: KubeOptions) -> i32 {
             });
         }
         tracing::info!(node = %opts.node, "Kubernetes mode: watching this node's DiskChain resources");
-        shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
         control(api, ctx, opts.max_parallel).await;
         // A clean shutdown: the running reconciles are done; the next agent takes the lease at
         // once.
@@ -1147,11 +1560,63 @@ async fn keep_lease(lease: Arc<lease::NodeLease>, node: String) {
 
 /// The controller over this node's `DiskChain` resources (a watch with the field selector
 /// `spec.nodeName=NODE`), reconciling at most `max_parallel` at once, until SIGTERM or SIGINT.
-/// Feeds the watch and reconcile metrics.
+/// Feeds the watch and reconcile metrics, and `/readyz` (ready while the node's resources are
+/// listed; not ready while listing fails).
+///
+/// Objects are read one by one ([`lenient::read`]): an unknown field is dropped, an object that
+/// does not read is reported on its own status and left out, and the watch goes on. An API
+/// server that does not serve CRD field selectors (Kubernetes before 1.31) answers the selector
+/// 400: then every resource is watched and this node's are kept (said once in the log).
+/// Reconciles are triggered by what a reconcile must see (the spec's generation, a deletion,
+/// the finalizer), not by the agent's own status writes.
 pub async fn control(api: Api<DiskChain>, ctx: Arc<Context>, max_parallel: usize) {
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.node));
+    use kube::api::{ApiResource, DynamicObject, ListParams};
+    use kube::runtime::{WatchStreamExt, reflector};
     let shared = ctx.shared.clone();
-    let controller = Controller::new(api, config).with_config(
+    let ar = ApiResource::erase::<DiskChain>(&());
+    let dyn_api: Api<DynamicObject> = Api::all_with(api.into_client(), &ar);
+    let selector = format!("spec.nodeName={}", ctx.node);
+    let filtered = match dyn_api
+        .list_metadata(&ListParams::default().fields(&selector).limit(1))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 400 => {
+            tracing::warn!(node = %ctx.node, error = %s.message, "this API server does not serve the CRD field selector spec.nodeName (it needs Kubernetes 1.31 or later, with the CRD's selectableFields): watching every DiskChain and keeping this node's");
+            false
+        }
+        _ => true,
+    };
+    let config = if filtered {
+        watcher::Config::default().fields(&selector)
+    } else {
+        watcher::Config::default()
+    };
+    let (reader, writer) = reflector::store::<DiskChain>();
+    let node = ctx.node.clone();
+    let (ready, bad_ctx) = (shared.clone(), ctx.clone());
+    let objects = watcher(dyn_api, config)
+        .default_backoff()
+        .filter_map(move |ev| {
+            let out = match ev {
+                Err(e) => {
+                    ready.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+                    ready.metrics.watch_errors.inc();
+                    tracing::warn!(error = %e, "the watch on this node's DiskChain resources failed; retrying");
+                    Some(Err(e))
+                }
+                Ok(ev) => {
+                    if matches!(ev, watcher::Event::InitDone) {
+                        ready.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    typed(ev, &node, &bad_ctx).map(Ok)
+                }
+            };
+            std::future::ready(out)
+        })
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(trigger, Default::default());
+    let controller = Controller::for_stream(objects, reader).with_config(
         kube::runtime::controller::Config::default().concurrency(max_parallel.max(1) as u16),
     );
     // The watch cache: the node's resources for the claims on disks, and its size every few

@@ -200,6 +200,51 @@ impl Metrics {
         }
     }
 
+    /// Removes every series of disk `disk` (a resource deleted or moved to another node): no
+    /// stale drift or due backup stays on a dashboard, and series do not grow with churn.
+    pub fn forget_disk(&self, disk: &str) {
+        let d = DiskLabels {
+            disk: disk.to_string(),
+        };
+        for f in [
+            &self.plan_bytes,
+            &self.chain_length,
+            &self.drift,
+            &self.backup_last_success,
+            &self.backup_points,
+            &self.backup_next,
+        ] {
+            f.remove(&d);
+        }
+        self.backup_bytes.remove(&d);
+        // Every result either family is labelled with.
+        for result in [
+            "ok",
+            "failed",
+            "in_sync",
+            "bad_input",
+            "in_use",
+            "stopped",
+            "needs_operator",
+            "suspended",
+            "running",
+            "full",
+            "incremental",
+            "resync",
+            "backup_failed",
+            "verify_failed",
+            "verify_damaged",
+            "verified",
+        ] {
+            let r = ResultLabels {
+                disk: disk.to_string(),
+                result: result.to_string(),
+            };
+            self.reconciles.remove(&r);
+            self.backups.remove(&r);
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
