@@ -639,7 +639,7 @@ fn throttle_record(state: &StateDir, journal: &Journal) -> PathBuf {
     let dir = state.path().join("throttled");
     let keyed = dir
         .join(&journal.namespace)
-        .join(format!("{}.limit", journal.disk));
+        .join(format!("{}.limit", crate::state::file_stem(&journal.disk)));
     let legacy = dir.join(format!("{}.limit", journal.disk));
     if !keyed.exists() && legacy.exists() {
         let _ = std::fs::create_dir_all(dir.join(&journal.namespace));

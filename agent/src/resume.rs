@@ -217,7 +217,11 @@ pub fn set_aside(
     }
     state.save(&st).map_err(|e| e.to_string())?;
     let from = state.journal_file(&key);
-    let to = from.with_file_name(format!("{}.set-aside-{}.json", key.name, now_unix()));
+    let to = from.with_file_name(format!(
+        "{}.set-aside-{}.json",
+        crate::state::file_stem(&key.name),
+        now_unix()
+    ));
     Journal::clear_needs_operator(state, &key);
     std::fs::rename(&from, &to).map_err(|e| {
         StateError::Io {

@@ -128,6 +128,29 @@ pub struct LastApply {
     pub written_bytes: u64,
 }
 
+/// Marks a file name made from a long disk name by hashing (Kubernetes names never hold it).
+const HASHED: char = '~';
+
+/// The longest disk name used as a file name as it is.
+const STEM_MAX: usize = 200;
+
+/// The file-name stem of disk name `name`: the name itself, or for a name longer than
+/// [`STEM_MAX`] bytes (Kubernetes allows 253, a file name 255 with its suffix) its first 160
+/// bytes, [`HASHED`] and a hash of the whole, so that every file of the disk fits.
+pub fn file_stem(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= STEM_MAX {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(name.as_bytes());
+    let hex: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let mut end = 160;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{HASHED}{hex}", &name[..end]))
+}
+
 /// The state directory.
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -159,12 +182,14 @@ impl StateDir {
         self.dir
             .join("disks")
             .join(&key.namespace)
-            .join(format!("{}.json", key.name))
+            .join(format!("{}.json", file_stem(&key.name)))
     }
 
     /// Where a record of disk `name` was kept before namespaces keyed the state.
     fn legacy_disk_file(&self, name: &str) -> PathBuf {
-        self.dir.join("disks").join(format!("{name}.json"))
+        self.dir
+            .join("disks")
+            .join(format!("{}.json", file_stem(name)))
     }
 
     /// A record from before namespaces keyed the state, when its name is shared by more than one
@@ -324,7 +349,7 @@ impl StateDir {
             }
         };
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let path = dir.join(format!("{}.lock", key.name));
+        let path = dir.join(format!("{}.lock", file_stem(&key.name)));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -441,7 +466,7 @@ impl StateDir {
         self.dir
             .join("journal")
             .join(&key.namespace)
-            .join(format!("{}.json", key.name))
+            .join(format!("{}.json", file_stem(&key.name)))
     }
 
     /// The keys of every disk with a journal (a plan in flight), legacy journals from before
@@ -450,7 +475,17 @@ impl StateDir {
         let dir = self.dir.join("journal");
         let name_of = |e: &std::fs::DirEntry| {
             let n = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
-            (!n.contains(".set-aside-") && !n.starts_with('.')).then_some(n)
+            if n.contains(".set-aside-") || n.starts_with('.') {
+                return None;
+            }
+            if n.contains(HASHED) {
+                // A long name's file is named by a hash: the journal has the name.
+                return read_json::<serde_json::Value>(&e.path())
+                    .ok()
+                    .flatten()
+                    .and_then(|j| j.get("disk")?.as_str().map(str::to_string));
+            }
+            Some(n)
         };
         let mut keys = std::collections::BTreeSet::new();
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -472,7 +507,9 @@ impl StateDir {
 
     /// Where the journal of disk `name` was kept before namespaces keyed the state.
     pub fn legacy_journal_file(&self, name: &str) -> PathBuf {
-        self.dir.join("journal").join(format!("{name}.json"))
+        self.dir
+            .join("journal")
+            .join(format!("{}.json", file_stem(name)))
     }
 }
 
@@ -665,5 +702,34 @@ mod tests {
         std::fs::write(d.path().join("disks/default/web.json"), "{not json").unwrap();
         let e = StateDir::new(d.path()).load(&key(None, "web")).unwrap_err();
         assert!(e.to_string().contains("disks/default/web.json"), "{e}");
+    }
+
+    #[test]
+    fn a_kubernetes_name_of_253_characters_fits_every_state_file() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path().join("state"));
+        let long = "x".repeat(253);
+        let k = key(Some("t"), &long);
+        let mut rec = DiskState::empty(&k);
+        rec.active = d.path().join("a.qcow2");
+        s.save(&rec).unwrap();
+        assert_eq!(s.load(&k).unwrap(), Some(rec.clone()));
+        assert!(s.lock_disk(&k).unwrap().is_some());
+        assert_eq!(s.all().unwrap(), vec![rec]);
+        std::fs::create_dir_all(s.journal_file(&k).parent().unwrap()).unwrap();
+        std::fs::write(
+            s.journal_file(&k),
+            serde_json::json!({"disk": long, "namespace": "t"}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(s.journal_keys(), vec![k.clone()]);
+        // Two long names that share their first 200 characters still differ.
+        let other = key(Some("t"), &format!("{}y", "x".repeat(252)));
+        assert_ne!(s.disk_file(&k), s.disk_file(&other));
+        // Short names keep their files.
+        assert!(
+            s.disk_file(&key(None, "web"))
+                .ends_with("disks/default/web.json")
+        );
     }
 }
