@@ -114,6 +114,17 @@ pub enum Command {
         /// With --kube: this node's name.
         #[arg(long, value_name = "NAME", env = "NODE_NAME", requires = "kube")]
         node: Option<String>,
+        /// With --kube: assign an allowed root to a namespace (`NAMESPACE=DIR`, repeatable; DIR
+        /// one of the --allowed-root directories). A root assigned to namespaces is theirs
+        /// alone: other namespaces' DiskChains cannot reach it. A root assigned to none is shared
+        /// by every namespace, and there a DiskChain merges away, writes or deletes only the
+        /// layers it adopted by naming them, and reverts only to points diskchain took for it.
+        #[arg(
+            long = "namespace-root",
+            value_name = "NAMESPACE=DIR",
+            requires = "kube"
+        )]
+        namespace_roots: Vec<String>,
         /// Re-observe every disk this often (e.g. 30s, 5m).
         #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
         resync: std::time::Duration,

@@ -53,9 +53,11 @@ fn main() {
             max_bytes_per_sec,
             listen,
             grace,
+            namespace_roots,
             ..
         } => match node {
             Some(node) => diskchain::kubernetes::run(diskchain::kubernetes::KubeOptions {
+                namespace_roots,
                 node,
                 roots: cli.allowed_roots.clone(),
                 state: StateDir::new(&cli.state_dir),

@@ -125,6 +125,13 @@ pub struct Host {
     /// The active images disks of the run are known to manage: a spec whose active image is
     /// one of these under another key claims a disk already claimed.
     pub claimed: BTreeMap<PathBuf, DiskKey>,
+    /// Where other users of a layer are looked for (every root of the node, also when `roots`
+    /// is one namespace's share of them).
+    pub scan_roots: Roots,
+    /// Kubernetes mode: the roots every namespace shares (no operator assigned them). A disk
+    /// whose active image lies in one of them only changes what it adopted (see
+    /// [`adoption_refused`]). `None`: file mode, where the spec author is the host's operator.
+    pub shared_roots: Option<Vec<PathBuf>>,
 }
 
 impl Host {
@@ -135,6 +142,8 @@ impl Host {
             state: state.clone(),
             keys: disks.iter().map(|d| d.key.clone()).collect(),
             claimed: BTreeMap::new(),
+            scan_roots: roots.clone(),
+            shared_roots: None,
         }
     }
 
@@ -446,7 +455,7 @@ pub fn plan_loaded(loaded: &[DesiredDisk], host: &Host) -> Result<PlanReport, Pl
         .into_iter()
         .flat_map(|s| s.retired)
         .collect();
-    let input = scan_host(roots).graph_input(&chain_files, &retired);
+    let input = scan_host(&host.scan_roots).graph_input(&chain_files, &retired);
     layers.extend(input.layers);
     // The disks of every other domain libvirt knows (running or only defined, wherever their
     // files are) use the first of our layers in their chains.
@@ -561,7 +570,29 @@ pub fn plan_loaded(loaded: &[DesiredDisk], host: &Host) -> Result<PlanReport, Pl
                 .iter()
                 .any(|s| matches!(s.action, diskchain_planner::StepAction::Snapshot { .. }))
         };
+        let shared_root = host.shared_roots.as_ref().is_some_and(|shared| {
+            shared
+                .iter()
+                .any(|r| o.chain.active().layer.path.starts_with(r))
+        });
         match plan_disk(&graph, &request) {
+            Ok(plan)
+                if shared_root
+                    && let Some(why) = adoption_refused(
+                        o.spec,
+                        &o.chain,
+                        &plan,
+                        disk_state.as_ref(),
+                        revert.as_ref(),
+                        roots,
+                    ) =>
+            {
+                report.errors.push(fail(
+                    o.spec,
+                    format!("{}: {why}. Nothing was done", o.spec.origin()),
+                    true,
+                ));
+            }
             Ok(plan) if quiesce && o.running && !o.guest_agent && snapshots(&plan) => {
                 report.errors.push(fail(
                     o.spec,
@@ -626,6 +657,79 @@ pub fn plan_loaded(loaded: &[DesiredDisk], host: &Host) -> Result<PlanReport, Pl
         }
     }
     Ok(report)
+}
+
+/// Why a plan of a disk on a root every namespace shares (Kubernetes mode, a root the operator
+/// assigned to no namespace) would change what its resource did not adopt. A resource adopts
+/// the layers from the lowest one its spec names by file (or its record binds) up to the
+/// active image; the layers below stay as they are (never merged away, written or deleted),
+/// since any namespace could have named the image; and it reverts only to a point diskchain
+/// took for it. An operator who assigns the root to namespaces (`--namespace-root`) lifts both.
+pub fn adoption_refused(
+    spec: &DesiredDisk,
+    chain: &ObservedChain,
+    plan: &DiskPlan,
+    record: Option<&crate::state::DiskState>,
+    revert: Option<&diskchain_crd::desired::Revert>,
+    roots: &Roots,
+) -> Option<String> {
+    use diskchain_planner::StepAction;
+    let named: Vec<PathBuf> = spec
+        .spec()
+        .snapshots
+        .iter()
+        .filter_map(|s| s.file.as_ref())
+        .filter_map(|f| roots.confine(f, String::new()).ok())
+        .chain(
+            record
+                .into_iter()
+                .flat_map(|r| r.bindings.iter().map(|b| b.file.clone())),
+        )
+        .collect();
+    let files: Vec<&PathBuf> = chain.layers.iter().map(|l| &l.layer.path).collect();
+    let floor = files
+        .iter()
+        .position(|f| named.contains(f))
+        .unwrap_or(files.len() - 1);
+    let below: Vec<&PathBuf> = files[..floor].to_vec();
+    let kept: Vec<&PathBuf> = plan.result.iter().map(|r| &r.file).collect();
+    let touched = below.iter().any(|f| {
+        !kept.contains(f)
+            || plan.steps.iter().any(|s| match &s.action {
+                StepAction::Commit { base, .. } => base == *f,
+                StepAction::Stream { into, .. } => into == *f,
+                StepAction::Delete { file, .. } => file == *f,
+                _ => false,
+            })
+    });
+    if touched {
+        return Some(format!(
+            "spec.snapshots: the chain of spec.source holds {} layer(s) below every point this DiskChain names or keeps ({}); on a root that every namespace shares, diskchain merges away, writes or deletes only the layers a DiskChain adopted by naming them: name the lowest one in spec.snapshots (file:) to adopt the chain from there, or ask the node's operator to assign the root to this namespace (--namespace-root)",
+            below.len(),
+            below
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if let Some(r) = revert {
+        let taken = record
+            .and_then(|rec| rec.bindings.iter().find(|b| b.name == r.to))
+            .is_some_and(|b| b.adopted_from.is_none());
+        let named_by_file = spec
+            .spec()
+            .snapshots
+            .iter()
+            .any(|s| s.name == r.to && s.file.is_some());
+        if !taken || named_by_file {
+            return Some(format!(
+                "spec.revert.to: {:?} is a point this DiskChain adopted, not one diskchain took for it; on a root that every namespace shares, a revert (which discards the disk's current content) goes only to a point diskchain took: ask the node's operator to assign the root to this namespace (--namespace-root)",
+                r.to
+            ));
+        }
+    }
+    None
 }
 
 /// True when a process has layer `l` open: a lock holder, or the running domain's QEMU on the

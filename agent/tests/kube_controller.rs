@@ -58,6 +58,12 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         shared: Arc::new(diskchain::reconcile::Shared::new(Duration::from_secs(300))),
         resources: Default::default(),
         claims: Default::default(),
+        // The operator assigned the root to the namespace these tests use.
+        tenancy: diskchain::kubernetes::tenancy::Tenancy::new(
+            &[format!("default={}", h.dir.path().join("img").display())],
+            &Roots::new(&[h.dir.path().join("img")]).unwrap(),
+        )
+        .unwrap(),
         ownership: None,
         records: Default::default(),
         busy: Default::default(),
@@ -1302,4 +1308,51 @@ async fn a_lowered_retention_is_merged_at_the_next_reconcile() {
         view_sha256(&h.top, "qcow2", h.dir.path()),
         "the newest point is kept and reads as the disk"
     );
+}
+
+/// On a root the operator assigned to no namespace, a resource changes only what it adopted by
+/// naming it (K4): one naming no layer of an existing chain neither merges it away nor deletes
+/// it, and one adopting an existing point does not revert to it; its status says why. With the
+/// root assigned to its namespace, the same spec flattens the chain.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_shared_root_a_resource_changes_only_what_it_adopted() {
+    let h = host();
+    let (ctx, mut api) = context(&h);
+    let mut shared = Arc::try_unwrap(ctx).ok().unwrap();
+    shared.tenancy = Default::default();
+    let ctx = Arc::new(shared);
+    let before = (fingerprint(&h.base), fingerprint(&h.top));
+    let view = view_sha256(&h.top, "qcow2", h.dir.path());
+    let mut v = serde_json::to_value(object("node-a", &h.top, &[], true, false)).unwrap();
+    v["spec"]["prune"] = json!(true);
+    let flatten: DiskChain = serde_json::from_value(v).unwrap();
+    let mut v =
+        serde_json::to_value(object("node-a", &h.top, &[("b", &h.base)], true, false)).unwrap();
+    v["spec"]["prune"] = json!(true);
+    v["spec"]["revert"] = json!({"to": "b", "id": "x1"});
+    let revert: DiskChain = serde_json::from_value(v).unwrap();
+    for (obj, field) in [(flatten, "spec.snapshots"), (revert, "spec.revert.to")] {
+        let answer = serde_json::to_value(&obj).unwrap();
+        let server = tokio::spawn(async move {
+            let (_, uri, body, send) = next(&mut api).await;
+            assert!(uri.contains("/status?"), "{uri}");
+            assert_eq!(status(&body, "Ready"), ("False".into(), "BadInput".into()));
+            let m = body["status"]["message"].as_str().unwrap().to_string();
+            assert!(m.contains(field) && m.contains("--namespace-root"), "{m}");
+            reply(send, &answer);
+            let (_, _, body, send) = next(&mut api).await;
+            assert_eq!(body["reason"], "BadInput");
+            reply(send, &body);
+            api
+        });
+        reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
+        api = server.await.unwrap();
+        assert_eq!(
+            (fingerprint(&h.base), fingerprint(&h.top)),
+            before,
+            "{field}"
+        );
+        assert_eq!(backing_chain(&h.top), vec![h.base.clone(), h.top.clone()]);
+        assert_eq!(view_sha256(&h.top, "qcow2", h.dir.path()), view);
+    }
 }

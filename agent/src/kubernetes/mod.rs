@@ -35,6 +35,7 @@ pub mod events;
 pub mod lease;
 pub mod lenient;
 pub mod ownership;
+pub mod tenancy;
 
 /// The finalizer diskchain puts on every resource it manages.
 pub const FINALIZER: &str = "diskchain.dev/cleanup";
@@ -71,6 +72,8 @@ pub struct Context {
     pub claims: claims::Claims,
     /// The cluster-wide claims on images (`None` in tests that do not exercise them).
     pub ownership: Option<ownership::Ownership>,
+    /// Which namespaces may use which roots.
+    pub tenancy: tenancy::Tenancy,
     /// The resources this agent keeps a record of (a disk it reconciled): one that leaves the
     /// node or disappears is released.
     pub records: std::sync::Mutex<std::collections::BTreeSet<DiskKey>>,
@@ -100,6 +103,17 @@ impl Context {
         if let Err(e) = self.recorder.publish(ev, &obj.object_ref(&())).await {
             tracing::warn!(resource = %obj.name_any(), reason = ev.reason, error = %e, "cannot publish an event");
         }
+    }
+
+    /// The roots namespace `ns` may use, and the run of `disks` over them: confined to the
+    /// namespace's roots, other users of a layer looked for under every root, and the guard of
+    /// shared roots on.
+    fn host(&self, ns: &str, disks: &[DesiredDisk]) -> Host {
+        let roots = self.tenancy.roots_for(ns, &self.roots);
+        let mut host = Host::new(&roots, &self.state, disks);
+        host.scan_roots = self.roots.clone();
+        host.shared_roots = Some(self.tenancy.shared(&self.roots));
+        host
     }
 
     /// True while this agent holds the node's lease: it may start steps and write to the API.
@@ -630,7 +644,8 @@ async fn claim_first(obj: &DiskChain, ctx: &Arc<Context>) -> Result<Option<Actio
     let Ok(disk) = DesiredDisk::from_object(obj) else {
         return Ok(None);
     };
-    let (roots, state, d) = (ctx.roots.clone(), ctx.state.clone(), disk.clone());
+    let roots = ctx.tenancy.roots_for(&disk.key.namespace, &ctx.roots);
+    let (state, d) = (ctx.state.clone(), disk.clone());
     let image = tokio::task::spawn_blocking(move || claims::resolve(&d, &roots, &state))
         .await
         .map_err(|e| Error::Disk(format!("the claim task failed: {e}")))?;
@@ -776,7 +791,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     let order = (created_of(&obj), disk.key.clone());
     let mut all = vec![disk.clone()];
     all.extend(others.iter().map(|(d, _)| d.clone()));
-    let host = Host::new(&ctx.roots, &ctx.state, &all);
+    let host = ctx.host(&ns, &all);
     let (steps, publisher) = KubeProgress::start(&ctx, &obj);
     let options = ApplyOptions {
         exec: ctx.exec,
@@ -784,7 +799,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         stop: Some(ctx.stop.clone()),
     };
     let key = disk.key.clone();
-    let roots = ctx.roots.clone();
+    let roots = host.roots.clone();
     let state = ctx.state.clone();
     let created = created_of(&obj);
     let exec = ctx.exec;
@@ -1376,6 +1391,8 @@ pub struct KubeOptions {
     pub identity: String,
     /// On shutdown, how long running steps may take to finish.
     pub grace: Duration,
+    /// `NAMESPACE=DIR`: roots the operator assigned to namespaces.
+    pub namespace_roots: Vec<String>,
 }
 
 /// Runs the controller until SIGTERM or SIGINT. Returns the exit code.
@@ -1384,6 +1401,17 @@ pub fn run(opts: KubeOptions) -> i32 {
         Ok(x) => x,
         Err(code) => return code,
     };
+    let tenancy = match tenancy::Tenancy::new(&opts.namespace_roots, &roots) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let shared_roots = tenancy.shared(&roots);
+    if !shared_roots.is_empty() {
+        tracing::warn!(roots = ?shared_roots, "these roots are assigned to no namespace (--namespace-root): every namespace's DiskChains may use them, and there a DiskChain only changes the layers it adopted by naming them; in a cluster shared by tenants, assign each root to its namespaces");
+    }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let code = rt.block_on(async move {
         // SIGTERM or SIGINT, whether this agent holds the node's lease or waits for it: no new
@@ -1469,6 +1497,7 @@ pub fn run(opts: KubeOptions) -> i32 {
             shared: shared.clone(),
             resources: Default::default(),
             claims: Default::default(),
+            tenancy,
             ownership: Some(ownership::Ownership::new(
                 client.clone(),
                 &opts.lease_namespace,

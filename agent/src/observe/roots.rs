@@ -23,6 +23,20 @@ impl Roots {
         Ok(Roots(v))
     }
 
+    /// The roots `keep` accepts (a namespace's share of the node's roots).
+    pub fn subset(&self, keep: impl Fn(&Path) -> bool) -> Roots {
+        Roots(self.0.iter().filter(|r| keep(r)).cloned().collect())
+    }
+
+    /// The root `canonical` lies in, if any (the innermost).
+    pub fn root_of(&self, canonical: &Path) -> Option<&Path> {
+        self.0
+            .iter()
+            .filter(|r| canonical.starts_with(r))
+            .max_by_key(|r| r.as_os_str().len())
+            .map(PathBuf::as_path)
+    }
+
     /// The roots.
     pub fn iter(&self) -> impl Iterator<Item = &Path> {
         self.0.iter().map(PathBuf::as_path)
