@@ -838,15 +838,18 @@ async fn resources_without_a_node_are_counted() {
     let mut lost = object("x", &h.top, &[], false, false);
     lost.spec.node_name = None;
     lost.metadata.name = Some("lost".into());
-    let mine = object("node-a", &h.top, &[], false, false);
-    let list = json!({"apiVersion": "diskchain.dev/v1alpha1", "kind": "DiskChainList",
+    // The API server answers only the resources without a node (the field selector); the
+    // agent asks for their metadata alone, not for every resource of the cluster.
+    let list = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
                       "metadata": {"resourceVersion": "9"},
-                      "items": [serde_json::to_value(&lost).unwrap(), serde_json::to_value(&mine).unwrap()]});
+                      "items": [{"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                 "metadata": serde_json::to_value(&lost).unwrap()["metadata"]}]});
     let server = tokio::spawn(async move {
         let (m, uri, _, send) = next(&mut api).await;
         assert_eq!(m, "GET");
         assert!(
-            uri.starts_with("/apis/diskchain.dev/v1alpha1/diskchains"),
+            uri.starts_with("/apis/diskchain.dev/v1alpha1/diskchains")
+                && uri.contains("fieldSelector=spec.nodeName%3D"),
             "{uri}"
         );
         reply(send, &list);

@@ -95,6 +95,9 @@ fn the_charts_crd_is_the_one_diskchain_prints() {
 
 #[test]
 fn every_template_renders_to_valid_objects_for_the_default_values() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
     use k8s_openapi::api::apps::v1::DaemonSet;
     use k8s_openapi::api::core::v1::{Service, ServiceAccount};
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -103,6 +106,8 @@ fn every_template_renders_to_valid_objects_for_the_default_values() {
     assert_eq!(
         kinds,
         [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
             "ClusterRole",
             "ClusterRoleBinding",
             "DaemonSet",
@@ -124,6 +129,12 @@ fn every_template_renders_to_valid_objects_for_the_default_values() {
             "RoleBinding" => serde_json::from_value::<RoleBinding>(o.clone()).map(|_| ()),
             "Service" => serde_json::from_value::<Service>(o.clone()).map(|_| ()),
             "ServiceAccount" => serde_json::from_value::<ServiceAccount>(o.clone()).map(|_| ()),
+            "ValidatingAdmissionPolicy" => {
+                serde_json::from_value::<ValidatingAdmissionPolicy>(o.clone()).map(|_| ())
+            }
+            "ValidatingAdmissionPolicyBinding" => {
+                serde_json::from_value::<ValidatingAdmissionPolicyBinding>(o.clone()).map(|_| ())
+            }
             other => panic!("unexpected kind {other}"),
         };
         ok.unwrap_or_else(|e| panic!("{}: {e}\n{o:#}", o["kind"]));
@@ -143,9 +154,20 @@ fn every_template_renders_to_valid_objects_for_the_default_values() {
         "--kube",
         "--listen=0.0.0.0:9184",
         "--allowed-root=/var/lib/diskchain",
+        "--allowed-libvirt-uri=qemu:///system",
         "--state-dir=/var/lib/diskchain/state",
     ] {
         assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
+    }
+    // Least privilege: the agent's ClusterRole grants what it calls, no get, no update.
+    let cr = objs.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    for rule in cr["rules"].as_array().unwrap() {
+        for verb in rule["verbs"].as_array().unwrap() {
+            assert!(
+                ["list", "watch", "patch", "create"].contains(&verb.as_str().unwrap()),
+                "{rule}"
+            );
+        }
     }
     assert!(
         !args.iter().any(|a| a.starts_with("--max-bytes-per-sec")),
@@ -240,12 +262,23 @@ fn every_template_renders_to_valid_objects_for_the_default_values() {
     );
 }
 
+/// The chart says which Kubernetes it needs: the CRD's field selector (spec.nodeName) needs
+/// 1.31 (K11).
+#[test]
+fn the_chart_declares_the_kubernetes_it_needs() {
+    let chart: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(chart["kubeVersion"], ">=1.31.0-0");
+}
+
 #[test]
 fn values_turn_the_optional_parts_on() {
     let mut v = values();
     v["metrics"]["serviceMonitor"]["enabled"] = Value::Bool(true);
     v["maxBytesPerSec"] = Value::from(10_000_000);
     v["roots"] = serde_json::json!(["/srv/a", "/srv/b"]);
+    v["namespaceRoots"] = serde_json::json!([{"namespace": "team-a", "root": "/srv/a"}]);
     let objs = objects(&v);
     let sm = objs
         .iter()
@@ -262,6 +295,10 @@ fn values_turn_the_optional_parts_on() {
     );
     assert!(
         args.iter().any(|a| a == "--allowed-root=/srv/b"),
+        "{args:?}"
+    );
+    assert!(
+        args.iter().any(|a| a == "--namespace-root=team-a=/srv/a"),
         "{args:?}"
     );
     let vols: Vec<&str> = ds["spec"]["template"]["spec"]["volumes"]

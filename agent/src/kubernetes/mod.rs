@@ -1181,7 +1181,13 @@ async fn left(ctx: &Arc<Context>, key: &DiskKey) -> Result<(), Error> {
         &key.namespace,
         &kube::api::ApiResource::erase::<DiskChain>(&()),
     );
-    let obj = api.get_opt(&key.name).await?;
+    // A list by name rather than a get: the agent's role grants list and watch, no get.
+    let obj = api
+        .list(&kube::api::ListParams::default().fields(&format!("metadata.name={}", key.name)))
+        .await?
+        .items
+        .into_iter()
+        .next();
     let node = obj
         .as_ref()
         .and_then(|o| o.data.pointer("/spec/nodeName"))
@@ -1336,12 +1342,11 @@ async fn unreadable(ctx: Arc<Context>, o: kube::api::DynamicObject, why: String)
 /// The `DiskChain` resources of the whole cluster without `spec.nodeName`: no agent acts on
 /// them (the field selector keeps them out of every node's watch), so they are counted.
 pub async fn count_unassigned(api: &Api<DiskChain>) -> Result<usize, kube::Error> {
-    let list = api.list(&kube::api::ListParams::default()).await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|d| d.spec.node_name.as_deref().is_none_or(str::is_empty))
-        .count())
+    // Only those: a field selector matches an absent field as empty; their metadata alone.
+    let list = api
+        .list_metadata(&kube::api::ListParams::default().fields("spec.nodeName="))
+        .await?;
+    Ok(list.items.len())
 }
 
 /// How long a failing resource waits before it is tried again: 5 s, doubling with each failure

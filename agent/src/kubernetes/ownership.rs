@@ -170,12 +170,17 @@ impl Ownership {
         if h.key.name.is_empty() {
             return Ok(false);
         }
-        let api: Api<kube::api::PartialObjectMeta<DiskChain>> =
-            Api::namespaced(self.client.clone(), &h.key.namespace);
-        Ok(api
-            .get_metadata_opt(&h.key.name)
-            .await?
-            .is_some_and(|m| m.metadata.uid.as_deref() == Some(h.uid.as_str())))
+        let api: Api<DiskChain> = Api::namespaced(self.client.clone(), &h.key.namespace);
+        // A list by name rather than a get: the agent's role grants list and watch, no get.
+        let found = api
+            .list_metadata(
+                &kube::api::ListParams::default().fields(&format!("metadata.name={}", h.key.name)),
+            )
+            .await?;
+        Ok(found
+            .items
+            .iter()
+            .any(|m| m.metadata.uid.as_deref() == Some(h.uid.as_str())))
     }
 
     /// Takes (or confirms) the claim of resource `key` (uid `uid`) on `image` for this node.
