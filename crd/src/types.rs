@@ -345,6 +345,7 @@ pub struct PlanSummary {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<String>,
     /// Data bytes the steps write.
+    #[serde(default)]
     pub total_bytes: u64,
 }
 
@@ -353,13 +354,16 @@ pub struct PlanSummary {
 #[serde(rename_all = "camelCase")]
 pub struct ApplySummary {
     /// When it finished (RFC 3339, UTC).
+    #[serde(default)]
     pub finished: String,
     /// Its steps, as operation names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<String>,
     /// Data bytes the plan predicted.
+    #[serde(default)]
     pub predicted_bytes: u64,
     /// Bytes QEMU wrote (metadata included).
+    #[serde(default)]
     pub written_bytes: u64,
 }
 

@@ -73,13 +73,40 @@ pub fn read(obj: &kube::api::DynamicObject) -> Result<(DiskChain, Vec<String>), 
             prune(sub, schema, part, &mut dropped);
         }
     }
-    let de = serde_json::from_value::<Value>(v).map_err(|e| e.to_string())?;
-    serde_path_to_error::deserialize::<_, DiskChain>(de)
-        .map(|d| (d, dropped))
-        .map_err(|e| {
+    match serde_path_to_error::deserialize::<_, DiskChain>(v.clone()) {
+        Ok(d) => Ok((d, dropped)),
+        // The status is the agents' own report: one another writer shaped differently never
+        // makes the object unreadable; it is read without the part that does not read.
+        Err(e) if e.path().to_string().starts_with("status.") => {
+            let field = e.path().to_string();
+            let key = field
+                .trim_start_matches("status.")
+                .split(['.', '['])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if let Some(st) = v.get_mut("status").and_then(Value::as_object_mut) {
+                if st.remove(&key).is_none() {
+                    st.clear();
+                }
+            }
+            dropped.push(format!("status.{key}"));
+            serde_json::from_value::<DiskChain>(v)
+                .or_else(|_| {
+                    let mut v = serde_json::to_value(obj).map_err(|e| e.to_string())?;
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("status");
+                    }
+                    serde_json::from_value::<DiskChain>(v).map_err(|e| e.to_string())
+                })
+                .map(|d| (d, dropped))
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => {
             let path = e.path().to_string();
-            format!("{path}: {}", e.into_inner())
-        })
+            Err(format!("{path}: {}", e.into_inner()))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -106,7 +133,17 @@ mod tests {
             d.spec.source.file.as_deref(),
             Some(std::path::Path::new("/x.qcow2"))
         );
-        assert_eq!(dropped, vec!["spec.source.future", "spec.someNewField"]);
+        assert_eq!(dropped, vec!["spec.someNewField", "spec.source.future"]);
+    }
+
+    #[test]
+    fn a_status_another_writer_shaped_differently_does_not_make_the_object_unreadable() {
+        let mut o = object(json!({"nodeName": "n", "source": {"file": "/x.qcow2"}}));
+        o.data["status"] =
+            json!({"lastApply": {"steps": 3}, "bindings": [{"name": "p", "file": "/p"}]});
+        let (d, dropped) = read(&o).unwrap();
+        assert_eq!(d.status.unwrap().bindings[0].name, "p");
+        assert_eq!(dropped, vec!["status.lastApply"]);
     }
 
     #[test]

@@ -564,7 +564,14 @@ async fn patch_status(
         "kind": diskchain_crd::KIND,
         "status": status,
     });
-    api.patch_status(
+    // The answer is not read as a `DiskChain`: a status some other writer shaped differently
+    // must not fail the write.
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        api.clone().into_client(),
+        api.namespace().unwrap_or(diskchain_crd::DEFAULT_NAMESPACE),
+        &kube::api::ApiResource::erase::<DiskChain>(&()),
+    );
+    raw.patch_status(
         name,
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&body),
