@@ -497,6 +497,11 @@ pub fn plan_loaded(loaded: &[DesiredDisk], host: &Host) -> Result<PlanReport, Pl
             Ok(r) => r,
             Err(e) => {
                 let mut err = fail(o.spec, e.to_string(), BindError::is_bad_input(&e));
+                if let BindError::Stale { .. } = &e {
+                    // A kept point lost behind diskchain's back is not the spec's fault: the
+                    // operator decides (bind it again, or drop it).
+                    err.kind = ErrorKind::NeedsOperator;
+                }
                 if let BindError::InUse { file, .. } = &e {
                     err.kind = ErrorKind::InUse;
                     // The holder may be diskchain itself: a step of another disk sharing this

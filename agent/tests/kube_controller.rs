@@ -67,6 +67,7 @@ fn context(h: &Host) -> (Arc<Context>, Handle) {
         ownership: None,
         records: Default::default(),
         busy: Default::default(),
+        released: Default::default(),
         lease: None,
     };
     (Arc::new(ctx), handle)

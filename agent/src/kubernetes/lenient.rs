@@ -85,10 +85,10 @@ pub fn read(obj: &kube::api::DynamicObject) -> Result<(DiskChain, Vec<String>), 
                 .next()
                 .unwrap_or_default()
                 .to_string();
-            if let Some(st) = v.get_mut("status").and_then(Value::as_object_mut) {
-                if st.remove(&key).is_none() {
-                    st.clear();
-                }
+            if let Some(st) = v.get_mut("status").and_then(Value::as_object_mut)
+                && st.remove(&key).is_none()
+            {
+                st.clear();
             }
             dropped.push(format!("status.{key}"));
             serde_json::from_value::<DiskChain>(v)

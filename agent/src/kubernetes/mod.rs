@@ -77,6 +77,9 @@ pub struct Context {
     /// The resources this agent keeps a record of (a disk it reconciled): one that leaves the
     /// node or disappears is released.
     pub records: std::sync::Mutex<std::collections::BTreeSet<DiskKey>>,
+    /// Resources released (deleted, or gone from the node): their metric series are removed
+    /// once the reconcile that released them is counted.
+    pub released: std::sync::Mutex<std::collections::BTreeSet<DiskKey>>,
     /// The resources a reconcile or a release is working on now.
     pub busy: std::sync::Mutex<std::collections::BTreeSet<DiskKey>>,
     /// The node's lease (`None` in tests: always held). While it is not held, reconciles start
@@ -1138,6 +1141,10 @@ async fn release(ctx: &Arc<Context>, key: &DiskKey, uid: &str) -> Result<bool, E
         .unwrap_or_else(|p| p.into_inner())
         .remove(key);
     ctx.shared.metrics.forget_disk(&key.to_string());
+    ctx.released
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone());
     Ok(dropped)
 }
 
@@ -1519,6 +1526,7 @@ pub fn run(opts: KubeOptions) -> i32 {
             // the agent was down is released once the watch shows it gone).
             records: std::sync::Mutex::new(known.into_iter().collect()),
             busy: Default::default(),
+            released: Default::default(),
             lease: Some(node_lease.clone()),
         });
         tokio::spawn(sweep(ctx.clone()));
@@ -1675,9 +1683,10 @@ pub async fn control(api: Api<DiskChain>, ctx: Arc<Context>, max_parallel: usize
     };
     controller
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|r| {
             let m = shared.clone();
+            let ctx = ctx.clone();
             async move {
                 let (disk, result) = match &r {
                     Ok((obj, _)) => (
@@ -1698,6 +1707,17 @@ pub async fn control(api: Api<DiskChain>, ctx: Arc<Context>, max_parallel: usize
                         ("-".to_string(), "failed")
                     }
                 };
+                // A resource released by this reconcile (deleted) leaves no series behind.
+                if let Ok(key) = DiskKey::parse(&disk)
+                    && ctx
+                        .released
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key)
+                {
+                    m.metrics.forget_disk(&disk);
+                    return;
+                }
                 m.metrics
                     .reconciles
                     .get_or_create(&crate::reconcile::metrics::ResultLabels {
