@@ -1,6 +1,8 @@
 //! Which backups a retention policy keeps: Proxmox Backup Server's prune rules, in local time.
 //!
-//! The backups are sorted newest first. The options are applied in the order `keepLast`,
+//! The backups are taken newest first in the order of the repository's chain (the last point is
+//! the newest, whatever its time says: a clock that went back never makes the point just taken
+//! look old); their times only say which period each falls in. The options are applied in the order `keepLast`,
 //! `keepHourly`, `keepDaily`, `keepWeekly` (ISO weeks), `keepMonthly`, `keepYearly`. Each walks
 //! the backups no earlier option has marked and keeps the newest backup of each period (the
 //! backup itself for `keepLast`) whose period no earlier option kept a backup of, until it has
@@ -24,8 +26,8 @@ enum Mark {
 /// The period a backup (its time, its index) falls in, as an id.
 type Period<'a> = dyn Fn(i64, usize) -> String + 'a;
 
-/// The indexes (into `times`, UTC seconds) of the backups `policy` keeps, periods taken in
-/// time zone `tz`.
+/// The indexes (into `times`, UTC seconds, oldest point first as the repository's chain has them)
+/// of the backups `policy` keeps, periods taken in time zone `tz`.
 pub fn kept<Tz: TimeZone>(times: &[i64], policy: &Retention, tz: &Tz) -> BTreeSet<usize> {
     let all: BTreeSet<usize> = (0..times.len()).collect();
     let options: [(Option<u32>, &Period<'_>); 6] = [
@@ -51,9 +53,8 @@ pub fn kept<Tz: TimeZone>(times: &[i64], policy: &Retention, tz: &Tz) -> BTreeSe
     if options.iter().all(|(n, _)| n.is_none()) {
         return all;
     }
-    // Newest first (a stable order for equal times: the later in the list is newer).
-    let mut order: Vec<usize> = (0..times.len()).collect();
-    order.sort_by(|a, b| times[*b].cmp(&times[*a]).then(b.cmp(a)));
+    // Newest first: the chain's order, never the clock's.
+    let order: Vec<usize> = (0..times.len()).rev().collect();
     let mut marks: Vec<Option<Mark>> = vec![None; times.len()];
     for (keep, period) in options {
         let Some(keep) = keep else { continue };
@@ -99,6 +100,19 @@ fn local<Tz: TimeZone>(t: i64, tz: &Tz) -> DateTime<Tz> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_point_just_taken_is_kept_when_the_clock_went_back() {
+        // Taken at t0, t0+1h, then with the clock 2 h back: the last is the newest.
+        let t0 = 1_800_000_000;
+        let times = [t0, t0 + 3600, t0 - 3600];
+        let policy = Retention {
+            keep_last: Some(2),
+            ..Default::default()
+        };
+        let kept = kept(&times, &policy, &chrono::Utc);
+        assert_eq!(kept, [1, 2].into_iter().collect());
+    }
+
     use super::*;
     use chrono::FixedOffset;
 

@@ -349,7 +349,9 @@ fn backup_status(disk: &DesiredDisk, roots: &Roots) -> Option<diskchain_crd::Bac
             .map(|m| m.points)
             .unwrap_or_default();
     let last = points.last();
-    let after = last.map_or_else(|| chrono::Utc::now().timestamp(), |p| p.time_unix);
+    // A point dated ahead of the clock (taken while it was ahead) does not push the next run.
+    let now = chrono::Utc::now().timestamp();
+    let after = last.map_or(now, |p| p.time_unix.min(now));
     Some(diskchain_crd::BackupStatus {
         last: last.map(|p| p.point.clone()),
         next: policy

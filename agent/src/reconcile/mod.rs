@@ -702,7 +702,14 @@ impl Agent {
             b.next_unix = policy
                 .schedule
                 .as_deref()
-                .and_then(|c| schedule::next_after(c, last_backup))
+                .and_then(|c| {
+                    // A point dated ahead of the clock: due now (see `schedule::due`).
+                    if last_backup > now {
+                        Some(now)
+                    } else {
+                        schedule::next_after(c, last_backup)
+                    }
+                })
                 .unwrap_or(0);
             if let Some(v) = verified {
                 b.last_verify_unix = b.last_verify_unix.max(v);
@@ -715,7 +722,7 @@ impl Agent {
             b.next_verify_unix = policy
                 .verify
                 .as_ref()
-                .and_then(|v| schedule::next_after(&v.schedule, last_verify))
+                .and_then(|v| schedule::next_after(&v.schedule, last_verify.min(now)))
                 .unwrap_or(0);
             let backup_due = b.next_unix > 0 && b.next_unix <= now;
             let verify_due = b.next_verify_unix > 0 && b.next_verify_unix <= now && b.points > 0;

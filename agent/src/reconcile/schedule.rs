@@ -15,8 +15,13 @@ pub fn next_after(cron: &str, after: i64) -> Option<i64> {
         .map(|t| t.timestamp())
 }
 
-/// True when `cron` has an occurrence in `(last, now]`.
+/// True when `cron` has an occurrence in `(last, now]`. A last run dated after `now` was taken
+/// while the clock was ahead: when it really ran is unknown, so a run is due (a valid
+/// expression) and the schedule goes on from the clock as it is, never waiting for that date.
 pub fn due(cron: &str, last: i64, now: i64) -> bool {
+    if last > now {
+        return next_after(cron, now).is_some();
+    }
     next_after(cron, last).is_some_and(|t| t <= now)
 }
 
@@ -73,6 +78,16 @@ mod tests {
         assert!(!due("0 2 * * *", now, now));
         assert!(next > now && next - now <= 86_400 + 3600);
         assert!(due("0 2 * * *", now, next));
+    }
+
+    #[test]
+    fn a_run_dated_ahead_of_the_clock_does_not_stall_the_schedule() {
+        let now = chrono::Local::now().timestamp();
+        // The last point was taken while the clock was a day ahead.
+        let last = now + 86_400;
+        assert!(due("* * * * *", last, now));
+        assert!(due("0 2 * * *", last, now));
+        assert!(!due("not cron", last, now));
     }
 
     #[test]
