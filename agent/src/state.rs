@@ -585,7 +585,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    // Whatever is at the temporary name (a killed write's file, or a symlink planted there) is
+    // removed, never written through: the file is created new, without following a link.
+    remove_if_present(&tmp)?;
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?
+    };
     f.write_all(bytes).map_err(io("write", &tmp))?;
     f.sync_all().map_err(io("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("rename into", path))?;

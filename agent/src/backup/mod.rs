@@ -332,6 +332,16 @@ fn prepare<'a>(
     for p in repo.remove_partials().map_err(|e| failed(e.to_string()))? {
         tracing::info!(disk = %disk.key, file = p, "removed what a killed backup left");
     }
+    // A new point is backed by the newest: nothing is built on a chain whose files are not the
+    // repository's own.
+    if let Some(last) = repo.manifest.points.len().checked_sub(1) {
+        repo.check_chain(last).map_err(|e| {
+            failed(format!(
+                "repository {}: {e}; the repository is damaged or was tampered with (`diskchain verify` names it): move it aside; nothing was done",
+                dir.display()
+            ))
+        })?;
+    }
     let (point, file) = repo.new_point_name(now);
     let prev = repo.manifest.points.last().cloned();
     Ok(Prepared {
@@ -399,6 +409,7 @@ fn live_method(kind: Kind) -> Option<String> {
 fn record(
     mut p: Prepared<'_>,
     (kind, method, reason): Taken,
+    checked: Option<String>,
     ck: &str,
     host: &Host,
     exec: ExecOptions,
@@ -407,9 +418,13 @@ fn record(
     let disk = p.disk;
     let recorded = (|| -> Result<Point, String> {
         repo::sync(&p.partial).map_err(|e| format!("cannot sync {}: {e}", p.partial.display()))?;
-        // The contract's `sha256` (the whole raw view) and the sparse checksum `restore` and
-        // `verify --deep` check, in one read.
-        let (sha256, sparse_sha256) = repo::view_checksums(&p.partial)?;
+        // The sparse checksum `restore` and `verify --deep` check, of what was written (an
+        // offline point's was checked against the disk already). It reads the point's data
+        // only: a whole-view SHA-256 would read the zeros of the disk's whole size.
+        let sparse_sha256 = match checked {
+            Some(d) => d,
+            None => repo::view_digest(&p.partial)?,
+        };
         let bytes = repo::own_bytes(&p.partial)?;
         std::fs::rename(&p.partial, &p.final_path)
             .map_err(|e| format!("cannot rename {}: {e}", p.partial.display()))?;
@@ -424,7 +439,7 @@ fn record(
             bytes,
             virtual_size: p.size,
             sparse_sha256: Some(sparse_sha256),
-            sha256: Some(sha256),
+            sha256: None,
             checkpoint: Some(ck.to_string()),
         })
     })()
@@ -518,11 +533,78 @@ fn take(
         ),
     };
     progress.step_abandoned();
-    let taken = taken.map_err(|e| {
-        let _ = std::fs::remove_file(&p.partial);
-        p.failed(format!("{e}; nothing was recorded"))
-    })?;
-    record(p, taken, &ck, host, exec, now)
+    let taken = taken
+        .and_then(|taken| match p.live() {
+            Some(_) => Ok((taken, None)),
+            None => checked_offline(&p, taken).map(|(t, d)| (t, Some(d))),
+        })
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&p.partial);
+            p.failed(format!("{e}; nothing was recorded"))
+        })?;
+    record(p, taken.0, taken.1, &ck, host, exec, now)
+}
+
+/// An offline point checked against the disk it was taken of: the disk is at rest (its lock is
+/// held and no process has it open), so its view now is its view at the checkpoint. The point
+/// must read exactly as the disk does ([`repo::view_digest`] of both). An incremental that does
+/// not (a bitmap cleared or re-added behind diskchain's back, a disk shrunk and grown back, a
+/// previous point damaged since it was taken) is taken again as a resync, which compares the
+/// disk with the previous point as it reads now and writes every difference; a point that still
+/// does not read as the disk is refused. Returns how it was taken and its checksum, computed
+/// from what was written.
+fn checked_offline(p: &Prepared<'_>, taken: Taken) -> Result<(Taken, String), String> {
+    let top = p.chain.active();
+    let disk = match repo::view_digest(&top.layer.path) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::info!(disk = %p.disk.key, error = e, "the disk's view cannot be read for the check: the backup is taken as a resync");
+            None
+        }
+    };
+    let point = repo::view_digest(&p.partial)?;
+    if disk.as_ref() == Some(&point) {
+        return Ok((taken, point));
+    }
+    let (kind, _, _) = &taken;
+    let Some(prev) = p.prev.as_ref().filter(|_| *kind != Kind::Full) else {
+        return Err(format!(
+            "the full backup does not read as the disk {} (its checksum differs)",
+            top.layer.path.display()
+        ));
+    };
+    let why = if disk.is_some() {
+        tracing::warn!(disk = %p.disk.key, "the incremental does not read as the disk (its bitmap missed writes, or the previous point changed): taking it again as a resync");
+        "the incremental did not read as the disk (a bitmap that missed writes, a disk resized, or a previous point damaged since)"
+    } else {
+        "the disk's view could not be read to check an incremental"
+    };
+    std::fs::remove_file(&p.partial)
+        .map_err(|e| format!("cannot remove {}: {e}", p.partial.display()))?;
+    compare_onto(
+        &top.layer.path,
+        top.layer.format,
+        p.size,
+        &prev.file,
+        &p.partial,
+    )?;
+    let point = repo::view_digest(&p.partial)?;
+    if disk.as_ref().is_some_and(|d| *d != point) {
+        return Err(format!(
+            "the resync does not read as the disk {} either; the repository's previous point may be unreadable: run `diskchain verify --deep`",
+            top.layer.path.display()
+        ));
+    }
+    Ok((
+        (
+            Kind::Resync,
+            Some("compare".into()),
+            Some(format!(
+                "{why}: resynced, only what differs from the previous point was written"
+            )),
+        ),
+        point,
+    ))
 }
 
 /// Backs up the disks of one running domain (two or more, each with `spec.backup`) in one
@@ -559,6 +641,7 @@ fn backup_domain(
                     out[i] = Some(record(
                         p,
                         (kind, live_method(kind), reason),
+                        None,
                         &ck,
                         host,
                         exec,
@@ -1091,7 +1174,7 @@ pub fn list(disks: &[DesiredDisk], host: &Host) -> (Vec<DiskPoints>, Vec<BackupE
                 continue;
             }
         };
-        let manifest = match crate::state::read_json::<repo::Manifest>(&dir.join("manifest.json")) {
+        let manifest = match repo::Manifest::read(&dir.join(repo::MANIFEST)) {
             Ok(m) => m,
             Err(e) => {
                 errors.push(err(
@@ -1185,7 +1268,7 @@ pub fn restore(
         )));
     }
     let repo = open_settled(disk, host, ExecOptions::default())?;
-    let Some(p) = repo.manifest.points.iter().find(|p| p.point == point) else {
+    let Some(index) = repo.manifest.points.iter().position(|p| p.point == point) else {
         return Err(bad(format!(
             "--point {point:?}: no such point in repository {}; `diskchain backups` lists them ({})",
             repo.dir.display(),
@@ -1197,6 +1280,19 @@ pub fn restore(
                 .join(", ")
         )));
     };
+    let p = &repo.manifest.points[index];
+    // Nothing is read through a file that is not the repository's own (a symlink out of it, a
+    // backing name rewritten to leave it, a FIFO): refused before anything is written.
+    repo.check_chain(index).map_err(|e| {
+        err(
+            disk,
+            ErrorKind::Failed,
+            format!(
+                "repository {}: {e}; the repository is damaged or was tampered with; nothing was written",
+                repo.dir.display()
+            ),
+        )
+    })?;
     let name = to
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -1208,6 +1304,8 @@ pub fn restore(
         err(disk, ErrorKind::Failed, m)
     };
     let mut c = Command::new("qemu-img");
+    // The scratch file is the owner's alone, and the copy dies with diskchain.
+    crate::execute::qsd::private_child(&mut c);
     c.args(["convert", "-f", "qcow2", "-O"])
         .arg(match format {
             RestoreFormat::Qcow2 => "qcow2",
@@ -1282,6 +1380,8 @@ pub fn verify(disk: &DesiredDisk, host: &Host, deep: bool) -> Result<Verified, B
         size: u64,
     }
     let mut before: Option<&Point> = None;
+    // A point below that is not the repository's own file: every later point reads through it.
+    let mut unsound: Option<String> = None;
     for p in &repo.manifest.points {
         let f = repo.file(p);
         let mut damage = |problem: String| {
@@ -1290,8 +1390,19 @@ pub fn verify(disk: &DesiredDisk, host: &Host, deep: bool) -> Result<Verified, B
                 problem,
             })
         };
-        if !f.exists() {
-            damage(format!("its file {} is missing", f.display()));
+        // Read as hostile input: a symlink, a FIFO or a backing name leaving the repository
+        // is damage, and no tool reads through it.
+        let backing = before.map(|b| b.file.as_str());
+        if let Err(e) = repo::check_point_file(&repo.dir, &p.file, backing) {
+            damage(e);
+            unsound.get_or_insert_with(|| p.point.clone());
+            before = Some(p);
+            continue;
+        }
+        if let Some(below) = &unsound {
+            damage(format!(
+                "it reads through point {below}, whose file is not the repository's own (not read)"
+            ));
             before = Some(p);
             continue;
         }
@@ -1396,8 +1507,7 @@ pub fn retention_plans(disks: &[DesiredDisk], host: &Host) -> Vec<RetentionRepor
         if merge::in_flight(&dir) {
             continue;
         }
-        let Ok(Some(m)) = crate::state::read_json::<repo::Manifest>(&dir.join("manifest.json"))
-        else {
+        let Ok(Some(m)) = repo::Manifest::read(&dir.join(repo::MANIFEST)) else {
             continue;
         };
         let keep = kept_of(&m.points, policy);

@@ -13,7 +13,7 @@ use diskchain_crd::DiskKey;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::state::{read_json, write_atomic};
+use crate::state::write_atomic;
 
 /// How a backup was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +128,112 @@ pub struct Repo {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
-const MANIFEST: &str = "manifest.json";
+/// The manifest's file name in a repository.
+pub const MANIFEST: &str = "manifest.json";
+
+/// The largest manifest read (about 250,000 points): a repository file is hostile input, and a
+/// manifest pointing at `/dev/zero` or holding a gigabyte string must not exhaust memory.
+const MANIFEST_MAX: u64 = 64 << 20;
+
+/// Opens a repository file for reading as hostile input: never through a symlink, never
+/// blocking (a FIFO planted as a point or the manifest), and only a regular file. `Ok(None)`:
+/// it does not exist.
+pub fn open_file(path: &Path) -> Result<Option<std::fs::File>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(format!(
+                "{} is a symbolic link; a repository holds its own files only (never followed)",
+                path.display()
+            ));
+        }
+        Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+    };
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !m.file_type().is_file() {
+        return Err(format!(
+            "{} is not a regular file (a FIFO, a device or a directory); a repository holds regular files only",
+            path.display()
+        ));
+    }
+    Ok(Some(f))
+}
+
+impl Manifest {
+    /// The manifest at `path` (`None`: there is none), read as hostile input ([`open_file`]) and
+    /// at most [`MANIFEST_MAX`] bytes. `Err` says what is wrong.
+    pub fn read(path: &Path) -> Result<Option<Manifest>, String> {
+        let Some(f) = open_file(path)? else {
+            return Ok(None);
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len > MANIFEST_MAX {
+            return Err(format!(
+                "{} is {len} bytes, more than a manifest can be ({MANIFEST_MAX})",
+                path.display()
+            ));
+        }
+        let mut text = Vec::with_capacity(len as usize);
+        f.take(MANIFEST_MAX + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if text.len() as u64 > MANIFEST_MAX {
+            return Err(format!("{} grew past {MANIFEST_MAX} bytes", path.display()));
+        }
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| format!("{} is damaged ({e})", path.display()))
+    }
+
+    /// The manifest of repository `dir`, when it reads (for listings and schedules).
+    pub fn of(dir: &Path) -> Option<Manifest> {
+        Manifest::read(&dir.join(MANIFEST)).ok().flatten()
+    }
+}
+
+/// Checks point file `name` of repository `dir` as hostile input: a regular qcow2 file (no
+/// symlink, no FIFO) whose backing reference is exactly `backing` (the previous point's file,
+/// by name; none for the bottom of the chain), so that reading it never leaves the repository.
+pub fn check_point_file(dir: &Path, name: &str, backing: Option<&str>) -> Result<(), String> {
+    let path = dir.join(name);
+    let f = open_file(&path)?.ok_or_else(|| format!("{} is missing", path.display()))?;
+    if !crate::observe::qcow2::has_magic(&f) {
+        return Err(format!("{} is not a qcow2 image", path.display()));
+    }
+    let refs = crate::observe::qcow2::read_refs(&f, &path).map_err(|e| e.to_string())?;
+    if refs.data_file.is_some() {
+        return Err(format!(
+            "{} names an external data file; a point's data is in the point's own file",
+            path.display()
+        ));
+    }
+    let recorded = refs
+        .backing
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    // By name, as backups write it; a merge of an older diskchain wrote the whole path.
+    let same = match (recorded.as_deref(), backing) {
+        (None, None) => true,
+        (Some(r), Some(b)) => r == b || Path::new(r) == dir.join(b),
+        _ => false,
+    };
+    if !same {
+        return Err(format!(
+            "{} is backed by {:?}, not by {:?} (the point before it, by name); reading it would leave the repository's chain",
+            path.display(),
+            recorded.unwrap_or_default(),
+            backing.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
 
 impl Repo {
     /// Opens (creating the directory when missing) and locks the repository of disk `key`.
@@ -144,16 +249,21 @@ impl Repo {
         };
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         let lock_path = dir.join(".lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io("open", &lock_path))?;
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&lock_path)
+                .map_err(io("open (never through a symbolic link)", &lock_path))?
+        };
         let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| RepoError::Busy(dir.to_path_buf()))?;
         let path = dir.join(MANIFEST);
-        let manifest = match read_json::<Manifest>(&path) {
+        let manifest = match Manifest::read(&path) {
             Ok(Some(m)) => m,
             Ok(None) => Manifest {
                 version: 1,
@@ -222,6 +332,19 @@ impl Repo {
             dir: self.dir.clone(),
             message: e.to_string(),
         })
+    }
+
+    /// Checks the files of the chain of point `index` (and every point below it) as hostile
+    /// input ([`check_point_file`]): each a regular qcow2 file of this repository, backed by the
+    /// point before it by name. Nothing is read through a file that fails.
+    pub fn check_chain(&self, index: usize) -> Result<(), String> {
+        let points = &self.manifest.points;
+        for i in 0..=index.min(points.len().saturating_sub(1)) {
+            let backing = i.checked_sub(1).map(|b| points[b].file.as_str());
+            check_point_file(&self.dir, &points[i].file, backing)
+                .map_err(|e| format!("point {}: {e}", points[i].point))?;
+        }
+        Ok(())
     }
 
     /// The path of a point's file.

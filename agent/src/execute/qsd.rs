@@ -478,3 +478,19 @@ impl StderrOf for Child {
         Ok(s.trim().to_string())
     }
 }
+
+/// Makes `c`'s process private and bound to diskchain: the files it creates are readable by
+/// their owner only (umask 077: a restore's scratch file never shows a disk's data to others),
+/// and it is killed when diskchain dies (a killed restore leaves no copy running).
+pub fn private_child(c: &mut Command) {
+    // SAFETY: `pre_exec` runs in the forked child before exec; `umask` and
+    // `prctl(PR_SET_PDEATHSIG)` are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}

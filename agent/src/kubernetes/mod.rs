@@ -297,9 +297,7 @@ fn backup_due(disk: &DesiredDisk, roots: &Roots, created: i64) -> bool {
     let Ok(dir) = roots.confine_dir(&policy.repository, "spec.backup.repository".into()) else {
         return false;
     };
-    let last = crate::state::read_json::<crate::backup::repo::Manifest>(&dir.join("manifest.json"))
-        .ok()
-        .flatten()
+    let last = crate::backup::repo::Manifest::of(&dir)
         .and_then(|m| m.points.last().map(|p| p.time_unix))
         .unwrap_or(created);
     crate::reconcile::schedule::due(cron, last, chrono::Utc::now().timestamp())
@@ -342,12 +340,9 @@ fn backup_status(disk: &DesiredDisk, roots: &Roots) -> Option<diskchain_crd::Bac
     let dir = roots
         .confine_dir(&policy.repository, "spec.backup.repository".into())
         .ok()?;
-    let points =
-        crate::state::read_json::<crate::backup::repo::Manifest>(&dir.join("manifest.json"))
-            .ok()
-            .flatten()
-            .map(|m| m.points)
-            .unwrap_or_default();
+    let points = crate::backup::repo::Manifest::of(&dir)
+        .map(|m| m.points)
+        .unwrap_or_default();
     let last = points.last();
     // A point dated ahead of the clock (taken while it was ahead) does not push the next run.
     let now = chrono::Utc::now().timestamp();

@@ -671,12 +671,9 @@ impl Agent {
                 .roots
                 .confine_dir(&policy.repository, String::new())
                 .ok();
-            let points = dir.as_ref().and_then(|dir| {
-                crate::state::read_json::<crate::backup::repo::Manifest>(&dir.join("manifest.json"))
-                    .ok()
-                    .flatten()
-                    .map(|m| m.points)
-            });
+            let points = dir
+                .as_ref()
+                .and_then(|dir| crate::backup::repo::Manifest::of(dir).map(|m| m.points));
             let retention_due = dir.zip(points.as_ref()).is_some_and(|(dir, points)| {
                 crate::backup::retention_pending(&dir, points, &policy)
             });
