@@ -1245,3 +1245,48 @@ fn a_lowered_retention_is_merged_without_waiting_for_the_next_backup() {
     drop(agent);
     env.assert_images_clean("after a lowered retention");
 }
+
+/// A relative `--specs` path (as a user types `--specs demo/specs`) is watched like an absolute
+/// one: a new spec is acted on at once, not at the next resync (here an hour away).
+#[test]
+fn a_relative_spec_directory_is_watched() {
+    let env = Env::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    let a = random_chain(&env, &mut rng, "r", 3, 16, 4);
+    let va = views(&env, &a);
+    let port = free_port();
+    let log = env.dir.path().join("agent.log");
+    let mut child = env
+        .diskchain(&["agent", "--resync", "1h", "--debounce", "200ms", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--specs", "specs"])
+        .current_dir(env.dir.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The first pass (an empty directory) is over once the agent is ready.
+    wait_until(Duration::from_secs(20), "the agent to be ready", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+            let _ = write!(
+                s,
+                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            let mut t = String::new();
+            let _ = s.read_to_string(&mut t);
+            t.contains(" 200 ")
+        })
+    });
+    env.spec(
+        "r.yaml",
+        &spec_yaml("r", &a[2], &[("one".into(), Some(a[1].clone()))], ""),
+    );
+    converges(
+        &env,
+        &a[2],
+        &[va[1].clone(), va[2].clone()],
+        "the new spec to be acted on",
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -273,7 +273,14 @@ pub(crate) fn start(roots: &[PathBuf]) -> Result<(Roots, tokio::runtime::Runtime
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Returns the exit code.
-pub fn run(opts: AgentOptions) -> i32 {
+pub fn run(mut opts: AgentOptions) -> i32 {
+    // The watcher reports absolute paths: a relative --specs (resolved once, here) would match
+    // none of them, and every edit would wait for the resync.
+    opts.specs = opts
+        .specs
+        .canonicalize()
+        .or_else(|_| std::path::absolute(&opts.specs))
+        .unwrap_or(opts.specs);
     let (roots, rt) = match start(&opts.roots) {
         Ok(x) => x,
         Err(code) => return code,
