@@ -101,8 +101,17 @@ pub fn agent(state: &StateDir) -> Option<(AgentStatus, AgentRecord)> {
 
 /// Collects the status of every disk the state directory knows.
 pub fn collect(state: &StateDir, roots: &[PathBuf]) -> Result<Vec<StatusDisk>, StateError> {
-    let roots = Roots::new(roots).ok();
-    let agent_disks = agent(state).map(|(_, r)| r.disks).unwrap_or_default();
+    let record = agent(state).map(|(_, r)| r);
+    // The roots given here that exist, and those the agent records it runs with: `status`
+    // without --allowed-root reads the chains of an agent started with other roots.
+    let mut dirs: Vec<PathBuf> = roots.iter().filter(|r| r.is_dir()).cloned().collect();
+    for r in record.iter().flat_map(|r| r.roots.iter()) {
+        if r.is_dir() && !dirs.contains(r) {
+            dirs.push(r.clone());
+        }
+    }
+    let roots = (!dirs.is_empty()).then(|| Roots::new(&dirs).ok()).flatten();
+    let agent_disks = record.map(|r| r.disks).unwrap_or_default();
     let mut out = Vec::new();
     let mut states = state.all()?;
     // A disk whose first plan was interrupted has a journal but no record yet.

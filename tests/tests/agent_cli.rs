@@ -1290,3 +1290,33 @@ fn a_relative_spec_directory_is_watched() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `diskchain status` without `--allowed-root` reads the chains with the roots the agent runs
+/// with (it said "no allowed root exists" for every disk).
+#[test]
+fn status_reads_chains_with_the_roots_the_agent_records() {
+    let env = Env::new();
+    let specs = env.dir.path().join("specs");
+    let mut rng = StdRng::seed_from_u64(9);
+    let a = random_chain(&env, &mut rng, "s", 2, 16, 4);
+    let va = views(&env, &a);
+    env.spec(
+        "s.yaml",
+        &spec_yaml("s", &a[1], &[("one".into(), Some(a[0].clone()))], ""),
+    );
+    let agent = Agent::start(&env, &specs, &[]);
+    converges(&env, &a[1], &va, "disk s to be adopted");
+    wait_until(Duration::from_secs(20), "status to show the chain", || {
+        let out = Command::new(diskchain_tests::qemu::diskchain_bin())
+            .arg("--state-dir")
+            .arg(env.state())
+            .args(["status", "-o", "json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["disks"][0]["chain"]
+            .as_array()
+            .is_some_and(|c| c.len() == 2)
+    });
+    drop(agent);
+}

@@ -21,7 +21,7 @@ pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -124,6 +124,9 @@ pub struct AgentRecord {
     pub spec_errors: Vec<String>,
     /// Per disk.
     pub disks: Vec<DiskTrack>,
+    /// The allowed roots the agent runs with (canonical): `status` reads chains with them.
+    #[serde(default)]
+    pub roots: Vec<PathBuf>,
 }
 
 /// State shared with the HTTP server.
@@ -1053,6 +1056,7 @@ impl Agent {
             updated_unix: now_unix(),
             spec_errors: self.spec_errors.clone(),
             disks: self.tracks.values().cloned().collect(),
+            roots: self.roots.iter().map(Path::to_path_buf).collect(),
         };
         let path = self.opts.state.path().join("agent.json");
         if let Err(e) = write_atomic(
