@@ -206,6 +206,37 @@ fn main() {
                     match output {
                         Output::Json => {
                             let mut v = serde_json::to_value(&report).expect("plans serialise");
+                            // A repository's merges are steps of its disk: listed under the
+                            // disk's "retention" beside its chain steps and counted in its
+                            // total_bytes (and, as before, in a top-level "retention").
+                            for r in &retention {
+                                let steps =
+                                    serde_json::to_value(&r.done.steps).expect("plans serialise");
+                                let disk = v["disks"].as_array_mut().and_then(|ds| {
+                                    ds.iter_mut().find(|d| {
+                                        d["name"] == r.disk.as_str()
+                                            && d["namespace"] == r.namespace.as_str()
+                                    })
+                                });
+                                match disk {
+                                    Some(d) => {
+                                        let total = d["total_bytes"].as_u64().unwrap_or(0);
+                                        d["retention"] = steps;
+                                        d["total_bytes"] = (total + r.done.total_bytes).into();
+                                    }
+                                    None => {
+                                        if let Some(ds) = v["disks"].as_array_mut() {
+                                            ds.push(serde_json::json!({
+                                                "name": r.disk,
+                                                "namespace": r.namespace,
+                                                "steps": [],
+                                                "retention": steps,
+                                                "total_bytes": r.done.total_bytes,
+                                            }));
+                                        }
+                                    }
+                                }
+                            }
                             if !retention.is_empty() {
                                 v["retention"] =
                                     serde_json::to_value(&retention).expect("plans serialise");

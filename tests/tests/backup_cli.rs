@@ -732,6 +732,30 @@ fn a_lowered_retention_is_planned_at_the_oracle_minimum_and_applied() {
     let ret = &plan["retention"][0];
     assert_eq!(ret["removed"].as_array().unwrap().len(), 3, "{plan}");
     let planned = ret["total_bytes"].as_u64().unwrap();
+    // The merges are steps of the disk too, counted in its total_bytes.
+    let disk = &plan["disks"][0];
+    let steps = disk["retention"]
+        .as_array()
+        .expect("retention steps in the disk");
+    assert_eq!(
+        steps
+            .iter()
+            .map(|s| s["bytes"].as_u64().unwrap())
+            .sum::<u64>(),
+        planned,
+        "{plan}"
+    );
+    let chain: u64 = disk["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        disk["total_bytes"].as_u64().unwrap(),
+        chain + planned,
+        "{plan}"
+    );
     for (f, b) in files.iter().zip(&before) {
         assert_eq!(
             &std::fs::read(f).unwrap(),
