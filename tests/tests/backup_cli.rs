@@ -1171,3 +1171,37 @@ fn a_repository_never_reaches_outside_itself() {
     assert_ne!(out.status.code(), Some(0));
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+/// A disk only its owner may read keeps backups only its owner may read (B9): the repository
+/// diskchain creates, its points, its manifest and a restored image.
+#[test]
+fn a_private_disk_has_private_backups() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let d = disk(&env, "vdp", "");
+    std::fs::set_permissions(&d.top, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = backup(&env, &d.spec, &[]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.repo), 0o700);
+    assert_eq!(
+        mode(Path::new(r["backups"][0]["file"].as_str().unwrap())),
+        0o600
+    );
+    assert_eq!(mode(&d.repo.join("manifest.json")), 0o600);
+    let to = env.dir.path().join("restored.qcow2");
+    let out = env
+        .diskchain(&["restore", "--disk", "vdp", "--point"])
+        .arg(r["backups"][0]["point"].as_str().unwrap())
+        .arg("--to")
+        .arg(&to)
+        .arg("-f")
+        .arg(&d.spec)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&to), 0o600);
+}

@@ -253,6 +253,8 @@ struct Prepared<'a> {
     partial: PathBuf,
     final_path: PathBuf,
     prev: Option<Point>,
+    /// The disk's file mode (its points get it).
+    mode: Option<u32>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -328,7 +330,14 @@ fn prepare<'a>(
         ));
     }
     let size = chain.active().virtual_size;
-    let repo = open_repo(disk, &dir, host, exec)?;
+    // The repository, its points and its manifest are no more readable than the disk.
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(&active)
+            .map(|m| m.permissions().mode() & 0o666)
+            .ok()
+    };
+    let repo = open_repo(disk, &dir, host, exec, mode)?;
     for p in repo.remove_partials().map_err(|e| failed(e.to_string()))? {
         tracing::info!(disk = %disk.key, file = p, "removed what a killed backup left");
     }
@@ -356,6 +365,7 @@ fn prepare<'a>(
         point,
         file,
         prev,
+        mode,
         _lock: lock,
     })
 }
@@ -370,8 +380,9 @@ fn open_repo(
     dir: &Path,
     host: &Host,
     exec: ExecOptions,
+    mode: Option<u32>,
 ) -> Result<Repo, BackupError> {
-    let mut repo = Repo::open(dir, &disk.key).map_err(|e| {
+    let mut repo = Repo::open(dir, &disk.key, mode).map_err(|e| {
         let kind = if matches!(e, repo::RepoError::Busy(_)) {
             ErrorKind::InUse
         } else {
@@ -417,6 +428,11 @@ fn record(
 ) -> DiskBackup {
     let disk = p.disk;
     let recorded = (|| -> Result<Point, String> {
+        if let Some(m) = p.mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p.partial, std::fs::Permissions::from_mode(m))
+                .map_err(|e| format!("cannot set the mode of {}: {e}", p.partial.display()))?;
+        }
         repo::sync(&p.partial).map_err(|e| format!("cannot sync {}: {e}", p.partial.display()))?;
         // The sparse checksum `restore` and `verify --deep` check, of what was written (an
         // offline point's was checked against the disk already). It reads the point's data
@@ -1226,7 +1242,7 @@ fn open_settled(disk: &DesiredDisk, host: &Host, exec: ExecOptions) -> Result<Re
             ),
         ));
     }
-    let repo = open_repo(disk, &dir, host, exec)?;
+    let repo = open_repo(disk, &dir, host, exec, None)?;
     Ok(repo)
 }
 
@@ -1536,6 +1552,6 @@ pub fn retain_now(
     if !dir.join("manifest.json").exists() {
         return Ok(None);
     }
-    let mut repo = open_repo(disk, &dir, host, exec)?;
+    let mut repo = open_repo(disk, &dir, host, exec, None)?;
     retain(&mut repo, &policy, disk, host, exec)
 }

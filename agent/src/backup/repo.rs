@@ -236,8 +236,10 @@ pub fn check_point_file(dir: &Path, name: &str, backing: Option<&str>) -> Result
 }
 
 impl Repo {
-    /// Opens (creating the directory when missing) and locks the repository of disk `key`.
-    pub fn open(dir: &Path, key: &DiskKey) -> Result<Repo, RepoError> {
+    /// Opens (creating the directory when missing) and locks the repository of disk `key`. A
+    /// directory it creates gets `mode` (the disk's own, with search where it reads: a 0600 disk's
+    /// backups are not readable by others), or the process's default.
+    pub fn open(dir: &Path, key: &DiskKey, mode: Option<u32>) -> Result<Repo, RepoError> {
         let io = |action: &'static str, path: &Path| {
             let (dir, path) = (dir.to_path_buf(), path.to_path_buf());
             move |source| RepoError::Io {
@@ -247,7 +249,16 @@ impl Repo {
                 source,
             }
         };
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            let mut b = std::fs::DirBuilder::new();
+            b.recursive(true);
+            if let Some(m) = mode {
+                // Search wherever the disk may be read.
+                b.mode((m & 0o666) | ((m & 0o444) >> 2));
+            }
+            b.create(dir).map_err(io("create", dir))?;
+        }
         let lock_path = dir.join(".lock");
         let f = {
             use std::os::unix::fs::OpenOptionsExt;
