@@ -95,7 +95,27 @@ pub fn check(journal: &Journal, spec: &DesiredDisk, roots: &Roots, state: &State
         let before = reasons.len();
         let n = i + 1;
         match &s.step.action {
-            StepAction::Commit { base, .. } => {
+            StepAction::Commit {
+                base, top, layers, ..
+            } => {
+                // A commit interrupted mid-job has written part of the data of (base, top] into
+                // base: a layer strictly between them reads through base where it has no data
+                // of its own, so the point it holds no longer reads as it did.
+                if s.state == StepState::Running
+                    && let Some((f, name)) = layers
+                        .iter()
+                        .filter(|f| *f != base && *f != top)
+                        .find_map(|f| kept.get(f).map(|n| (f, n)))
+                {
+                    return Verdict::Stuck {
+                        why: format!(
+                            "step {n} (commit into {}) was interrupted after writing into that file, which point {name:?} (in {}, which the spec now keeps) reads through: that point no longer reads as it did. Put the spec back as it was (apply then finishes the plan), or accept the loss with `diskchain set-aside --disk {}`",
+                            base.display(),
+                            f.display(),
+                            journal.key()
+                        ),
+                    };
+                }
                 if let Some(name) = contradicts(base) {
                     if s.state == StepState::Running {
                         return Verdict::Stuck {

@@ -154,3 +154,55 @@ fn a_closed_stdout_never_stops_a_plan_halfway() {
     assert_eq!(backing_chain(&l[2]), vec![l[2].clone()]);
     assert_eq!(view_sha256(&l[2], "qcow2", env.dir.path()), vm);
 }
+
+/// A commit interrupted after writing into a layer that a point the spec now keeps reads
+/// through: that point no longer reads as it did, so the plan is neither resumed nor silently
+/// set aside; the operator is asked (the same way out as a commit into the kept file itself).
+#[test]
+fn a_commit_interrupted_below_a_point_kept_again_needs_the_operator() {
+    let mut landed = 0;
+    for round in 0..4 {
+        let env = Env::new();
+        let l = vec![
+            env.img("golden.qcow2"),
+            env.img("mid.qcow2"),
+            env.img("vm.qcow2"),
+        ];
+        create(&l[0], 1 << 30, None, &[]);
+        io(&l[0], "qcow2", &["write -P 1 0 400M".into()]);
+        create(&l[1], 0, Some((&l[0], "qcow2")), &[]);
+        io(&l[1], "qcow2", &["write -P 2 500M 100M".into()]);
+        create(&l[2], 0, Some((&l[1], "qcow2")), &[]);
+        io(&l[2], "qcow2", &["write -P 3 700M 1M".into()]);
+        // Drop every point: the cheapest holder is golden (the data of mid and vm is committed
+        // into it, 101 MiB, rather than golden's 400 MiB moved up).
+        let v1 = env.spec("vm.yaml", &spec_yaml("vm", &l[2], &[], ""));
+        let plan = env.plan_json(&v1);
+        let first = &plan["disks"][0]["steps"][0];
+        assert!(
+            first["op"] == "commit" && first["base"] == l[0].to_str().unwrap(),
+            "round {round}: expected a commit into golden first: {plan}"
+        );
+        if !apply_killed_mid_step(&env, &v1, &["--max-bytes-per-sec", "104857600"]) {
+            continue;
+        }
+        landed += 1;
+        // The spec keeps mid again: mid reads through golden, which the commit wrote.
+        let v2 = env.spec(
+            "vm.yaml",
+            &spec_yaml("vm", &l[2], &[("mid".into(), Some(l[1].clone()))], ""),
+        );
+        let out = env.apply(&v2, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "round {round}: {err}");
+        assert!(
+            err.contains("reads through") && err.contains("set-aside"),
+            "round {round}: {err}"
+        );
+        assert!(
+            env.journal("vm").exists(),
+            "round {round}: the journal is kept"
+        );
+    }
+    assert!(landed > 0, "no kill landed mid-commit");
+}
