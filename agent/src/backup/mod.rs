@@ -318,6 +318,16 @@ fn prepare<'a>(
     })?;
     // A running domain's QEMU holds its images: that is how a live disk is.
     let live = matches!(src, Source::Live(..));
+    // A backup killed a moment ago leaves its qemu-storage-daemon closing the images (it ends
+    // with its parent): a holder that lets go within a few seconds is waited for.
+    let mut chain = chain;
+    let waited = std::time::Instant::now();
+    while !live && chain.layers.iter().any(|l| l.in_use.is_some()) && waited.elapsed() < IN_USE_WAIT
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        chain =
+            observe_chain(&host.roots, &active).map_err(|e| failed(format!("spec.source: {e}")))?;
+    }
     if let Some(l) = chain.layers.iter().find(|l| l.in_use.is_some() && !live) {
         return Err(err(
             disk,
@@ -359,7 +369,8 @@ fn prepare<'a>(
         src,
         chain,
         size,
-        partial: dir.join(format!(".partial-{file}")),
+        // Named for this process too: a killed run's daemon may still hold its own partial.
+        partial: dir.join(format!(".partial-{}-{file}", std::process::id())),
         final_path: dir.join(&file),
         repo,
         point,
@@ -369,6 +380,10 @@ fn prepare<'a>(
         _lock: lock,
     })
 }
+
+/// How long an offline backup waits for a process to let go of the disk's images before it
+/// says the disk is in use.
+const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One disk's backup, and its retention pass.
 type DiskBackup = Result<(BackupDone, Option<RetentionReport>), BackupError>;

@@ -1483,7 +1483,9 @@ pub fn run(opts: KubeOptions) -> i32 {
         ));
         let mut told = false;
         loop {
-            match node_lease.try_hold(node_lease.renew_every()).await {
+            // Bounded by the lease's duration: a slow API server (seconds per request) still
+            // lets an agent take a free lease.
+            match node_lease.try_hold(node_lease.duration()).await {
                 Ok(lease::Hold::Held) => break,
                 Ok(lease::Hold::Other(holder)) => {
                     if !told {
