@@ -125,6 +125,15 @@ pub enum Command {
             requires = "kube"
         )]
         namespace_roots: Vec<String>,
+        /// With --kube: assign libvirt domains to a namespace (`NAMESPACE=PATTERN`, repeatable;
+        /// `*` matches any run of characters). Once any is given, a namespace's DiskChains name
+        /// only the domains of its patterns.
+        #[arg(
+            long = "namespace-domain",
+            value_name = "NAMESPACE=PATTERN",
+            requires = "kube"
+        )]
+        namespace_domains: Vec<String>,
         /// Re-observe every disk this often (e.g. 30s, 5m).
         #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
         resync: std::time::Duration,

@@ -54,10 +54,12 @@ fn main() {
             listen,
             grace,
             namespace_roots,
+            namespace_domains,
             ..
         } => match node {
             Some(node) => diskchain::kubernetes::run(diskchain::kubernetes::KubeOptions {
                 namespace_roots,
+                namespace_domains,
                 node,
                 roots: cli.allowed_roots.clone(),
                 state: StateDir::new(&cli.state_dir),

@@ -279,6 +279,7 @@ fn values_turn_the_optional_parts_on() {
     v["maxBytesPerSec"] = Value::from(10_000_000);
     v["roots"] = serde_json::json!(["/srv/a", "/srv/b"]);
     v["namespaceRoots"] = serde_json::json!([{"namespace": "team-a", "root": "/srv/a"}]);
+    v["namespaceDomains"] = serde_json::json!([{"namespace": "team-a", "domain": "team-a-*"}]);
     let objs = objects(&v);
     let sm = objs
         .iter()
@@ -299,6 +300,10 @@ fn values_turn_the_optional_parts_on() {
     );
     assert!(
         args.iter().any(|a| a == "--namespace-root=team-a=/srv/a"),
+        "{args:?}"
+    );
+    assert!(
+        args.iter().any(|a| a == "--namespace-domain=team-a=team-a-*"),
         "{args:?}"
     );
     let vols: Vec<&str> = ds["spec"]["template"]["spec"]["volumes"]

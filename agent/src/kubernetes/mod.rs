@@ -651,6 +651,14 @@ async fn claim_first(obj: &DiskChain, ctx: &Arc<Context>) -> Result<Option<Actio
     let Ok(disk) = DesiredDisk::from_object(obj) else {
         return Ok(None);
     };
+    if disk
+        .live
+        .as_ref()
+        .is_some_and(|l| !ctx.tenancy.domain_allowed(&disk.key.namespace, &l.domain))
+    {
+        // Refused by the reconcile, before any libvirt call.
+        return Ok(None);
+    }
     let roots = ctx.tenancy.roots_for(&disk.key.namespace, &ctx.roots);
     let (state, d) = (ctx.state.clone(), disk.clone());
     let image = tokio::task::spawn_blocking(move || claims::resolve(&d, &roots, &state))
@@ -772,6 +780,30 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
             return Ok(Action::await_change());
         }
     };
+    if let Some(l) = disk
+        .live
+        .as_ref()
+        .filter(|l| !ctx.tenancy.domain_allowed(&disk.key.namespace, &l.domain))
+    {
+        let message = cap(&format!(
+            "{}: spec.source.libvirt.domain: {:?} is not a domain this namespace may use; the node's operator assigns domains to namespaces (--namespace-domain, the chart's namespaceDomains). Nothing was done",
+            disk.origin(),
+            l.domain
+        ));
+        patch_status(
+            &api,
+            &name,
+            DiskChainStatus {
+                observed_generation: generation,
+                conditions: conditions(Outcome::BadInput, &message, generation, previous(&obj)),
+                message: Some(message.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
+        event_on_change(&ctx, &obj, "BadInput", message, true).await;
+        return Ok(Action::requeue(ctx.resync));
+    }
     let started = std::time::Instant::now();
     // The node's other resources, for the claims on disks (and the legacy record check).
     // With cluster-wide claims (the agent), the claim taken before settled that; the node-local
@@ -926,7 +958,13 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
     }
     // A status write that fails (a conflict, an outage) does not lose the events of what ran:
     // they are published, then the error requeues the reconcile.
-    let patched = patch_status(&api, &name, status).await;
+    // Quiet at rest: a status that says what the resource's status says already is not written
+    // again (a resync of a disk in sync costs no request).
+    let patched = if obj.status.as_ref() == Some(&status) {
+        Ok(())
+    } else {
+        patch_status(&api, &name, status).await
+    };
     let ok = matches!(result.outcome, Outcome::Ok | Outcome::InSync);
     record_metrics(
         &ctx,
@@ -1409,6 +1447,8 @@ pub struct KubeOptions {
     pub grace: Duration,
     /// `NAMESPACE=DIR`: roots the operator assigned to namespaces.
     pub namespace_roots: Vec<String>,
+    /// `NAMESPACE=PATTERN`: libvirt domains the operator assigned to namespaces.
+    pub namespace_domains: Vec<String>,
 }
 
 /// Runs the controller until SIGTERM or SIGINT. Returns the exit code.
@@ -1417,7 +1457,9 @@ pub fn run(opts: KubeOptions) -> i32 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let tenancy = match tenancy::Tenancy::new(&opts.namespace_roots, &roots) {
+    let tenancy = match tenancy::Tenancy::new(&opts.namespace_roots, &roots)
+        .and_then(|t| t.with_domains(&opts.namespace_domains))
+    {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");

@@ -16,6 +16,8 @@ use crate::observe::Roots;
 pub struct Tenancy {
     /// (root, namespace), roots canonical.
     grants: Vec<(PathBuf, String)>,
+    /// (namespace, domain pattern): the libvirt domains a namespace may name.
+    domains: Vec<(String, String)>,
 }
 
 impl Tenancy {
@@ -46,7 +48,29 @@ impl Tenancy {
             }
             out.push((canonical, ns.to_string()));
         }
-        Ok(Tenancy { grants: out })
+        Ok(Tenancy {
+            grants: out,
+            domains: Vec::new(),
+        })
+    }
+
+    /// With the operator's assignments of libvirt domains to namespaces (`NAMESPACE=PATTERN`,
+    /// `*` matching any run of characters). Once any is given, a namespace names only the
+    /// domains of its patterns (none without one).
+    pub fn with_domains(mut self, grants: &[String]) -> Result<Tenancy, String> {
+        for g in grants {
+            let (ns, pattern) = g.split_once('=').filter(|(n, p)| !n.is_empty() && !p.is_empty()).ok_or_else(|| {
+                format!("--namespace-domain {g:?}: write NAMESPACE=PATTERN (a domain name, `*` matching any run of characters)")
+            })?;
+            self.domains.push((ns.to_string(), pattern.to_string()));
+        }
+        Ok(self)
+    }
+
+    /// True when namespace `ns` may name libvirt domain `domain`: no domain is assigned to any
+    /// namespace, or one of `ns`'s patterns matches it.
+    pub fn domain_allowed(&self, ns: &str, domain: &str) -> bool {
+        self.domains.is_empty() || self.domains.iter().any(|(n, p)| n == ns && glob(p, domain))
     }
 
     fn assigned(&self, root: &std::path::Path) -> bool {
@@ -68,8 +92,41 @@ impl Tenancy {
     }
 }
 
+/// `text` matches `pattern`, where `*` matches any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(tail) = text.strip_prefix(head) else {
+                return false;
+            };
+            (0..=tail.len())
+                .filter(|i| tail.is_char_boundary(*i))
+                .any(|i| glob(rest, &tail[i..]))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_namespace_names_only_the_domains_assigned_to_it() {
+        let t = super::Tenancy::default();
+        assert!(t.domain_allowed("any", "vm"));
+        let t = t
+            .with_domains(&["team-a=team-a-*".into(), "team-b=db".into()])
+            .unwrap();
+        assert!(t.domain_allowed("team-a", "team-a-web"));
+        assert!(!t.domain_allowed("team-a", "db"));
+        assert!(t.domain_allowed("team-b", "db"));
+        assert!(!t.domain_allowed("evil", "team-a-web"));
+        assert!(
+            super::Tenancy::default()
+                .with_domains(&["x".into()])
+                .is_err()
+        );
+    }
+
     use super::*;
 
     #[test]
