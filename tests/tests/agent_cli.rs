@@ -599,7 +599,13 @@ fn a_stuck_pass_turns_readyz_not_ready_and_sigterm_still_ends_the_agent() {
             sock.display()
         ),
     );
-    let mut agent = Agent::start(&env, &specs, &["--stuck-after", "2s"]);
+    // The operator allows this URI (a spec alone cannot name a socket).
+    let uri = format!("qemu:///system?socket={}", sock.display());
+    let mut agent = Agent::start(
+        &env,
+        &specs,
+        &["--stuck-after", "2s", "--allowed-libvirt-uri", &uri],
+    );
     wait_until(
         Duration::from_secs(20),
         "/readyz to report the stuck pass",
