@@ -176,12 +176,26 @@ pub fn bind(
             None => new_snapshots.push(name),
         }
     }
+    // A new point can be made in the placement directory (a hard link) when it exists on the
+    // active image's file system.
+    let placement_links = placement.as_ref().is_some_and(|dir| {
+        use std::os::unix::fs::MetadataExt;
+        let active = &chain.active().layer.path;
+        match (
+            std::fs::metadata(dir),
+            active.parent().map(std::fs::metadata),
+        ) {
+            (Ok(d), Some(Ok(a))) => d.is_dir() && d.dev() == a.dev(),
+            _ => false,
+        }
+    });
     Ok(DiskRequest {
         name: spec.key.name.clone(),
         active: chain.active().layer.path.clone(),
         keep,
         new_snapshots,
         placement,
+        placement_links,
         prune: spec.spec().prune,
         known_names,
         retired: state.map(|s| s.retired.clone()).unwrap_or_default(),

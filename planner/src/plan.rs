@@ -33,6 +33,10 @@ pub struct DiskRequest {
     pub new_snapshots: Vec<String>,
     /// Every backing layer must end up directly in this directory (canonical).
     pub placement: Option<PathBuf>,
+    /// The placement directory exists on the active image's file system: a new point is made
+    /// in it (a hard link of the active image, nothing copied) rather than beside the active
+    /// image and moved there by a copy.
+    pub placement_links: bool,
     /// Delete files this plan drops from the chain (when nothing else uses them).
     pub prune: bool,
     /// Names the agent knows for files (points it made earlier), for messages about removed points.
@@ -1131,11 +1135,14 @@ fn new_snapshots(
         }
     }
     for name in req.new_snapshots.iter().filter(|_| !req.mode.is_live()) {
-        // Beside the active image: the snapshot is a hard link of it. With a placement directory
-        // elsewhere, the next plan moves the new point there.
-        let dir = active_path
-            .parent()
-            .map(Path::to_path_buf)
+        // The snapshot is a hard link of the active image: in the placement directory when it
+        // is on the same file system (nothing to move later), else beside the active image (the
+        // next plan copies the new point into the placement directory).
+        let dir = req
+            .placement
+            .clone()
+            .filter(|_| req.placement_links)
+            .or_else(|| active_path.parent().map(Path::to_path_buf))
             .unwrap_or_default();
         let stem = active_path
             .file_stem()

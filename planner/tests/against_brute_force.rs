@@ -201,6 +201,17 @@ fn replay(
                 s.files.splice(first..=last, [(new_id, cells)]);
                 cost
             }
+            StepAction::Snapshot { file, .. } => {
+                // Offline: the active content moves to `file` (a hard link); the active path
+                // gets a new empty overlay on it. Nothing is copied.
+                let (aid, cells) = s.files.pop().expect("an active layer");
+                let new_id = 100 + copies.len();
+                copies.push((file.clone(), new_id));
+                let empty = vec![Cell::U; cells.len()];
+                s.files.push((new_id, cells));
+                s.files.push((aid, empty));
+                0
+            }
             StepAction::TakeOver { holder, active, .. } => {
                 prop_assert!(
                     !shared(id(holder, &copies)),
@@ -320,11 +331,15 @@ proptest! {
             });
         }
         let g = ImageGraph::build(layers).unwrap();
+        // A new point on top as well: made in /fast (the placement is on the active image's
+        // file system), never copied there.
         let req = DiskRequest {
             name: "disk".into(),
             active: placed_path(n - 1, inside(n - 1)),
             keep: p.keep.iter().map(|&k| KeptPoint { name: format!("p{k}"), file: placed_path(k, inside(k)) }).collect(),
+            new_snapshots: vec!["fresh".into()],
             placement: Some(PathBuf::from("/fast")),
+            placement_links: true,
             ..Default::default()
         };
         let plan = match plan_disk(&g, &req) {
@@ -340,12 +355,20 @@ proptest! {
         let s = replay(&p, &plan, &|f| orig_placed(f))?;
         // Views: each kept point and the active layer read as before.
         let start = State::of(&p);
-        prop_assert_eq!(s.files.len(), p.keep.len() + 1);
+        prop_assert_eq!(s.files.len(), p.keep.len() + 2);
         for (j, &k) in p.keep.iter().enumerate() {
             prop_assert_eq!(s.view(j), start.view(k), "point p{}", k);
             prop_assert!(plan.result[j].file.starts_with("/fast"), "point p{} is not in /fast", k);
         }
+        let fresh = &plan.result[p.keep.len()];
+        prop_assert_eq!(fresh.point.as_deref(), Some("fresh"));
+        prop_assert!(fresh.file.starts_with("/fast"), "the new point is made in /fast: {:?}", fresh.file);
+        prop_assert!(
+            !plan.steps.iter().any(|s| matches!(&s.action, StepAction::Copy { to, .. } if to == &fresh.file)),
+            "the new point is not copied"
+        );
         prop_assert_eq!(s.view(p.keep.len()), start.view(n - 1));
+        prop_assert_eq!(s.view(p.keep.len() + 1), start.view(n - 1));
         for d in &plan.decisions {
             for r in &d.rejected {
                 if r.strategy.starts_with("copy merged") {

@@ -602,3 +602,57 @@ fn turning_prune_on_deletes_files_an_earlier_plan_left_even_when_they_reference_
     );
     assert_converged(&env, &l[3], &[vs[0].clone(), vs[3].clone()], "after prune");
 }
+
+/// A new point of a disk with a placement directory on the same file system is made there (a
+/// hard link of the active image: nothing copied), not beside the active image and then copied.
+#[test]
+fn a_new_point_is_made_in_the_placement_directory() {
+    let env = Env::new();
+    let base = env.img("pl-base.qcow2");
+    create(&base, 64 << 20, None, &[]);
+    io(&base, "qcow2", &["write -P 1 0 4M".into()]);
+    let top = env.img("pl.qcow2");
+    create(&top, 0, Some((&base, "qcow2")), &[]);
+    io(&top, "qcow2", &["write -P 2 8M 16M".into()]);
+    let fast = env.img("fast");
+    std::fs::create_dir(&fast).unwrap();
+    let view = view_sha256(&top, "qcow2", env.dir.path());
+    let spec = env.spec(
+        "pl.yaml",
+        &spec_yaml(
+            "pl",
+            &top,
+            &[("p0".into(), Some(base.clone())), ("fresh".into(), None)],
+            &format!("  placement:\n    directory: {}\n", fast.display()),
+        ),
+    );
+    let plan = env.plan_json(&spec);
+    let steps = plan["disks"][0]["steps"].as_array().unwrap();
+    let snap = steps
+        .iter()
+        .find(|s| s["op"] == "snapshot")
+        .expect("a snapshot");
+    assert!(
+        snap["file"]
+            .as_str()
+            .unwrap()
+            .starts_with(fast.to_str().unwrap()),
+        "{plan}"
+    );
+    env.apply_ok(&spec, &[]);
+    let chain = backing_chain(&top);
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    assert!(
+        chain[1].starts_with(&fast) && chain[0].starts_with(&fast),
+        "{chain:?}"
+    );
+    assert_eq!(view_sha256(&chain[1], "qcow2", env.dir.path()), view);
+    assert_eq!(view_sha256(&top, "qcow2", env.dir.path()), view);
+    // Nothing left to move.
+    let again = env.plan_json(&spec);
+    assert_eq!(
+        again["disks"][0]["steps"].as_array().unwrap().len(),
+        0,
+        "{again}"
+    );
+}

@@ -303,7 +303,8 @@ fn values_turn_the_optional_parts_on() {
         "{args:?}"
     );
     assert!(
-        args.iter().any(|a| a == "--namespace-domain=team-a=team-a-*"),
+        args.iter()
+            .any(|a| a == "--namespace-domain=team-a=team-a-*"),
         "{args:?}"
     );
     let vols: Vec<&str> = ds["spec"]["template"]["spec"]["volumes"]

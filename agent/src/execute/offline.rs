@@ -451,15 +451,17 @@ impl Offline {
         let op = "snapshot";
         let active = self.writable(op, active)?;
         let dir = active.parent().unwrap_or(Path::new("/")).to_path_buf();
-        if file.parent() != Some(dir.as_path()) {
-            return Err(ExecError::Precondition {
-                op,
-                file: file.to_path_buf(),
-                what: format!(
-                    "a new point is made beside the active image, in {}",
-                    dir.display()
-                ),
-            });
+        // Beside the active image, or in the placement directory on its file system (a hard
+        // link cannot cross file systems: the plan makes it there only then).
+        let file_dir = file.parent().unwrap_or(Path::new("/"));
+        if file_dir != dir {
+            self.roots
+                .confine(file_dir, "the new point's directory".into())
+                .map_err(|e| ExecError::Precondition {
+                    op,
+                    file: file.to_path_buf(),
+                    what: format!("a new point is made inside the allowed roots: {e}"),
+                })?;
         }
         // The point's file is the active image's inode; the new overlay goes on top of it.
         self.swap_in_overlay(op, &active, file, file)
@@ -513,7 +515,7 @@ impl Offline {
                 path: keep_as.to_path_buf(),
                 source,
             })?;
-            sync_file(&dir)?;
+            sync_file(keep_as.parent().unwrap_or(&dir))?;
         }
         let tmp = super::beside(active, op);
         let _ = std::fs::remove_file(&tmp);
