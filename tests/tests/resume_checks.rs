@@ -163,7 +163,7 @@ fn a_commit_interrupted_below_a_point_kept_again_needs_the_operator() {
     let mut landed = 0;
     for round in 0..4 {
         let env = Env::new();
-        let l = vec![
+        let l = [
             env.img("golden.qcow2"),
             env.img("mid.qcow2"),
             env.img("vm.qcow2"),
