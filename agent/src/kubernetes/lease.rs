@@ -138,10 +138,11 @@ impl NodeLease {
 
     async fn hold(&self) -> Result<Hold, kube::Error> {
         let conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
-        let sent = Instant::now();
-        // The fast path: our own last write, renewed.
+        // The fast path: our own last write, renewed. `sent` is when the renewal time written
+        // was taken: the lease holds for others until then plus its duration.
         let mine = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(mut lease) = mine {
+            let sent = Instant::now();
             let s = lease.spec.clone().unwrap_or_default();
             lease.spec = Some(self.spec(
                 Timestamp::now(),
@@ -161,8 +162,9 @@ impl NodeLease {
                 Err(e) => return Err(e),
             }
         }
-        let now = Timestamp::now();
-        match self.api.get_opt(&self.name).await? {
+        let found = self.api.get_opt(&self.name).await?;
+        let (now, sent) = (Timestamp::now(), Instant::now());
+        match found {
             None => {
                 let lease = Lease {
                     metadata: ObjectMeta {

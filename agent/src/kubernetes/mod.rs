@@ -1615,10 +1615,12 @@ async fn keep_lease(lease: Arc<lease::NodeLease>, node: String) {
     loop {
         let started = std::time::Instant::now();
         let since = lease.since_renewal().unwrap_or(lease.duration());
+        // Until others may take the lease over, and never less than the renew deadline: on a
+        // slow API server one request takes seconds.
         let bound = lease
             .duration()
             .saturating_sub(since)
-            .max(lease.renew_every());
+            .max(lease.renew_deadline());
         match lease.try_hold(bound).await {
             Ok(lease::Hold::Held) => {
                 if fenced_told {
