@@ -94,6 +94,13 @@ SRC
 fi
 
 if $live; then
+  # The Kubernetes scenarios (tests/kube) run a test API server written in Python with PyYAML.
+  if ! python3 -c 'import yaml' 2>/dev/null; then
+    python3 -m pip install --quiet pyyaml || { echo "setup: cannot install PyYAML for python3 (pip install pyyaml)" >&2; exit 1; }
+  fi
+fi
+
+if $live; then
   # No init system is assumed (containers, CI): start the daemons directly when they are not up.
   if [ "$(id -u)" -eq 0 ]; then
     pgrep -x virtlogd >/dev/null || virtlogd -d
