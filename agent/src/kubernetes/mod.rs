@@ -682,21 +682,7 @@ async fn claim_first(obj: &DiskChain, ctx: &Arc<Context>) -> Result<Option<Actio
             Ok(Some(Action::requeue(Duration::from_secs(5))))
         }
         _ => {
-            let generation = obj.metadata.generation;
-            let api: Api<DiskChain> = Api::namespaced(ctx.client.clone(), &disk.key.namespace);
-            let message = cap(&message);
-            patch_status(
-                &api,
-                &obj.name_any(),
-                DiskChainStatus {
-                    observed_generation: generation,
-                    conditions: conditions(Outcome::BadInput, &message, generation, previous(obj)),
-                    message: Some(message.clone()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            event_on_change(ctx, obj, "BadInput", message, true).await;
+            refuse(ctx, obj, cap(&message)).await?;
             // The other resource may be deleted or edited: looked at again at the resync.
             Ok(Some(Action::requeue(ctx.resync)))
         }
@@ -755,6 +741,27 @@ fn seed_from_status(obj: &DiskChain, disk: &DesiredDisk, state: &StateDir, roots
     }
 }
 
+/// Writes `obj`'s status as refused (`Degraded`, `BadInput`, `message`) and publishes the event
+/// when that is new. Nothing else is done for it.
+async fn refuse(ctx: &Context, obj: &DiskChain, message: String) -> Result<(), Error> {
+    let generation = obj.metadata.generation;
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<DiskChain> = Api::namespaced(ctx.client.clone(), &ns);
+    patch_status(
+        &api,
+        &obj.name_any(),
+        DiskChainStatus {
+            observed_generation: generation,
+            conditions: conditions(Outcome::BadInput, &message, generation, previous(obj)),
+            message: Some(message.clone()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    event_on_change(ctx, obj, "BadInput", message, true).await;
+    Ok(())
+}
+
 async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = obj.name_any();
     let ns = obj.namespace().unwrap_or_else(|| "default".into());
@@ -764,18 +771,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
         Ok(d) => d,
         Err(e) => {
             let message = cap(&e.to_string());
-            patch_status(
-                &api,
-                &name,
-                DiskChainStatus {
-                    observed_generation: generation,
-                    conditions: conditions(Outcome::BadInput, &message, generation, previous(&obj)),
-                    message: Some(message.clone()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            event_on_change(&ctx, &obj, "BadInput", message, true).await;
+            refuse(&ctx, &obj, message).await?;
             // Nothing to retry until the spec changes.
             return Ok(Action::await_change());
         }
@@ -790,18 +786,7 @@ async fn apply(obj: Arc<DiskChain>, ctx: Arc<Context>) -> Result<Action, Error> 
             disk.origin(),
             l.domain
         ));
-        patch_status(
-            &api,
-            &name,
-            DiskChainStatus {
-                observed_generation: generation,
-                conditions: conditions(Outcome::BadInput, &message, generation, previous(&obj)),
-                message: Some(message.clone()),
-                ..Default::default()
-            },
-        )
-        .await?;
-        event_on_change(&ctx, &obj, "BadInput", message, true).await;
+        refuse(&ctx, &obj, message).await?;
         return Ok(Action::requeue(ctx.resync));
     }
     let started = std::time::Instant::now();
