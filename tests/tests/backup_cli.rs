@@ -123,6 +123,16 @@ fn view(env: &Env, f: &Path) -> String {
     view_sha256(f, "qcow2", env.dir.path())
 }
 
+/// Runs `qemu-img ARGS...`, which must succeed (a change made behind diskchain's back).
+fn qemu_img<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The clusters (of 64 KiB) a layer itself holds, data or explicit zero.
 fn own_clusters(f: &Path) -> BTreeSet<u64> {
     cluster_states(f, "qcow2", CLUSTER)
@@ -1009,33 +1019,33 @@ fn an_offline_point_always_reads_as_the_disk_it_was_taken_of() {
     };
     // Shrunk and grown back: the disk now reads zeros at 40 MiB.
     for size in ["16M", "64M"] {
-        let ok = Command::new("qemu-img")
-            .args(["resize", "-q", "-f", "qcow2", "--shrink"])
-            .arg(&d.top)
-            .arg(size)
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        qemu_img([
+            "resize".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--shrink".as_ref(),
+            d.top.as_os_str(),
+            size.as_ref(),
+        ]);
     }
     backup(&env, &d.spec, &[]);
     check_newest("shrunk and grown back");
     // The bitmap cleared by hand, then a write it did not see.
     let name = bitmap(&d.top);
-    let ok = Command::new("qemu-img")
-        .args(["bitmap", "-f", "qcow2", "--clear"])
-        .arg(&d.top)
-        .arg(&name)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let clear = || {
+        qemu_img([
+            "bitmap".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--clear".as_ref(),
+            d.top.as_os_str(),
+            name.as_ref(),
+        ])
+    };
+    clear();
     io(&d.top, "qcow2", &["write -P 3 20M 1M".into()]);
-    let ok = Command::new("qemu-img")
-        .args(["bitmap", "-f", "qcow2", "--clear"])
-        .arg(&d.top)
-        .arg(&name)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    clear();
     backup(&env, &d.spec, &[]);
     check_newest("bitmap cleared");
     // A byte of the full's data flipped: the next point still reads as the disk.
@@ -1123,23 +1133,24 @@ fn a_repository_never_reaches_outside_itself() {
     // Backed by a file outside the repository.
     std::fs::remove_file(&f2).unwrap();
     std::fs::rename(&saved, &f2).unwrap();
-    let ok = Command::new("qemu-img")
-        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&secret)
-        .arg(&f2)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let rebase_unsafe = |backing: &std::ffi::OsStr| {
+        qemu_img([
+            "rebase".as_ref(),
+            "-u".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            backing,
+            f2.as_os_str(),
+        ])
+    };
+    rebase_unsafe(secret.as_os_str());
     let out = restore(&to);
     assert_ne!(out.status.code(), Some(0));
     assert!(!to.exists());
-    let ok = Command::new("qemu-img")
-        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(listed[0]["file"].as_str().unwrap())
-        .arg(&f2)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    rebase_unsafe(listed[0]["file"].as_str().unwrap().as_ref());
     // Planted symlinks at the manifest's temporary name and the lock.
     let victim = outside.join("victim");
     std::fs::write(&victim, "victim").unwrap();

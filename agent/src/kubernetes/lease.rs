@@ -137,7 +137,6 @@ impl NodeLease {
     }
 
     async fn hold(&self) -> Result<Hold, kube::Error> {
-        let conflict = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.code == 409);
         // The fast path: our own last write, renewed. `sent` is when the renewal time written
         // was taken: the lease holds for others until then plus its duration.
         let mine = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -149,17 +148,9 @@ impl NodeLease {
                 s.acquire_time,
                 s.lease_transitions.unwrap_or(0),
             ));
-            match self
-                .api
-                .replace(&self.name, &PostParams::default(), &lease)
-                .await
-            {
-                Ok(l) => {
-                    self.remember(l, sent);
-                    return Ok(Hold::Held);
-                }
-                Err(e) if conflict(&e) => {} // written by someone else: read it
-                Err(e) => return Err(e),
+            // A conflict: written by someone else since; read it.
+            if let Some(held) = self.write(&lease, false, sent).await? {
+                return Ok(held);
             }
         }
         let found = self.api.get_opt(&self.name).await?;
@@ -173,14 +164,10 @@ impl NodeLease {
                     },
                     spec: Some(self.spec(now, None, 0)),
                 };
-                match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(l) => {
-                        self.remember(l, sent);
-                        Ok(Hold::Held)
-                    }
-                    Err(e) if conflict(&e) => Ok(Hold::Other(String::new())),
-                    Err(e) => Err(e),
-                }
+                Ok(self
+                    .write(&lease, true, sent)
+                    .await?
+                    .unwrap_or(Hold::Other(String::new())))
             }
             Some(mut lease) => {
                 let s = lease.spec.clone().unwrap_or_default();
@@ -204,19 +191,36 @@ impl NodeLease {
                 let transitions = s.lease_transitions.unwrap_or(0) + i32::from(!mine);
                 let acquired = if mine { s.acquire_time } else { None };
                 lease.spec = Some(self.spec(now, acquired, transitions));
-                match self
-                    .api
-                    .replace(&self.name, &PostParams::default(), &lease)
-                    .await
-                {
-                    Ok(l) => {
-                        self.remember(l, sent);
-                        Ok(Hold::Held)
-                    }
-                    Err(e) if conflict(&e) => Ok(Hold::Other(String::new())),
-                    Err(e) => Err(e),
-                }
+                Ok(self
+                    .write(&lease, false, sent)
+                    .await?
+                    .unwrap_or(Hold::Other(String::new())))
             }
+        }
+    }
+
+    /// Writes `lease` (created, or replaced with the `resourceVersion` it carries), its renewal
+    /// time taken at `sent`: `Some(Held)` when the API server let it through, `None` when another
+    /// agent wrote the lease first (409).
+    async fn write(
+        &self,
+        lease: &Lease,
+        create: bool,
+        sent: Instant,
+    ) -> Result<Option<Hold>, kube::Error> {
+        let pp = PostParams::default();
+        let written = if create {
+            self.api.create(&pp, lease).await
+        } else {
+            self.api.replace(&self.name, &pp, lease).await
+        };
+        match written {
+            Ok(l) => {
+                self.remember(l, sent);
+                Ok(Some(Hold::Held))
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
