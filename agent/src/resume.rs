@@ -202,7 +202,8 @@ pub fn check(journal: &Journal, spec: &DesiredDisk, roots: &Roots, state: &State
     }
 }
 
-/// Sets `journal` aside: tidies its interrupted step (so every view reads as before that step),
+/// Sets `journal` aside: tidies its interrupted step (so every view reads as before that step;
+/// a live block job it left running in QEMU is cancelled, not finished),
 /// records the points its finished steps moved into files still in the chain, and moves the
 /// journal file to `journal/<namespace>/<name>.set-aside-<time>.json`. Returns where it went.
 pub fn set_aside(
@@ -214,7 +215,7 @@ pub fn set_aside(
     if let Some(i) = journal.next()
         && journal.steps[i].state == StepState::Running
     {
-        exec.prepare_resume(&journal.steps[i].step.action)
+        exec.abandon(&journal.steps[i].step.action)
             .map_err(|e| format!("tidying the interrupted step {}: {e}", i + 1))?;
     }
     let chain = chain_now()?;

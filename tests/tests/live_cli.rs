@@ -1440,6 +1440,100 @@ fn a_live_journal_never_overrides_a_spec_that_now_keeps_more() {
     );
 }
 
+/// A live active commit (of `b` and the active layer into `a`, the spec dropping both) killed
+/// mid-job, then the spec keeps `b` again: `b` reads through `a`, which the job already wrote,
+/// so the plan needs the operator (a failed apply, the journal kept, the job left to finish if the spec
+/// is put back). When the operator accepts the loss with `diskchain set-aside`, diskchain
+/// cancels its own leftover job (no pivot: the chain stays), and the next apply converges.
+#[test]
+fn setting_aside_a_live_plan_cancels_its_own_leftover_job() {
+    let (env, l, original, dom) = running_chain(
+        "abandon",
+        &[
+            ("base", &[(1, 0, 4)]),
+            ("a", &[(2, 4, 32)]),
+            ("b", &[(3, 40, 8)]),
+            ("top", &[(5, 50, 8)]),
+        ],
+    );
+    let v1 = env.spec(
+        "d.yaml",
+        &spec("d", &dom.name, &[("golden", Some(&l[0]))], ""),
+    );
+    let plan = env.plan_json(&v1);
+    let first = &plan["disks"][0]["steps"][0];
+    assert!(
+        first["op"] == "commit" && first["base"] == l[1].to_str().unwrap(),
+        "expected an active commit into a first: {plan}"
+    );
+    let mut landed = false;
+    for _ in 0..3 {
+        if diskchain_tests::env::apply_killed_mid_step(
+            &env,
+            &v1,
+            &["--max-bytes-per-sec", "1048576"],
+        ) && env.step_running("d")
+            && !dom.blockjob().is_empty()
+        {
+            landed = true;
+            break;
+        }
+    }
+    assert!(landed, "no kill landed inside the active commit");
+    let v2 = env.spec(
+        "d.yaml",
+        &spec(
+            "d",
+            &dom.name,
+            &[("golden", Some(&l[0])), ("bee", Some(&l[2]))],
+            "",
+        ),
+    );
+    let out = env.apply(&v2, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("reads through") && err.contains("set-aside"),
+        "{err}"
+    );
+    assert!(env.journal("d").exists(), "the journal is kept");
+    assert!(
+        !dom.blockjob().is_empty(),
+        "the job is left while the operator decides"
+    );
+    let out = env
+        .diskchain(&["set-aside", "--disk", "d"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!env.journal("d").exists(), "set aside");
+    assert_eq!(
+        dom.blockjob(),
+        "",
+        "diskchain cancelled its own leftover job"
+    );
+    assert_chain(&dom, &l);
+    apply_ok(&env, &v2, &[]);
+    assert_eq!(view_of(&l[0]), original[0], "golden");
+    dom.flush();
+    assert_eq!(
+        view_of(dom.chain().last().unwrap()),
+        original[3],
+        "the guest view"
+    );
+    assert!(
+        env.plan_json(&v2)["disks"][0]["steps"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// A push-mode backup of `vda` into `target` with a new checkpoint `checkpoint`: a full one
 /// (`since: None`, libvirt creates the file), or an incremental since checkpoint `since` into a
 /// target pre-created on the previous backup (reuse-external, as BACKUPS.md measured). Waits

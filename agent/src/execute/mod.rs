@@ -180,4 +180,11 @@ pub trait Executor {
         let _ = step;
         Ok(())
     }
+
+    /// Tidies what an interrupted run of `step` left when its plan is set aside (it will not
+    /// run again): as [`Executor::prepare_resume`], and a job of the step still running (a live
+    /// block job, in QEMU) is cancelled without being finished.
+    fn abandon(&self, step: &StepAction) -> Result<(), ExecError> {
+        self.prepare_resume(step)
+    }
 }

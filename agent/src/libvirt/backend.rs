@@ -1065,6 +1065,50 @@ impl Executor for Libvirt {
         self.offline.prepare_resume(step)
     }
 
+    fn abandon(&self, step: &StepAction) -> Result<(), ExecError> {
+        let d = super::locate(&self.src)?;
+        if !d.running {
+            return self.offline.prepare_resume(step);
+        }
+        // The block job this step starts, and the file libvirt shows it writing (if any).
+        let (kind, dest) = match step {
+            StepAction::Commit { base, top, .. } if *top == d.disk.active => {
+                (JobKind::ActiveCommit, Some(base.as_path()))
+            }
+            StepAction::Commit { .. } => (JobKind::Commit, None),
+            StepAction::Stream { .. } => (JobKind::Pull, None),
+            StepAction::Mirror { to, .. } => (JobKind::Copy, Some(to.as_path())),
+            _ => return self.lift_leftover_throttle(),
+        };
+        // Only the interrupted step's own job: one writing to its destination, or (for jobs
+        // libvirt shows no destination of) the job of its kind running on the disk now.
+        self.resuming.set(true);
+        let owned = match self.job_now()? {
+            Some(j) => j.kind == kind && self.owns_job(dest)?,
+            None => false,
+        };
+        self.resuming.set(false);
+        if owned {
+            tracing::warn!(domain = %self.src.domain, disk = %self.src.target, ?kind, "cancelling the block job of the interrupted step of a plan being set aside (without a pivot: the chain stays as it is)");
+            let s = self.session()?;
+            sys::job_abort(&s.dom, &self.src.target, false).map_err(
+                self.live_err("cancelling the block job the interrupted step left running"),
+            )?;
+            let t = Instant::now();
+            while matches!(self.job_now()?, Some(j) if j.kind == kind) {
+                if t.elapsed() > Duration::from_secs(60) {
+                    return Err(self.refuse(
+                        step.op(),
+                        Path::new(&self.src.target),
+                        "the block job of the interrupted step was cancelled but still runs after 60 s; check the domain's log, and run again when it is gone",
+                    ));
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+        self.lift_leftover_throttle()
+    }
+
     fn run(
         &self,
         step: &StepAction,
