@@ -255,6 +255,8 @@ struct Prepared<'a> {
     prev: Option<Point>,
     /// The disk's file mode (its points get it).
     mode: Option<u32>,
+    /// A running domain's QEMU process before the job (see `libvirt::qemu_run`).
+    run: Option<String>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -363,6 +365,10 @@ fn prepare<'a>(
     }
     let (point, file) = repo.new_point_name(now);
     let prev = repo.manifest.points.last().cloned();
+    let run = match &src {
+        Source::Live(t, _) => crate::libvirt::qemu_run(&t.domain),
+        Source::Offline(_) | Source::ShutOff(..) => None,
+    };
     Ok(Prepared {
         disk,
         policy,
@@ -377,6 +383,7 @@ fn prepare<'a>(
         file,
         prev,
         mode,
+        run,
         _lock: lock,
     })
 }
@@ -472,6 +479,14 @@ fn record(
             sparse_sha256: Some(sparse_sha256),
             sha256: None,
             checkpoint: Some(ck.to_string()),
+            // The same QEMU before the job and now: its checkpoint never left its memory.
+            qemu_run: match &p.src {
+                Source::Live(t, _) => p
+                    .run
+                    .clone()
+                    .filter(|r| crate::libvirt::qemu_run(&t.domain).as_ref() == Some(r)),
+                Source::Offline(_) | Source::ShutOff(..) => None,
+            },
         })
     })()
     .map_err(|e| p.failed(format!("{e}; the backup was not recorded")))?;
@@ -551,8 +566,16 @@ fn take(
     progress.step_started(&disk.key, 1, 1, "backup", p.size);
     let mut fraction = |f: f64| progress.step_progress(f);
     let taken = match p.live() {
-        Some(t) => live_backup(t, p.prev.as_ref(), &p.partial, &ck, p.size, &mut fraction)
-            .map(|(kind, reason)| (kind, live_method(kind), reason)),
+        Some(t) => live_backup(
+            t,
+            p.prev.as_ref(),
+            p.run.as_deref(),
+            &p.partial,
+            &ck,
+            p.size,
+            &mut fraction,
+        )
+        .map(|(kind, reason)| (kind, live_method(kind), reason)),
         None => offline_backup(
             &p.repo,
             p.prev.as_ref(),
@@ -866,6 +889,21 @@ fn compare_onto(
     )
 }
 
+/// Whether the domain's QEMU process `run` is the one that made point `prev`'s checkpoint, so
+/// its bitmap never left QEMU's memory. A bitmap that went through the image while the domain
+/// was shut off (or crashed) may have been cleared or replaced there: `qemu-img bitmap` makes
+/// one look sound. Nothing is built on it.
+fn same_run(prev: &Point, run: Option<&str>) -> bool {
+    run.is_some() && prev.qemu_run.as_deref() == run
+}
+
+/// Why an incremental since checkpoint `c` is not taken after a restart of the domain's QEMU.
+fn restarted(c: &str) -> String {
+    format!(
+        "the domain's QEMU is not the process that made the previous point's checkpoint {c} (it was shut down or restarted since, and the checkpoint's bitmap was stored in the image meanwhile, where it can be changed unseen)"
+    )
+}
+
 /// A backup of a running domain's disk through libvirt into `partial`, with a new checkpoint:
 /// a full when the repository is empty; an incremental since the previous point's checkpoint
 /// when libvirt still has it; otherwise (the previous point was taken offline, its checkpoint
@@ -876,6 +914,7 @@ fn compare_onto(
 fn live_backup(
     t: &diskchain_crd::desired::LiveTarget,
     prev: Option<&Point>,
+    qemu: Option<&str>,
     partial: &Path,
     ck: &str,
     size: u64,
@@ -916,6 +955,7 @@ fn live_backup(
     };
     let have = lb::checkpoints(t).map_err(|e| e.to_string())?;
     let why = match &prev_ck {
+        Some(c) if have.contains(c) && !same_run(p, qemu) => restarted(c),
         Some(c) if have.contains(c) => {
             blank(partial, Some(&p.file))?;
             match lb::push(t, partial, Some(c), ck, progress) {
@@ -984,6 +1024,9 @@ fn live_group(
         .map(
             |p| match (&p.prev, p.prev.as_ref().and_then(|q| q.checkpoint.clone())) {
                 (None, _) => Ok(None),
+                (Some(q), Some(c)) if have.contains(&c) && !same_run(q, p.run.as_deref()) => {
+                    Err(restarted(&c))
+                }
                 (Some(_), Some(c)) if have.contains(&c) => Ok(Some(c)),
                 (Some(_), Some(c)) => Err(format!(
                     "libvirt no longer has the previous point's checkpoint {c}"
@@ -1086,6 +1129,7 @@ fn live_group(
 fn live_backup(
     _t: &diskchain_crd::desired::LiveTarget,
     _prev: Option<&Point>,
+    _run: Option<&str>,
     _partial: &Path,
     _ck: &str,
     _size: u64,

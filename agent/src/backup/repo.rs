@@ -71,6 +71,12 @@ pub struct Point {
     /// The checkpoint or dirty bitmap it was taken against, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// A live point's QEMU process (see `libvirt::qemu_run`): the one whose memory held the
+    /// checkpoint's bitmap from the moment it was made. The next backup is an incremental since
+    /// that checkpoint only while the same process runs; in between, a bitmap stored in the
+    /// image can be cleared or replaced unseen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_run: Option<String>,
 }
 
 /// The manifest of a repository.

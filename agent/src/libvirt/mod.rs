@@ -206,6 +206,29 @@ pub fn qemu_pid(domain: &str) -> Option<u32> {
         .and_then(|s| s.trim().parse().ok())
 }
 
+/// Which QEMU process runs domain `domain`: the host's boot, the process's pid and the inode
+/// and time of the pid file libvirt wrote when it started it (a new process, a new file; a
+/// libvirtd restart reads it again and leaves it). `None` when libvirt's pid file cannot be read
+/// (then no two runs can be told to be the same).
+pub fn qemu_run(domain: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    ["/run/libvirt/qemu", "/var/run/libvirt/qemu"]
+        .iter()
+        .find_map(|d| {
+            let f = format!("{d}/{domain}.pid");
+            let meta = std::fs::symlink_metadata(&f).ok().filter(|m| m.is_file())?;
+            let pid: u32 = std::fs::read_to_string(&f).ok()?.trim().parse().ok()?;
+            Some(format!(
+                "{}:{pid}:{}:{}.{:09}",
+                boot.trim(),
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            ))
+        })
+}
+
 /// Finds the disk `src` names and reads its chain as libvirt reports it.
 #[cfg(feature = "libvirt")]
 pub fn locate(src: &LibvirtSource) -> Result<LiveDisk, LiveError> {
