@@ -312,8 +312,8 @@ fn diskchain_or_qemu_killed_under_a_live_backup_loses_nothing() {
         "the killed run's checkpoint is gone"
     );
 
-    // QEMU killed under a backup job: the backup fails, nothing is recorded; after a restart
-    // the next backup resyncs.
+    // QEMU killed under a backup job: the backup fails with the job's error (the domain stopped
+    // under it), nothing is recorded; after a restart the next backup resyncs.
     l.dom.guest_write(4, 8 * MIB, 40 * MIB);
     let child = l
         .env
@@ -339,6 +339,14 @@ fn diskchain_or_qemu_killed_under_a_live_backup_loses_nothing() {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
+    if n == 2 {
+        // B13: the job's own failure is reported, not what a retry on the stopped domain says.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("stopped during the backup") && !err.contains("the resync that followed"),
+            "{err}"
+        );
+    }
     if n == 3 {
         // The job finished before QEMU died: its point is good.
         let p = listed(&l)[2]["point"].as_str().unwrap().to_string();
@@ -633,4 +641,127 @@ fn the_disks_of_one_domain_are_backed_up_in_one_job() {
             .join(m["points"][2]["file"].as_str().unwrap());
         assert_eq!(sha(&live_view(&file)), want[i], "{name}: the agent's point");
     }
+}
+
+/// B12: the disks of one domain are recorded one after the other after their one job. A backup
+/// killed after the first disk's point is recorded and before the second's leaves the second
+/// disk its previous checkpoint (it is dropped only once every disk of the job is recorded), so
+/// the second disk's next backup is still an incremental, and reads as the disk.
+#[test]
+fn a_backup_killed_between_the_records_of_two_disks_keeps_the_second_incremental() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    open_up(env.dir.path());
+    open_up(&env.root());
+    let mut tops = vec![];
+    for n in ["a", "b"] {
+        let f = env.img(&format!("{n}.qcow2"));
+        create(&f, 128 * MIB, None, &[]);
+        tops.push(f);
+    }
+    let dom = Domain::start_two(
+        &format!("dc-bk-twokill-{}", std::process::id()),
+        &tops[0],
+        &tops[1],
+    );
+    let specs = env.dir.path().join("two-specs");
+    std::fs::create_dir(&specs).unwrap();
+    let names = ["sys", "data"];
+    for (name, target) in [("sys", "vda"), ("data", "vdb")] {
+        let y = spec_yaml_source(
+            name,
+            &format!(
+                "libvirt: {{ uri: \"{URI}\", domain: {}, target: {target} }}",
+                dom.name
+            ),
+            &[],
+            &format!(
+                "  backup:\n    repository: {}\n",
+                env.img(&format!("backups/{name}")).display()
+            ),
+        );
+        std::fs::write(specs.join(format!("{name}.yaml")), y).unwrap();
+    }
+    let points = |name: &str| -> Vec<Value> {
+        std::fs::read_to_string(env.img(&format!("backups/{name}/manifest.json")))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|m| m["points"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    let backup = || -> Value {
+        let out = env
+            .diskchain(&["backup", "-o", "json", "-f"])
+            .arg(&specs)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    backup();
+    let mut landed = None;
+    for round in 0..4u8 {
+        // Large points: the second disk's record (its checksum) takes a moment after the first.
+        dom.guest_write_to(0, 10 + round, 0, 48 * MIB);
+        dom.guest_write_to(1, 20 + round, 0, 48 * MIB);
+        let before: Vec<usize> = names.iter().map(|n| points(n).len()).collect();
+        let mut child = env
+            .diskchain(&["backup", "-f"])
+            .arg(&specs)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut one = None;
+        loop {
+            let now: Vec<usize> = names.iter().map(|n| points(n).len()).collect();
+            let grown: Vec<usize> = (0..2).filter(|&i| now[i] > before[i]).collect();
+            if grown.len() == 1 {
+                // A moment after the first record (its checkpoint work done), before the second.
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", child.id())])
+                    .status();
+                let _ = child.wait();
+                // Recorded by the time the kill landed?
+                let after: Vec<usize> = names.iter().map(|n| points(n).len()).collect();
+                if after[1 - grown[0]] == before[1 - grown[0]] {
+                    one = Some(1 - grown[0]);
+                }
+                break;
+            }
+            if grown.len() == 2 || child.try_wait().unwrap().is_some() {
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if one.is_some() {
+            landed = one;
+            break;
+        }
+    }
+    let Some(unrecorded) = landed else {
+        panic!("no kill landed between the two records");
+    };
+    dom.guest_write_to(unrecorded, 7, 64 * MIB, 64 * 1024);
+    let want = sha(&live_view(&tops[unrecorded]));
+    let r = backup();
+    let b = r["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["disk"] == names[unrecorded])
+        .cloned()
+        .unwrap();
+    assert_eq!(b["kind"], "incremental", "{r}");
+    let file = PathBuf::from(b["file"].as_str().unwrap());
+    assert_eq!(sha(&live_view(&file)), want, "the point reads as the disk");
+    assert_eq!(checkpoints(&dom).len(), 1, "{:?}", checkpoints(&dom));
 }

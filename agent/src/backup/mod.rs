@@ -438,12 +438,15 @@ fn live_method(kind: Kind) -> Option<String> {
 }
 
 /// Records the point `p.partial` now holds (synced, hashed, renamed, in the manifest), drops
-/// what the previous point's bitmap or checkpoint was, then applies retention.
+/// what the previous point's bitmap or checkpoint was (a live one only when `drop_checkpoint`:
+/// a job over several disks drops it once every disk is recorded), then applies retention.
+#[allow(clippy::too_many_arguments)]
 fn record(
     mut p: Prepared<'_>,
     (kind, method, reason): Taken,
     checked: Option<String>,
     ck: &str,
+    drop_checkpoint: bool,
     host: &Host,
     exec: ExecOptions,
     now: i64,
@@ -503,7 +506,7 @@ fn record(
         Source::Live(t, _) => {
             // Only the last good backup's checkpoint is kept (the next incremental starts
             // from it).
-            if let Some(old) = old.filter(|o| o != ck)
+            if let Some(old) = old.filter(|o| o != ck && drop_checkpoint)
                 && let Err(e) = crate::libvirt::backup::delete_checkpoint(t, &old)
             {
                 tracing::warn!(disk = %disk.key, checkpoint = old, error = %e, "cannot delete the previous backup's checkpoint; the next backup tries again");
@@ -596,7 +599,7 @@ fn take(
             let _ = std::fs::remove_file(&p.partial);
             p.failed(format!("{e}; nothing was recorded"))
         })?;
-    record(p, taken.0, taken.1, &ck, host, exec, now)
+    record(p, taken.0, taken.1, &ck, true, host, exec, now)
 }
 
 /// An offline point checked against the disk it was taken of: the disk is at rest (its lock is
@@ -688,19 +691,41 @@ fn backup_domain(
         let mut fraction = |f: f64| progress.step_progress(f);
         let parts: Vec<&Prepared<'_>> = ready.iter().map(|(_, p)| p).collect();
         let taken = live_group(&parts, &ck, &mut fraction);
+        let mut target: Option<diskchain_crd::desired::LiveTarget> = None;
         progress.step_abandoned();
         match taken {
             Ok(kinds) => {
+                // The previous job's checkpoint is dropped only once every disk of this job is
+                // recorded: a run killed in between leaves the unrecorded disks their
+                // checkpoint, so their next backup is still an incremental.
+                let mut olds: BTreeMap<String, bool> = BTreeMap::new();
                 for ((i, p), (kind, reason)) in ready.into_iter().zip(kinds) {
-                    out[i] = Some(record(
+                    let old = p.prev.as_ref().and_then(|q| q.checkpoint.clone());
+                    let t = p.live().cloned();
+                    let r = record(
                         p,
                         (kind, live_method(kind), reason),
                         None,
                         &ck,
+                        false,
                         host,
                         exec,
                         now,
-                    ));
+                    );
+                    if let Some(old) = old.filter(|o| *o != ck) {
+                        *olds.entry(old).or_insert(true) &= r.is_ok();
+                    }
+                    out[i] = Some(r);
+                    if let Some(t) = t {
+                        target = Some(t);
+                    }
+                }
+                for (old, all) in olds {
+                    if let (true, Some(t)) = (all, &target)
+                        && let Err(e) = crate::libvirt::backup::delete_checkpoint(t, &old)
+                    {
+                        tracing::warn!(domain = %t.domain, checkpoint = old, error = %e, "cannot delete the previous backup's checkpoint; the next backup tries again");
+                    }
                 }
             }
             Err(e) => {
@@ -889,6 +914,22 @@ fn compare_onto(
     )
 }
 
+/// Whether domain `t` is known to be no longer running (a job on it then failed for that).
+#[cfg(feature = "libvirt")]
+fn stopped(t: &diskchain_crd::desired::LiveTarget) -> bool {
+    crate::libvirt::locate(t).is_ok_and(|d| !d.running)
+}
+
+/// What a backup job that failed (`e`) because its domain stopped under it reports: the job's
+/// own error, not what a retry on the stopped domain would say.
+#[cfg(feature = "libvirt")]
+fn stopped_during(t: &diskchain_crd::desired::LiveTarget, e: &str) -> String {
+    format!(
+        "{e}; domain {} stopped during the backup (shut down, or its QEMU exited or was killed), so no resync was tried; the next backup (offline while it is shut off) resyncs",
+        t.domain
+    )
+}
+
 /// Whether the domain's QEMU process `run` is the one that made point `prev`'s checkpoint, so
 /// its bitmap never left QEMU's memory. A bitmap that went through the image while the domain
 /// was shut off (or crashed) may have been cleared or replaced there: `qemu-img bitmap` makes
@@ -964,6 +1005,9 @@ fn live_backup(
                     // Its bitmap cannot be trusted: the checkpoint goes, and a resync follows.
                     let _ = std::fs::remove_file(partial);
                     let _ = lb::delete_checkpoint(t, c);
+                    if stopped(t) {
+                        return Err(stopped_during(t, &e.to_string()));
+                    }
                     format!("the incremental since checkpoint {c} failed ({e})")
                 }
             }
@@ -974,13 +1018,19 @@ fn live_backup(
     let scratch = partial.with_file_name(format!(".partial-scratch-{ck}.qcow2"));
     let _ = std::fs::remove_file(&scratch);
     blank(&scratch, None)?;
-    let pushed = lb::push(t, &scratch, None, ck, progress).map_err(|e| e.to_string());
+    let pushed = lb::push(t, &scratch, None, ck, progress).map_err(|e| {
+        if stopped(t) {
+            stopped_during(t, &e.to_string())
+        } else {
+            e.to_string()
+        }
+    });
     let compared =
         pushed.and_then(|()| compare_onto(&scratch, Format::Qcow2, size, &p.file, partial));
     let _ = std::fs::remove_file(&scratch);
     if let Err(e) = compared {
         let _ = lb::delete_checkpoint(t, ck);
-        return Err(e);
+        return Err(format!("{why}, and the resync that followed failed: {e}"));
     }
     Ok((
         Kind::Resync,
@@ -1074,6 +1124,13 @@ fn live_group(
         }
         match lb::push_disks(&t, &entries, ck, progress) {
             Ok(()) => break,
+            Err(e) if stopped(&t) => {
+                for p in parts {
+                    let _ = std::fs::remove_file(scratch(p));
+                    let _ = std::fs::remove_file(&p.partial);
+                }
+                return Err(stopped_during(&t, &e.to_string()));
+            }
             Err(e) if attempt == 0 && modes.iter().any(|m| matches!(m, Ok(Some(_)))) => {
                 // A checkpoint's bitmap cannot be trusted (a crash of QEMU): every incremental
                 // becomes a resync, in one more job.
