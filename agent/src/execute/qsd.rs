@@ -334,9 +334,17 @@ fn start(mut c: Command, what: &str, sock: &Path) -> Result<(Daemon, Qmp, u32), 
     Ok((daemon, qmp, pid))
 }
 
-/// A fresh path for a daemon's QMP socket.
+/// A fresh path for a daemon's QMP socket. The first call of a process also removes the
+/// sockets that diskchain processes no longer running left (a run killed between its daemon's
+/// start and the connection, which removes the socket).
 fn socket_path() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        for f in leftover_sockets(&std::env::temp_dir()) {
+            let _ = std::fs::remove_file(f);
+        }
+    });
     let sock = std::env::temp_dir().join(format!(
         "diskchain-qsd-{}-{}.sock",
         std::process::id(),
@@ -344,6 +352,31 @@ fn socket_path() -> PathBuf {
     ));
     let _ = std::fs::remove_file(&sock);
     sock
+}
+
+/// QMP sockets in `dir` named for a diskchain process that no longer runs.
+fn leftover_sockets(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let pid: u32 = name
+                .strip_prefix("diskchain-qsd-")?
+                .strip_suffix(".sock")?
+                .split_once('-')?
+                .0
+                .parse()
+                .ok()?;
+            let dead = !Path::new(&format!("/proc/{pid}")).exists();
+            let socket = e
+                .file_type()
+                .is_ok_and(|t| std::os::unix::fs::FileTypeExt::is_socket(&t));
+            (dead && socket).then(|| e.path())
+        })
+        .collect()
 }
 
 /// Waits for job `id` to conclude and dismisses it; `Err` when it failed.
@@ -492,5 +525,28 @@ pub fn private_child(c: &mut Command) {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(std::io::Error::from)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket named for a process that no longer runs is a leftover; one of a running process
+    /// (this one), a regular file of that name, and other names are left alone.
+    #[test]
+    fn only_sockets_of_dead_processes_are_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let bind = |name: &str| {
+            let p = dir.path().join(name);
+            std::os::unix::net::UnixListener::bind(&p).unwrap();
+            p
+        };
+        // pid_max is at most 2^22: this pid never runs.
+        let dead = bind("diskchain-qsd-99999999-0.sock");
+        bind(&format!("diskchain-qsd-{}-0.sock", std::process::id()));
+        bind("other-99999999-0.sock");
+        std::fs::write(dir.path().join("diskchain-qsd-99999998-1.sock"), b"").unwrap();
+        assert_eq!(leftover_sockets(dir.path()), vec![dead]);
     }
 }
