@@ -574,6 +574,24 @@ fn new_journal(disk: &DiskReport, spec: &DesiredDisk, roots: &Roots) -> Journal 
 }
 
 /// Records the bindings of a disk whose chain already matches (adoption, or a name change).
+/// Records disk `disk`, whose plan has no step, as `apply` does (its record and bindings),
+/// holding its lock. `Ok(false)`: another process works on it (nothing written).
+pub(crate) fn record_in_sync(
+    disk: &DiskReport,
+    spec: &DesiredDisk,
+    host: &Host,
+) -> Result<bool, String> {
+    let Some(_lock) = host.state.lock_disk(&spec.key).map_err(|e| e.to_string())? else {
+        return Ok(false);
+    };
+    // (A plan may have started between the pass's plan and the lock.)
+    if matches!(Journal::load(&host.state, &spec.key), Ok(Some(_))) {
+        return Ok(false);
+    }
+    record_bindings(disk, spec, &host.roots, &host.state).map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
 fn record_bindings(
     disk: &DiskReport,
     spec: &DesiredDisk,

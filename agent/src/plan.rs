@@ -132,6 +132,11 @@ pub struct Host {
     /// whose active image lies in one of them only changes what it adopted (see
     /// [`adoption_refused`]). `None`: file mode, where the spec author is the host's operator.
     pub shared_roots: Option<Vec<PathBuf>>,
+    /// The files every disk's record retired, read once for a pass of many disks (an agent
+    /// pass) and shared by the reconciles it starts; `None`: read at each plan. A file retired
+    /// since is missing here and so counts as a user of its backing: the stale list only ever
+    /// keeps more. The planned disks' own records are always read again.
+    pub retired: Option<std::sync::Arc<Vec<PathBuf>>>,
 }
 
 impl Host {
@@ -144,7 +149,13 @@ impl Host {
             claimed: BTreeMap::new(),
             scan_roots: roots.clone(),
             shared_roots: None,
+            retired: None,
         }
+    }
+
+    /// Reads every record's retired files once, for the reconciles of a pass to share.
+    pub fn read_retired(&mut self) {
+        self.retired = Some(std::sync::Arc::new(retired_files(&self.state)));
     }
 
     /// Resolves the active image of each of `disks` and records it as claimed; a disk whose
@@ -427,6 +438,16 @@ fn claims(
     (by_active, twice)
 }
 
+/// The files every disk's record retired.
+fn retired_files(state: &StateDir) -> Vec<PathBuf> {
+    state
+        .all()
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|s| s.retired)
+        .collect()
+}
+
 /// Plans already loaded specs: the planning stage of a reconcile (observe, validate, bind,
 /// plan), for one disk or for many at once (`plan`, an agent pass: one host scan for all).
 pub fn plan_loaded(loaded: &[DesiredDisk], host: &Host) -> Result<PlanReport, PlanRunError> {
@@ -449,12 +470,18 @@ pub fn plan_loaded(loaded: &[DesiredDisk], host: &Host) -> Result<PlanReport, Pl
         .collect();
     let chain_files: Vec<PathBuf> = layers.iter().map(|l| l.path.clone()).collect();
     // Files earlier plans dropped and left in place do not make the layers below them shared.
-    let retired: Vec<PathBuf> = state
-        .all()
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|s| s.retired)
-        .collect();
+    let retired: Vec<PathBuf> = match &host.retired {
+        Some(shared) => {
+            let mut r: Vec<PathBuf> = shared.as_ref().clone();
+            for o in &observed {
+                if let Ok(Some(s)) = state.load(&o.spec.key) {
+                    r.extend(s.retired);
+                }
+            }
+            r
+        }
+        None => retired_files(state),
+    };
     let input = scan_host(&host.scan_roots).graph_input(&chain_files, &retired);
     layers.extend(input.layers);
     // The disks of every other domain libvirt knows (running or only defined, wherever their

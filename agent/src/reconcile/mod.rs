@@ -494,13 +494,23 @@ impl Agent {
                 candidates.push(s);
             }
         }
+        // One read of every record's retired files for the pass and the reconciles it starts
+        // (not one per disk: that grows with disks times disks).
         let planned = {
-            let (c, h) = (candidates.clone(), host.clone());
-            tokio::task::spawn_blocking(move || plan_loaded(&c, &h)).await
+            let (c, mut h) = (candidates.clone(), host.clone());
+            tokio::task::spawn_blocking(move || {
+                h.read_retired();
+                let r = plan_loaded(&c, &h);
+                (r, h)
+            })
+            .await
         };
         let report = match planned {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+            Ok((Ok(r), h)) => {
+                host = h;
+                r
+            }
+            Ok((Err(e), _)) => {
                 tracing::error!(error = %e, "cannot plan any disk");
                 return;
             }
@@ -553,6 +563,40 @@ impl Agent {
             // Its steps lock the files they use, like any other.
             self.start(spec, &host, None);
             started_work += 1;
+        }
+        // Disks in sync with no record yet (a new host, a fresh state directory) are recorded
+        // here from this pass's plan, as `apply` records them, rather than each planned again
+        // in a reconcile of its own.
+        let unrecorded: Vec<(crate::plan::DiskReport, DesiredDisk)> = report
+            .disks
+            .iter()
+            .filter(|d| {
+                d.plan.steps.is_empty()
+                    && !self.running.contains(&d.key)
+                    && matches!(self.opts.state.load(&d.key), Ok(None))
+                    && matches!(Journal::load(&self.opts.state, &d.key), Ok(None))
+            })
+            .filter_map(|d| {
+                let spec = candidates.iter().find(|s| s.key == d.key)?.clone();
+                Some((d.clone(), spec))
+            })
+            .collect();
+        if !unrecorded.is_empty() {
+            let h = host.clone();
+            if let Ok(done) = tokio::task::spawn_blocking(move || {
+                unrecorded
+                    .iter()
+                    .map(|(d, s)| (d.key.clone(), crate::apply::record_in_sync(d, s, &h)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            {
+                for (key, r) in done {
+                    if let Err(e) = r {
+                        tracing::warn!(disk = %key, error = %e, "cannot record the disk; its reconcile tries again");
+                    }
+                }
+            }
         }
         for d in report.disks {
             let key = d.key.clone();
