@@ -178,6 +178,11 @@ impl StateDir {
         Ok(had)
     }
 
+    /// Where disk `key`'s record is kept.
+    pub fn record_file(&self, key: &DiskKey) -> PathBuf {
+        self.disk_file(key)
+    }
+
     fn disk_file(&self, key: &DiskKey) -> PathBuf {
         self.dir
             .join("disks")

@@ -256,6 +256,61 @@ struct Agent {
     policy_seen: BTreeMap<DiskKey, i64>,
     spec_errors: Vec<String>,
     started_unix: u64,
+    /// Disks found in sync, with what they were found in sync with: a pass that finds the same
+    /// spec, record and chain files (see [`Quiet`]) does not plan them again.
+    quiet: HashMap<DiskKey, Quiet>,
+    /// Each disk's chain when it was last planned: a disk sharing a file with another disk is
+    /// never skipped (the other's plan must see it as a managed disk).
+    last_chain: HashMap<DiskKey, Vec<PathBuf>>,
+}
+
+/// What a file-backed disk in sync was in sync with: its spec, its record and the files of its
+/// chain as `stat` shows them (device, inode, size, modification and change times; the change
+/// time moves on any write or metadata change, and cannot be set back by hand).
+#[derive(PartialEq, Eq)]
+struct Quiet {
+    spec: DesiredDisk,
+    record: Option<FileId>,
+    journal: bool,
+    files: Vec<(PathBuf, Option<FileId>)>,
+}
+
+type FileId = (u64, u64, u64, i64, i64, i64, i64);
+
+fn file_id(p: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
+
+impl Quiet {
+    /// Disk `spec` as it is now, its chain being `chain`. `None` for a libvirt disk: a running
+    /// domain's files change under it, and its chain is libvirt's to tell.
+    fn of(spec: &DesiredDisk, chain: &[PathBuf], state: &StateDir) -> Option<Quiet> {
+        if spec.live.is_some() {
+            return None;
+        }
+        Some(Quiet {
+            spec: spec.clone(),
+            record: file_id(&state.record_file(&spec.key)),
+            journal: state.journal_file(&spec.key).exists(),
+            files: chain.iter().map(|f| (f.clone(), file_id(f))).collect(),
+        })
+    }
+
+    /// The same spec, record and files now.
+    fn holds(&self, spec: &DesiredDisk, state: &StateDir) -> bool {
+        let chain: Vec<PathBuf> = self.files.iter().map(|(f, _)| f.clone()).collect();
+        Quiet::of(spec, &chain, state).is_some_and(|now| now == *self)
+    }
 }
 
 /// What both agent modes start from: the allowed roots, checked, and the async runtime; or the
@@ -333,6 +388,8 @@ pub fn run(mut opts: AgentOptions) -> i32 {
             policy_seen: BTreeMap::new(),
             spec_errors: Vec::new(),
             started_unix: now_unix(),
+            quiet: HashMap::new(),
+            last_chain: HashMap::new(),
         };
         agent.main_loop().await
     });
@@ -484,21 +541,43 @@ impl Agent {
             self.policy_seen.entry(s.key.clone()).or_insert(now);
         }
         self.policy_seen.retain(|k, _| keys.contains(k));
+        self.quiet.retain(|k, _| keys.contains(k));
+        self.last_chain.retain(|k, _| keys.contains(k));
         let mut candidates: Vec<DesiredDisk> = Vec::new();
+        let mut skipped = 0;
         for s in specs {
             if s.spec().suspend {
                 self.track(&s.key).result = Outcome::Suspended;
+                self.quiet.remove(&s.key);
                 continue;
             }
-            if !self.running.contains(&s.key) {
-                candidates.push(s);
+            if self.running.contains(&s.key) {
+                continue;
             }
+            // In sync with the same spec, record and files as when last planned: nothing to
+            // plan (a stat of each file, not a scan). Its active image stays claimed.
+            if let Some(q) = self.quiet.get(&s.key)
+                && self.tracks.get(&s.key).map(|t| t.result) == Some(Outcome::InSync)
+                && q.holds(&s, &self.opts.state)
+            {
+                if let Some((active, _)) = q.files.last() {
+                    host.claimed.insert(active.clone(), s.key.clone());
+                }
+                skipped += 1;
+                continue;
+            }
+            self.quiet.remove(&s.key);
+            candidates.push(s);
         }
         // One read of every record's retired files for the pass and the reconciles it starts
         // (not one per disk: that grows with disks times disks).
         let planned = {
             let (c, mut h) = (candidates.clone(), host.clone());
             tokio::task::spawn_blocking(move || {
+                if c.is_empty() {
+                    // Every disk unchanged or at work: nothing to scan the roots for.
+                    return (Ok(crate::plan::PlanReport::default()), h);
+                }
                 h.read_retired();
                 let r = plan_loaded(&c, &h);
                 (r, h)
@@ -524,6 +603,26 @@ impl Agent {
                 *users.entry(f.clone()).or_default() += 1;
             }
         }
+        for d in &report.disks {
+            self.last_chain.insert(d.key.clone(), d.plan.chain.clone());
+        }
+        let mut owners: HashMap<&Path, usize> = HashMap::new();
+        for chain in self.last_chain.values() {
+            for f in chain {
+                *owners.entry(f.as_path()).or_default() += 1;
+            }
+        }
+        let alone: HashSet<DiskKey> = report
+            .disks
+            .iter()
+            .filter(|d| {
+                d.plan
+                    .chain
+                    .iter()
+                    .all(|f| owners.get(f.as_path()).copied() == Some(1))
+            })
+            .map(|d| d.key.clone())
+            .collect();
         let now = Instant::now();
         self.schedule();
         for e in &report.errors {
@@ -545,6 +644,9 @@ impl Agent {
                 tracing::warn!(disk = %e.key, error = %e.error, "disk left alone");
             }
         }
+        // One host for every reconcile this pass starts: shared, not copied per disk (its
+        // keys and claims grow with the disks).
+        let host = Arc::new(host);
         let mut started_work = 0;
         // A disk with an unfinished plan is resumed as `apply` would resume it, even when
         // planning it again fails: the plan's finished steps may have moved the files the spec
@@ -620,6 +722,12 @@ impl Agent {
             // `status` shows it and which file holds each point.
             let recorded = !matches!(self.opts.state.load(&key), Ok(None));
             if !drift && !in_flight && recorded {
+                if alone.contains(&key)
+                    && let Some(spec) = candidates.iter().find(|s| s.key == key)
+                    && let Some(q) = Quiet::of(spec, &d.plan.chain, &self.opts.state)
+                {
+                    self.quiet.insert(key.clone(), q);
+                }
                 let t = self.track(&key);
                 if t.result != Outcome::InSync {
                     tracing::info!(disk = %key, "in sync with its spec");
@@ -647,6 +755,7 @@ impl Agent {
         tracing::debug!(
             trigger = why,
             started = started_work,
+            unchanged = skipped,
             seconds = started.elapsed().as_secs_f64(),
             "pass done"
         );
@@ -682,7 +791,7 @@ impl Agent {
 
     /// Starts the reconcile of disk `spec` (whose active image is `active`, when its plan is
     /// known) in a task of its own.
-    fn start(&mut self, spec: DesiredDisk, host: &Host, active: Option<PathBuf>) {
+    fn start(&mut self, spec: DesiredDisk, host: &Arc<Host>, active: Option<PathBuf>) {
         let key = spec.key.clone();
         self.running.insert(key.clone());
         if let Some(a) = active {
@@ -712,7 +821,8 @@ impl Agent {
             return;
         }
         let now = chrono::Utc::now().timestamp();
-        let host = Host::new(&self.roots, &self.opts.state, &self.scheduled);
+        // One host for every task started here (shared, not copied per disk).
+        let host = Arc::new(Host::new(&self.roots, &self.opts.state, &self.scheduled));
         let mut changed = false;
         // Backups due now, started after the loop: the disks of one libvirt domain together.
         let mut due: Vec<DesiredDisk> = Vec::new();
@@ -823,7 +933,7 @@ impl Agent {
 
     /// Starts a backup, a deep verify or a retention merge of disk `spec` in a task of its own;
     /// the disk counts as running meanwhile, so no reconcile of it starts.
-    fn start_backup(&mut self, spec: DesiredDisk, host: &Host, work: BackupWork) {
+    fn start_backup(&mut self, spec: DesiredDisk, host: &Arc<Host>, work: BackupWork) {
         let key = spec.key.clone();
         self.running.insert(key.clone());
         let permits = self.permits.clone();
@@ -864,7 +974,7 @@ impl Agent {
 
     /// Starts the backup of the disks `specs` of one libvirt domain in one task (one job and
     /// one checkpoint when the domain runs); each disk counts as running meanwhile.
-    fn start_domain_backup(&mut self, specs: Vec<DesiredDisk>, host: &Host) {
+    fn start_domain_backup(&mut self, specs: Vec<DesiredDisk>, host: &Arc<Host>) {
         let keys: Vec<DiskKey> = specs.iter().map(|s| s.key.clone()).collect();
         self.running.extend(keys.iter().cloned());
         let permits = self.permits.clone();
@@ -1031,7 +1141,10 @@ impl Agent {
 
     fn finished(&mut self, done: TaskResult) {
         let (key, result) = match done {
-            TaskResult::Reconcile(key, result) => (key, result),
+            TaskResult::Reconcile(key, result) => {
+                self.quiet.remove(&key);
+                (key, result)
+            }
             TaskResult::Backup(key, result) => return self.backup_finished(key, result),
             TaskResult::Backups(results) => {
                 for (key, result) in results {
