@@ -173,8 +173,8 @@ pub enum Command {
     /// The first backup of a disk is a full; later ones write only what changed. Offline disks
     /// (`source.file`, or a libvirt disk whose domain is shut off): the disk is compared with
     /// the previous point. Running domains: libvirt's backup API with a checkpoint per backup;
-    /// when the previous checkpoint cannot be trusted (a crash of QEMU, an offline backup in
-    /// between), a resync that writes only what differs. Exit 0: done; 2: bad input (a spec, a
+    /// when the previous checkpoint cannot be trusted (QEMU crashed or was restarted since it
+    /// was made, an offline backup in between), a resync that writes only what differs. Exit 0: done; 2: bad input (a spec, a
     /// repository outside the allowed roots; nothing touched); 1: other failures.
     Backup {
         /// A spec file, or a directory searched recursively for *.yaml and *.yml.
