@@ -17,7 +17,7 @@
 //! What the scan finds becomes graph input ([`HostScan::graph_input`]): image nodes with
 //! backing edges, extra users of layers, and the names taken on the host.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -59,6 +59,9 @@ pub struct Scanned {
     pub nlink: u64,
     /// True for a symlink.
     pub symlink: bool,
+    /// Its canonical path (the walk follows no directory symlink from a canonical root, so
+    /// this is the path as found, except for a symlink).
+    pub canonical: PathBuf,
     /// The root it was found under.
     pub root: PathBuf,
     /// True when it is an image format (a graph node).
@@ -97,7 +100,10 @@ pub fn scan_host(roots: &Roots) -> HostScan {
     let mut out = HostScan::default();
     let mut seen = HashSet::new();
     for root in roots.iter() {
-        scan_dir(root, root, &mut seen, &mut out);
+        let Ok(canon) = root.canonicalize() else {
+            continue;
+        };
+        scan_dir(root, &canon, &mut seen, &mut out);
     }
     out
 }
@@ -107,14 +113,16 @@ type CacheKey = (u64, u64, u64, i64, i64);
 /// What a file references, by path, valid while its identity, size and mtime are unchanged (a
 /// resync of a host with many disks stats its images instead of opening them).
 #[allow(clippy::type_complexity)]
-static CACHE: std::sync::Mutex<BTreeMap<PathBuf, (CacheKey, bool, Refs)>> =
-    std::sync::Mutex::new(BTreeMap::new());
+static CACHE: std::sync::LazyLock<std::sync::Mutex<HashMap<PathBuf, (CacheKey, bool, Refs)>>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
 
-fn scan_dir(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut HostScan) {
-    let Ok(canon) = dir.canonicalize() else {
+/// Walks directory `dir` (a canonical path: reached from a canonical root through directories,
+/// never through a symlink), once per directory (by identity: a bind mount may show one twice).
+fn scan_dir(root: &Path, dir: &Path, seen: &mut HashSet<(u64, u64)>, out: &mut HostScan) {
+    let Ok(dm) = std::fs::metadata(dir) else {
         return;
     };
-    if !seen.insert(canon) {
+    if !seen.insert((dm.dev(), dm.ino())) {
         return;
     }
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -131,7 +139,13 @@ fn scan_dir(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Host
         // Symlinks to files are followed for reading (never to directories: the walk stays
         // inside the roots and ends); FIFOs, sockets and character devices are never opened.
         let symlink = ft.is_symlink();
-        let Ok(meta) = std::fs::metadata(&p) else {
+        // (A file's own metadata is read relative to the directory, not by its whole path.)
+        let meta = if symlink {
+            std::fs::metadata(&p)
+        } else {
+            entry.metadata()
+        };
+        let Ok(meta) = meta else {
             continue;
         };
         let mft = meta.file_type();
@@ -161,11 +175,17 @@ fn scan_dir(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Host
                 v
             }
         };
+        let canonical = if symlink {
+            p.canonicalize().unwrap_or_else(|_| p.clone())
+        } else {
+            p.clone()
+        };
         out.files.push(Scanned {
             path: p,
             id,
             nlink: meta.nlink(),
             symlink,
+            canonical,
             root: root.to_path_buf(),
             image,
             refs,
@@ -404,15 +424,24 @@ impl HostScan {
         }
         for f in &self.files {
             if f.image {
-                let c = f.path.canonicalize().unwrap_or_else(|_| f.path.clone());
-                rep.entry(f.id).or_insert(c);
+                rep.entry(f.id).or_insert_with(|| f.canonical.clone());
             }
         }
+        // The identity of each file found by its own (non-symlink) path: a reference to one of
+        // these needs no `stat`.
+        let by_path: HashMap<&Path, FileId> = self
+            .files
+            .iter()
+            .filter(|f| !f.symlink)
+            .map(|f| (f.path.as_path(), f.id))
+            .collect();
+        let id_of = |p: &Path| by_path.get(p).copied().or_else(|| file_id(p));
         let named = |p: &Path| -> PathBuf {
-            file_id(p)
+            id_of(p)
                 .and_then(|id| rep.get(&id).cloned())
                 .unwrap_or_else(|| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()))
         };
+        let exists = |p: &Path| by_path.contains_key(p) || p.exists();
         let mut input = GraphInput {
             names: self.names.clone(),
             ..GraphInput::default()
@@ -437,7 +466,7 @@ impl HostScan {
                 Refs::Known { backing, others } => {
                     let existing: Vec<PathBuf> = backing
                         .iter()
-                        .filter(|b| b.exists())
+                        .filter(|b| exists(b))
                         .map(|b| named(b))
                         .collect();
                     if let Some(n) = &node {
@@ -451,7 +480,7 @@ impl HostScan {
                     for extra in existing.iter().skip(1) {
                         input.users.push((extra.clone(), f.path.clone()));
                     }
-                    for o in others.iter().filter(|o| o.exists()) {
+                    for o in others.iter().filter(|o| exists(o)) {
                         input.users.push((named(o), f.path.clone()));
                     }
                 }
