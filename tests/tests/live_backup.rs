@@ -765,3 +765,27 @@ fn a_backup_killed_between_the_records_of_two_disks_keeps_the_second_incremental
     assert_eq!(sha(&live_view(&file)), want, "the point reads as the disk");
     assert_eq!(checkpoints(&dom).len(), 1, "{:?}", checkpoints(&dom));
 }
+
+/// B3, live: a running domain's disk shrunk and grown back (`virsh blockresize`) between two
+/// backups reads zeros past the shrink point; the next point reads as the disk does, not as
+/// the previous point did there.
+#[test]
+fn a_live_disk_shrunk_and_grown_back_is_backed_up_as_it_reads() {
+    let l = live("shrink");
+    l.dom.guest_write(2, 40 * MIB, 8 * MIB);
+    let r = backup(&l);
+    let first = (
+        r["backups"][0]["point"].as_str().unwrap().to_string(),
+        guest_view(&l),
+    );
+    virsh(&["blockresize", &l.dom.name, "vda", "--size", "32M"]);
+    virsh(&["blockresize", &l.dom.name, "vda", "--size", "64M"]);
+    let now = guest_view(&l);
+    assert_ne!(now, first.1, "the data past 32 MiB is gone");
+    let r = backup(&l);
+    assert_eq!(r["backups"][0]["kind"], "resync", "{r}");
+    let second = (r["backups"][0]["point"].as_str().unwrap().to_string(), now);
+    for (point, want) in [&first, &second] {
+        assert_eq!(&restored(&l, point), want, "restore of {point}");
+    }
+}

@@ -573,6 +573,7 @@ fn take(
             t,
             p.prev.as_ref(),
             p.run.as_deref(),
+            &|inc| misses_a_change(&p, inc),
             &p.partial,
             &ck,
             p.size,
@@ -914,6 +915,64 @@ fn compare_onto(
     )
 }
 
+/// Whether a live incremental in `inc` provably misses a change: a cluster where the previous
+/// point holds data, the disk reads zeros (its chain's metadata, read before the job) and the
+/// job copied nothing. Guest writes and discards all set the checkpoint's bitmap; a resize does
+/// not (QEMU drops a shrunk range and reads it as zeros when grown back). Metadata only: the
+/// disk's and the repository's tables. `Ok(false)` when the maps' units differ (no comparison).
+fn misses_a_change(p: &Prepared<'_>, inc: &Path) -> Result<bool, String> {
+    use diskchain_planner::Allocation;
+    use roaring::RoaringTreemap;
+    let Some(prev) = p.prev.as_ref() else {
+        return Ok(false);
+    };
+    let disk: Vec<&Allocation> = p
+        .chain
+        .layers
+        .iter()
+        .rev()
+        .filter_map(|l| l.layer.alloc.as_ref())
+        .collect();
+    if disk.len() != p.chain.layers.len() {
+        return Ok(false);
+    }
+    let upto = p
+        .repo
+        .manifest
+        .points
+        .iter()
+        .position(|q| q.point == prev.point)
+        .ok_or("the previous point is not in the manifest")?;
+    let alloc =
+        |f: &Path| crate::observe::allocation_of(f, Format::Qcow2).map_err(|e| e.to_string());
+    let mut repo = Vec::new();
+    for q in p.repo.manifest.points[..=upto].iter().rev() {
+        repo.push(alloc(&p.repo.dir.join(&q.file))?);
+    }
+    let inc = alloc(inc)?;
+    let unit = inc.unit;
+    if disk.iter().any(|a| a.unit != unit) || repo.iter().any(|a| a.unit != unit) {
+        return Ok(false);
+    }
+    // Clusters a chain (top first) reads as data.
+    let data = |layers: &mut dyn Iterator<Item = &Allocation>| {
+        let (mut nonzero, mut decided) = (RoaringTreemap::new(), RoaringTreemap::new());
+        for a in layers {
+            nonzero |= &a.data - &decided;
+            decided |= &a.data;
+            decided |= &a.zero;
+        }
+        nonzero
+    };
+    let mut suspect = data(&mut repo.iter()) - data(&mut disk.into_iter());
+    suspect -= &inc.data;
+    suspect -= &inc.zero;
+    if !suspect.is_empty() {
+        tracing::warn!(disk = %p.disk.key, clusters = suspect.len(), "the incremental misses clusters the disk now reads as zeros (a resize?): taking it again as a resync");
+    }
+    Ok(!suspect.is_empty())
+}
+
 /// Whether domain `t` is known to be no longer running (a job on it then failed for that).
 #[cfg(feature = "libvirt")]
 fn stopped(t: &diskchain_crd::desired::LiveTarget) -> bool {
@@ -956,6 +1015,7 @@ fn live_backup(
     t: &diskchain_crd::desired::LiveTarget,
     prev: Option<&Point>,
     qemu: Option<&str>,
+    misses: &dyn Fn(&Path) -> Result<bool, String>,
     partial: &Path,
     ck: &str,
     size: u64,
@@ -1000,7 +1060,22 @@ fn live_backup(
         Some(c) if have.contains(c) => {
             blank(partial, Some(&p.file))?;
             match lb::push(t, partial, Some(c), ck, progress) {
-                Ok(()) => return Ok((Kind::Incremental, None)),
+                Ok(()) => match misses(partial) {
+                    Ok(false) => return Ok((Kind::Incremental, None)),
+                    found => {
+                        // Taken again as a resync, which makes checkpoint `ck` anew.
+                        let _ = std::fs::remove_file(partial);
+                        lb::delete_checkpoint(t, ck).map_err(|e| e.to_string())?;
+                        match found {
+                            Err(e) => format!(
+                                "the incremental since checkpoint {c} could not be checked against the disk's tables ({e})"
+                            ),
+                            _ => format!(
+                                "the incremental since checkpoint {c} misses a change its bitmap did not record (the disk reads zeros where the previous point holds data that the job did not copy: a disk shrunk and grown back, say)"
+                            ),
+                        }
+                    }
+                },
                 Err(e) => {
                     // Its bitmap cannot be trusted: the checkpoint goes, and a resync follows.
                     let _ = std::fs::remove_file(partial);
@@ -1187,6 +1262,7 @@ fn live_backup(
     _t: &diskchain_crd::desired::LiveTarget,
     _prev: Option<&Point>,
     _run: Option<&str>,
+    _misses: &dyn Fn(&Path) -> Result<bool, String>,
     _partial: &Path,
     _ck: &str,
     _size: u64,
