@@ -1011,6 +1011,7 @@ fn restarted(c: &str) -> String {
 /// a scratch file, compared with the previous point so that only the differences are kept.
 /// Returns the kind, why it is not an incremental, and the new checkpoint.
 #[cfg(feature = "libvirt")]
+#[allow(clippy::too_many_arguments)]
 fn live_backup(
     t: &diskchain_crd::desired::LiveTarget,
     prev: Option<&Point>,
@@ -1258,6 +1259,7 @@ fn live_group(
 }
 
 #[cfg(not(feature = "libvirt"))]
+#[allow(clippy::too_many_arguments)]
 fn live_backup(
     _t: &diskchain_crd::desired::LiveTarget,
     _prev: Option<&Point>,
