@@ -270,14 +270,15 @@ struct Agent {
 #[derive(PartialEq, Eq)]
 struct Quiet {
     spec: DesiredDisk,
-    record: Option<FileId>,
+    record: Option<Stat>,
     journal: bool,
-    files: Vec<(PathBuf, Option<FileId>)>,
+    files: Vec<(PathBuf, Option<Stat>)>,
 }
 
-type FileId = (u64, u64, u64, i64, i64, i64, i64);
+/// A file's `stat`: device, inode, size, modification and change times (s, ns).
+type Stat = (u64, u64, u64, i64, i64, i64, i64);
 
-fn file_id(p: &Path) -> Option<FileId> {
+fn stat_of(p: &Path) -> Option<Stat> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(p).ok()?;
     Some((
@@ -300,9 +301,9 @@ impl Quiet {
         }
         Some(Quiet {
             spec: spec.clone(),
-            record: file_id(&state.record_file(&spec.key)),
+            record: stat_of(&state.record_file(&spec.key)),
             journal: state.journal_file(&spec.key).exists(),
-            files: chain.iter().map(|f| (f.clone(), file_id(f))).collect(),
+            files: chain.iter().map(|f| (f.clone(), stat_of(f))).collect(),
         })
     }
 
@@ -647,6 +648,9 @@ impl Agent {
         // One host for every reconcile this pass starts: shared, not copied per disk (its
         // keys and claims grow with the disks).
         let host = Arc::new(host);
+        // Each candidate's spec by key (not a search of every candidate per disk).
+        let spec_of: HashMap<&DiskKey, &DesiredDisk> =
+            candidates.iter().map(|s| (&s.key, s)).collect();
         let mut started_work = 0;
         // A disk with an unfinished plan is resumed as `apply` would resume it, even when
         // planning it again fails: the plan's finished steps may have moved the files the spec
@@ -678,10 +682,7 @@ impl Agent {
                     && matches!(self.opts.state.load(&d.key), Ok(None))
                     && matches!(Journal::load(&self.opts.state, &d.key), Ok(None))
             })
-            .filter_map(|d| {
-                let spec = candidates.iter().find(|s| s.key == d.key)?.clone();
-                Some((d.clone(), spec))
-            })
+            .filter_map(|d| Some((d.clone(), (*spec_of.get(&d.key)?).clone())))
             .collect();
         if !unrecorded.is_empty() {
             let h = host.clone();
@@ -723,7 +724,7 @@ impl Agent {
             let recorded = !matches!(self.opts.state.load(&key), Ok(None));
             if !drift && !in_flight && recorded {
                 if alone.contains(&key)
-                    && let Some(spec) = candidates.iter().find(|s| s.key == key)
+                    && let Some(spec) = spec_of.get(&key)
                     && let Some(q) = Quiet::of(spec, &d.plan.chain, &self.opts.state)
                 {
                     self.quiet.insert(key.clone(), q);
